@@ -1,0 +1,3 @@
+"""fedmed: federated learning for hospital sites (Flower + MONAI + Opacus)."""
+
+__version__ = "0.1.0"

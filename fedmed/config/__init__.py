@@ -1,0 +1,45 @@
+"""Typed configuration loaded from TOML and validated at load time."""
+
+from .loader import (
+    apply_overrides,
+    dump_toml,
+    load_run_config,
+    load_synth_config,
+    read_toml,
+    run_config_from_dict,
+    validate,
+)
+from .schema import (
+    BaselinesConfig,
+    EngineConfig,
+    ModelConfig,
+    RunConfig,
+    SiteDrift,
+    SiteEntry,
+    StrategyConfig,
+    SynthConfig,
+    TaskConfig,
+    TaskKind,
+    TrainConfig,
+)
+
+__all__ = [
+    "BaselinesConfig",
+    "EngineConfig",
+    "ModelConfig",
+    "RunConfig",
+    "SiteDrift",
+    "SiteEntry",
+    "StrategyConfig",
+    "SynthConfig",
+    "TaskConfig",
+    "TaskKind",
+    "TrainConfig",
+    "apply_overrides",
+    "dump_toml",
+    "load_run_config",
+    "load_synth_config",
+    "read_toml",
+    "run_config_from_dict",
+    "validate",
+]

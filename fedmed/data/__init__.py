@@ -1,0 +1,37 @@
+"""Site data: MSD-style manifests, loading and preprocessing, validation, drift and synthetic federations.
+
+No Flower import here; MONAI is imported only when images are read or resampled, so importing this
+package stays cheap.
+"""
+
+from .drift import apply_drift
+from .federate import cases_from_folder_pairs, split_into_sites
+from .loading import Sample, SiteData, clear_site_cache, load_site
+from .manifest import Case, Manifest, read_manifest, write_manifest
+from .npz import NpzSite, read_npz_site
+from .problems import DataOutputError, DataProblem, DataValidationError
+from .synth import synthesize_federation
+from .validation import ValidationReport, check_site, validate_site
+
+__all__ = [
+    "Case",
+    "DataOutputError",
+    "DataProblem",
+    "DataValidationError",
+    "Manifest",
+    "NpzSite",
+    "Sample",
+    "SiteData",
+    "ValidationReport",
+    "apply_drift",
+    "cases_from_folder_pairs",
+    "check_site",
+    "clear_site_cache",
+    "load_site",
+    "read_manifest",
+    "read_npz_site",
+    "split_into_sites",
+    "synthesize_federation",
+    "validate_site",
+    "write_manifest",
+]

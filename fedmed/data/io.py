@@ -1,0 +1,110 @@
+"""Reading images through MONAI and writing NIfTI.
+
+MONAI's LoadImage (nibabel reader) applies NIfTI scale factors (scl_slope / scl_inter) and keeps the
+affine, which later feeds the RAS reorientation. MONAI is imported lazily: it takes seconds to import and
+`import fedmed.data` must stay cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from monai.data import MetaTensor
+
+ImageFormat = Literal["nifti", "png"]
+
+
+class ImageReadError(Exception):
+    """An image file could not be read; str() is the underlying reason, without a traceback."""
+
+
+def image_format(path: Path) -> ImageFormat | None:
+    name = Path(path).name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith(".png"):
+        return "png"
+    return None
+
+
+@functools.cache
+def _loader(kind: ImageFormat) -> Any:
+    from monai.data import NibabelReader, PILReader
+    from monai.transforms import LoadImage
+
+    # reverse_indexing=False keeps PNG arrays (H, W) like NumPy and MedMNIST, instead of ITK's (W, H).
+    reader = NibabelReader() if kind == "nifti" else PILReader(reverse_indexing=False)
+    return LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=None)
+
+
+def read_image(path: Path) -> "MetaTensor":
+    """Read every voxel of a NIfTI or PNG file: channel-first MetaTensor with the file's affine.
+
+    Reading all voxels (not just the header) is what catches truncated files.
+    """
+    path = Path(path)
+    kind = image_format(path)
+    if kind is None:
+        raise ImageReadError(f"unsupported file type '{path.name}' (fedmed reads .nii, .nii.gz and .png)")
+    try:
+        with warnings.catch_warnings():
+            # PIL hands MONAI read-only buffers; torch warns about it on every PNG.
+            warnings.filterwarnings("ignore", message=".*non-writable.*")
+            return _loader(kind)(str(path))
+    except Exception as error:  # noqa: BLE001 - any reader failure is reported as a data problem
+        raise ImageReadError(_reason(path, error, kind)) from error
+
+
+def _reason(path: Path, error: Exception, kind: ImageFormat) -> str:
+    reason = _first_line(error)
+    if "cannot find a suitable reader" in reason and kind == "nifti":
+        # MONAI hides the reader's own complaint behind an install hint; nibabel gives the real reason.
+        import nibabel
+
+        try:
+            nibabel.load(str(path))
+        except Exception as inner:  # noqa: BLE001
+            return _first_line(inner)
+    return reason
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def spatial_array(image: "MetaTensor") -> np.ndarray:
+    """The first channel as a NumPy array (no channel axis)."""
+    return np.asarray(image.detach().cpu().numpy()[0])
+
+
+def affine_of(image: "MetaTensor") -> np.ndarray:
+    return np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64)
+
+
+def nifti_affine(*, spacing: float = 1.0, shape: tuple[int, ...]) -> np.ndarray:
+    """RAS affine with isotropic spacing and the volume centred on the origin."""
+    affine = np.eye(4)
+    for axis, size in enumerate(shape[:3]):
+        affine[axis, axis] = spacing
+        affine[axis, 3] = -spacing * (size - 1) / 2.0
+    return affine
+
+
+def write_nifti(path: Path, array: np.ndarray, *, affine: np.ndarray) -> None:
+    """Write an array as NIfTI with the given affine; dtype is kept (float32 images, uint8 labels)."""
+    import nibabel
+
+    image = nibabel.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    image.header.set_data_dtype(array.dtype)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    # nibabel writes gzip with mtime 0, so identical arrays give identical files.
+    nibabel.save(image, str(path))

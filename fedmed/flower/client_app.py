@@ -1,0 +1,50 @@
+"""The fedmed ClientApp: a thin adapter from Flower messages to the site's round of work."""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from fedmed.errors import FedmedError
+from fedmed.log import logger
+
+from .protocol import ARRAYS, CONFIG, METRICS, SITE, from_record, to_record
+from .site_context import site_session
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        session = site_session(context)
+        round_config = msg.content[CONFIG]
+        update, metrics = session.train(
+            from_record(msg.content[ARRAYS]),
+            server_round=int(round_config["server-round"]),
+            proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+        )
+    except FedmedError as error:
+        return _refuse(msg, error)
+    content = RecordDict(
+        {ARRAYS: to_record(update), METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": session.spec.name})}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    try:
+        session = site_session(context)
+        metrics = session.evaluate(from_record(msg.content[ARRAYS]))
+    except FedmedError as error:
+        return _refuse(msg, error)
+    content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": session.spec.name})})
+    return Message(content, reply_to=msg)
+
+
+def _refuse(msg: Message, error: FedmedError) -> Message:
+    """Expected problems (bad data, mismatched model) go back as a readable error, not a crash."""
+    logger.error("%s", error)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(error)), reply_to=msg)

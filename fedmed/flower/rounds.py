@@ -1,0 +1,184 @@
+"""The coordinator's round loop: sample sites, train, aggregate, evaluate, checkpoint.
+
+Flower's `Strategy.start` runs the same steps; fedmed drives them itself so every round is
+checkpointed (and can be resumed), per-site metrics reach the run directory, and a round that
+loses its quorum fails loudly instead of keeping the old model silently.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedmed.config import RunConfig
+from fedmed.errors import FedmedError
+from fedmed.log import logger
+from fedmed.runs import RunDirectory
+from fedmed.runs.progress import RoundProgress
+
+from .protocol import ARRAYS, METRICS, SITE, from_record, to_record
+from .strategy import build_strategy, quorum, restore_strategy_state, strategy_state
+
+
+class RoundFailedError(FedmedError):
+    """Too few sites returned a usable reply for the round to count."""
+
+
+@dataclass
+class FederationResult:
+    final_state: dict[str, torch.Tensor]
+    site_local_keys: list[str]
+    rounds_completed: int
+    last_evaluation: dict[str, dict[str, float]]
+
+
+def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory) -> FederationResult:
+    """Run (or resume, if the run directory holds a checkpoint) the configured federation."""
+    from fedmed.models import build_model, site_local_keys
+    from fedmed.strategies import shared_keys
+    from fedmed.tasks import get_task
+
+    # Flower samples nodes with the global `random` module: seed it for reproducible rounds.
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    model = build_model(config.task, config.model)
+    full_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    local = site_local_keys(model) if config.strategy.fedbn else []
+    shared = shared_keys(full_state, local)
+    strategy = build_strategy(config)
+    arrays = to_record({key: full_state[key] for key in shared})
+
+    first_round = 1
+    checkpoint = run_dir.load_checkpoint("latest")
+    if checkpoint is not None:
+        arrays = to_record(checkpoint["shared_state"])
+        restore_strategy_state(strategy, checkpoint["strategy_state"])
+        random.setstate(checkpoint["random_state"])
+        first_round = int(checkpoint["round"]) + 1
+        logger.info("resuming %s from round %d", run_dir.path.name, first_round)
+
+    metric = get_task(config.task).primary_metric
+    progress = RoundProgress(total_rounds=config.train.rounds, first_round=first_round, metric=metric)
+    site_names: dict[int, str] = {}
+    evaluation: dict[str, dict[str, float]] = {}
+    for server_round in range(first_round, config.train.rounds + 1):
+        arrays = _train_round(grid, strategy, arrays, server_round=server_round, config=config,
+                              run_dir=run_dir, site_names=site_names)
+        evaluation = {}
+        if server_round % config.train.eval_every == 0 or server_round == config.train.rounds:
+            evaluation = _evaluate_round(grid, strategy, arrays, server_round=server_round,
+                                         run_dir=run_dir, site_names=site_names)
+        run_dir.save_checkpoint(
+            "latest",
+            {
+                "round": server_round,
+                "shared_state": from_record(arrays),
+                "strategy_state": strategy_state(strategy),
+                "random_state": random.getstate(),
+            },
+        )
+        progress.report(server_round, evaluation)
+
+    full_state.update(from_record(arrays))
+    run_dir.save_checkpoint(
+        "final",
+        {"round": config.train.rounds, "state_dict": full_state, "site_local_keys": local, "task": config.task.kind},
+    )
+    return FederationResult(full_state, local, config.train.rounds, evaluation)
+
+
+def _train_round(
+    grid: Grid,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    *,
+    server_round: int,
+    config: RunConfig,
+    run_dir: RunDirectory,
+    site_names: dict[int, str],
+) -> ArrayRecord:
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
+    usable = _usable_replies(replies, phase="train", server_round=server_round, site_names=site_names)
+    failures = _failures(messages, replies, site_names)
+    needed = quorum(config)
+    if len(usable) < needed:
+        raise RoundFailedError(
+            f"round {server_round}: {len(usable)} of {len(messages)} site(s) returned an update, quorum is "
+            f"{needed}. {'; '.join(failures) or 'No site replied.'} Fix the failing sites or lower "
+            f"strategy.min_sites."
+        )
+    for failure in failures:
+        logger.warning("round %d: dropped %s", server_round, failure)
+    _record(run_dir, usable, phase="train", server_round=server_round)
+    aggregated, _ = strategy.aggregate_train(server_round, usable)
+    if aggregated is None:
+        raise RoundFailedError(f"round {server_round}: the strategy produced no aggregate from {len(usable)} updates")
+    return aggregated
+
+
+def _evaluate_round(
+    grid: Grid,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    *,
+    server_round: int,
+    run_dir: RunDirectory,
+    site_names: dict[int, str],
+) -> dict[str, dict[str, float]]:
+    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(messages, timeout=None))
+    usable = _usable_replies(replies, phase="evaluate", server_round=server_round, site_names=site_names)
+    for failure in _failures(messages, replies, site_names):
+        logger.warning("round %d: evaluation missing from %s", server_round, failure)
+    rows = _record(run_dir, usable, phase="evaluate", server_round=server_round)
+    return {row["site"]: {k: v for k, v in row.items() if k not in ("round", "site", "phase", "time")} for row in rows}
+
+
+def _usable_replies(
+    replies: Iterable[Message], *, phase: str, server_round: int, site_names: dict[int, str]
+) -> list[Message]:
+    usable = []
+    for reply in replies:
+        if reply.has_error():
+            continue
+        site_names[reply.metadata.src_node_id] = str(reply.content[SITE]["name"])
+        if phase == "train" and ARRAYS not in reply.content:
+            continue
+        usable.append(reply)
+    return usable
+
+
+def _failures(messages: list[Message], replies: list[Message], site_names: dict[int, str]) -> list[str]:
+    answered = {reply.metadata.src_node_id for reply in replies}
+    failures = []
+    for reply in replies:
+        if reply.has_error():
+            failures.append(f"{_site(reply.metadata.src_node_id, site_names)}: {reply.error.reason}")
+    for message in messages:
+        if message.metadata.dst_node_id not in answered:
+            failures.append(f"{_site(message.metadata.dst_node_id, site_names)}: no reply before the round timeout")
+    return failures
+
+
+def _site(node_id: int, site_names: dict[int, str]) -> str:
+    return site_names.get(node_id, f"node {node_id}")
+
+
+def _record(run_dir: RunDirectory, replies: list[Message], *, phase: str, server_round: int) -> list[dict]:
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    rows = []
+    for reply in replies:
+        metrics = dict(reply.content[METRICS])
+        rows.append({"round": server_round, "site": str(reply.content[SITE]["name"]), "phase": phase, "time": now,
+                     **metrics})
+    rows.sort(key=lambda row: row["site"])
+    run_dir.append_metrics(rows)
+    return rows

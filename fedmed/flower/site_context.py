@@ -1,0 +1,49 @@
+"""Which site a ClientApp is serving, from the node's config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+
+from fedmed.config import RunConfig
+from fedmed.errors import FedmedError
+from fedmed.site_round import SiteSession, SiteSpec
+
+from .protocol import RUN_CONFIG_KEY, RUN_DIR_KEY, decode_config
+
+PARTITION_ID = "partition-id"  # set by Flower's simulation engine and by fedmed's in-process engine
+
+_sessions: dict[tuple[str, str, str], SiteSession] = {}
+
+
+def site_session(context: Context) -> SiteSession:
+    """The site's session, reused while the process lives (the in-process and Ray engines)."""
+    config = decode_config(context.run_config)
+    spec = site_spec(context, config)
+    key = (spec.name, str(context.run_config[RUN_CONFIG_KEY]), str(spec.state_dir))
+    if key not in _sessions:
+        _sessions[key] = SiteSession(spec, config)
+    return _sessions[key]
+
+
+def site_spec(context: Context, config: RunConfig) -> SiteSpec:
+    node = context.node_config
+    if PARTITION_ID in node:
+        index = int(node[PARTITION_ID])
+        if not 0 <= index < len(config.sites):
+            raise FedmedError(
+                f"simulated node has partition-id {index} but the run lists {len(config.sites)} site(s); "
+                f"start the simulation with one node per site"
+            )
+        site = config.sites[index]
+        run_dir = Path(str(context.run_config[RUN_DIR_KEY]))
+        return SiteSpec(name=site.name, data_path=site.path, state_dir=run_dir / "sites" / site.name)
+    raise FedmedError(
+        f"node config {dict(node)} names no site; a simulated node needs '{PARTITION_ID}', "
+        f"a deployed site daemon is started with 'fedmed site start SITE_CONFIG'"
+    )
+
+
+def forget_sessions() -> None:
+    _sessions.clear()

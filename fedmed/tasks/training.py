@@ -1,0 +1,107 @@
+"""Local training: the same loop for federated sites and for the local-only and pooled baselines."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedmed.config import TrainConfig
+
+from .base import Sample, Task
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    num_examples: int
+    steps: int
+    seconds: float
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=train.learning_rate, momentum=0.9, weight_decay=train.weight_decay)
+    return torch.optim.Adam(parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
+
+
+def make_loader(samples: Sequence[Sample], *, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled in-memory batches; the seed fixes the order so runs are reproducible."""
+    return DataLoader(
+        list(samples),
+        batch_size=min(batch_size, len(samples)),
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def train_local(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    *,
+    task: Task,
+    train: TrainConfig,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+    proximal_keys: Collection[str] = (),
+) -> TrainResult:
+    """Train `model` in place for `epochs` over `samples`.
+
+    With proximal_mu > 0 (FedProx) the loss gains mu/2 * ||w - w_start||^2 over the parameters
+    named in `proximal_keys`: the shared weights as received from the server.
+    """
+    if not samples:
+        raise ValueError("no training samples: the site's training split is empty")
+    torch.manual_seed(seed)
+    model.to(device).train()
+    optimizer = make_optimizer(model, train)
+    loader = make_loader(samples, batch_size=train.batch_size, seed=seed)
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    anchors = _proximal_anchors(model, proximal_keys) if proximal_mu > 0 else {}
+    use_amp = train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    started = time.perf_counter()
+    steps, epoch_loss, epoch_examples = 0, 0.0, 0
+    for _ in range(epochs):
+        epoch_loss, epoch_examples = 0.0, 0
+        for batch in loader:
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            optimizer.zero_grad(set_to_none=True)
+            autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+            with autocast:
+                loss = task.loss(model, batch, generator=generator)
+            if anchors:
+                loss = loss + proximal_term(model, anchors, mu=proximal_mu)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            size = len(batch["image"])
+            epoch_loss += float(loss.detach()) * size
+            epoch_examples += size
+            steps += 1
+    return TrainResult(
+        loss=epoch_loss / max(epoch_examples, 1),
+        num_examples=len(samples),
+        steps=steps,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def proximal_term(model: nn.Module, anchors: dict[str, torch.Tensor], *, mu: float) -> torch.Tensor:
+    """mu/2 * sum ||w - w_anchor||^2 (FedProx, Li et al. 2020)."""
+    parameters = dict(model.named_parameters())
+    squared = sum((parameters[name] - anchor).pow(2).sum() for name, anchor in anchors.items())
+    return 0.5 * mu * squared
+
+
+def _proximal_anchors(model: nn.Module, keys: Collection[str]) -> dict[str, torch.Tensor]:
+    wanted = set(keys)
+    return {name: p.detach().clone() for name, p in model.named_parameters() if name in wanted and p.requires_grad}

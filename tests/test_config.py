@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+
+from fedmed.config import TaskConfig, apply_overrides, dump_toml, load_run_config, read_toml
+from fedmed.errors import ConfigError
+
+MINIMAL = """
+name = "t"
+[task]
+kind = "segmentation"
+spatial_dims = 2
+image_size = [32, 32]
+[[sites]]
+name = "a"
+path = "data/a"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_resolves_paths_relative_to_the_file(tmp_path: Path) -> None:
+    config = load_run_config(write(tmp_path, MINIMAL))
+    assert config.sites[0].path == tmp_path / "data" / "a"
+    assert config.output_dir == tmp_path / "runs"
+    assert config.strategy.name == "fedavg" and config.engine.name == "inprocess"
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_run_config(write(tmp_path, MINIMAL + "[train]\nepochs = 3\n"))
+    message = str(error.value)
+    assert "run.toml" in message
+    assert "unknown key 'train.epochs'" in message
+    assert "did you mean 'train.local_epochs'" in message
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = MINIMAL.replace("image_size = [32, 32]", "image_size = [32, 32, 32]") + "[train]\nrounds = 0\n"
+    with pytest.raises(ConfigError) as error:
+        load_run_config(write(tmp_path, text))
+    message = str(error.value)
+    assert "image_size has 3 entries but spatial_dims is 2" in message
+    assert "'train.rounds'" in message and "greater than or equal to 1" in message
+
+
+def test_bad_toml_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"run.toml: not valid TOML .*line 2"):
+        read_toml(write(tmp_path, "name = 't'\n[task\n"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        read_toml(tmp_path / "nope.toml")
+
+
+def test_fedprox_without_mu_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs proximal_mu > 0"):
+        load_run_config(write(tmp_path, MINIMAL + "[strategy]\nname = 'fedprox'\n"))
+
+
+def test_data_is_required(tmp_path: Path) -> None:
+    text = MINIMAL.split("[[sites]]")[0]
+    with pytest.raises(ConfigError, match="the run has no data"):
+        load_run_config(write(tmp_path, text))
+
+
+def test_quorum_cannot_exceed_sites(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="min_sites is 3 but the federation has only 1"):
+        load_run_config(write(tmp_path, MINIMAL + "[strategy]\nmin_sites = 3\n"))
+
+
+def test_overrides_parse_toml_values() -> None:
+    raw = apply_overrides({"train": {"rounds": 5}}, ["train.rounds=2", "strategy.name=fedprox", "train.amp=false"])
+    assert raw == {"train": {"rounds": 2, "amp": False}, "strategy": {"name": "fedprox"}}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["rounds"])
+
+
+def test_enhancement_defaults_to_unit_range_intensities() -> None:
+    assert TaskConfig(kind="enhancement", image_size=[32, 32]).intensity == "percentile"
+    with pytest.raises(ValueError, match="needs intensities in \\[0, 1\\]"):
+        TaskConfig(kind="enhancement", image_size=[32, 32], intensity="zscore")
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
+    config = load_run_config(write(tmp_path, MINIMAL))
+    again = write(tmp_path, dump_toml(config))
+    assert load_run_config(again) == config
