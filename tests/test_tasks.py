@@ -84,7 +84,7 @@ def test_proximal_term_value_and_effect() -> None:
         start = {k: v.clone() for k, v in model.named_parameters()}
         train_local(model, squares(8), task=task, train=TrainConfig(learning_rate=1e-2), epochs=2, seed=0,
                     device=CPU, proximal_mu=mu, proximal_keys=list(start))
-        drift[mu] = sum(float((p - start[n]).pow(2).sum()) for n, p in model.named_parameters())
+        drift[mu] = sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters())
     assert drift[1.0] < drift[0.0]
 
 

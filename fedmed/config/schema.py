@@ -78,6 +78,7 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="mixed precision; used only on CUDA")
+    augment: bool = Field(True, description="random flips along every spatial axis during training")
     eval_every: int = Field(1, ge=1, description="evaluate the global model at every site every N rounds")
 
 

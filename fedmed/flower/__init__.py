@@ -7,3 +7,6 @@ import os
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
 os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+# Ray's single-machine mode: every Ray server binds to loopback instead of all interfaces
+# (the variable's name is historical; it switches off Ray's multi-machine networking on any OS).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

@@ -69,8 +69,8 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory) -> F
     site_names: dict[int, str] = {}
     evaluation: dict[str, dict[str, float]] = {}
     for server_round in range(first_round, config.train.rounds + 1):
-        arrays = _train_round(grid, strategy, arrays, server_round=server_round, config=config,
-                              run_dir=run_dir, site_names=site_names)
+        arrays, trained = _train_round(grid, strategy, arrays, server_round=server_round, config=config,
+                                       run_dir=run_dir, site_names=site_names)
         evaluation = {}
         if server_round % config.train.eval_every == 0 or server_round == config.train.rounds:
             evaluation = _evaluate_round(grid, strategy, arrays, server_round=server_round,
@@ -84,7 +84,7 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory) -> F
                 "random_state": random.getstate(),
             },
         )
-        progress.report(server_round, evaluation)
+        progress.report(server_round, train=trained, evaluation=evaluation)
 
     full_state.update(from_record(arrays))
     run_dir.save_checkpoint(
@@ -103,7 +103,7 @@ def _train_round(
     config: RunConfig,
     run_dir: RunDirectory,
     site_names: dict[int, str],
-) -> ArrayRecord:
+) -> tuple[ArrayRecord, dict[str, dict[str, float]]]:
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
     replies = list(grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
     usable = _usable_replies(replies, phase="train", server_round=server_round, site_names=site_names)
@@ -117,11 +117,11 @@ def _train_round(
         )
     for failure in failures:
         logger.warning("round %d: dropped %s", server_round, failure)
-    _record(run_dir, usable, phase="train", server_round=server_round)
+    rows = _record(run_dir, usable, phase="train", server_round=server_round)
     aggregated, _ = strategy.aggregate_train(server_round, usable)
     if aggregated is None:
         raise RoundFailedError(f"round {server_round}: the strategy produced no aggregate from {len(usable)} updates")
-    return aggregated
+    return aggregated, _by_site(rows)
 
 
 def _evaluate_round(
@@ -138,7 +138,10 @@ def _evaluate_round(
     usable = _usable_replies(replies, phase="evaluate", server_round=server_round, site_names=site_names)
     for failure in _failures(messages, replies, site_names):
         logger.warning("round %d: evaluation missing from %s", server_round, failure)
-    rows = _record(run_dir, usable, phase="evaluate", server_round=server_round)
+    return _by_site(_record(run_dir, usable, phase="evaluate", server_round=server_round))
+
+
+def _by_site(rows: list[dict]) -> dict[str, dict[str, float]]:
     return {row["site"]: {k: v for k, v in row.items() if k not in ("round", "site", "phase", "time")} for row in rows}
 
 
@@ -153,7 +156,9 @@ def _usable_replies(
         if phase == "train" and ARRAYS not in reply.content:
             continue
         usable.append(reply)
-    return usable
+    # Replies arrive in completion order; aggregating in a fixed order makes the float sums, and so
+    # the run, identical across engines and repeat runs.
+    return sorted(usable, key=lambda reply: str(reply.content[SITE]["name"]))
 
 
 def _failures(messages: list[Message], replies: list[Message], site_names: dict[int, str]) -> list[str]:

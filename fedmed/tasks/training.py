@@ -74,6 +74,8 @@ def train_local(
         epoch_loss, epoch_examples = 0.0, 0
         for batch in loader:
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            if train.augment:
+                batch = random_flips(batch, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
             with autocast:
@@ -93,6 +95,19 @@ def train_local(
         steps=steps,
         seconds=time.perf_counter() - started,
     )
+
+
+def random_flips(batch: dict[str, torch.Tensor], *, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Flip each sample along each spatial axis with probability 1/2; labels shaped like the image follow."""
+    image = batch["image"]
+    flipped = dict(batch)
+    for axis in range(2, image.dim()):
+        chosen = torch.rand(image.shape[0], generator=generator, device=generator.device) < 0.5
+        chosen = chosen.to(image.device).view(-1, *([1] * (image.dim() - 1)))
+        for key, value in batch.items():
+            if value.dim() == image.dim():
+                flipped[key] = torch.where(chosen, flipped[key].flip(axis), flipped[key])
+    return flipped
 
 
 def proximal_term(model: nn.Module, anchors: dict[str, torch.Tensor], *, mu: float) -> torch.Tensor:

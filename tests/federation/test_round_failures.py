@@ -1,0 +1,75 @@
+"""Bad site data: refused before training in simulation; in the round loop, quorum decides."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import pytest
+
+from fedmed.data import DataValidationError
+from fedmed.flower.client_app import app as client_app
+from fedmed.flower.engines.inprocess import run_inprocess
+from fedmed.flower.protocol import encode_run
+from fedmed.flower.rounds import RoundFailedError
+from fedmed.flower.server_app import app as server_app
+from fedmed.flower.simulation import materialize_sites, simulate
+from fedmed.runs import RunDirectory
+
+
+def _break_a_site(config) -> str:
+    """Delete one training image of site-b; returns its path."""
+    site = next(s for s in config.sites if s.name == "site-b")
+    victim = sorted((site.path / "imagesTr").iterdir())[0]
+    victim.unlink()
+    return str(victim)
+
+
+def test_simulation_refuses_bad_data_before_training(tiny_config) -> None:
+    config = materialize_sites(tiny_config())
+    victim = _break_a_site(config)
+    with pytest.raises(DataValidationError) as error:
+        simulate(config)
+    assert victim in str(error.value) and "Fix:" in str(error.value)
+    assert not list(config.output_dir.glob("*/metrics.jsonl")), "nothing was trained"
+
+
+def _run_loop(config) -> RunDirectory:
+    run_dir = RunDirectory.create(config.output_dir, config.name)
+    run_inprocess(server_app=server_app, client_app=client_app, num_sites=len(config.sites),
+                  run_config=encode_run(config, run_dir=run_dir.path, run_id=run_dir.path.name),
+                  run_id=zlib.crc32(run_dir.path.name.encode()))
+    return run_dir
+
+
+def test_a_failing_site_is_dropped_while_the_quorum_holds(tiny_config, caplog) -> None:
+    config = materialize_sites(tiny_config(strategy={"min_sites": 2}))
+    victim = _break_a_site(config)
+    caplog.set_level(logging.WARNING, logger="fedmed")
+    run_dir = _run_loop(config)
+    trained = {row["site"] for row in run_dir.read_metrics() if row["phase"] == "train"}
+    assert trained == {"site-a", "site-c"}
+    dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round") and " dropped " in r.getMessage()]
+    assert len(dropped) == 2 and victim in dropped[0]
+    assert (run_dir.checkpoints / "final.pt").exists()
+
+
+def test_a_round_below_quorum_fails_loudly(tiny_config) -> None:
+    config = materialize_sites(tiny_config())
+    victim = _break_a_site(config)
+    with pytest.raises(RoundFailedError) as error:
+        _run_loop(config)
+    message = str(error.value)
+    assert "round 1: 2 of 3 site(s) returned an update, quorum is 3" in message
+    assert victim in message and "lower strategy.min_sites" in message
+
+
+def test_a_run_resumes_from_its_last_checkpoint(tiny_config) -> None:
+    config = materialize_sites(tiny_config())
+    run_dir = _run_loop(config)
+    longer = config.model_copy(deep=True)
+    longer.train.rounds = 3
+    run_inprocess(server_app=server_app, client_app=client_app, num_sites=3,
+                  run_config=encode_run(longer, run_dir=run_dir.path, run_id=run_dir.path.name), run_id=7)
+    rounds = [row["round"] for row in run_dir.read_metrics() if row["phase"] == "train"]
+    assert rounds == [1, 1, 1, 2, 2, 2, 3, 3, 3]
