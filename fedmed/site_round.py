@@ -63,9 +63,18 @@ class SiteSession:
         local = site_local_keys(model) if self.config.strategy.fedbn else []
         return model, shared_keys(model.state_dict(), local), local
 
-    def _model_with(self, global_state: StateDict) -> tuple[nn.Module, list[str]]:
+    @cached_property
+    def _model_and_keys(self) -> tuple[nn.Module, dict[str, torch.Size], list[str], StateDict]:
+        """The session's model (reused: every round overwrites all its parameters and buffers), the
+        shapes of the shared keys, the site-local keys and their initial values."""
         model, shared, local = self.build_model()
-        received, expected = set(global_state), set(shared)
+        state = model.state_dict()
+        initial_local = {key: state[key].detach().clone() for key in local}
+        return model.to(self.device), {key: state[key].shape for key in shared}, local, initial_local
+
+    def _model_with(self, global_state: StateDict) -> tuple[nn.Module, list[str]]:
+        model, shared_shapes, local, initial_local = self._model_and_keys
+        received, expected = set(global_state), set(shared_shapes)
         if received != expected:
             missing, unexpected = sorted(expected - received)[:5], sorted(received - expected)[:5]
             raise ModelMismatchError(
@@ -73,20 +82,24 @@ class SiteSession:
                 f"config (missing {missing}, unexpected {unexpected}); coordinator and site must run the same "
                 f"fedmed version and task/model config"
             )
-        state = model.state_dict()
         for key, value in global_state.items():
-            if value.shape != state[key].shape:
+            if value.shape != shared_shapes[key]:
                 raise ModelMismatchError(
                     f"site {self.spec.name}: parameter '{key}' has shape {tuple(value.shape)} from the server "
-                    f"but {tuple(state[key].shape)} here; check task.image_size / model config on both sides"
+                    f"but {tuple(shared_shapes[key])} here; check task.image_size / model config on both sides"
                 )
-        state.update(global_state)
+        state = dict(global_state)
         if local:
             stored = self.local_store.load()
-            if stored is not None:
-                state.update({key: stored[key] for key in local if key in stored})
+            if stored is not None and set(stored) != set(local):
+                raise ModelMismatchError(
+                    f"site {self.spec.name}: {self.local_store.path} holds site-local parameters of a different "
+                    f"model; move it aside to restart this site's normalization layers from scratch"
+                )
+            # Before a site's first round its local layers start from the model's initial values.
+            state.update(stored if stored is not None else initial_local)
         model.load_state_dict(state)
-        return model.to(self.device), local
+        return model, local
 
     def train(self, global_state: StateDict, *, server_round: int, proximal_mu: float) -> tuple[StateDict, dict]:
         from fedmed.tasks import train_local

@@ -81,7 +81,7 @@ def test_proximal_term_value_and_effect() -> None:
     for mu in (0.0, 1.0):
         torch.manual_seed(0)
         model = build_model(config, ModelConfig(channels=[8, 16]))
-        start = {k: v.clone() for k, v in model.named_parameters()}
+        start = {k: v.detach().clone() for k, v in model.named_parameters()}
         train_local(model, squares(8), task=task, train=TrainConfig(learning_rate=1e-2), epochs=2, seed=0,
                     device=CPU, proximal_mu=mu, proximal_keys=list(start))
         drift[mu] = sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters())

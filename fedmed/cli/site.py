@@ -24,6 +24,6 @@ def check(
     with user_errors():
         task = load_run_config(config_file).task if config_file else None
         report = validate_site(data_dir, task=task)
-    typer.echo(report.format())
+    typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(code=1)

@@ -32,7 +32,8 @@ from .report import ValidationReport, raise_if_errors
 from .validation import CheckedCase, iter_site_cases
 
 Sample = dict[str, torch.Tensor]
-_CACHE_LIMIT = 64
+# Enough for every site of a large simulated federation; older entries go first.
+_CACHE_LIMIT = 1024
 
 
 @dataclass

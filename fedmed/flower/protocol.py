@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, UserConfig
+from flwr.app import Array, ArrayRecord, UserConfig
 
 from fedmed.config import RunConfig, run_config_from_dict
 
@@ -41,8 +43,47 @@ def _decode(text: str) -> RunConfig:
 
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({key: value.detach().cpu().contiguous() for key, value in state.items()})
+    return ArrayRecord({key: _to_array(value.detach().cpu().numpy()) for key, value in state.items()})
+
+
+def _to_array(values: np.ndarray) -> Array:
+    """Encode one array exactly as Flower does (.npy bytes), reusing the header for a known dtype/shape."""
+    if not values.flags.c_contiguous:
+        values = values.copy(order="C")
+    key = (values.dtype.str, values.shape)
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        encoded = Array(values)
+        _NPY_HEADERS[key] = encoded.data[: len(encoded.data) - values.nbytes]
+        return encoded
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray",
+                 data=header + values.tobytes())
+
+
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return record.to_torch_state_dict()
+    return {key: torch.from_numpy(_to_numpy(array)) for key, array in record.items()}
+
+
+def _to_numpy(array: Array) -> np.ndarray:
+    """Decode one array; a writable copy.
+
+    Flower stores arrays in .npy format and `Array.numpy()` parses each header with
+    `ast.literal_eval`, which dominates for small tensors. A C-ordered payload in the expected dtype
+    is simply the last bytes of the buffer; anything else takes Flower's decoder.
+    """
+    if array.stype == "numpy.ndarray":
+        dtype = np.dtype(array.dtype)
+        count = math.prod(array.shape)
+        offset = len(array.data) - count * dtype.itemsize
+        header = array.data[: max(offset, 0)]
+        if (
+            offset > 0
+            and header.startswith(b"\x93NUMPY")
+            and b"'fortran_order': False" in header
+            and f"'descr': '{dtype.str}'".encode() in header
+        ):
+            return np.frombuffer(array.data, dtype=dtype, count=count, offset=offset).reshape(array.shape).copy()
+    return array.numpy()

@@ -69,6 +69,7 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory) -> F
     site_names: dict[int, str] = {}
     evaluation: dict[str, dict[str, float]] = {}
     for server_round in range(first_round, config.train.rounds + 1):
+        round_started = time.perf_counter()
         arrays, trained = _train_round(grid, strategy, arrays, server_round=server_round, config=config,
                                        run_dir=run_dir, site_names=site_names)
         evaluation = {}
@@ -84,6 +85,8 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory) -> F
                 "random_state": random.getstate(),
             },
         )
+        run_dir.append_round({"round": server_round, "seconds": round(time.perf_counter() - round_started, 4),
+                              "sites_trained": sorted(trained), "sites_evaluated": sorted(evaluation)})
         progress.report(server_round, train=trained, evaluation=evaluation)
 
     full_state.update(from_record(arrays))

@@ -2,8 +2,9 @@
 
 Sites run one after another in this process, so start-up is instant and there is no polling
 latency; each site keeps its own Flower Context for the whole run, as a SuperNode would.
-Messages are deep-copied on the way in and out so neither side can see the other's objects,
-as over a network.
+Each site gets its own copy of a message's records, and the server its own copy of each reply, so
+neither side can add, drop or change the records the other holds, as over a network. The Array
+objects inside are shared: their payload is immutable bytes, and nothing in fedmed reassigns them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import traceback
 import uuid
 from collections.abc import Iterable
 
-from flwr.app import Context, Error, Message, RecordDict, UserConfig
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
@@ -77,7 +78,7 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
     def _deliver(self, message: Message) -> Message:
-        incoming = copy.deepcopy(message)
+        incoming = _detached(message)
         context = self._contexts[message.metadata.dst_node_id]
         try:
             reply = self._client_app(incoming, context)
@@ -85,9 +86,23 @@ class InProcessGrid(Grid):
             logger.error("node %d raised:\n%s", context.node_id, traceback.format_exc())
             reason = f"{type(error).__name__}: {error}"
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=incoming)
-        reply = copy.deepcopy(reply)
+        reply = _detached(reply)
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         return reply
+
+
+def _detached(message: Message) -> Message:
+    """A copy whose records the receiver may change freely; array bytes are shared (immutable)."""
+    metadata = copy.copy(message.metadata)
+    if message.has_error():
+        return Message(copy.deepcopy(message.error), metadata=metadata)
+    content = RecordDict()
+    for key, record in message.content.items():
+        if isinstance(record, ArrayRecord):
+            content[key] = ArrayRecord(dict(record.items()))
+        else:
+            content[key] = copy.deepcopy(record)
+    return Message(content, metadata=metadata)
 
 
 def run_inprocess(*, server_app: ServerApp, client_app: ClientApp, num_sites: int, run_config: UserConfig,

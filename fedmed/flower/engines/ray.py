@@ -21,6 +21,8 @@ APP_PROJECT = Path(__file__).resolve().parent.parent / "app_project"
 def run_ray(*, server_app: ServerApp, client_app: ClientApp, num_sites: int, run_config: UserConfig,
             run_id: int, engine: EngineConfig) -> None:
     # flwr 1.41's public run_simulation() cannot pass a run config; its internal entry point can.
+    import warnings
+
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
@@ -47,6 +49,8 @@ def run_ray(*, server_app: ServerApp, client_app: ClientApp, num_sites: int, run
     }
     context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=dict(run_config))
+    # Ray announces a future change of its GPU-visibility default on every start; fedmed sets GPUs per site.
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     _run_simulation(
         num_supernodes=num_sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

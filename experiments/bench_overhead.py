@@ -1,0 +1,136 @@
+"""Framework overhead: fedmed's engines against a plain PyTorch loop doing the same work.
+
+The plain loop trains and evaluates the same sites, rounds, epochs and seeds with the same
+training function, averaging in the same order, so both produce bit-identical models (checked);
+the difference in wall time is what fedmed and Flower add: messages, records, the run directory,
+checkpoints and metrics. Data is loaded once before timing for both.
+
+    python experiments/bench_overhead.py [--repeats 3] [--ray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from fedmed.config import RunConfig, load_run_config
+from fedmed.data import load_site
+from fedmed.flower.client_app import app as client_app
+from fedmed.flower.engines.inprocess import run_inprocess
+from fedmed.flower.logs import set_flower_verbosity
+from fedmed.flower.protocol import encode_run
+from fedmed.flower.server_app import app as server_app
+from fedmed.flower.simulation import materialize_sites
+from fedmed.models import build_model
+from fedmed.runs import RunDirectory
+from fedmed.site_round import site_seed
+from fedmed.tasks import get_task, select_device, train_local
+
+
+def demo_config(output_dir: Path) -> RunConfig:
+    config = load_run_config(Path(str(files("fedmed.resources").joinpath("demo.toml"))))
+    config.output_dir = output_dir
+    config.baselines.local_only = config.baselines.pooled = False
+    return materialize_sites(config)
+
+
+def plain_loop(config: RunConfig, sites: dict) -> dict[str, torch.Tensor]:
+    """FedAvg written directly in PyTorch: what a researcher would write without a framework."""
+    task, device = get_task(config.task), select_device(config.train.device)
+    torch.manual_seed(config.seed)
+    global_model = build_model(config.task, config.model)
+    global_state = {k: v.clone() for k, v in global_model.state_dict().items()}
+    site_models = {name: build_model(config.task, config.model) for name in sites}
+    for server_round in range(1, config.train.rounds + 1):
+        states, weights = [], []
+        for name in sorted(sites):
+            model = site_models[name]
+            model.load_state_dict(global_state)
+            result = train_local(model, sites[name].train, task=task, train=config.train,
+                                 epochs=config.train.local_epochs, seed=site_seed(config.seed, name, server_round),
+                                 device=device)
+            states.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            weights.append(result.num_examples)
+        total = sum(weights)
+        # Same arithmetic as Flower's FedAvg (numpy float32, weights as Python floats, fixed order).
+        averaged = {}
+        for key in global_state:
+            value = None
+            for state, weight in zip(states, weights):
+                term = state[key].numpy() * (weight / total)
+                value = term if value is None else value + term
+            averaged[key] = torch.from_numpy(value)
+        global_state = averaged
+        if server_round % config.train.eval_every == 0 or server_round == config.train.rounds:
+            global_model.load_state_dict(global_state)
+            for name in sorted(sites):
+                task.evaluate(global_model, sites[name].val, device=device)
+    return global_state
+
+
+def engine_run(config: RunConfig, *, engine: str) -> dict[str, torch.Tensor]:
+    run_dir = RunDirectory.create(config.output_dir, f"bench-{engine}")
+    run_config = encode_run(config, run_dir=run_dir.path, run_id=run_dir.path.name)
+    run_id = zlib.crc32(run_dir.path.name.encode())
+    if engine == "ray":
+        from fedmed.flower.engines.ray import run_ray
+
+        run_ray(server_app=server_app, client_app=client_app, num_sites=len(config.sites), run_config=run_config,
+                run_id=run_id, engine=config.engine)
+    else:
+        run_inprocess(server_app=server_app, client_app=client_app, num_sites=len(config.sites),
+                      run_config=run_config, run_id=run_id)
+    return torch.load(run_dir.checkpoints / "final.pt", weights_only=False)["state_dict"]
+
+
+def timed(function, *args, **kwargs) -> tuple[float, object]:  # noqa: ANN001
+    started = time.perf_counter()
+    value = function(*args, **kwargs)
+    return time.perf_counter() - started, value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ray", action="store_true", help="also time Flower's Ray simulation engine (once)")
+    args = parser.parse_args()
+    logging.getLogger("fedmed").setLevel(logging.WARNING)
+    set_flower_verbosity(False)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        config = demo_config(Path(scratch))
+        sites = {site.name: load_site(site.path, task=config.task) for site in config.sites}
+        plain_times, engine_times = [], []
+        for _ in range(args.repeats):  # interleaved so machine noise hits both alike
+            seconds, plain_state = timed(plain_loop, config, sites)
+            plain_times.append(seconds)
+            seconds, engine_state = timed(engine_run, config, engine="inprocess")
+            engine_times.append(seconds)
+        identical = all(torch.equal(plain_state[k], engine_state[k]) for k in plain_state)
+        plain, inprocess = statistics.median(plain_times), statistics.median(engine_times)
+        rows = [("plain PyTorch loop", plain, 1.0), ("fedmed in-process engine", inprocess, inprocess / plain)]
+        if args.ray:
+            seconds, _ = timed(engine_run, config, engine="ray")
+            rows.append(("fedmed on Flower's Ray engine (incl. Ray start)", seconds, seconds / plain))
+
+    rounds, sites_count = config.train.rounds, len(config.sites)
+    print(f"\nFramework overhead: demo segmentation, {sites_count} sites x {rounds} rounds x "
+          f"{config.train.local_epochs} local epochs, median of {args.repeats} (torch threads: "
+          f"{torch.get_num_threads()}, python {sys.version.split()[0]})")
+    print(f"{'run':<50}{'wall s':>9}{'ratio':>8}")
+    for name, seconds, ratio in rows:
+        print(f"{name:<50}{seconds:>9.2f}{ratio:>7.3f}x")
+    print(f"in-process model identical to the plain loop's: {identical}")
+
+
+if __name__ == "__main__":
+    main()
