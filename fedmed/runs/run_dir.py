@@ -1,0 +1,163 @@
+"""The directory every run writes: config snapshot, per-round per-site metrics, checkpoints.
+
+Layout:
+    config.toml                resolved run config
+    metrics.jsonl / .csv       one row per (round, site, phase)
+    rounds.jsonl               one row per round: wall time, sites that trained or dropped
+    checkpoints/latest.pt      global weights + round + strategy state (for resume)
+    checkpoints/final.pt       the final global model
+    sites/<site>/              site-local parameters (simulation)
+    baselines.json, summary.json, report.html, plots/
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmed.config import RunConfig, dump_toml
+
+CHECKPOINT_FORMAT = 1
+
+
+class RunDirectory:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, output_dir: Path, name: str) -> "RunDirectory":
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(output_dir) / f"{name}-{stamp}"
+        suffix = 1
+        while path.exists():
+            suffix += 1
+            path = Path(output_dir) / f"{name}-{stamp}-{suffix}"
+        path.mkdir(parents=True)
+        return cls(path)
+
+    # Paths -----------------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def metrics_jsonl(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def rounds_jsonl(self) -> Path:
+        return self.path / "rounds.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / "report.html"
+
+    def site_dir(self, site: str) -> Path:
+        return self.path / "sites" / site
+
+    # Config ----------------------------------------------------------------------------------
+    def write_config(self, config: RunConfig) -> None:
+        _atomic_write_text(self.config_file, dump_toml(config))
+
+    # Metrics ---------------------------------------------------------------------------------
+    def append_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows to the JSON lines and the CSV; the CSV is rewritten only when new columns appear."""
+        if not rows:
+            return
+        with self.metrics_jsonl.open("a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, allow_nan=True) + "\n")
+        columns = self._csv_columns()
+        if columns is not None and all(key in columns for row in rows for key in row):
+            with self.metrics_csv.open("a", newline="", encoding="utf-8") as handle:
+                csv.DictWriter(handle, fieldnames=columns).writerows(rows)
+        else:
+            self._write_csv(self.read_metrics())
+
+    def _csv_columns(self) -> list[str] | None:
+        if not self.metrics_csv.exists():
+            return None
+        with self.metrics_csv.open(newline="", encoding="utf-8") as handle:
+            return next(csv.reader(handle), None)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.metrics_jsonl)
+
+    def append_round(self, row: dict[str, Any]) -> None:
+        """One line per finished round: timing and which sites took part."""
+        with self.rounds_jsonl.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def read_rounds(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.rounds_jsonl)
+
+    def _write_csv(self, rows: list[dict[str, Any]]) -> None:
+        columns: list[str] = []
+        for row in rows:
+            columns += [key for key in row if key not in columns]
+        handle, temporary = tempfile.mkstemp(dir=self.path, prefix=".metrics-", suffix=".csv")
+        with os.fdopen(handle, "w", newline="", encoding="utf-8") as out:
+            writer = csv.DictWriter(out, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, self.metrics_csv)
+
+    # JSON documents --------------------------------------------------------------------------
+    def write_json(self, name: str, data: Any) -> Path:
+        path = self.path / name
+        _atomic_write_text(path, json.dumps(data, indent=2, allow_nan=True))
+        return path
+
+    def read_json(self, name: str) -> Any:
+        path = self.path / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    # Checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, name: str, payload: dict[str, Any]) -> Path:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoints / f"{name}.pt"
+        handle, temporary = tempfile.mkstemp(dir=self.checkpoints, prefix=f".{name}-", suffix=".pt")
+        os.close(handle)
+        try:
+            torch.save({"format": CHECKPOINT_FORMAT, **payload}, temporary)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return path
+
+    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
+        path = self.checkpoints / f"{name}.pt"
+        if not path.exists():
+            return None
+        # Our own file (strategy state holds numpy arrays, so the full unpickler is needed).
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(temporary, path)

@@ -1,0 +1,64 @@
+"""Final per-site comparison: federated against local-only and pooled baselines."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fedmed.runs.run_dir import RunDirectory
+
+COLUMNS = ("federated", "local_only", "pooled")
+
+
+def final_federated_metrics(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
+    """The last evaluation of the global model at each site."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in run_dir.read_metrics():
+        if row["phase"] == "evaluate":
+            latest[row["site"]] = row
+    return {site: {k: v for k, v in row.items() if k not in ("phase", "time", "site")} for site, row in latest.items()}
+
+
+def build_summary(run_dir: RunDirectory, *, primary_metric: str, higher_is_better: bool) -> dict[str, Any]:
+    baselines = run_dir.read_json("baselines.json") or {}
+    federated = final_federated_metrics(run_dir)
+    sites = sorted(federated)
+    table = {
+        site: {
+            "federated": federated.get(site, {}),
+            "local_only": baselines.get("local_only", {}).get(site),
+            "pooled": baselines.get("pooled", {}).get(site),
+        }
+        for site in sites
+    }
+    summary = {"primary_metric": primary_metric, "higher_is_better": higher_is_better, "sites": table}
+    for column in COLUMNS:
+        values = [table[site][column][primary_metric] for site in sites if table[site].get(column)]
+        finite = [value for value in values if not math.isnan(value)]
+        if finite and len(values) == len(sites):
+            worst = min(finite) if higher_is_better else max(finite)
+            summary[column] = {"mean": sum(finite) / len(finite), "worst_site": worst}
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    metric = summary["primary_metric"]
+    header = f"{'site':<16}" + "".join(f"{column.replace('_', '-') + ' ' + metric:>22}" for column in COLUMNS)
+    lines = [header, "-" * len(header)]
+    for site, row in summary["sites"].items():
+        cells = "".join(f"{_cell(row.get(column), metric):>22}" for column in COLUMNS)
+        lines.append(f"{site:<16}{cells}")
+    for label in ("mean", "worst_site"):
+        cells = "".join(f"{_number(summary.get(column, {}).get(label)):>22}" for column in COLUMNS)
+        lines.append(f"{label.replace('_', ' '):<16}{cells}")
+    return "\n".join(lines)
+
+
+def _cell(metrics: dict[str, float] | None, metric: str) -> str:
+    return _number(metrics.get(metric)) if metrics else "-"
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
