@@ -63,10 +63,12 @@ def test_fedprox_without_mu_is_refused(tmp_path: Path) -> None:
         load_run_config(write(tmp_path, MINIMAL + "[strategy]\nname = 'fedprox'\n"))
 
 
-def test_data_is_required(tmp_path: Path) -> None:
-    text = MINIMAL.split("[[sites]]")[0]
-    with pytest.raises(ConfigError, match="the run has no data"):
-        load_run_config(write(tmp_path, text))
+def test_a_simulation_needs_data(tmp_path: Path) -> None:
+    from fedmed.flower.simulation import simulate
+
+    config = load_run_config(write(tmp_path, MINIMAL.split("[[sites]]")[0]))  # valid for a deployed run
+    with pytest.raises(ConfigError, match="a simulation needs data"):
+        simulate(config)
 
 
 def test_quorum_cannot_exceed_sites(tmp_path: Path) -> None:

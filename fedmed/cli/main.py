@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from . import coordinator
 from .common import setup_logging, user_errors
 from .site import site_app
 
@@ -17,6 +18,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(site_app, name="site")
+app.add_typer(coordinator.server_app, name="server")
+app.add_typer(coordinator.app_app, name="app")
+app.command()(coordinator.provision)
+app.command()(coordinator.run)
+app.command()(coordinator.status)
+app.command()(coordinator.stop)
 
 Overrides = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config value, e.g. --set train.rounds=3 (repeatable).")
@@ -31,7 +38,7 @@ def demo(
     overrides: Overrides = None,
     verbose: Verbose = False,
 ) -> None:
-    """Run the built-in demo: 3 drifted hospital sites, 3D segmentation, with local-only and pooled baselines."""
+    """Run the built-in demo: 3 drifted hospitals segmenting lesions, with local-only and pooled baselines."""
     from importlib.resources import files
 
     from fedmed.config import load_run_config

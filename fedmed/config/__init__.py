@@ -1,5 +1,6 @@
 """Typed configuration loaded from TOML and validated at load time."""
 
+from .deployment import ServerConfig, SiteConfig, load_server_config, load_site_config
 from .loader import (
     apply_overrides,
     dump_toml,
@@ -28,6 +29,8 @@ __all__ = [
     "EngineConfig",
     "ModelConfig",
     "RunConfig",
+    "ServerConfig",
+    "SiteConfig",
     "SiteDrift",
     "SiteEntry",
     "StrategyConfig",
@@ -38,6 +41,8 @@ __all__ = [
     "apply_overrides",
     "dump_toml",
     "load_run_config",
+    "load_server_config",
+    "load_site_config",
     "load_synth_config",
     "read_toml",
     "run_config_from_dict",

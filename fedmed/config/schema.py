@@ -165,15 +165,11 @@ class RunConfig(StrictModel):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
-    sites: list[SiteEntry] = Field(default_factory=list)
-    synth: SynthConfig | None = None
+    sites: list[SiteEntry] = Field(default_factory=list, description="simulation: the sites' data folders")
+    synth: SynthConfig | None = Field(None, description="simulation: generate the sites")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        if not self.sites and self.synth is None:
-            raise ValueError(
-                "the run has no data: add [[sites]] entries (name, path) or a [synth] section that generates them"
-            )
         if self.sites and self.synth is not None and self.site_names != [site.name for site in self.synth.sites]:
             raise ValueError(
                 "[[sites]] and [synth] name different sites; give one of them (a resolved config lists the "
@@ -188,7 +184,7 @@ class RunConfig(StrictModel):
                     f"{self.task.spatial_dims}"
                 )
         _check_unique_names(self.site_names, "sites")
-        if self.strategy.min_sites is not None and self.strategy.min_sites > len(self.site_names):
+        if self.site_names and self.strategy.min_sites is not None and self.strategy.min_sites > len(self.site_names):
             raise ValueError(
                 f"strategy.min_sites is {self.strategy.min_sites} but the federation has only "
                 f"{len(self.site_names)} site(s); lower min_sites"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -13,10 +17,31 @@ from .protocol import ARRAYS, CONFIG, METRICS, SITE, from_record, to_record
 from .site_context import site_session
 
 app = ClientApp()
+_loaded_at = time.time()
+_first_message = True
+
+
+def _log_start_up() -> None:
+    """How long this process took from its start to its first message: the ClientApp's cold start."""
+    global _first_message
+    if _first_message:
+        _first_message = False
+        logger.info("ClientApp ready %.2f s after its process started", process_age())
+
+
+def process_age() -> float:
+    """Seconds since this process began (fork or exec), from /proc; since this module loaded elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # clock ticks after boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time() - _loaded_at
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    _log_start_up()
     try:
         session = site_session(context)
         round_config = msg.content[CONFIG]
@@ -35,6 +60,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    _log_start_up()
     try:
         session = site_session(context)
         metrics = session.evaluate(from_record(msg.content[ARRAYS]))

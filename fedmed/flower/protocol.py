@@ -21,15 +21,22 @@ SITE = "site"
 RUN_CONFIG_KEY = "fedmed-config"
 RUN_DIR_KEY = "fedmed-run-dir"
 RUN_ID_KEY = "fedmed-run-id"
+SITE_NODES_KEY = "fedmed-site-nodes"  # deployment: {node id: site name}, so messages can name silent sites
 
 
-def encode_run(config: RunConfig, *, run_dir: Path, run_id: str) -> UserConfig:
+def encode_run(config: RunConfig, *, run_dir: Path, run_id: str, site_nodes: dict[int, str] | None = None
+               ) -> UserConfig:
     """The run as Flower UserConfig: the resolved config travels as one JSON string."""
     return {
         RUN_CONFIG_KEY: config.model_dump_json(),
         RUN_DIR_KEY: str(run_dir),
         RUN_ID_KEY: run_id,
+        SITE_NODES_KEY: json.dumps({str(node): site for node, site in (site_nodes or {}).items()}),
     }
+
+
+def decode_site_nodes(run_config: UserConfig) -> dict[int, str]:
+    return {int(node): site for node, site in json.loads(str(run_config.get(SITE_NODES_KEY, "{}"))).items()}
 
 
 def decode_config(run_config: UserConfig) -> RunConfig:

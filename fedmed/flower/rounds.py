@@ -39,7 +39,8 @@ class FederationResult:
     last_evaluation: dict[str, dict[str, float]]
 
 
-def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory) -> FederationResult:
+def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory,
+                   site_names: dict[int, str] | None = None) -> FederationResult:
     """Run (or resume, if the run directory holds a checkpoint) the configured federation."""
     from fedmed.models import build_model, site_local_keys
     from fedmed.strategies import shared_keys
@@ -66,7 +67,7 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory) -> F
 
     metric = get_task(config.task).primary_metric
     progress = RoundProgress(total_rounds=config.train.rounds, first_round=first_round, metric=metric)
-    site_names: dict[int, str] = {}
+    site_names = dict(site_names or {})  # node id -> site; replies fill in what deployment did not tell
     evaluation: dict[str, dict[str, float]] = {}
     for server_round in range(first_round, config.train.rounds + 1):
         round_started = time.perf_counter()
@@ -74,7 +75,7 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory) -> F
                                        run_dir=run_dir, site_names=site_names)
         evaluation = {}
         if server_round % config.train.eval_every == 0 or server_round == config.train.rounds:
-            evaluation = _evaluate_round(grid, strategy, arrays, server_round=server_round,
+            evaluation = _evaluate_round(grid, strategy, arrays, server_round=server_round, config=config,
                                          run_dir=run_dir, site_names=site_names)
         run_dir.save_checkpoint(
             "latest",
@@ -107,7 +108,8 @@ def _train_round(
     run_dir: RunDirectory,
     site_names: dict[int, str],
 ) -> tuple[ArrayRecord, dict[str, dict[str, float]]]:
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    _wait_for_quorum(grid, server_round=server_round, config=config, site_names=site_names)
+    messages = _with_deadline(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), config)
     replies = list(grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
     usable = _usable_replies(replies, phase="train", server_round=server_round, site_names=site_names)
     failures = _failures(messages, replies, site_names)
@@ -133,11 +135,12 @@ def _evaluate_round(
     arrays: ArrayRecord,
     *,
     server_round: int,
+    config: RunConfig,
     run_dir: RunDirectory,
     site_names: dict[int, str],
 ) -> dict[str, dict[str, float]]:
-    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-    replies = list(grid.send_and_receive(messages, timeout=None))
+    messages = _with_deadline(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), config)
+    replies = list(grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
     usable = _usable_replies(replies, phase="evaluate", server_round=server_round, site_names=site_names)
     for failure in _failures(messages, replies, site_names):
         logger.warning("round %d: evaluation missing from %s", server_round, failure)
@@ -146,6 +149,34 @@ def _evaluate_round(
 
 def _by_site(rows: list[dict]) -> dict[str, dict[str, float]]:
     return {row["site"]: {k: v for k, v in row.items() if k not in ("round", "site", "phase", "time")} for row in rows}
+
+
+def _wait_for_quorum(grid: Grid, *, server_round: int, config: RunConfig, site_names: dict[int, str]) -> None:
+    """Wait (at most the round timeout) until enough sites are connected to train this round."""
+    needed = quorum(config)
+    deadline = time.monotonic() + config.strategy.round_timeout_s
+    logged = False
+    while len(connected := list(grid.get_node_ids())) < needed:
+        if time.monotonic() > deadline:
+            missing = sorted(set(site_names.values()) - {site_names.get(node, "") for node in connected})
+            raise RoundFailedError(
+                f"round {server_round}: {len(connected)} site(s) connected, quorum is {needed}"
+                + (f" (not connected: {', '.join(missing)})" if missing else "")
+                + f"; waited {config.strategy.round_timeout_s:.0f} s. Start the missing sites or lower "
+                f"strategy.min_sites."
+            )
+        if not logged:
+            logger.info("round %d: waiting for sites, %d of %d connected", server_round, len(connected), needed)
+            logged = True
+        time.sleep(1.0)
+
+
+def _with_deadline(messages: Iterable[Message], config: RunConfig) -> list[Message]:
+    """Messages expire with the round: a site that comes back late must not train on a stale round."""
+    messages = list(messages)
+    for message in messages:
+        message.metadata.ttl = config.strategy.round_timeout_s
+    return messages
 
 
 def _usable_replies(

@@ -9,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmed.runs import RunDirectory
 
-from .protocol import RUN_DIR_KEY, decode_config
+from .protocol import RUN_DIR_KEY, decode_config, decode_site_nodes
 from .rounds import run_federation
 
 app = ServerApp()
@@ -18,4 +18,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = decode_config(context.run_config)
-    run_federation(grid, config=config, run_dir=RunDirectory(Path(str(context.run_config[RUN_DIR_KEY]))))
+    run_dir = RunDirectory(Path(str(context.run_config[RUN_DIR_KEY])))
+    run_dir.write_json("status.json", {"state": "running"})
+    try:
+        run_federation(grid, config=config, run_dir=run_dir, site_names=decode_site_nodes(context.run_config))
+    except Exception as error:
+        # `fedmed status` shows this reason; Flower marks the run failed from the exception.
+        run_dir.write_json("status.json", {"state": "failed", "reason": str(error)})
+        raise
+    run_dir.write_json("status.json", {"state": "completed"})

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmed.config import RunConfig, SiteEntry
+from fedmed.errors import ConfigError
 from fedmed.log import logger
 from fedmed.runs import RunDirectory
 from fedmed.runs.summary import build_summary, format_summary
@@ -43,6 +44,10 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None) -> Simul
     from fedmed.runs.report import write_report
     from fedmed.tasks import get_task
 
+    if not config.sites and config.synth is None:
+        raise ConfigError(
+            "a simulation needs data: add [[sites]] entries (name, path) or a [synth] section that generates them"
+        )
     config = materialize_sites(config)
     run_dir = run_dir or RunDirectory.create(config.output_dir, config.name)
     run_dir.write_config(config)

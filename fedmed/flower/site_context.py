@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from flwr.app import Context
 
-from fedmed.config import RunConfig
+from fedmed.config import RunConfig, load_site_config
+from fedmed.config.schema import SITE_NAME_PATTERN
 from fedmed.errors import FedmedError
 from fedmed.site_round import SiteSession, SiteSpec
 
-from .protocol import RUN_CONFIG_KEY, RUN_DIR_KEY, decode_config
+from .protocol import RUN_CONFIG_KEY, RUN_DIR_KEY, RUN_ID_KEY, decode_config
 
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine and by fedmed's in-process engine
+SITE_CONFIG = "site-config"  # set by `fedmed site start` on a deployed site's SuperNode
 
 _sessions: dict[tuple[str, str, str], SiteSession] = {}
 
@@ -29,6 +32,12 @@ def site_session(context: Context) -> SiteSession:
 
 def site_spec(context: Context, config: RunConfig) -> SiteSpec:
     node = context.node_config
+    if SITE_CONFIG in node:
+        site = load_site_config(Path(str(node[SITE_CONFIG])))
+        run_id = str(context.run_config[RUN_ID_KEY])
+        if not re.match(SITE_NAME_PATTERN, run_id):
+            raise FedmedError(f"site {site.name}: refusing run id '{run_id}' (it must be a plain folder name)")
+        return SiteSpec(name=site.name, data_path=site.data, state_dir=site.state_dir / "runs" / run_id)
     if PARTITION_ID in node:
         index = int(node[PARTITION_ID])
         if not 0 <= index < len(config.sites):

@@ -19,12 +19,14 @@ def quorum(config: RunConfig) -> int:
 def build_strategy(config: RunConfig) -> Strategy:
     settings = config.strategy
     needed = quorum(config)
+    # fedmed's round loop waits for the quorum itself, with a deadline (Flower's sampling would wait
+    # forever); evaluation then goes to every site that is connected.
     common: dict[str, Any] = {
         "fraction_train": settings.fraction_train,
         "fraction_evaluate": 1.0,
         "min_train_nodes": needed,
-        "min_evaluate_nodes": needed,
-        "min_available_nodes": needed,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": 1,
     }
     if settings.name == "fedprox":
         return FedProx(**common, proximal_mu=settings.proximal_mu)

@@ -1,0 +1,165 @@
+"""Coordinator commands: provision the federation, run the server, launch and watch runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import setup_logging, user_errors
+
+server_app = typer.Typer(help="Coordinator: run the federation's server.", no_args_is_help=True)
+app_app = typer.Typer(help="The fedmed Flower App that runs carry.", no_args_is_help=True)
+
+ServerConfigOption = Annotated[
+    Path, typer.Option("--server", help="The coordinator's server.toml (from 'fedmed provision').")
+]
+
+
+def provision(
+    workspace: Annotated[Path, typer.Argument(help="New folder for the federation (CA, server, site kits).")],
+    federation: Annotated[str, typer.Option(help="Federation name.")] = "fedmed",
+    address: Annotated[list[str], typer.Option(
+        help="Address sites use to reach the server (repeatable); every one goes into the certificate.")] = ["127.0.0.1"],  # noqa: B006
+    port: Annotated[int, typer.Option(help="SuperLink port.")] = 8000,
+    site: Annotated[list[str] | None, typer.Option(help="A site to make a kit for (repeatable).")] = None,
+    site_keys: Annotated[bool, typer.Option(
+        help="Generate each site's key pair into its kit; with --no-site-keys sites make their own.")] = True,
+) -> None:
+    """Create a federation: CA, server certificate and config, and one kit per site."""
+    from fedmed.deploy.workspace import provision as make_workspace
+    from fedmed.flower.app_bundle import app_digest
+
+    with user_errors():
+        # The coordinator's own tools reach the SuperLink on loopback, so that address is always certified.
+        addresses = list(dict.fromkeys([*address, "127.0.0.1", "localhost"]))
+        workspace_ = make_workspace(workspace, federation=federation, addresses=addresses, port=port,
+                                    sites=site or [], site_keys=site_keys, app_digest=app_digest())
+    typer.echo(f"federation '{federation}' in {workspace_.root}")
+    typer.echo(f"  server config: {workspace_.server_config}  (start it: fedmed server start {workspace_.server_config})")
+    for name in site or []:
+        typer.echo(f"  site kit:      {workspace_.kit(name)}  (hand this folder to the site's admin)")
+    typer.echo(f"  keep {workspace_.ca_key} offline: it can issue certificates for this federation")
+
+
+@server_app.command("start")
+def server_start(
+    config_file: Annotated[Path, typer.Argument(help="server.toml", metavar="SERVER_CONFIG")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the SuperLink (TLS, node authentication, persistent state) and the ServerApp executor until stopped."""
+    from fedmed.deploy.server import start
+
+    setup_logging(verbose)
+    with user_errors():
+        code = start(config_file)
+    raise typer.Exit(code)
+
+
+@server_app.command("add-site")
+def server_add_site(
+    config_file: Annotated[Path, typer.Argument(help="server.toml", metavar="SERVER_CONFIG")],
+    name: Annotated[str, typer.Argument(help="Site name.")],
+    public_key: Annotated[Path, typer.Argument(help="The site's public key (.pub) from 'fedmed site keygen'.")],
+) -> None:
+    """Allow a site's public key to connect; registers it at once if the server is running."""
+    from fedmed.config import load_server_config
+    from fedmed.deploy import flower_cli
+    from fedmed.deploy.pki import load_public_key_line
+    from fedmed.deploy.server import register_sites
+
+    setup_logging(False)
+    with user_errors():
+        server = load_server_config(config_file)
+        line = load_public_key_line(public_key)
+        target = server.site_keys / f"{name}.pub"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(line + "\n")
+        try:
+            register_sites(server, [target])
+            typer.echo(f"site {name} registered; it can connect now")
+        except flower_cli.ControlApiError as error:
+            typer.echo(f"site {name} added to {server.site_keys}; it is registered when the server starts ({error})")
+
+
+def run(
+    config_file: Annotated[Path | None, typer.Argument(help="Run config (TOML): task, model, train, strategy.",
+                                                      metavar="CONFIG")] = None,
+    server_config: ServerConfigOption = Path("server.toml"),
+    resume: Annotated[Path | None, typer.Option(help="Continue this run directory from its last checkpoint.")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the run until it ends.")] = False,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a config value (repeatable).")] = None,
+) -> None:
+    """Launch a federated run on the live federation (or resume one)."""
+    from fedmed.config import load_run_config, load_server_config
+    from fedmed.errors import FedmedError
+    from fedmed.flower.engines import deployment
+
+    setup_logging(False)
+    with user_errors():
+        server = load_server_config(server_config)
+        if resume is not None:
+            deployed = deployment.resume(server, resume)
+        elif config_file is not None:
+            deployed = deployment.launch(server, load_run_config(config_file, overrides=overrides or []))
+        else:
+            raise FedmedError("give a run CONFIG, or --resume RUN_DIR")
+        typer.echo(f"run {deployed.run_dir.path.name} submitted (Flower run {deployed.flower_run_id})")
+        typer.echo(f"run directory: {deployed.run_dir.path}")
+        if wait:
+            state = deployment.wait(server, deployed)
+            recorded = deployed.run_dir.read_json("status.json") or {}
+            typer.echo(f"run {deployed.run_dir.path.name}: {state}"
+                       + (f" - {recorded['reason']}" if recorded.get("reason") else ""))
+            if state != "finished:completed":
+                raise typer.Exit(1)
+
+
+def status(
+    server_config: ServerConfigOption = Path("server.toml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the sites (connected or not) and every run's progress and latest per-site metrics."""
+    from fedmed.config import load_server_config
+    from fedmed.flower.engines import deployment
+
+    with user_errors():
+        report = deployment.status(load_server_config(server_config))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"federation {report['federation']}")
+    typer.echo("sites:")
+    for site in report["sites"]:
+        typer.echo(f"  {site['site']:<20} {site['status']:<12} node {site['node_id']}")
+    typer.echo("runs:")
+    for run_ in report["runs"]:
+        state = run_["flower_status"] + (f" - {run_['reason']}" if run_["reason"] else "")
+        typer.echo(f"  {run_['run']:<32} round {run_['rounds_done']}/{run_['rounds']:<4} {state}")
+        for site, metrics in sorted(run_["last_metrics"].items()):
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                              if isinstance(v, float) and k not in ("loss",))
+            typer.echo(f"      {site:<20} {shown}")
+
+
+def stop(
+    run_name: Annotated[str, typer.Argument(help="Run directory name or Flower run id.", metavar="RUN")],
+    server_config: ServerConfigOption = Path("server.toml"),
+) -> None:
+    """Stop a running federated run."""
+    from fedmed.config import load_server_config
+    from fedmed.flower.engines import deployment
+
+    with user_errors():
+        flower_run_id = deployment.stop(load_server_config(server_config), run_name)
+    typer.echo(f"stopped Flower run {flower_run_id}")
+
+
+@app_app.command("digest")
+def app_digest_command() -> None:
+    """Print the digest of this fedmed version's app, the value sites and coordinators approve."""
+    from fedmed.flower.app_bundle import app_digest
+
+    typer.echo(app_digest())

@@ -1,0 +1,106 @@
+"""Configs of a deployed federation: the coordinator's server and each hospital's site daemon.
+
+Relative paths are taken relative to the config file, so a kit folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from .loader import read_toml, validate
+from .schema import SITE_NAME_PATTERN, StrictModel
+
+DIGEST_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _digests(values: list[str]) -> list[str]:
+    for value in values:
+        if not DIGEST_PATTERN.match(value):
+            raise ValueError(f"'{value}' is not an app digest (64 lowercase hex characters, as printed by "
+                             f"'fedmed app digest')")
+    return values
+
+
+class SuperLinkSettings(StrictModel):
+    host: str = Field("0.0.0.0", description="address the SuperLink listens on")
+    port: int = Field(8000, ge=1, le=65535)
+    public_address: str = Field(description="host:port that sites connect to; must be in the certificate's SANs")
+    database: Path = Path("state/superlink.db")
+    log_file: Path = Path("logs/superlink.log")
+
+
+class TlsFiles(StrictModel):
+    ca_certificate: Path = Path("tls/ca.crt")
+    certificate: Path = Path("tls/server.crt")
+    private_key: Path = Path("tls/server.key")
+
+
+class ServerConfig(StrictModel):
+    federation: str = Field(pattern=SITE_NAME_PATTERN)
+    superlink: SuperLinkSettings
+    tls: TlsFiles = Field(default_factory=TlsFiles)
+    site_keys: Path = Field(Path("site-keys"), description="folder of <site>.pub files allowed to connect")
+    approved_apps: list[str] = Field(default_factory=list, description="app digests the coordinator will run")
+    runs: Path = Path("runs")
+
+    _check_digests = field_validator("approved_apps")(_digests)
+
+    def resolve(self, base: Path) -> "ServerConfig":
+        resolved = self.model_copy(deep=True)
+        resolved.superlink.database = _under(base, self.superlink.database)
+        resolved.superlink.log_file = _under(base, self.superlink.log_file)
+        resolved.tls.ca_certificate = _under(base, self.tls.ca_certificate)
+        resolved.tls.certificate = _under(base, self.tls.certificate)
+        resolved.tls.private_key = _under(base, self.tls.private_key)
+        resolved.site_keys = _under(base, self.site_keys)
+        resolved.runs = _under(base, self.runs)
+        return resolved
+
+
+class ServerConnection(StrictModel):
+    address: str = Field(description="the coordinator's SuperLink, host:port")
+    ca_certificate: Path = Path("ca.crt")
+
+
+class SiteDaemonSettings(StrictModel):
+    runtime_port: int = Field(9094, ge=1, le=65535, description="loopback port for this site's ClientApp processes")
+    log_file: Path = Path("logs/site.log")
+    warm_start: bool = Field(True, description="start ClientApps from a process with torch and MONAI preloaded")
+
+
+class SiteConfig(StrictModel):
+    name: str = Field(pattern=SITE_NAME_PATTERN)
+    data: Path = Field(description="the site's data folder (dataset.json) or MedMNIST .npz")
+    state_dir: Path = Field(Path("state"), description="site-local parameters and other state, never sent")
+    server: ServerConnection
+    private_key: Path = Field(description="this site's node-authentication private key (OpenSSH, EC P-384)")
+    approved_apps: list[str] = Field(default_factory=list, description="app digests this site agrees to run")
+    daemon: SiteDaemonSettings = Field(default_factory=SiteDaemonSettings)
+
+    _check_digests = field_validator("approved_apps")(_digests)
+
+    def resolve(self, base: Path) -> "SiteConfig":
+        resolved = self.model_copy(deep=True)
+        resolved.data = _under(base, self.data)
+        resolved.state_dir = _under(base, self.state_dir)
+        resolved.server.ca_certificate = _under(base, self.server.ca_certificate)
+        resolved.private_key = _under(base, self.private_key)
+        resolved.daemon.log_file = _under(base, self.daemon.log_file)
+        return resolved
+
+
+def _under(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    path = Path(path)
+    return validate(ServerConfig, read_toml(path), source=str(path)).resolve(path.resolve().parent)
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    path = Path(path)
+    return validate(SiteConfig, read_toml(path), source=str(path)).resolve(path.resolve().parent)

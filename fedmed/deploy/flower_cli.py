@@ -1,0 +1,104 @@
+"""The coordinator's side of Flower's Control API, through the `flwr` command line (JSON output).
+
+fedmed keeps a Flower home in the server folder whose config.toml names one SuperLink connection,
+"fedmed", pointing at the local SuperLink with the federation's CA.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedmed.config import ServerConfig
+from fedmed.errors import FedmedError
+
+from .processes import executable, flower_environment
+
+CONNECTION = "fedmed"
+
+
+class ControlApiError(FedmedError):
+    """The SuperLink refused or failed a Control API request."""
+
+
+def flower_home(server: ServerConfig) -> Path:
+    return server.superlink.database.parent / "flwr-home"
+
+
+def write_connection(server: ServerConfig) -> Path:
+    home = flower_home(server)
+    home.mkdir(parents=True, exist_ok=True)
+    config = {
+        "superlink": {
+            "default": CONNECTION,
+            CONNECTION: {
+                "address": f"127.0.0.1:{server.superlink.port}",
+                "root-certificates": str(server.tls.ca_certificate),
+            },
+        }
+    }
+    path = home / "config.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def flwr(server: ServerConfig, *arguments: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Run `flwr ARGUMENTS --format json` against the federation's SuperLink."""
+    write_connection(server)
+    command = [executable("flwr"), *arguments, "--format", "json"]
+    try:
+        completed = subprocess.run(  # noqa: S603 - fixed executable, arguments built by fedmed
+            command, env=flower_environment(flower_home=flower_home(server)), capture_output=True, text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise ControlApiError(f"'flwr {' '.join(arguments)}' did not answer in {timeout:.0f} s; is the server up?") from None
+    payload = _json_payload(completed.stdout)
+    if payload is None:
+        raise ControlApiError(
+            f"'flwr {' '.join(arguments)}' failed (exit {completed.returncode}): "
+            f"{(completed.stderr or completed.stdout).strip()[-800:]}"
+        )
+    if not payload.get("success", False):
+        raise ControlApiError(str(payload.get("error-message", payload)).strip())
+    return payload
+
+
+def _json_payload(stdout: str) -> dict[str, Any] | None:
+    start = stdout.find("{")
+    if start < 0:
+        return None
+    try:
+        return json.loads(stdout[start:])
+    except json.JSONDecodeError:
+        return None
+
+
+def register_node(server: ServerConfig, *, public_key: Path, name: str) -> int | None:
+    """Register a site's key for node authentication; None when it was registered before."""
+    try:
+        return int(flwr(server, "supernode", "register", str(public_key), CONNECTION, "--name", name)["node-id"])
+    except ControlApiError as error:
+        if "already in use" in str(error):
+            return None
+        raise
+
+
+def list_nodes(server: ServerConfig) -> list[dict[str, Any]]:
+    return flwr(server, "supernode", "list", CONNECTION)["nodes"]
+
+
+def list_runs(server: ServerConfig) -> list[dict[str, Any]]:
+    return flwr(server, "list", CONNECTION)["runs"]
+
+
+def start_run(server: ServerConfig, *, app: Path, run_config_file: Path) -> dict[str, Any]:
+    return flwr(server, "run", str(app), CONNECTION, "--run-config", str(run_config_file))
+
+
+def stop_run(server: ServerConfig, flower_run_id: int) -> None:
+    flwr(server, "stop", str(flower_run_id), CONNECTION)

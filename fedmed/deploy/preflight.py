@@ -1,0 +1,87 @@
+"""Checks before a daemon starts, each failing with the file or setting to fix."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from fedmed.config import ServerConfig, SiteConfig
+from fedmed.errors import FedmedError
+from fedmed.log import logger
+
+from . import pki
+from .processes import split_address
+
+
+class PreflightError(FedmedError):
+    """The daemon cannot start with this configuration."""
+
+
+def check_server(server: ServerConfig) -> list[Path]:
+    """Certificates valid, key matching; returns the site public keys to register."""
+    pki.check_certificate_validity(server.tls.ca_certificate)
+    certificate = pki.check_certificate_validity(server.tls.certificate)
+    try:
+        key = serialization.load_pem_private_key(server.tls.private_key.read_bytes(), password=None)
+    except (FileNotFoundError, ValueError) as error:
+        raise PreflightError(f"{server.tls.private_key}: cannot read the server's private key ({error})") from None
+    if key.public_key().public_numbers() != certificate.public_key().public_numbers():
+        raise PreflightError(
+            f"{server.tls.private_key} does not belong to {server.tls.certificate}; copy both from the same "
+            f"'fedmed provision' workspace"
+        )
+    keys = sorted(server.site_keys.glob("*.pub")) if server.site_keys.is_dir() else []
+    for key_file in keys:
+        pki.load_public_key_line(key_file)
+    if not keys:
+        logger.warning("no site keys in %s: no site can connect until one is added with 'fedmed server add-site'",
+                       server.site_keys)
+    return keys
+
+
+def check_site(site: SiteConfig) -> str:
+    """Everything the site daemon needs; returns the site's public key line."""
+    from fedmed.data import validate_site
+
+    pki.check_certificate_validity(site.server.ca_certificate)
+    public_key = pki.check_node_private_key(site.private_key)
+    if not site.data.exists():
+        raise PreflightError(f"site {site.name}: data folder {site.data} does not exist; set 'data' in the site "
+                             f"config to the folder that holds dataset.json")
+    report = validate_site(site.data)
+    if not report.ok:
+        raise PreflightError(f"site {site.name}: the data at {site.data} is not usable:\n{report.summary()}")
+    try:
+        site.state_dir.mkdir(parents=True, exist_ok=True)
+        probe = site.state_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise PreflightError(f"site {site.name}: cannot write to state_dir {site.state_dir} ({error})") from None
+    check_server_certificate(site.server.address, ca_certificate=site.server.ca_certificate)
+    return public_key
+
+
+def check_server_certificate(address: str, *, ca_certificate: Path, timeout: float = 5.0, quiet: bool = False) -> bool:
+    """True if the server answered with a certificate the CA vouches for; False if it is unreachable.
+
+    An untrusted, expired or wrongly named certificate raises: the site must not talk to that server.
+    """
+    host, port = split_address(address)
+    context = ssl.create_default_context(cafile=str(ca_certificate))
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return True
+    except ssl.SSLCertVerificationError as error:
+        raise PreflightError(
+            f"the server at {address} presented a certificate that {ca_certificate} does not accept "
+            f"({error.verify_message}); ask the coordinator for the federation's ca.crt and check the address"
+        ) from None
+    except (OSError, ssl.SSLError) as error:
+        if not quiet:
+            logger.warning("server %s not reachable yet (%s); the site will keep trying to connect", address, error)
+        return False

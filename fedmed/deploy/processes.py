@@ -1,0 +1,41 @@
+"""Command lines and environments for Flower's processes, as fedmed runs them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from fedmed.errors import FedmedError
+
+# Sites never phone home, and nothing is installed at run time (apps run from the installed fedmed).
+QUIET_FLOWER = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def executable(name: str) -> str:
+    """A console script of this installation (flower-superlink, flwr, ...), next to this Python."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FedmedError(f"'{name}' not found next to {sys.executable} or on PATH; reinstall fedmed (pip install fedmed)")
+    return found
+
+
+def flower_environment(*, flower_home: Path) -> dict[str, str]:
+    flower_home.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, **QUIET_FLOWER, "FLWR_HOME": str(flower_home)}
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, separator, port = address.rpartition(":")
+    if not separator or not port.isdigit():
+        raise FedmedError(f"'{address}' is not host:port (e.g. coordinator.example.org:8000)")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,106 @@
+"""`fedmed server start`: the coordinator's SuperLink and ServerApp executor, supervised."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from fedmed.config import ServerConfig, load_server_config
+from fedmed.log import logger
+
+from . import flower_cli, preflight
+from .processes import executable, flower_environment
+from .supervisor import Child, Supervisor
+
+
+def superexec_secret(server: ServerConfig) -> Path:
+    """Shared secret that lets only fedmed's executor take ServerApp tasks from the SuperLink."""
+    path = server.superlink.database.parent / "superexec.secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_bytes(secrets.token_bytes(32))
+    return path
+
+
+def site_nodes_file(server: ServerConfig) -> Path:
+    return server.superlink.database.parent / "site-nodes.json"
+
+
+def register_sites(server: ServerConfig, keys: list[Path]) -> dict[str, int]:
+    """Register every site key with the SuperLink; returns site -> node id (kept across restarts)."""
+    known = json.loads(site_nodes_file(server).read_text()) if site_nodes_file(server).exists() else {}
+    for key in keys:
+        node_id = flower_cli.register_node(server, public_key=key, name=key.stem)
+        if node_id is not None:
+            known[key.stem] = node_id
+            logger.info("registered site %s (node %d)", key.stem, node_id)
+    site_nodes_file(server).write_text(json.dumps(known, indent=2))
+    return known
+
+
+def wait_until_serving(server: ServerConfig, *, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if preflight.check_server_certificate(f"127.0.0.1:{server.superlink.port}",
+                                              ca_certificate=server.tls.ca_certificate, timeout=1.0, quiet=True):
+            return
+        time.sleep(0.5)
+    raise preflight.PreflightError(f"the SuperLink did not start listening on port {server.superlink.port} within "
+                                   f"{timeout:.0f} s; see {server.superlink.log_file}")
+
+
+def superlink_command(server: ServerConfig) -> list[str]:
+    return [
+        executable("flower-superlink"),
+        "--ssl-ca-certfile", str(server.tls.ca_certificate),
+        "--ssl-certfile", str(server.tls.certificate),
+        "--ssl-keyfile", str(server.tls.private_key),
+        "--enable-supernode-auth",
+        "--database", str(server.superlink.database),
+        "--host", server.superlink.host,
+        "--port", str(server.superlink.port),
+        "--disable-runtime-dependency-installation",
+        "--isolation", "process",
+        "--superexec-auth-secret-file", str(superexec_secret(server)),
+    ]
+
+
+def executor_command(server: ServerConfig, config_file: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "fedmed.flower.task_executor", "--role", "server", "--config", str(config_file),
+        "--runtime-api-address", f"127.0.0.1:{server.superlink.port}",
+        "--root-certificates", str(server.tls.ca_certificate),
+        "--secret-file", str(superexec_secret(server)),
+    ]
+
+
+def start(config_file: Path) -> int:
+    """Run until stopped; returns the exit code."""
+    config_file = Path(config_file).resolve()
+    server = load_server_config(config_file)
+    keys = preflight.check_server(server)
+    server.superlink.database.parent.mkdir(parents=True, exist_ok=True)
+    server.runs.mkdir(parents=True, exist_ok=True)
+    env = flower_environment(flower_home=flower_cli.flower_home(server))
+    log = server.superlink.log_file
+    supervisor = Supervisor(
+        name=f"coordinator {server.federation}",
+        children=[
+            Child("flower-superlink", superlink_command(server), env, log),
+            Child("ServerApp executor", executor_command(server, config_file), env, log),
+        ],
+        after_start=lambda: _after_start(server, keys),
+    )
+    logger.info("coordinator %s: SuperLink on %s:%d (sites connect to %s), log %s", server.federation,
+                server.superlink.host, server.superlink.port, server.superlink.public_address, log)
+    return supervisor.run()
+
+
+def _after_start(server: ServerConfig, keys: list[Path]) -> None:
+    wait_until_serving(server)
+    register_sites(server, keys)
+    logger.info("coordinator %s: serving; %d site key(s) registered", server.federation, len(keys))

@@ -1,0 +1,191 @@
+"""A real federation on 127.0.0.1: `fedmed provision`, `fedmed server start`, one `fedmed site start`
+per site, all as separate processes, stopped (with everything they started) on close."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedmed.config import SiteDrift, SynthConfig
+from fedmed.config.loader import read_toml
+from fedmed.data import synthesize_federation
+
+FEDMED = str(Path(sys.executable).with_name("fedmed"))
+SITES = ("a", "b", "c")
+DRIFTS = [SiteDrift(name="a"), SiteDrift(name="b", intensity_scale=2.0, noise_std=0.03), SiteDrift(name="c", gamma=1.3)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (from /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything below it: a machine losing power, as far as fedmed can tell."""
+    for process in [pid, *descendants(pid)]:
+        try:
+            os.kill(process, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Federation:
+    def __init__(self, root: Path, *, sites: tuple[str, ...] = SITES) -> None:
+        self.root = root
+        self.sites = sites
+        self.port = free_port()
+        self.daemons: dict[str, subprocess.Popen] = {}
+        self.workspace = root / "workspace"
+        self.server_config = self.workspace / "server" / "server.toml"
+
+    # Set-up ----------------------------------------------------------------------------------
+    def provision(self) -> None:
+        cli([FEDMED, "provision", str(self.workspace), "--federation", "test", "--port", str(self.port),
+             *[arg for site in self.sites for arg in ("--site", site)]])
+        server = read_toml(self.server_config)
+        server["superlink"]["host"] = "127.0.0.1"  # tests listen on loopback only
+        self.server_config.write_text(tomli_w.dumps(server))
+        synth = SynthConfig(task="segmentation", spatial_dims=2, image_size=[32, 32], train_cases=4, val_cases=3,
+                            seed=1, sites=[d for d in DRIFTS if d.name in self.sites])
+        synthesize_federation(synth, self.root / "data")
+        for site in self.sites:
+            self.edit_site(site, data=str(self.root / "data" / site), daemon={"runtime_port": free_port()})
+
+    def site_config(self, site: str) -> Path:
+        return self.workspace / "sites" / site / "site.toml"
+
+    def site_log(self, site: str) -> Path:
+        return self.workspace / "sites" / site / "logs" / "site.log"
+
+    def edit_site(self, site: str, **changes: Any) -> None:
+        config = read_toml(self.site_config(site))
+        for key, value in changes.items():
+            config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+        self.site_config(site).write_text(tomli_w.dumps(config))
+
+    # Daemons ---------------------------------------------------------------------------------
+    def start_server(self) -> None:
+        self.daemons["server"] = self._spawn([FEDMED, "server", "start", str(self.server_config)], "server")
+
+    def start_site(self, site: str) -> None:
+        self.daemons[site] = self._spawn([FEDMED, "site", "start", str(self.site_config(site))], f"site-{site}")
+
+    def _spawn(self, command: list[str], name: str) -> subprocess.Popen:
+        log = (self.root / f"{name}.out").open("ab")
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def crash(self, name: str) -> None:
+        kill_tree(self.daemons.pop(name).pid)
+
+    def stop(self, name: str) -> None:
+        daemon = self.daemons.pop(name)
+        others = descendants(daemon.pid)
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        for process in [daemon.pid, *others]:
+            try:
+                os.kill(process, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        for name in list(self.daemons):
+            self.stop(name)
+
+    # Coordinator -----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return json.loads(cli([FEDMED, "status", "--server", str(self.server_config), "--json"]).stdout)
+
+    def wait_for_server(self, *, timeout: float = 60.0) -> None:
+        """Until the SuperLink answers and has registered every site key."""
+        nodes = self.workspace / "server" / "state" / "site-nodes.json"
+        wait_for(lambda: nodes.exists() and set(json.loads(nodes.read_text())) >= set(self.sites), timeout=timeout,
+                 what=f"the server to register {self.sites}; see {self.root}/server.out")
+
+    def wait_for_sites(self, online: set[str], *, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                sites = {s["site"] for s in self.status()["sites"] if s["status"] == "online"}
+            except subprocess.CalledProcessError:
+                sites = set()
+            if online <= sites:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"sites online: {sites}, expected {online}; see {self.root}/*.out")
+
+    def write_run_config(self, name: str, **sections: dict[str, Any]) -> Path:
+        config: dict[str, Any] = {
+            "name": name,
+            "seed": 3,
+            "task": {"kind": "segmentation", "spatial_dims": 2, "image_size": [32, 32]},
+            "model": {"channels": [8, 16]},
+            "train": {"rounds": 2, "learning_rate": 0.003},
+            "strategy": {"round_timeout_s": 60},
+        }
+        for key, value in sections.items():
+            config[key] = {**config.get(key, {}), **value}
+        path = self.root / f"{name}.toml"
+        path.write_text(tomli_w.dumps(config))
+        return path
+
+    def run(self, config: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+        return cli([FEDMED, "run", str(config), "--server", str(self.server_config), *extra], check=check,
+                   timeout=600)
+
+    def resume(self, run_dir: Path) -> subprocess.CompletedProcess:
+        return cli([FEDMED, "run", "--resume", str(run_dir), "--server", str(self.server_config), "--wait"],
+                   timeout=600)
+
+    def submit(self, config: Path) -> Path:
+        """Start a run without waiting; returns its run directory."""
+        output = self.run(config).stdout
+        return Path(re.search(r"run directory: (\S+)", output).group(1))
+
+
+def cli(command: list[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if check and completed.returncode != 0:
+        raise subprocess.CalledProcessError(completed.returncode, command, completed.stdout, completed.stderr)
+    return completed
+
+
+def wait_for(predicate, *, timeout: float, what: str, interval: float = 0.5) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")

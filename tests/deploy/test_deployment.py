@@ -1,0 +1,128 @@
+"""A real federation over TLS with node authentication: SuperLink, three SuperNodes, fedmed's
+executors, all separate processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest
+import torch
+
+from fedmed.config import run_config_from_dict
+from fedmed.config.loader import read_toml
+from fedmed.flower.simulation import simulate
+from harness import FEDMED, Federation, cli, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_deployed_run_matches_the_inprocess_engine(federation: Federation) -> None:
+    config_file = federation.write_run_config("match", train={"rounds": 2})
+    completed = federation.run(config_file, "--wait")
+    assert "finished:completed" in completed.stdout
+    run_dir = federation.workspace / "server" / "runs" / completed.stdout.split("run directory: ")[1].split("/")[-1].split()[0]
+    deployed = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)["state_dict"]
+
+    raw = read_toml(config_file)
+    raw["output_dir"] = str(federation.root / "simulated")
+    raw["sites"] = [{"name": site, "path": str(federation.root / "data" / site)} for site in federation.sites]
+    simulated_run = simulate(run_config_from_dict(raw, base=federation.root))
+    simulated = torch.load(simulated_run.run_dir.checkpoints / "final.pt", weights_only=False)["state_dict"]
+    for key in simulated:
+        torch.testing.assert_close(deployed[key], simulated[key], rtol=1e-4, atol=1e-5)
+
+    status = federation.status()
+    assert {site["site"]: site["status"] for site in status["sites"]} == {"a": "online", "b": "online", "c": "online"}
+    run = next(r for r in status["runs"] if r["run"] == run_dir.name)
+    assert run["flower_status"] == "finished:completed" and run["rounds_done"] == 2
+    assert set(run["last_metrics"]) == {"a", "b", "c"}
+
+
+def test_the_server_speaks_only_tls(federation: Federation) -> None:
+    with socket.create_connection(("127.0.0.1", federation.port), timeout=5) as plain:
+        plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert not plain.recv(64).startswith(b"HTTP/1.")  # plain HTTP gets no HTTP answer
+    with socket.create_connection(("127.0.0.1", federation.port), timeout=5) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):  # the system CAs do not vouch for it
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    federation_ca = ssl.create_default_context(cafile=str(federation.site_config("a").parent / "ca.crt"))
+    with socket.create_connection(("127.0.0.1", federation.port), timeout=5) as raw:
+        with federation_ca.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+
+def test_an_unregistered_node_is_refused(federation: Federation) -> None:
+    kit = federation.workspace / "sites" / "intruder"
+    kit.mkdir()
+    cli([FEDMED, "site", "keygen", str(kit / "keys"), "--name", "intruder"])
+    site = read_toml(federation.site_config("a"))
+    site.update(name="intruder", private_key=str(kit / "keys" / "intruder.key"), state_dir=str(kit / "state"))
+    site["server"]["ca_certificate"] = str(federation.site_config("a").parent / "ca.crt")
+    site["daemon"] = {"runtime_port": free_port(), "log_file": str(kit / "site.log")}
+    import tomli_w
+
+    (kit / "site.toml").write_text(tomli_w.dumps(site))
+    completed = cli([FEDMED, "site", "start", str(kit / "site.toml")], check=False, timeout=120)
+    assert completed.returncode == 3, completed.stderr
+    assert "the coordinator does not accept this site's key" in completed.stderr
+    assert "fedmed server add-site" in completed.stderr
+
+
+def test_a_site_refuses_an_app_it_has_not_approved(federation: Federation) -> None:
+    approved = read_toml(federation.site_config("c"))["approved_apps"]
+    federation.edit_site("c", approved_apps=[])  # read again for every message: no restart needed
+    try:
+        config_file = federation.write_run_config("refused", train={"rounds": 1}, strategy={"min_sites": 2})
+        completed = federation.run(config_file, "--wait")
+        assert "finished:completed" in completed.stdout
+        log = federation.site_log("c").read_text()
+        assert f"site c refused app {approved[0]}" in log
+        assert f"fedmed site approve {federation.site_config('c')} {approved[0]}" in log
+        run_dir = next((federation.workspace / "server" / "runs").glob("refused-*"))
+        rounds = [line for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+        assert '"sites_trained": ["a", "b"]' in rounds[0]
+    finally:
+        cli([FEDMED, "site", "approve", str(federation.site_config("c")), approved[0]])
+    assert read_toml(federation.site_config("c"))["approved_apps"] == approved
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"data": "/nonexistent/fedmed-data"}, "data folder /nonexistent/fedmed-data does not exist"),
+        ({"server": {"ca_certificate": "/nonexistent/ca.crt"}}, "/nonexistent/ca.crt: certificate file not found"),
+        ({"colour": "blue"}, "unknown key 'colour'"),
+    ],
+    ids=["missing data", "missing CA", "unknown key"],
+)
+def test_bad_site_configs_are_refused_before_starting(federation: Federation, change: dict, message: str,
+                                                      tmp_path) -> None:  # noqa: ANN001
+    import tomli_w
+
+    site = read_toml(federation.site_config("a"))
+    for key, value in change.items():
+        site[key] = {**site.get(key, {}), **value} if isinstance(value, dict) else value
+    for key in ("private_key",):
+        site[key] = str(federation.site_config("a").parent / site[key])
+    if "server" not in change:
+        site["server"]["ca_certificate"] = str(federation.site_config("a").parent / "ca.crt")
+    bad = tmp_path / "site.toml"
+    bad.write_text(tomli_w.dumps(site))
+    completed = cli([FEDMED, "site", "start", str(bad)], check=False)
+    assert completed.returncode == 2
+    assert message in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_a_site_trusting_another_ca_refuses_the_server(federation: Federation, tmp_path) -> None:  # noqa: ANN001
+    import tomli_w
+
+    cli([FEDMED, "provision", str(tmp_path / "other"), "--federation", "other"])
+    site = read_toml(federation.site_config("a"))
+    site["private_key"] = str(federation.site_config("a").parent / site["private_key"])
+    site["server"]["ca_certificate"] = str(tmp_path / "other" / "ca" / "ca.crt")
+    bad = tmp_path / "site.toml"
+    bad.write_text(tomli_w.dumps(site))
+    completed = cli([FEDMED, "site", "start", str(bad)], check=False)
+    assert completed.returncode == 2
+    assert "presented a certificate that" in completed.stderr and "does not accept" in completed.stderr
