@@ -5,13 +5,21 @@ from pathlib import Path
 
 import pytest
 
-from harness import Federation, descendants
+from fedmed.config import SiteDrift, SynthConfig
+from fedmed.data import synthesize_federation
+from fedmed.deploy.local import LocalFederation, descendants
+
+DRIFTS = [SiteDrift(name="a"), SiteDrift(name="b", intensity_scale=2.0, noise_std=0.03), SiteDrift(name="c", gamma=1.3)]
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     """Coordinator and three sites, provisioned with TLS and node keys, serving until the module ends."""
-    federation = Federation(tmp_path_factory.mktemp("federation"))
+    root = tmp_path_factory.mktemp("federation")
+    synth = SynthConfig(task="segmentation", spatial_dims=2, image_size=[32, 32], train_cases=4, val_cases=3,
+                        seed=1, sites=DRIFTS)
+    sites = synthesize_federation(synth, root / "data")
+    federation = LocalFederation(root, site_data={site.name: site.path for site in sites})
     federation.provision()
     federation.start_server()
     federation.wait_for_server()
@@ -32,3 +40,4 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+

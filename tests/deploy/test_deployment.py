@@ -12,13 +12,14 @@ import torch
 from fedmed.config import run_config_from_dict
 from fedmed.config.loader import read_toml
 from fedmed.flower.simulation import simulate
-from harness import FEDMED, Federation, cli, free_port
+from deploy_helpers import run_config
+from fedmed.deploy.local import FEDMED, LocalFederation, cli, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_deployed_run_matches_the_inprocess_engine(federation: Federation) -> None:
-    config_file = federation.write_run_config("match", train={"rounds": 2})
+def test_deployed_run_matches_the_inprocess_engine(federation: LocalFederation) -> None:
+    config_file = run_config(federation, "match", train={"rounds": 2})
     completed = federation.run(config_file, "--wait")
     assert "finished:completed" in completed.stdout
     run_dir = federation.workspace / "server" / "runs" / completed.stdout.split("run directory: ")[1].split("/")[-1].split()[0]
@@ -39,7 +40,7 @@ def test_deployed_run_matches_the_inprocess_engine(federation: Federation) -> No
     assert set(run["last_metrics"]) == {"a", "b", "c"}
 
 
-def test_the_server_speaks_only_tls(federation: Federation) -> None:
+def test_the_server_speaks_only_tls(federation: LocalFederation) -> None:
     with socket.create_connection(("127.0.0.1", federation.port), timeout=5) as plain:
         plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert not plain.recv(64).startswith(b"HTTP/1.")  # plain HTTP gets no HTTP answer
@@ -52,7 +53,7 @@ def test_the_server_speaks_only_tls(federation: Federation) -> None:
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
 
 
-def test_an_unregistered_node_is_refused(federation: Federation) -> None:
+def test_an_unregistered_node_is_refused(federation: LocalFederation) -> None:
     kit = federation.workspace / "sites" / "intruder"
     kit.mkdir()
     cli([FEDMED, "site", "keygen", str(kit / "keys"), "--name", "intruder"])
@@ -69,11 +70,11 @@ def test_an_unregistered_node_is_refused(federation: Federation) -> None:
     assert "fedmed server add-site" in completed.stderr
 
 
-def test_a_site_refuses_an_app_it_has_not_approved(federation: Federation) -> None:
+def test_a_site_refuses_an_app_it_has_not_approved(federation: LocalFederation) -> None:
     approved = read_toml(federation.site_config("c"))["approved_apps"]
     federation.edit_site("c", approved_apps=[])  # read again for every message: no restart needed
     try:
-        config_file = federation.write_run_config("refused", train={"rounds": 1}, strategy={"min_sites": 2})
+        config_file = run_config(federation, "refused", train={"rounds": 1}, strategy={"min_sites": 2})
         completed = federation.run(config_file, "--wait")
         assert "finished:completed" in completed.stdout
         log = federation.site_log("c").read_text()
@@ -96,7 +97,7 @@ def test_a_site_refuses_an_app_it_has_not_approved(federation: Federation) -> No
     ],
     ids=["missing data", "missing CA", "unknown key"],
 )
-def test_bad_site_configs_are_refused_before_starting(federation: Federation, change: dict, message: str,
+def test_bad_site_configs_are_refused_before_starting(federation: LocalFederation, change: dict, message: str,
                                                       tmp_path) -> None:  # noqa: ANN001
     import tomli_w
 
@@ -114,7 +115,7 @@ def test_bad_site_configs_are_refused_before_starting(federation: Federation, ch
     assert message in completed.stderr and "Traceback" not in completed.stderr
 
 
-def test_a_site_trusting_another_ca_refuses_the_server(federation: Federation, tmp_path) -> None:  # noqa: ANN001
+def test_a_site_trusting_another_ca_refuses_the_server(federation: LocalFederation, tmp_path) -> None:  # noqa: ANN001
     import tomli_w
 
     cli([FEDMED, "provision", str(tmp_path / "other"), "--federation", "other"])

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import Federation, wait_for
+from deploy_helpers import run_config
+from fedmed.deploy.local import LocalFederation, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -19,12 +20,12 @@ def _rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _receiving_train(federation: Federation, site: str, *, after: int) -> bool:
+def _receiving_train(federation: LocalFederation, site: str, *, after: int) -> bool:
     return "Receiving: train message" in federation.site_log(site).read_text()[after:]
 
 
-def test_a_site_killed_mid_round_is_dropped_and_rejoins(federation: Federation) -> None:
-    config = federation.write_run_config("site-crash", train={"rounds": 4},
+def test_a_site_killed_mid_round_is_dropped_and_rejoins(federation: LocalFederation) -> None:
+    config = run_config(federation, "site-crash", train={"rounds": 4},
                                          strategy={"min_sites": 2, "round_timeout_s": 30})
     log_start = len(federation.site_log("c").read_text())
     run_dir = federation.submit(config)
@@ -43,8 +44,8 @@ def test_a_site_killed_mid_round_is_dropped_and_rejoins(federation: Federation) 
     federation.wait_for_sites({"a", "b", "c"})
 
 
-def test_a_round_below_quorum_fails_with_the_reason_in_status(federation: Federation) -> None:
-    config = federation.write_run_config("below-quorum", train={"rounds": 2},
+def test_a_round_below_quorum_fails_with_the_reason_in_status(federation: LocalFederation) -> None:
+    config = run_config(federation, "below-quorum", train={"rounds": 2},
                                          strategy={"min_sites": 3, "round_timeout_s": 20})
     federation.stop("b")
     try:
@@ -60,8 +61,8 @@ def test_a_round_below_quorum_fails_with_the_reason_in_status(federation: Federa
     federation.wait_for_sites({"a", "b", "c"})
 
 
-def test_the_coordinator_crashes_and_the_run_resumes(federation: Federation) -> None:
-    config = federation.write_run_config("server-crash", train={"rounds": 3}, strategy={"round_timeout_s": 60})
+def test_the_coordinator_crashes_and_the_run_resumes(federation: LocalFederation) -> None:
+    config = run_config(federation, "server-crash", train={"rounds": 3}, strategy={"round_timeout_s": 60})
     run_dir = federation.submit(config)
     wait_for(lambda: len(_rounds(run_dir)) >= 1, timeout=180, what="round 1 to finish")
     federation.crash("server")  # SuperLink, executor and ServerApp killed at once

@@ -1,5 +1,7 @@
-"""A real federation on 127.0.0.1: `fedmed provision`, `fedmed server start`, one `fedmed site start`
-per site, all as separate processes, stopped (with everything they started) on close."""
+"""A whole federation on this machine, as real processes on 127.0.0.1: `fedmed provision`, then
+`fedmed server start` and one `fedmed site start` per site, stopped with everything they started on
+close. Used by the deployment tests and benchmarks; also a way to try deployment without three
+machines."""
 
 from __future__ import annotations
 
@@ -16,13 +18,9 @@ from typing import Any
 
 import tomli_w
 
-from fedmed.config import SiteDrift, SynthConfig
 from fedmed.config.loader import read_toml
-from fedmed.data import synthesize_federation
 
 FEDMED = str(Path(sys.executable).with_name("fedmed"))
-SITES = ("a", "b", "c")
-DRIFTS = [SiteDrift(name="a"), SiteDrift(name="b", intensity_scale=2.0, noise_std=0.03), SiteDrift(name="c", gamma=1.3)]
 
 
 def free_port() -> int:
@@ -58,10 +56,11 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-class Federation:
-    def __init__(self, root: Path, *, sites: tuple[str, ...] = SITES) -> None:
+class LocalFederation:
+    def __init__(self, root: Path, *, site_data: dict[str, Path]) -> None:
         self.root = root
-        self.sites = sites
+        self.site_data = site_data
+        self.sites = tuple(site_data)
         self.port = free_port()
         self.daemons: dict[str, subprocess.Popen] = {}
         self.workspace = root / "workspace"
@@ -72,13 +71,10 @@ class Federation:
         cli([FEDMED, "provision", str(self.workspace), "--federation", "test", "--port", str(self.port),
              *[arg for site in self.sites for arg in ("--site", site)]])
         server = read_toml(self.server_config)
-        server["superlink"]["host"] = "127.0.0.1"  # tests listen on loopback only
+        server["superlink"]["host"] = "127.0.0.1"  # one machine: listen on loopback only
         self.server_config.write_text(tomli_w.dumps(server))
-        synth = SynthConfig(task="segmentation", spatial_dims=2, image_size=[32, 32], train_cases=4, val_cases=3,
-                            seed=1, sites=[d for d in DRIFTS if d.name in self.sites])
-        synthesize_federation(synth, self.root / "data")
-        for site in self.sites:
-            self.edit_site(site, data=str(self.root / "data" / site), daemon={"runtime_port": free_port()})
+        for site, data in self.site_data.items():
+            self.edit_site(site, data=str(data), daemon={"runtime_port": free_port()})
 
     def site_config(self, site: str) -> Path:
         return self.workspace / "sites" / site / "site.toml"
@@ -87,10 +83,10 @@ class Federation:
         return self.workspace / "sites" / site / "logs" / "site.log"
 
     def edit_site(self, site: str, **changes: Any) -> None:
-        config = read_toml(self.site_config(site))
-        for key, value in changes.items():
-            config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
-        self.site_config(site).write_text(tomli_w.dumps(config))
+        _edit_toml(self.site_config(site), changes)
+
+    def edit_server(self, **changes: Any) -> None:
+        _edit_toml(self.server_config, changes)
 
     # Daemons ---------------------------------------------------------------------------------
     def start_server(self) -> None:
@@ -146,18 +142,8 @@ class Federation:
             time.sleep(1)
         raise TimeoutError(f"sites online: {sites}, expected {online}; see {self.root}/*.out")
 
-    def write_run_config(self, name: str, **sections: dict[str, Any]) -> Path:
-        config: dict[str, Any] = {
-            "name": name,
-            "seed": 3,
-            "task": {"kind": "segmentation", "spatial_dims": 2, "image_size": [32, 32]},
-            "model": {"channels": [8, 16]},
-            "train": {"rounds": 2, "learning_rate": 0.003},
-            "strategy": {"round_timeout_s": 60},
-        }
-        for key, value in sections.items():
-            config[key] = {**config.get(key, {}), **value}
-        path = self.root / f"{name}.toml"
+    def write_run_config(self, config: dict[str, Any]) -> Path:
+        path = self.root / f"{config['name']}.toml"
         path.write_text(tomli_w.dumps(config))
         return path
 
@@ -173,6 +159,13 @@ class Federation:
         """Start a run without waiting; returns its run directory."""
         output = self.run(config).stdout
         return Path(re.search(r"run directory: (\S+)", output).group(1))
+
+
+def _edit_toml(path: Path, changes: dict[str, Any]) -> None:
+    config = read_toml(path)
+    for key, value in changes.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(tomli_w.dumps(config))
 
 
 def cli(command: list[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
