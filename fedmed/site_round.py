@@ -6,6 +6,7 @@ Flower's simulation engine and deployment.
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,6 +31,7 @@ class SiteSpec:
     name: str
     data_path: Path
     state_dir: Path  # this site's private folder for this run (site-local parameters)
+    threads: int | None = None  # torch CPU threads, when the site caps them
 
 
 def site_seed(base_seed: int, site_name: str, server_round: int) -> int:
@@ -45,6 +47,8 @@ class SiteSession:
 
         self.spec = spec
         self.config = config
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
         self.task = get_task(config.task)
         self.device = select_device(config.train.device)
         self.local_store = LocalParameterStore(spec.state_dir)
@@ -71,6 +75,12 @@ class SiteSession:
         state = model.state_dict()
         initial_local = {key: state[key].detach().clone() for key in local}
         return model.to(self.device), {key: state[key].shape for key in shared}, local, initial_local
+
+    def shared_template(self) -> StateDict:
+        """The shared parameters in state-dict order (initial values): what travels each round."""
+        model, shared_shapes, _, _ = self._model_and_keys
+        state = model.state_dict()
+        return {key: state[key] for key in shared_shapes}
 
     def _model_with(self, global_state: StateDict) -> tuple[nn.Module, list[str]]:
         model, shared_shapes, local, initial_local = self._model_and_keys
@@ -129,6 +139,7 @@ class SiteSession:
         return update, metrics
 
     def evaluate(self, global_state: StateDict) -> dict:
+        started = time.perf_counter()
         model, _ = self._model_with(global_state)
         metrics = self.task.evaluate(model, self.data.val, device=self.device)
-        return {"num-examples": len(self.data.val), **metrics}
+        return {"num-examples": len(self.data.val), **metrics, "eval_seconds": time.perf_counter() - started}

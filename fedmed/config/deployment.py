@@ -69,6 +69,7 @@ class SiteDaemonSettings(StrictModel):
     runtime_port: int = Field(9094, ge=1, le=65535, description="loopback port for this site's ClientApp processes")
     log_file: Path = Path("logs/site.log")
     warm_start: bool = Field(True, description="start ClientApps from a process with torch and MONAI preloaded")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads per ClientApp (default: all cores)")
 
 
 class SiteConfig(StrictModel):

@@ -73,8 +73,10 @@ class LocalFederation:
         server = read_toml(self.server_config)
         server["superlink"]["host"] = "127.0.0.1"  # one machine: listen on loopback only
         self.server_config.write_text(tomli_w.dumps(server))
+        # Sites share this machine's cores: more threads per ClientApp than that only thrash.
+        threads = max(1, (os.cpu_count() or 1) // len(self.site_data))
         for site, data in self.site_data.items():
-            self.edit_site(site, data=str(data), daemon={"runtime_port": free_port()})
+            self.edit_site(site, data=str(data), daemon={"runtime_port": free_port(), "torch_threads": threads})
 
     def site_config(self, site: str) -> Path:
         return self.workspace / "sites" / site / "site.toml"

@@ -13,8 +13,8 @@ from flwr.common.constant import ErrorCode
 from fedmed.errors import FedmedError
 from fedmed.log import logger
 
-from .protocol import ARRAYS, CONFIG, METRICS, SITE, from_record, to_record
-from .site_context import site_session
+from .protocol import ARRAYS, CONFIG, LAYOUT_DIGEST, METRICS, SITE, Layout, LayoutMismatchError
+from .site_context import session_layout, site_session
 
 app = ClientApp()
 _loaded_at = time.time()
@@ -42,18 +42,22 @@ def process_age() -> float:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     _log_start_up()
+    started = time.perf_counter()
     try:
         session = site_session(context)
+        layout = session_layout(session)
         round_config = msg.content[CONFIG]
         update, metrics = session.train(
-            from_record(msg.content[ARRAYS]),
+            _received(msg, layout),
             server_round=int(round_config["server-round"]),
             proximal_mu=float(round_config.get("proximal-mu", 0.0)),
         )
     except FedmedError as error:
         return _refuse(msg, error)
+    logger.info("site %s: round %s trained in %.2f s (training %.2f s)", session.spec.name,
+                round_config["server-round"], time.perf_counter() - started, metrics["train_seconds"])
     content = RecordDict(
-        {ARRAYS: to_record(update), METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": session.spec.name})}
+        {ARRAYS: layout.pack(update), METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": session.spec.name})}
     )
     return Message(content, reply_to=msg)
 
@@ -63,11 +67,22 @@ def evaluate(msg: Message, context: Context) -> Message:
     _log_start_up()
     try:
         session = site_session(context)
-        metrics = session.evaluate(from_record(msg.content[ARRAYS]))
+        metrics = session.evaluate(_received(msg, session_layout(session)))
     except FedmedError as error:
         return _refuse(msg, error)
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": session.spec.name})})
     return Message(content, reply_to=msg)
+
+
+def _received(msg: Message, layout: Layout) -> dict:
+    """The global parameters, checked against the model this site builds."""
+    sent = str(msg.content[CONFIG].get(LAYOUT_DIGEST, ""))
+    if sent != layout.digest:
+        raise LayoutMismatchError(
+            f"the server's model layout {sent or '(none)'} differs from this site's {layout.digest}: coordinator and "
+            f"site must run the same fedmed version with the same task and model config"
+        )
+    return layout.unpack(msg.content[ARRAYS])
 
 
 def _refuse(msg: Message, error: FedmedError) -> Message:

@@ -23,7 +23,7 @@ from fedmed.log import logger
 from fedmed.runs import RunDirectory
 from fedmed.runs.progress import RoundProgress
 
-from .protocol import ARRAYS, METRICS, SITE, from_record, to_record
+from .protocol import ARRAYS, LAYOUT_DIGEST, METRICS, SITE, Layout
 from .strategy import build_strategy, quorum, restore_strategy_state, strategy_state
 
 
@@ -54,12 +54,13 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory,
     local = site_local_keys(model) if config.strategy.fedbn else []
     shared = shared_keys(full_state, local)
     strategy = build_strategy(config)
-    arrays = to_record({key: full_state[key] for key in shared})
+    layout = Layout.of(full_state, shared)
+    arrays = layout.pack(full_state)
 
     first_round = 1
     checkpoint = run_dir.load_checkpoint("latest")
     if checkpoint is not None:
-        arrays = to_record(checkpoint["shared_state"])
+        arrays = layout.pack(checkpoint["shared_state"])
         restore_strategy_state(strategy, checkpoint["strategy_state"])
         random.setstate(checkpoint["random_state"])
         first_round = int(checkpoint["round"]) + 1
@@ -72,25 +73,29 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory,
     for server_round in range(first_round, config.train.rounds + 1):
         round_started = time.perf_counter()
         arrays, trained = _train_round(grid, strategy, arrays, server_round=server_round, config=config,
-                                       run_dir=run_dir, site_names=site_names)
+                                       layout=layout, run_dir=run_dir, site_names=site_names)
+        trained_at = time.perf_counter()
         evaluation = {}
         if server_round % config.train.eval_every == 0 or server_round == config.train.rounds:
             evaluation = _evaluate_round(grid, strategy, arrays, server_round=server_round, config=config,
-                                         run_dir=run_dir, site_names=site_names)
+                                         layout=layout, run_dir=run_dir, site_names=site_names)
+        evaluated_at = time.perf_counter()
         run_dir.save_checkpoint(
             "latest",
             {
                 "round": server_round,
-                "shared_state": from_record(arrays),
+                "shared_state": layout.unpack(arrays),
                 "strategy_state": strategy_state(strategy),
                 "random_state": random.getstate(),
             },
         )
         run_dir.append_round({"round": server_round, "seconds": round(time.perf_counter() - round_started, 4),
+                              "train_phase_s": round(trained_at - round_started, 4),
+                              "evaluate_phase_s": round(evaluated_at - trained_at, 4),
                               "sites_trained": sorted(trained), "sites_evaluated": sorted(evaluation)})
         progress.report(server_round, train=trained, evaluation=evaluation)
 
-    full_state.update(from_record(arrays))
+    full_state.update(layout.unpack(arrays))
     run_dir.save_checkpoint(
         "final",
         {"round": config.train.rounds, "state_dict": full_state, "site_local_keys": local, "task": config.task.kind},
@@ -105,11 +110,13 @@ def _train_round(
     *,
     server_round: int,
     config: RunConfig,
+    layout: Layout,
     run_dir: RunDirectory,
     site_names: dict[int, str],
 ) -> tuple[ArrayRecord, dict[str, dict[str, float]]]:
     _wait_for_quorum(grid, server_round=server_round, config=config, site_names=site_names)
-    messages = _with_deadline(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), config)
+    round_config = ConfigRecord({LAYOUT_DIGEST: layout.digest})
+    messages = _with_deadline(strategy.configure_train(server_round, arrays, round_config, grid), config)
     replies = list(grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
     usable = _usable_replies(replies, phase="train", server_round=server_round, site_names=site_names)
     failures = _failures(messages, replies, site_names)
@@ -136,10 +143,12 @@ def _evaluate_round(
     *,
     server_round: int,
     config: RunConfig,
+    layout: Layout,
     run_dir: RunDirectory,
     site_names: dict[int, str],
 ) -> dict[str, dict[str, float]]:
-    messages = _with_deadline(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), config)
+    round_config = ConfigRecord({LAYOUT_DIGEST: layout.digest})
+    messages = _with_deadline(strategy.configure_evaluate(server_round, arrays, round_config, grid), config)
     replies = list(grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
     usable = _usable_replies(replies, phase="evaluate", server_round=server_round, site_names=site_names)
     for failure in _failures(messages, replies, site_names):

@@ -12,12 +12,13 @@ from fedmed.config.schema import SITE_NAME_PATTERN
 from fedmed.errors import FedmedError
 from fedmed.site_round import SiteSession, SiteSpec
 
-from .protocol import RUN_CONFIG_KEY, RUN_DIR_KEY, RUN_ID_KEY, decode_config
+from .protocol import RUN_CONFIG_KEY, RUN_DIR_KEY, RUN_ID_KEY, Layout, decode_config
 
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine and by fedmed's in-process engine
 SITE_CONFIG = "site-config"  # set by `fedmed site start` on a deployed site's SuperNode
 
 _sessions: dict[tuple[str, str, str], SiteSession] = {}
+_layouts: dict[int, Layout] = {}
 
 
 def site_session(context: Context) -> SiteSession:
@@ -30,6 +31,14 @@ def site_session(context: Context) -> SiteSession:
     return _sessions[key]
 
 
+def session_layout(session: SiteSession) -> Layout:
+    """How the session's shared parameters are packed (sessions live as long as the process)."""
+    if id(session) not in _layouts:
+        template = session.shared_template()
+        _layouts[id(session)] = Layout.of(template, template)
+    return _layouts[id(session)]
+
+
 def site_spec(context: Context, config: RunConfig) -> SiteSpec:
     node = context.node_config
     if SITE_CONFIG in node:
@@ -37,7 +46,8 @@ def site_spec(context: Context, config: RunConfig) -> SiteSpec:
         run_id = str(context.run_config[RUN_ID_KEY])
         if not re.match(SITE_NAME_PATTERN, run_id):
             raise FedmedError(f"site {site.name}: refusing run id '{run_id}' (it must be a plain folder name)")
-        return SiteSpec(name=site.name, data_path=site.data, state_dir=site.state_dir / "runs" / run_id)
+        return SiteSpec(name=site.name, data_path=site.data, state_dir=site.state_dir / "runs" / run_id,
+                        threads=site.daemon.torch_threads)
     if PARTITION_ID in node:
         index = int(node[PARTITION_ID])
         if not 0 <= index < len(config.sites):
@@ -56,3 +66,4 @@ def site_spec(context: Context, config: RunConfig) -> SiteSpec:
 
 def forget_sessions() -> None:
     _sessions.clear()
+    _layouts.clear()

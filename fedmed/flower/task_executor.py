@@ -88,6 +88,7 @@ def preload() -> None:
     """Import what every ClientApp needs, without starting threads (the process forks afterwards)."""
     import monai  # noqa: F401 - MONAI imports all its submodules: the bulk of a cold start
     import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401 - loaded lazily by the first optimizer: 1.5 s otherwise
     importlib.import_module("flwr.supernode.cli.flwr_clientapp")
     importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
@@ -124,6 +125,8 @@ def make_executor(*, role: str, config: Path, party: str, warm: bool) -> object:
                 argv += ["--root-certificates", spec.root_certificates_path]
             if spec.parent_pid is not None:
                 argv += ["--parent-pid", str(spec.parent_pid)]
+            logger.info("%s: starting a %s for task %d", party, "ClientApp" if role == "site" else "ServerApp",
+                        spec.task_id)
             if warm:
                 child = os.fork()
                 if child == 0:

@@ -28,10 +28,15 @@ def test_deployed_run_matches_the_inprocess_engine(federation: LocalFederation) 
     raw = read_toml(config_file)
     raw["output_dir"] = str(federation.root / "simulated")
     raw["sites"] = [{"name": site, "path": str(federation.root / "data" / site)} for site in federation.sites]
-    simulated_run = simulate(run_config_from_dict(raw, base=federation.root))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(read_toml(federation.site_config("a"))["daemon"]["torch_threads"])  # as the sites do
+    try:
+        simulated_run = simulate(run_config_from_dict(raw, base=federation.root))
+    finally:
+        torch.set_num_threads(threads)
     simulated = torch.load(simulated_run.run_dir.checkpoints / "final.pt", weights_only=False)["state_dict"]
     for key in simulated:
-        torch.testing.assert_close(deployed[key], simulated[key], rtol=1e-4, atol=1e-5)
+        assert torch.equal(deployed[key], simulated[key]), f"{key} differs between deployment and in-process"
 
     status = federation.status()
     assert {site["site"]: site["status"] for site in status["sites"]} == {"a": "online", "b": "online", "c": "online"}
