@@ -137,10 +137,11 @@ def status(
     typer.echo("runs:")
     for run_ in report["runs"]:
         state = run_["flower_status"] + (f" - {run_['reason']}" if run_["reason"] else "")
-        typer.echo(f"  {run_['run']:<32} round {run_['rounds_done']}/{run_['rounds']:<4} {state}")
+        progress = f"round {run_['rounds_done']}/{run_['rounds']}"
+        typer.echo(f"  {run_['run']:<32} {progress:<14} {state}")
         for site, metrics in sorted(run_["last_metrics"].items()):
             shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                              if isinstance(v, float) and k not in ("loss",))
+                              if isinstance(v, float) and k != "loss" and not k.endswith("_seconds"))
             typer.echo(f"      {site:<20} {shown}")
 
 

@@ -57,8 +57,9 @@ def kill_tree(pid: int) -> None:
 
 
 class LocalFederation:
-    def __init__(self, root: Path, *, site_data: dict[str, Path]) -> None:
+    def __init__(self, root: Path, *, site_data: dict[str, Path], federation: str = "local") -> None:
         self.root = root
+        self.federation = federation
         self.site_data = site_data
         self.sites = tuple(site_data)
         self.port = free_port()
@@ -68,7 +69,7 @@ class LocalFederation:
 
     # Set-up ----------------------------------------------------------------------------------
     def provision(self) -> None:
-        cli([FEDMED, "provision", str(self.workspace), "--federation", "test", "--port", str(self.port),
+        cli([FEDMED, "provision", str(self.workspace), "--federation", self.federation, "--port", str(self.port),
              *[arg for site in self.sites for arg in ("--site", site)]])
         server = read_toml(self.server_config)
         server["superlink"]["host"] = "127.0.0.1"  # one machine: listen on loopback only

@@ -16,6 +16,7 @@ import tomli_w
 
 from fedmed.config import RunConfig, ServerConfig, load_run_config
 from fedmed.deploy import flower_cli
+from fedmed.deploy.server import site_nodes_file
 from fedmed.errors import ConfigError, FedmedError
 from fedmed.log import logger
 from fedmed.runs import RunDirectory
@@ -154,8 +155,6 @@ def status(server: ServerConfig) -> dict[str, Any]:
 
 
 def _site_nodes(server: ServerConfig) -> dict[str, int]:
-    from fedmed.deploy.server import site_nodes_file
-
     path = site_nodes_file(server)
     return {site: int(node) for site, node in json.loads(path.read_text()).items()} if path.exists() else {}
 

@@ -6,7 +6,6 @@ Ray is bound to 127.0.0.1 and started without its dashboard, so nothing listens 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from flwr.app import Context, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
@@ -15,7 +14,7 @@ from flwr.serverapp import ServerApp
 
 from fedmed.config import EngineConfig
 
-APP_PROJECT = Path(__file__).resolve().parent.parent / "app_project"
+from ..app_bundle import APP_PROJECT
 
 
 def run_ray(*, server_app: ServerApp, client_app: ClientApp, num_sites: int, run_config: UserConfig,
