@@ -17,13 +17,14 @@ from torch import nn
 
 from fedmed.config import RunConfig
 from fedmed.errors import FedmedError
+from fedmed.site_privacy import SitePrivacy, SitePrivacyTerms
 from fedmed.strategies import LocalParameterStore, shared_keys
 
 StateDict = dict[str, torch.Tensor]
 
 
 class ModelMismatchError(FedmedError):
-    """The server's parameters do not fit the model this site builds from the run config."""
+    """Stored site-local parameters do not fit the model this site builds from the run config."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class SiteSpec:
     data_path: Path
     state_dir: Path  # this site's private folder for this run (site-local parameters)
     threads: int | None = None  # torch CPU threads, when the site caps them
+    run_id: str = ""
+    privacy: SitePrivacyTerms | None = None  # None: no DP policy binds this site (e.g. a baseline)
 
 
 def site_seed(base_seed: int, site_name: str, server_round: int) -> int:
@@ -68,36 +71,27 @@ class SiteSession:
         return model, shared_keys(model.state_dict(), local), local
 
     @cached_property
-    def _model_and_keys(self) -> tuple[nn.Module, dict[str, torch.Size], list[str], StateDict]:
-        """The session's model (reused: every round overwrites all its parameters and buffers), the
-        shapes of the shared keys, the site-local keys and their initial values."""
+    def _model_and_keys(self) -> tuple[nn.Module, list[str], list[str], StateDict]:
+        """The session's model (reused: every round overwrites all its parameters and buffers), its
+        shared and site-local keys, and the site-local parameters' initial values."""
         model, shared, local = self.build_model()
         state = model.state_dict()
         initial_local = {key: state[key].detach().clone() for key in local}
-        return model.to(self.device), {key: state[key].shape for key in shared}, local, initial_local
+        return model.to(self.device), shared, local, initial_local
 
     def shared_template(self) -> StateDict:
         """The shared parameters in state-dict order (initial values): what travels each round."""
-        model, shared_shapes, _, _ = self._model_and_keys
+        model, shared, _, _ = self._model_and_keys
         state = model.state_dict()
-        return {key: state[key] for key in shared_shapes}
+        return {key: state[key] for key in shared}
 
     def _model_with(self, global_state: StateDict) -> tuple[nn.Module, list[str]]:
-        model, shared_shapes, local, initial_local = self._model_and_keys
-        received, expected = set(global_state), set(shared_shapes)
-        if received != expected:
-            missing, unexpected = sorted(expected - received)[:5], sorted(received - expected)[:5]
-            raise ModelMismatchError(
-                f"site {self.spec.name}: the server's parameters do not match the model built from the run "
-                f"config (missing {missing}, unexpected {unexpected}); coordinator and site must run the same "
-                f"fedmed version and task/model config"
-            )
-        for key, value in global_state.items():
-            if value.shape != shared_shapes[key]:
-                raise ModelMismatchError(
-                    f"site {self.spec.name}: parameter '{key}' has shape {tuple(value.shape)} from the server "
-                    f"but {tuple(shared_shapes[key])} here; check task.image_size / model config on both sides"
-                )
+        """The model with the global shared parameters and this site's local ones.
+
+        The caller has checked that `global_state` fits the model (fedmed.flower.protocol.Layout);
+        load_state_dict still refuses anything missing or misshapen.
+        """
+        model, _, local, initial_local = self._model_and_keys
         state = dict(global_state)
         if local:
             stored = self.local_store.load()
@@ -111,13 +105,24 @@ class SiteSession:
         model.load_state_dict(state)
         return model, local
 
-    def train(self, global_state: StateDict, *, server_round: int, proximal_mu: float) -> tuple[StateDict, dict]:
-        from fedmed.tasks import train_local
+    @cached_property
+    def privacy(self) -> SitePrivacy | None:
+        if self.spec.privacy is None:
+            return None
+        return SitePrivacy(site=self.spec.name, run_id=self.spec.run_id, dataset=self.data.name,
+                           terms=self.spec.privacy, config=self.config)
 
+    def train(self, global_state: StateDict, *, server_round: int, proximal_mu: float) -> tuple[StateDict, dict]:
+        """Train from the global weights; with DP-SGD the ledger is charged before the update is returned."""
+        from fedmed.tasks import train_local
+        from fedmed.tasks.private_training import check_private_model, train_private
+
+        if self.privacy is not None:
+            self.privacy.check_allowed()
+        private = self.privacy is not None and self.privacy.enabled
+        dp_step = self.privacy.step_for_round(num_examples=len(self.data.train)) if private else None
         model, local = self._model_with(global_state)
-        result = train_local(
-            model,
-            self.data.train,
+        common = dict(
             task=self.task,
             train=self.config.train,
             epochs=self.config.train.local_epochs,
@@ -126,16 +131,23 @@ class SiteSession:
             proximal_mu=proximal_mu,
             proximal_keys=set(global_state),
         )
-        trained = model.state_dict()
-        if local:
-            self.local_store.save({key: trained[key] for key in local})
-        update = {key: trained[key].detach().cpu() for key in global_state}
+        if dp_step is not None:
+            check_private_model(model, model_name=self.config.model.name)
+            result = train_private(model, self.data.train, dp=dp_step, **common)
+        else:
+            result = train_local(model, self.data.train, **common)
         metrics = {
             "num-examples": result.num_examples,
             "train_loss": result.loss,
             "train_steps": result.steps,
             "train_seconds": result.seconds,
         }
+        if dp_step is not None:
+            metrics |= self.privacy.charge(server_round=server_round, steps=result.steps)
+        trained = model.state_dict()
+        if local:
+            self.local_store.save({key: trained[key] for key in local})
+        update = {key: trained[key].detach().cpu() for key in global_state}
         return update, metrics
 
     def evaluate(self, global_state: StateDict) -> dict:

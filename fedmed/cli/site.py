@@ -74,3 +74,17 @@ def approve(
     with user_errors():
         approved = approve_digest(config_file, digest)
     typer.echo(f"approved apps: {', '.join(d[:12] for d in approved)}")
+
+
+@site_app.command("budget")
+def budget(
+    config_file: Annotated[Path, typer.Argument(help="site.toml", metavar="SITE_CONFIG")],
+) -> None:
+    """Show the DP-SGD privacy spent and remaining, per dataset and run, from this site's ledger."""
+    from fedmed.config import load_site_config
+    from fedmed.site_privacy import LEDGER_FILE, format_budget
+
+    with user_errors():
+        site = load_site_config(config_file)
+        ledger_path = site.state_dir / LEDGER_FILE
+        typer.echo(format_budget(ledger_path, policy=site.privacy, site=site.name))

@@ -10,6 +10,7 @@ from .loader import (
     run_config_from_dict,
     validate,
 )
+from .privacy import ClientDpConfig, DpSgdConfig, PrivacyBudget, SecAggConfig, SitePrivacyPolicy
 from .schema import (
     BaselinesConfig,
     EngineConfig,
@@ -26,6 +27,11 @@ from .schema import (
 
 __all__ = [
     "BaselinesConfig",
+    "ClientDpConfig",
+    "DpSgdConfig",
+    "PrivacyBudget",
+    "SecAggConfig",
+    "SitePrivacyPolicy",
     "EngineConfig",
     "ModelConfig",
     "RunConfig",

@@ -11,7 +11,9 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from .loader import read_toml, validate
-from .schema import SITE_NAME_PATTERN, StrictModel
+from .base import StrictModel
+from .privacy import SitePrivacyPolicy
+from .schema import SITE_NAME_PATTERN
 
 DIGEST_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
@@ -70,6 +72,9 @@ class SiteDaemonSettings(StrictModel):
     log_file: Path = Path("logs/site.log")
     warm_start: bool = Field(True, description="start ClientApps from a process with torch and MONAI preloaded")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per ClientApp (default: all cores)")
+    poll_interval_s: float = Field(
+        0.25, ge=0.05, le=60, description="how often an idle site asks the server for work (Flower's default: 3 s)"
+    )
 
 
 class SiteConfig(StrictModel):
@@ -80,6 +85,7 @@ class SiteConfig(StrictModel):
     private_key: Path = Field(description="this site's node-authentication private key (OpenSSH, EC P-384)")
     approved_apps: list[str] = Field(default_factory=list, description="app digests this site agrees to run")
     daemon: SiteDaemonSettings = Field(default_factory=SiteDaemonSettings)
+    privacy: SitePrivacyPolicy = Field(default_factory=SitePrivacyPolicy)
 
     _check_digests = field_validator("approved_apps")(_digests)
 

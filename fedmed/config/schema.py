@@ -8,15 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from .base import StrictModel
+from .privacy import ClientDpConfig, DpSgdConfig, SecAggConfig
 
 TaskKind = Literal["segmentation", "classification", "enhancement"]
 SiteName = str  # validated by SITE_NAME_PATTERN
 SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TaskConfig(StrictModel):
@@ -167,6 +166,9 @@ class RunConfig(StrictModel):
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     sites: list[SiteEntry] = Field(default_factory=list, description="simulation: the sites' data folders")
     synth: SynthConfig | None = Field(None, description="simulation: generate the sites")
+    dp_sgd: DpSgdConfig = Field(default_factory=DpSgdConfig)
+    client_dp: ClientDpConfig = Field(default_factory=ClientDpConfig)
+    secagg: SecAggConfig = Field(default_factory=SecAggConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -189,7 +191,19 @@ class RunConfig(StrictModel):
                 f"strategy.min_sites is {self.strategy.min_sites} but the federation has only "
                 f"{len(self.site_names)} site(s); lower min_sites"
             )
+        self._check_privacy()
         return self
+
+    def _check_privacy(self) -> None:
+        if self.secagg.enabled and self.strategy.name not in ("fedavg", "fedprox"):
+            raise ValueError(
+                f"secagg works with strategy 'fedavg' or 'fedprox' (the server sees only the sum of the updates), "
+                f"not '{self.strategy.name}'"
+            )
+        if self.client_dp.enabled and self.strategy.name not in ("fedavg", "fedprox"):
+            raise ValueError(f"client_dp works with strategy 'fedavg' or 'fedprox', not '{self.strategy.name}'")
+        if self.secagg.enabled and len(self.site_names) == 1:
+            raise ValueError("secagg needs at least 2 sites: with one site the sum is that site's update")
 
     @property
     def site_names(self) -> list[str]:

@@ -14,7 +14,7 @@ from fedmed.errors import ConfigError
 from fedmed.log import logger
 
 from . import preflight
-from .processes import executable, flower_environment
+from .processes import flower_environment
 from .supervisor import Child, Supervisor
 
 SUPERNODE_NOT_ACTIVATED = "Exit Code: 305"  # what Flower prints when the SuperLink refuses this node
@@ -22,7 +22,7 @@ SUPERNODE_NOT_ACTIVATED = "Exit Code: 305"  # what Flower prints when the SuperL
 
 def supernode_command(site: SiteConfig, config_file: Path) -> list[str]:
     return [
-        executable("flower-supernode"),
+        sys.executable, "-m", "fedmed.deploy.supernode", str(site.daemon.poll_interval_s),
         "--superlink", site.server.address,
         "--root-certificates", str(site.server.ca_certificate),
         "--auth-supernode-private-key", str(site.private_key),
@@ -57,7 +57,10 @@ def start(config_file: Path) -> int:
         children=[
             Child("flower-supernode", supernode_command(site, config_file), env, site.daemon.log_file,
                   fatal_markers={SUPERNODE_NOT_ACTIVATED: refused}),
-            Child("ClientApp executor", executor_command(site, config_file), env, site.daemon.log_file),
+            # Flower's executor looks for new ClientApp work every second unless told otherwise.
+            Child("ClientApp executor", executor_command(site, config_file),
+                  {**env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(site.daemon.poll_interval_s)},
+                  site.daemon.log_file),
         ],
     )
     logger.info("site %s: connecting to %s; data %s; log %s", site.name, site.server.address, site.data,

@@ -6,15 +6,22 @@ import os
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedmed.errors import FedmedError
 from fedmed.log import logger
 
+from fedmed.secagg import SecAggClient
+
+from .client_dp import KEY_CLIPPING_NORM, clip_update_inplace, client_dp_mod
 from .protocol import ARRAYS, CONFIG, LAYOUT_DIGEST, METRICS, SITE, Layout, LayoutMismatchError
+from .secure_round import MASKED, SECAGG, VECTOR
 from .site_context import session_layout, site_session
+
+SECAGG_STATE = "fedmed-secagg"  # this node's SecAgg+ secrets between stages (never sent)
 
 app = ClientApp()
 _loaded_at = time.time()
@@ -39,7 +46,7 @@ def process_age() -> float:
         return time.time() - _loaded_at
 
 
-@app.train()
+@app.train(mods=[client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     _log_start_up()
     started = time.perf_counter()
@@ -72,6 +79,82 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _refuse(msg, error)
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": session.spec.name})})
     return Message(content, reply_to=msg)
+
+
+@app.train("secagg_setup")
+def secagg_setup(msg: Message, context: Context) -> Message:
+    return _secagg_stage(msg, context, lambda client, body: client.setup(body))
+
+
+@app.train("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    return _secagg_stage(msg, context, lambda client, body: client.share_keys(body))
+
+
+@app.train("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return _secagg_stage(msg, context, lambda client, body: client.unmask(body))
+
+
+@app.train("secagg_mask")
+def secagg_mask(msg: Message, context: Context) -> Message:
+    """Train, then send only the masked update (local - global); see fedmed.flower.secure_round."""
+    _log_start_up()
+    started = time.perf_counter()
+    try:
+        session = site_session(context)
+        layout = session_layout(session)
+        round_config = msg.content[CONFIG]
+        trained, metrics = session.train(
+            _received(msg, layout),
+            server_round=int(round_config["server-round"]),
+            proximal_mu=float(round_config.get("proximal-mu", 0.0)),
+        )
+        received = msg.content[ARRAYS].to_numpy_ndarrays()
+        update = [np.subtract(local, sent, dtype=np.float32)
+                  for local, sent in zip(layout.pack(trained).to_numpy_ndarrays(), received, strict=True)]
+        extra = None
+        if KEY_CLIPPING_NORM in round_config:
+            clipped = clip_update_inplace(update, clipping_norm=float(round_config[KEY_CLIPPING_NORM]))
+            extra = [int(clipped)]
+        client = _secagg_client(context)
+        vector, fields = client.mask(dict(msg.content[SECAGG]), update=update,
+                                     weight=int(metrics.pop("num-examples")), extra_counts=extra)
+        _keep_secagg_client(context, client)
+    except FedmedError as error:
+        return _refuse(msg, error)
+    if client.last_clipped_values:
+        logger.warning("site %s: %d update value(s) clipped to secagg.clipping_range", session.spec.name,
+                       client.last_clipped_values)
+    logger.info("site %s: round %s trained and masked in %.2f s", session.spec.name, round_config["server-round"],
+                time.perf_counter() - started)
+    content = RecordDict({MASKED: ArrayRecord({VECTOR: Array(vector)}), SECAGG: ConfigRecord(fields),
+                          METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": session.spec.name})})
+    return Message(content, reply_to=msg)
+
+
+def _secagg_stage(msg: Message, context: Context, step) -> Message:  # noqa: ANN001
+    """A key-exchange or unmasking stage: no training, just the protocol step on the kept state."""
+    _log_start_up()
+    try:
+        session = site_session(context)
+        client = _secagg_client(context)
+        fields = step(client, dict(msg.content[SECAGG]))
+        _keep_secagg_client(context, client)
+    except FedmedError as error:
+        return _refuse(msg, error)
+    content = RecordDict({SECAGG: ConfigRecord(fields), SITE: ConfigRecord({"name": session.spec.name})})
+    return Message(content, reply_to=msg)
+
+
+def _secagg_client(context: Context) -> SecAggClient:
+    """The site's protocol state lives in the node's context: each stage may run in a new process."""
+    record = context.state[SECAGG_STATE] if SECAGG_STATE in context.state else ConfigRecord()
+    return SecAggClient.from_record(dict(record), node_id=context.node_id)
+
+
+def _keep_secagg_client(context: Context, client: SecAggClient) -> None:
+    context.state[SECAGG_STATE] = ConfigRecord(client.state_to_record())
 
 
 def _received(msg: Message, layout: Layout) -> dict:

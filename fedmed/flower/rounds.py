@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -23,7 +24,10 @@ from fedmed.log import logger
 from fedmed.runs import RunDirectory
 from fedmed.runs.progress import RoundProgress
 
+from .client_dp import CLIPPING_MODE, client_dp_round_record
+from .exchange import send_and_receive
 from .protocol import ARRAYS, LAYOUT_DIGEST, METRICS, SITE, Layout
+from .secure_round import MASKED, SecureRoundError, payload_bytes, secure_train_round
 from .strategy import build_strategy, quorum, restore_strategy_state, strategy_state
 
 
@@ -48,6 +52,7 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory,
 
     # Flower samples nodes with the global `random` module: seed it for reproducible rounds.
     random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)  # Flower's DP wrappers draw their noise from numpy's global generator
     torch.manual_seed(config.seed)
     model = build_model(config.task, config.model)
     full_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
@@ -63,6 +68,8 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory,
         arrays = layout.pack(checkpoint["shared_state"])
         restore_strategy_state(strategy, checkpoint["strategy_state"])
         random.setstate(checkpoint["random_state"])
+        if "numpy_random_state" in checkpoint:
+            np.random.set_state(checkpoint["numpy_random_state"])
         first_round = int(checkpoint["round"]) + 1
         logger.info("resuming %s from round %d", run_dir.path.name, first_round)
 
@@ -72,8 +79,9 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory,
     evaluation: dict[str, dict[str, float]] = {}
     for server_round in range(first_round, config.train.rounds + 1):
         round_started = time.perf_counter()
-        arrays, trained = _train_round(grid, strategy, arrays, server_round=server_round, config=config,
+        arrays, trained, aggregation_record = _train_round(grid, strategy, arrays, server_round=server_round, config=config,
                                        layout=layout, run_dir=run_dir, site_names=site_names)
+        noise_record = client_dp_round_record(strategy)  # the noise this round's aggregate received
         trained_at = time.perf_counter()
         evaluation = {}
         if server_round % config.train.eval_every == 0 or server_round == config.train.rounds:
@@ -87,12 +95,14 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory,
                 "shared_state": layout.unpack(arrays),
                 "strategy_state": strategy_state(strategy),
                 "random_state": random.getstate(),
+                "numpy_random_state": np.random.get_state(),
             },
         )
         run_dir.append_round({"round": server_round, "seconds": round(time.perf_counter() - round_started, 4),
                               "train_phase_s": round(trained_at - round_started, 4),
                               "evaluate_phase_s": round(evaluated_at - trained_at, 4),
-                              "sites_trained": sorted(trained), "sites_evaluated": sorted(evaluation)})
+                              "sites_trained": sorted(trained), "sites_evaluated": sorted(evaluation),
+                              **aggregation_record, **noise_record})
         progress.report(server_round, train=trained, evaluation=evaluation)
 
     full_state.update(layout.unpack(arrays))
@@ -113,11 +123,18 @@ def _train_round(
     layout: Layout,
     run_dir: RunDirectory,
     site_names: dict[int, str],
-) -> tuple[ArrayRecord, dict[str, dict[str, float]]]:
+) -> tuple[ArrayRecord, dict[str, dict[str, float]], dict]:
+    """Train at the sites and aggregate: the new global arrays, per-site metrics, and what the round
+    log keeps about the aggregation."""
     _wait_for_quorum(grid, server_round=server_round, config=config, site_names=site_names)
     round_config = ConfigRecord({LAYOUT_DIGEST: layout.digest})
+    if config.client_dp.enabled:
+        round_config[CLIPPING_MODE] = config.client_dp.clipping
+    if config.secagg.enabled:
+        return _secure_train_round(grid, strategy, arrays, server_round=server_round, round_config=round_config,
+                                   config=config, run_dir=run_dir, site_names=site_names)
     messages = _with_deadline(strategy.configure_train(server_round, arrays, round_config, grid), config)
-    replies = list(grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
+    replies = send_and_receive(grid, messages, timeout=config.strategy.round_timeout_s)
     usable = _usable_replies(replies, phase="train", server_round=server_round, site_names=site_names)
     failures = _failures(messages, replies, site_names)
     needed = quorum(config)
@@ -133,7 +150,21 @@ def _train_round(
     aggregated, _ = strategy.aggregate_train(server_round, usable)
     if aggregated is None:
         raise RoundFailedError(f"round {server_round}: the strategy produced no aggregate from {len(usable)} updates")
-    return aggregated, _by_site(rows)
+    record = {"upload_bytes_per_site": max((payload_bytes(reply.content) for reply in usable), default=0)}
+    return aggregated, _by_site(rows), record
+
+
+def _secure_train_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, *, server_round: int,
+                        round_config: ConfigRecord, config: RunConfig, run_dir: RunDirectory,
+                        site_names: dict[int, str]) -> tuple[ArrayRecord, dict[str, dict[str, float]], dict]:
+    try:
+        outcome = secure_train_round(grid, strategy, arrays, server_round=server_round, round_config=round_config,
+                                     config=config, site_names=site_names, needed=quorum(config))
+    except SecureRoundError as error:
+        raise RoundFailedError(str(error)) from error
+    usable = _usable_replies(outcome.replies, phase="train", server_round=server_round, site_names=site_names)
+    rows = _record(run_dir, usable, phase="train", server_round=server_round)
+    return outcome.arrays, _by_site(rows), outcome.record
 
 
 def _evaluate_round(
@@ -149,7 +180,7 @@ def _evaluate_round(
 ) -> dict[str, dict[str, float]]:
     round_config = ConfigRecord({LAYOUT_DIGEST: layout.digest})
     messages = _with_deadline(strategy.configure_evaluate(server_round, arrays, round_config, grid), config)
-    replies = list(grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
+    replies = send_and_receive(grid, messages, timeout=config.strategy.round_timeout_s)
     usable = _usable_replies(replies, phase="evaluate", server_round=server_round, site_names=site_names)
     for failure in _failures(messages, replies, site_names):
         logger.warning("round %d: evaluation missing from %s", server_round, failure)
@@ -196,7 +227,7 @@ def _usable_replies(
         if reply.has_error():
             continue
         site_names[reply.metadata.src_node_id] = str(reply.content[SITE]["name"])
-        if phase == "train" and ARRAYS not in reply.content:
+        if phase == "train" and ARRAYS not in reply.content and MASKED not in reply.content:
             continue
         usable.append(reply)
     # Replies arrive in completion order; aggregating in a fixed order makes the float sums, and so
@@ -209,7 +240,8 @@ def _failures(messages: list[Message], replies: list[Message], site_names: dict[
     failures = []
     for reply in replies:
         if reply.has_error():
-            failures.append(f"{_site(reply.metadata.src_node_id, site_names)}: {reply.error.reason}")
+            site, reason = _site(reply.metadata.src_node_id, site_names), reply.error.reason
+            failures.append(reason if reason.startswith(f"site {site}:") else f"{site}: {reason}")
     for message in messages:
         if message.metadata.dst_node_id not in answered:
             failures.append(f"{_site(message.metadata.dst_node_id, site_names)}: no reply before the round timeout")

@@ -10,6 +10,7 @@ from flwr.app import Context
 from fedmed.config import RunConfig, load_site_config
 from fedmed.config.schema import SITE_NAME_PATTERN
 from fedmed.errors import FedmedError
+from fedmed.site_privacy import LEDGER_FILE, SitePrivacyTerms, simulated_policy
 from fedmed.site_round import SiteSession, SiteSpec
 
 from .protocol import RUN_CONFIG_KEY, RUN_DIR_KEY, RUN_ID_KEY, Layout, decode_config
@@ -46,8 +47,9 @@ def site_spec(context: Context, config: RunConfig) -> SiteSpec:
         run_id = str(context.run_config[RUN_ID_KEY])
         if not re.match(SITE_NAME_PATTERN, run_id):
             raise FedmedError(f"site {site.name}: refusing run id '{run_id}' (it must be a plain folder name)")
+        terms = SitePrivacyTerms(ledger_path=site.state_dir / LEDGER_FILE, policy=site.privacy)
         return SiteSpec(name=site.name, data_path=site.data, state_dir=site.state_dir / "runs" / run_id,
-                        threads=site.daemon.torch_threads)
+                        threads=site.daemon.torch_threads, run_id=run_id, privacy=terms)
     if PARTITION_ID in node:
         index = int(node[PARTITION_ID])
         if not 0 <= index < len(config.sites):
@@ -57,7 +59,9 @@ def site_spec(context: Context, config: RunConfig) -> SiteSpec:
             )
         site = config.sites[index]
         run_dir = Path(str(context.run_config[RUN_DIR_KEY]))
-        return SiteSpec(name=site.name, data_path=site.path, state_dir=run_dir / "sites" / site.name)
+        state_dir = run_dir / "sites" / site.name
+        terms = SitePrivacyTerms(ledger_path=state_dir / LEDGER_FILE, policy=simulated_policy(config))
+        return SiteSpec(name=site.name, data_path=site.path, state_dir=state_dir, run_id=run_dir.name, privacy=terms)
     raise FedmedError(
         f"node config {dict(node)} names no site; a simulated node needs '{PARTITION_ID}', "
         f"a deployed site daemon is started with 'fedmed site start SITE_CONFIG'"

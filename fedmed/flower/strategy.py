@@ -8,8 +8,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from fedmed.config import RunConfig
 
-# Strategy attributes that must survive a server restart (FedOpt's moments).
-STATEFUL_ATTRIBUTES = ("m_t", "v_t")
+from .client_dp import wrap_with_client_dp
+
+# Strategy attributes that must survive a server restart (FedOpt's moments, adaptive clipping norm).
+STATEFUL_ATTRIBUTES = ("m_t", "v_t", "clipping_norm")
 
 
 def quorum(config: RunConfig) -> int:
@@ -29,7 +31,7 @@ def build_strategy(config: RunConfig) -> Strategy:
         "min_available_nodes": 1,
     }
     if settings.name == "fedprox":
-        return FedProx(**common, proximal_mu=settings.proximal_mu)
+        return wrap_with_client_dp(FedProx(**common, proximal_mu=settings.proximal_mu), config)
     if settings.name in ("fedadam", "fedyogi"):
         optimizer = FedAdam if settings.name == "fedadam" else FedYogi
         return optimizer(
@@ -40,7 +42,7 @@ def build_strategy(config: RunConfig) -> Strategy:
             beta_2=settings.server_beta_2,
             tau=settings.server_tau,
         )
-    return FedAvg(**common)
+    return wrap_with_client_dp(FedAvg(**common), config)
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:

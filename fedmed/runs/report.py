@@ -44,6 +44,7 @@ def write_report(run_dir: RunDirectory) -> None:
 <a href="metrics.csv">metrics.csv</a> · final model: <code>checkpoints/final.pt</code></p>
 <h2>Federated vs local-only vs pooled ({html.escape(metric)})</h2>
 {_summary_table(summary)}
+{_privacy_table(summary)}
 <h2>Plots</h2>
 {images}
 </body></html>
@@ -64,6 +65,19 @@ def _summary_table(summary: dict[str, Any]) -> str:
         cells = "".join(f"<td>{_fmt(summary.get(column, {}).get(label))}</td>" for column in COLUMNS)
         body.append(f"<tr><td><b>{label.replace('_', ' ')}</b></td>{cells}</tr>")
     return f"<table><tr><th>site</th>{head}</tr>{''.join(body)}</table>"
+
+
+def _privacy_table(summary: dict[str, Any]) -> str:
+    privacy = summary.get("privacy")
+    if not privacy:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(site)}</td><td>{_fmt(spent.get('epsilon'))}</td><td>{_fmt(spent.get('epsilon_budget'))}"
+        f"</td><td>{spent.get('delta', float('nan')):.0e}</td><td>{_fmt(spent.get('noise_multiplier'))}</td></tr>"
+        for site, spent in privacy.items()
+    )
+    return ("<h2>Privacy spent (DP-SGD, per site)</h2><table><tr><th>site</th><th>ε spent</th><th>ε budget</th>"
+            f"<th>δ</th><th>noise multiplier</th></tr>{rows}</table>")
 
 
 def _fmt(value: Any) -> str:

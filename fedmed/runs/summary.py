@@ -19,6 +19,16 @@ def final_federated_metrics(run_dir: RunDirectory) -> dict[str, dict[str, float]
     return {site: {k: v for k, v in row.items() if k not in ("phase", "time", "site")} for site, row in latest.items()}
 
 
+def privacy_spent(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
+    """Each site's DP-SGD spend as it last reported it: ε (cumulative for its dataset), δ, its budget."""
+    spent: dict[str, dict[str, float]] = {}
+    for row in run_dir.read_metrics():
+        if row["phase"] == "train" and "epsilon" in row:
+            spent[row["site"]] = {key: row[key] for key in ("epsilon", "delta", "epsilon_budget", "noise_multiplier")
+                                  if key in row}
+    return spent
+
+
 def build_summary(run_dir: RunDirectory, *, primary_metric: str, higher_is_better: bool) -> dict[str, Any]:
     baselines = run_dir.read_json("baselines.json") or {}
     federated = final_federated_metrics(run_dir)
@@ -32,6 +42,8 @@ def build_summary(run_dir: RunDirectory, *, primary_metric: str, higher_is_bette
         for site in sites
     }
     summary = {"primary_metric": primary_metric, "higher_is_better": higher_is_better, "sites": table}
+    if privacy := privacy_spent(run_dir):
+        summary["privacy"] = privacy
     for column in COLUMNS:
         values = [table[site][column][primary_metric] for site in sites if table[site].get(column)]
         finite = [value for value in values if not math.isnan(value)]
@@ -51,6 +63,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     for label in ("mean", "worst_site"):
         cells = "".join(f"{_number(summary.get(column, {}).get(label)):>22}" for column in COLUMNS)
         lines.append(f"{label.replace('_', ' '):<16}{cells}")
+    for site, spent in summary.get("privacy", {}).items():
+        lines.append(f"{site:<16}DP-SGD ε {spent['epsilon']:.2f} of {spent.get('epsilon_budget', float('nan')):.2f} "
+                     f"(δ {spent.get('delta', float('nan')):.0e})")
     return "\n".join(lines)
 
 

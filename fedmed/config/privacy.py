@@ -1,0 +1,64 @@
+"""Privacy settings: what a run asks for ([dp_sgd], [client_dp], [secagg]) and what a site allows ([privacy])."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import StrictModel
+
+Accountant = Literal["prv", "rdp"]
+
+
+class DpSgdConfig(StrictModel):
+    """Sample-level DP-SGD (Opacus) at every site; each site charges its own ledger."""
+
+    enabled: bool = False
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm")
+    epsilon: float = Field(8.0, gt=0, description="ε this run may add at each site; a site's own policy can only lower it")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Accountant = "prv"
+
+
+class ClientDpConfig(StrictModel):
+    """Client-level DP: each site clips its update, the server adds Gaussian noise (Flower's wrappers)."""
+
+    enabled: bool = False
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    clipping_norm: float = Field(0.1, gt=0, description="L2 norm of a site's update (initial value if adaptive)")
+    noise_multiplier: float = Field(1.0, ge=0, description="server noise std = noise_multiplier * clipping_norm / sites")
+    target_clipped_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: fraction of updates left unclipped")
+    clip_norm_lr: float = Field(0.2, gt=0, description="adaptive: step size of the clipping-norm update")
+    clipped_count_stddev: float | None = Field(None, ge=0, description="adaptive: noise on the unclipped count")
+
+
+class SecAggConfig(StrictModel):
+    """SecAgg+ over the Message API: the server learns only the sum of the sites' updates."""
+
+    enabled: bool = False
+    clipping_range: float = Field(
+        0.5, gt=0, description="updates (local - global) are quantized on [-range, range]; values beyond are reported"
+    )
+    max_total_weight: int = Field(2**16, ge=1, description="upper bound on the training examples summed over sites")
+    reconstruction_threshold: int | None = Field(None, ge=2, description="shares needed to unmask; default: majority")
+    stage_timeout_s: float = Field(120.0, gt=0, description="how long each protocol stage waits for the sites")
+    max_attempts: int = Field(2, ge=1, description="a round the protocol cannot finish is retried with fresh keys")
+
+
+class PrivacyBudget(StrictModel):
+    epsilon: float = Field(gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+class SitePrivacyPolicy(StrictModel):
+    """A site's own privacy policy: its lifetime (ε, δ) budget per dataset, enforced by its ledger."""
+
+    require_dp: bool = Field(False, description="refuse any run that asks this site to train without DP-SGD")
+    epsilon: float = Field(8.0, gt=0, description="lifetime budget per dataset, over all runs")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Accountant = "prv"
+    datasets: dict[str, PrivacyBudget] = Field(default_factory=dict, description="budgets for named datasets")
+
+    def budget_for(self, dataset: str) -> PrivacyBudget:
+        return self.datasets.get(dataset, PrivacyBudget(epsilon=self.epsilon, delta=self.delta))

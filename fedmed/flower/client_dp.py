@@ -1,0 +1,112 @@
+"""Client-level DP with Flower's parts: sites clip their update (Flower's clipping mods), the
+server adds Gaussian noise to the aggregate (Flower's strategy wrappers).
+
+With secure aggregation the server never holds individual updates, so the same Flower functions
+are applied around the secure sum instead: clipping inside the site's masking step, noise (and
+the adaptive clipping-norm update, from the securely summed norm bits) on the unmasked mean.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    Strategy,
+)
+from flwr.supercore.differential_privacy import (
+    KEY_CLIPPING_NORM,
+    add_gaussian_noise_inplace,
+    adaptive_clip_inputs_inplace,
+    compute_stdv,
+)
+
+from fedmed.config import RunConfig
+from fedmed.errors import FedmedError
+
+from .protocol import CONFIG
+
+CLIPPING_MODE = "client-dp-clipping"  # "fixed" or "adaptive": which Flower mod the site applies
+
+ClientDpStrategy = DifferentialPrivacyClientSideFixedClipping | DifferentialPrivacyClientSideAdaptiveClipping
+
+
+def sampled_sites(config: RunConfig) -> int:
+    """Sites per round, as Flower's sampling picks them (the noise is scaled by this count)."""
+    return max(1, int(round(len(config.site_names) * config.strategy.fraction_train)))
+
+
+def wrap_with_client_dp(strategy: Strategy, config: RunConfig) -> Strategy:
+    settings = config.client_dp
+    if not settings.enabled:
+        return strategy
+    if settings.clipping == "adaptive":
+        try:
+            return DifferentialPrivacyClientSideAdaptiveClipping(
+                strategy,
+                noise_multiplier=settings.noise_multiplier,
+                num_sampled_clients=sampled_sites(config),
+                initial_clipping_norm=settings.clipping_norm,
+                target_clipped_quantile=settings.target_clipped_quantile,
+                clip_norm_lr=settings.clip_norm_lr,
+                clipped_count_stddev=settings.clipped_count_stddev,
+            )
+        except ValueError as error:  # Flower checks the noise split between the update and the count
+            raise FedmedError(f"client_dp: {error} (run config keys client_dp.clipped_count_stddev and "
+                              f"client_dp.noise_multiplier)") from error
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy,
+        noise_multiplier=settings.noise_multiplier,
+        clipping_norm=settings.clipping_norm,
+        num_sampled_clients=sampled_sites(config),
+    )
+
+
+def client_dp_round_record(strategy: Strategy) -> dict[str, float]:
+    """The noise this round's aggregate received, for rounds.jsonl."""
+    if not isinstance(strategy, ClientDpStrategy):
+        return {}
+    return {
+        # Adaptive clipping spends part of the noise on the clipped count: this is what the update got.
+        "client_dp_noise_multiplier": float(strategy.noise_multiplier),
+        "client_dp_clipping_norm": float(strategy.clipping_norm),
+        "client_dp_noise_std": compute_stdv(strategy.noise_multiplier, strategy.clipping_norm,
+                                            strategy.num_sampled_clients),
+    }
+
+
+def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Apply Flower's fixed or adaptive clipping mod when the run asks for client-level DP."""
+    mode = msg.content[CONFIG].get(CLIPPING_MODE) if CONFIG in msg.content else None
+    if mode == "fixed":
+        return fixedclipping_mod(msg, context, call_next)
+    if mode == "adaptive":
+        return adaptiveclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def clip_update_inplace(update: list[np.ndarray], *, clipping_norm: float) -> bool:
+    """Clip a site's update (local - global) to the norm; True when it was clipped (Flower's norm bit)."""
+    return adaptive_clip_inputs_inplace(update, clipping_norm)
+
+
+def noise_secure_mean(strategy: Strategy, mean_update: list[np.ndarray], *, clipped_count: int, sites: int) -> None:
+    """Server side of client-level DP on a securely aggregated mean: add Flower's noise in place and,
+    for adaptive clipping, move the clipping norm from the (securely summed) count of clipped updates."""
+    if not isinstance(strategy, ClientDpStrategy):
+        return
+    add_gaussian_noise_inplace(
+        mean_update, compute_stdv(strategy.noise_multiplier, strategy.clipping_norm, strategy.num_sampled_clients)
+    )
+    if isinstance(strategy, DifferentialPrivacyClientSideAdaptiveClipping):
+        strategy._geometric_update(strategy._noisy_fraction(clipped_count, sites))
+
+
+def clipping_config(strategy: Strategy, config: RunConfig) -> dict[str, object]:
+    """What the sites need to clip: the current norm and the mode."""
+    if not isinstance(strategy, ClientDpStrategy):
+        return {}
+    return {KEY_CLIPPING_NORM: float(strategy.clipping_norm), CLIPPING_MODE: config.client_dp.clipping}
