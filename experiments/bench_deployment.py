@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from fedmed.config import ModelConfig, SiteDrift, SynthConfig, TaskConfig, load_server_config, run_config_from_dict
 from fedmed.data import synthesize_federation
 from fedmed.deploy import flower_cli

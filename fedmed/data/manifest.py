@@ -217,7 +217,7 @@ def _int_keyed_strings(value: Any, *, key: str, where: str, problems: list[DataP
             number = int(index)
         except (TypeError, ValueError):
             problems.append(
-                DataProblem(where, f"'{key}' key {index!r} is not an integer", f'use integer keys such as "0", "1"')
+                DataProblem(where, f"'{key}' key {index!r} is not an integer", 'use integer keys such as "0", "1"')
             )
             continue
         if not isinstance(text, str):
