@@ -120,8 +120,10 @@ class SiteSession:
         if self.privacy is not None:
             self.privacy.check_allowed()
         private = self.privacy is not None and self.privacy.enabled
-        dp_step = self.privacy.step_for_round(num_examples=len(self.data.train)) if private else None
         model, local = self._model_with(global_state)
+        if private:  # refuse an unfit model before anything reaches the ledger
+            check_private_model(model, model_name=self.config.model.name)
+        dp_step = self.privacy.step_for_round(num_examples=len(self.data.train)) if private else None
         common = dict(
             task=self.task,
             train=self.config.train,
@@ -132,7 +134,6 @@ class SiteSession:
             proximal_keys=set(global_state),
         )
         if dp_step is not None:
-            check_private_model(model, model_name=self.config.model.name)
             result = train_private(model, self.data.train, dp=dp_step, **common)
         else:
             result = train_local(model, self.data.train, **common)

@@ -13,7 +13,6 @@ from flwr.common.constant import ErrorCode
 
 from fedmed.errors import FedmedError
 from fedmed.log import logger
-
 from fedmed.secagg import SecAggClient
 
 from .client_dp import KEY_CLIPPING_NORM, clip_update_inplace, client_dp_mod

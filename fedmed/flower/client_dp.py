@@ -98,11 +98,12 @@ def noise_secure_mean(strategy: Strategy, mean_update: list[np.ndarray], *, clip
     for adaptive clipping, move the clipping norm from the (securely summed) count of clipped updates."""
     if not isinstance(strategy, ClientDpStrategy):
         return
+    if isinstance(strategy, DifferentialPrivacyClientSideAdaptiveClipping):
+        # Same order as Flower's wrapper: move the norm first, then noise at the new norm.
+        strategy._geometric_update(strategy._noisy_fraction(clipped_count, sites))
     add_gaussian_noise_inplace(
         mean_update, compute_stdv(strategy.noise_multiplier, strategy.clipping_norm, strategy.num_sampled_clients)
     )
-    if isinstance(strategy, DifferentialPrivacyClientSideAdaptiveClipping):
-        strategy._geometric_update(strategy._noisy_fraction(clipped_count, sites))
 
 
 def clipping_config(strategy: Strategy, config: RunConfig) -> dict[str, object]:

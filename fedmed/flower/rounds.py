@@ -79,8 +79,9 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory,
     evaluation: dict[str, dict[str, float]] = {}
     for server_round in range(first_round, config.train.rounds + 1):
         round_started = time.perf_counter()
-        arrays, trained, aggregation_record = _train_round(grid, strategy, arrays, server_round=server_round, config=config,
-                                       layout=layout, run_dir=run_dir, site_names=site_names)
+        arrays, trained, aggregation_record = _train_round(grid, strategy, arrays, server_round=server_round,
+                                                           config=config, layout=layout, run_dir=run_dir,
+                                                           site_names=site_names)
         noise_record = client_dp_round_record(strategy)  # the noise this round's aggregate received
         trained_at = time.perf_counter()
         evaluation = {}

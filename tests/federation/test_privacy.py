@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedmed.config import SitePrivacyPolicy
+from fedmed.flower.rounds import RoundFailedError
 from fedmed.flower.simulation import materialize_sites, simulate
 from fedmed.privacy import PrivacyBudgetExhaustedError, PrivacyLedger, epsilon_spent
 from fedmed.site_privacy import LEDGER_FILE, DpRequiredError, SitePrivacyTerms
@@ -119,3 +120,17 @@ def test_client_level_dp_noise_is_recorded_per_round(tiny_config, clipping: str,
     plain = simulate(tiny_config(train={"rounds": 2}, secagg={"enabled": secure}))
     moved = max(float((a - b).abs().max()) for a, b in zip(_final_state(run).values(), _final_state(plain).values()))
     assert moved > 1e-3, "clipping and noise change the model"
+
+
+@pytest.mark.parametrize("kind", ["classification", "enhancement"])
+def test_dp_sgd_trains_every_task(tiny_config, kind: str) -> None:  # noqa: ANN001
+    run = simulate(tiny_config(kind=kind, train={"rounds": 1}, dp_sgd={"enabled": True, "accountant": "rdp"}))
+    assert set(run.summary["privacy"]) == set(run.summary["sites"])
+    assert all(0 < spent["epsilon"] <= 8.0 for spent in run.summary["privacy"].values())
+
+
+def test_a_model_dp_sgd_cannot_train_is_refused_before_training(tiny_config) -> None:  # noqa: ANN001
+    config = tiny_config(model={"norm": "batch"}, dp_sgd={"enabled": True})
+    with pytest.raises(RoundFailedError, match=r"cannot train with DP-SGD: .*BatchNorm.* Use a network with instance"):
+        simulate(config)
+    assert not list(config.output_dir.glob(f"*/sites/*/{LEDGER_FILE}")), "the ledger is never touched for it"
