@@ -4,6 +4,7 @@ Same data, model, rounds, epochs and seed as `fedmed demo`; each site calibrates
 multiplier for the whole run from its own ledger. Prints Dice per site, the mean and the worst site.
 
     python experiments/bench_dp_utility.py [--epsilons 1 3 8] [--accountant prv]
+    python experiments/bench_dp_utility.py --train-cases 64 --rounds 10 --local-epochs 2   # larger sites
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--accountant", choices=["prv", "rdp"], default="prv")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--train-cases", type=int, help="training cases at every site (default: the demo's)")
+    parser.add_argument("--rounds", type=int, help="rounds (default: the demo's)")
+    parser.add_argument("--local-epochs", type=int, help="local epochs per round (default: the demo's)")
     args = parser.parse_args()
     logging.getLogger("fedmed").setLevel(logging.WARNING)
     set_flower_verbosity(False)
@@ -33,6 +37,11 @@ def main() -> None:
             config = load_run_config(Path(str(files("fedmed.resources").joinpath("demo.toml"))))
             config.output_dir = Path(scratch)
             config.baselines.local_only = config.baselines.pooled = False
+            if args.train_cases:
+                for site in config.synth.sites:
+                    site.train_cases = args.train_cases
+            config.train.rounds = args.rounds or config.train.rounds
+            config.train.local_epochs = args.local_epochs or config.train.local_epochs
             if epsilon is not None:
                 config.dp_sgd.enabled = True
                 config.dp_sgd.epsilon = epsilon
@@ -46,8 +55,10 @@ def main() -> None:
             results["non-private" if epsilon is None else f"ε = {epsilon:g}"] = (dice, spent, noise)
             print(f"done: {'non-private' if epsilon is None else epsilon}", flush=True)
     names = sorted(next(iter(results.values()))[0])
-    print(f"\nDP-SGD utility: demo federation (2D segmentation, 3 hospitals, 40 rounds x 4 local epochs), "
-          f"δ = 1e-5, {args.accountant.upper()} accountant, clip {args.max_grad_norm}; Dice of the global model")
+    cases = f"{args.train_cases} training cases per site" if args.train_cases else "the demo's 6/6/3 training cases"
+    print(f"\nDP-SGD utility: demo federation (2D segmentation, 3 hospitals, {cases}, {config.train.rounds} rounds x "
+          f"{config.train.local_epochs} local epochs), δ = 1e-5, {args.accountant.upper()} accountant, clip "
+          f"{args.max_grad_norm}; Dice of the global model")
     print(f"{'':<14}" + "".join(f"{name:>12}" for name in names) + f"{'mean':>9}{'worst':>9}{'ε spent':>10}{'σ':>8}")
     for label, (dice, spent, noise) in results.items():
         values = [dice[name] for name in names]
