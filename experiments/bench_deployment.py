@@ -126,12 +126,8 @@ def main() -> None:
         federation.edit_server(approved_apps=digests)
         for site in federation.sites:
             federation.edit_site(site, approved_apps=digests)
-        federation.start_server()
         try:
-            federation.wait_for_server()
-            for site in federation.sites:
-                federation.start_site(site)
-            federation.wait_for_sites(set(federation.sites))
+            federation.start()
             server = load_server_config(federation.server_config)
 
             floor_out = root / "floor.jsonl"

@@ -55,13 +55,9 @@ def inprocess(sites: list, root: Path, *, rounds: int, secure: bool) -> dict[str
 def deployed(sites: list, root: Path, *, rounds: int) -> dict[bool, dict[str, float]]:
     federation = LocalFederation(root / "deployment", site_data={site.name: site.path for site in sites})
     federation.provision()
-    federation.start_server()
     results = {}
     try:
-        federation.wait_for_server()
-        for site in federation.sites:
-            federation.start_site(site)
-        federation.wait_for_sites(set(federation.sites))
+        federation.start()
         for secure in (False, True):
             name = f"deployed-{len(sites)}-{'secure' if secure else 'plain'}"
             output = federation.run(federation.write_run_config(run_config(name, rounds=rounds, secure=secure)),

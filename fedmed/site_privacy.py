@@ -64,8 +64,8 @@ class SitePrivacy:
         """The run's fixed DP-SGD step; raises PrivacyBudgetExhaustedError if this round would overspend."""
         with self._ledger() as ledger:
             plan = self._run_plan(ledger, num_examples=num_examples)
-            round_steps = self.config.train.local_epochs * steps_per_epoch(num_examples, self.config.train.batch_size)
-            ledger.check_round(site=self.site, dataset=self.dataset, plan=plan, steps=round_steps).raise_if_refused()
+            ledger.check_round(site=self.site, dataset=self.dataset, plan=plan,
+                               steps=self._round_steps(num_examples)).raise_if_refused()
         return DpSgdStep(noise_multiplier=plan.noise_multiplier, max_grad_norm=self.config.dp_sgd.max_grad_norm)
 
     def charge(self, *, server_round: int, steps: int) -> dict[str, float]:
@@ -75,6 +75,9 @@ class SitePrivacy:
                                           plan=self._plan, steps=steps)
         return {"epsilon": epsilon, "delta": self._plan.delta, "noise_multiplier": self._plan.noise_multiplier,
                 "epsilon_budget": self._plan.target_epsilon}
+
+    def _round_steps(self, num_examples: int) -> int:
+        return self.config.train.local_epochs * steps_per_epoch(num_examples, self.config.train.batch_size)
 
     def _run_plan(self, ledger, *, num_examples: int):  # noqa: ANN001, ANN202 - PrivacyLedger -> RunPlan
         if self._plan is None:
@@ -86,7 +89,6 @@ class SitePrivacy:
             spent_before = ledger.spent(self.dataset, delta=budget.delta, accountant=accountant)
             # The run may add at most its own ε, and never take the dataset past the site's budget.
             target = min(budget.epsilon, spent_before + self.config.dp_sgd.epsilon)
-            per_round = self.config.train.local_epochs * steps_per_epoch(num_examples, self.config.train.batch_size)
             self._plan = ledger.plan_run(
                 site=self.site,
                 dataset=self.dataset,
@@ -95,7 +97,7 @@ class SitePrivacy:
                 delta=budget.delta,
                 accountant=accountant,
                 sample_rate=sample_rate(num_examples, self.config.train.batch_size),
-                planned_steps=self.config.train.rounds * per_round,
+                planned_steps=self.config.train.rounds * self._round_steps(num_examples),
             )
         return self._plan
 

@@ -98,6 +98,14 @@ class LocalFederation:
     def start_site(self, site: str) -> None:
         self.daemons[site] = self._spawn([FEDMED, "site", "start", str(self.site_config(site))], f"site-{site}")
 
+    def start(self) -> None:
+        """Start the server and every site, and wait until all sites are online."""
+        self.start_server()
+        self.wait_for_server()
+        for site in self.sites:
+            self.start_site(site)
+        self.wait_for_sites(set(self.sites))
+
     def _spawn(self, command: list[str], name: str) -> subprocess.Popen:
         log = (self.root / f"{name}.out").open("ab")
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

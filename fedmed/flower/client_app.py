@@ -14,6 +14,7 @@ from flwr.common.constant import ErrorCode
 from fedmed.errors import FedmedError
 from fedmed.log import logger
 from fedmed.secagg import SecAggClient
+from fedmed.site_round import SiteSession
 
 from .client_dp import KEY_CLIPPING_NORM, clip_update_inplace, client_dp_mod
 from .protocol import ARRAYS, CONFIG, LAYOUT_DIGEST, METRICS, SITE, Layout, LayoutMismatchError
@@ -50,22 +51,26 @@ def train(msg: Message, context: Context) -> Message:
     _log_start_up()
     started = time.perf_counter()
     try:
-        session = site_session(context)
-        layout = session_layout(session)
-        round_config = msg.content[CONFIG]
-        update, metrics = session.train(
-            _received(msg, layout),
-            server_round=int(round_config["server-round"]),
-            proximal_mu=float(round_config.get("proximal-mu", 0.0)),
-        )
+        session, layout, server_round, update, metrics = _train(msg, context)
     except FedmedError as error:
         return _refuse(msg, error)
-    logger.info("site %s: round %s trained in %.2f s (training %.2f s)", session.spec.name,
-                round_config["server-round"], time.perf_counter() - started, metrics["train_seconds"])
+    logger.info("site %s: round %s trained in %.2f s (training %.2f s)", session.spec.name, server_round,
+                time.perf_counter() - started, metrics["train_seconds"])
     content = RecordDict(
         {ARRAYS: layout.pack(update), METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": session.spec.name})}
     )
     return Message(content, reply_to=msg)
+
+
+def _train(msg: Message, context: Context) -> tuple[SiteSession, Layout, int, dict, dict]:
+    """The site's round of training on the received global parameters."""
+    session = site_session(context)
+    layout = session_layout(session)
+    round_config = msg.content[CONFIG]
+    server_round = int(round_config["server-round"])
+    trained, metrics = session.train(_received(msg, layout), server_round=server_round,
+                                     proximal_mu=float(round_config.get("proximal-mu", 0.0)))
+    return session, layout, server_round, trained, metrics
 
 
 @app.evaluate()
@@ -101,14 +106,8 @@ def secagg_mask(msg: Message, context: Context) -> Message:
     _log_start_up()
     started = time.perf_counter()
     try:
-        session = site_session(context)
-        layout = session_layout(session)
+        session, layout, server_round, trained, metrics = _train(msg, context)
         round_config = msg.content[CONFIG]
-        trained, metrics = session.train(
-            _received(msg, layout),
-            server_round=int(round_config["server-round"]),
-            proximal_mu=float(round_config.get("proximal-mu", 0.0)),
-        )
         received = msg.content[ARRAYS].to_numpy_ndarrays()
         update = [np.subtract(local, sent, dtype=np.float32)
                   for local, sent in zip(layout.pack(trained).to_numpy_ndarrays(), received, strict=True)]
@@ -125,7 +124,7 @@ def secagg_mask(msg: Message, context: Context) -> Message:
     if client.last_clipped_values:
         logger.warning("site %s: %d update value(s) clipped to secagg.clipping_range", session.spec.name,
                        client.last_clipped_values)
-    logger.info("site %s: round %s trained and masked in %.2f s", session.spec.name, round_config["server-round"],
+    logger.info("site %s: round %d trained and masked in %.2f s", session.spec.name, server_round,
                 time.perf_counter() - started)
     content = RecordDict({MASKED: ArrayRecord({VECTOR: Array(vector)}), SECAGG: ConfigRecord(fields),
                           METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": session.spec.name})})

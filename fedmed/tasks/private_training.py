@@ -21,7 +21,7 @@ from fedmed.config import TrainConfig
 from fedmed.errors import FedmedError
 
 from .base import Sample, Task
-from .training import TrainResult, make_optimizer, random_flips
+from .training import TrainResult, make_optimizer, proximal_anchors, random_flips
 
 
 class PrivateModelError(FedmedError):
@@ -83,8 +83,7 @@ def train_private(
     loader = DataLoader(rows, batch_size=min(train.batch_size, len(rows)), shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     optimizer = make_optimizer(model, train)
-    anchors = {name: p.detach().clone() for name, p in model.named_parameters()
-               if name in set(proximal_keys) and p.requires_grad} if proximal_mu > 0 else {}
+    anchors = proximal_anchors(model, proximal_keys) if proximal_mu > 0 else {}
     with warnings.catch_warnings():
         # Opacus' reminder about its (slower) cryptographically secure RNG; fedmed seeds for reproducibility.
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")

@@ -65,7 +65,7 @@ def train_local(
     optimizer = make_optimizer(model, train)
     loader = make_loader(samples, batch_size=train.batch_size, seed=seed)
     generator = torch.Generator(device=device).manual_seed(seed + 1)
-    anchors = _proximal_anchors(model, proximal_keys) if proximal_mu > 0 else {}
+    anchors = proximal_anchors(model, proximal_keys) if proximal_mu > 0 else {}
     use_amp = train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     started = time.perf_counter()
@@ -117,6 +117,6 @@ def proximal_term(model: nn.Module, anchors: dict[str, torch.Tensor], *, mu: flo
     return 0.5 * mu * squared
 
 
-def _proximal_anchors(model: nn.Module, keys: Collection[str]) -> dict[str, torch.Tensor]:
+def proximal_anchors(model: nn.Module, keys: Collection[str]) -> dict[str, torch.Tensor]:
     wanted = set(keys)
     return {name: p.detach().clone() for name, p in model.named_parameters() if name in wanted and p.requires_grad}

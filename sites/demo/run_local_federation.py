@@ -34,12 +34,8 @@ def main() -> None:
     federation = LocalFederation(root, site_data={site.name: site.path for site in sites})
     federation.provision()
     print(f"workspace: {federation.workspace}")
-    federation.start_server()
     try:
-        federation.wait_for_server()
-        for site in federation.sites:
-            federation.start_site(site)
-        federation.wait_for_sites(set(federation.sites))
+        federation.start()
         print("coordinator and 3 hospitals connected over TLS with node authentication")
         run = demo.model_dump(mode="json", include={"name", "seed", "task", "model", "train", "strategy"},
                               exclude_none=True)

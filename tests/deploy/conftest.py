@@ -21,12 +21,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
     sites = synthesize_federation(synth, root / "data")
     federation = LocalFederation(root, site_data={site.name: site.path for site in sites})
     federation.provision()
-    federation.start_server()
-    federation.wait_for_server()
-    for site in federation.sites:
-        federation.start_site(site)
     try:
-        federation.wait_for_sites(set(federation.sites))
+        federation.start()
         yield federation
     finally:
         pids = [pid for daemon in federation.daemons.values() for pid in [daemon.pid, *descendants(daemon.pid)]]
