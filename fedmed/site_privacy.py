@@ -32,7 +32,7 @@ class SitePrivacyTerms:
 def simulated_policy(config: RunConfig) -> SitePrivacyPolicy:
     """In a simulation the researcher plays every site: the run's DP settings are the sites' policy."""
     return SitePrivacyPolicy(epsilon=config.dp_sgd.epsilon, delta=config.dp_sgd.delta,
-                             accountant=config.dp_sgd.accountant)
+                             accountant=config.dp_sgd.accountant, share_personalized_model=True)
 
 
 class SitePrivacy:

@@ -17,8 +17,9 @@ from torch import nn
 
 from fedmed.config import RunConfig
 from fedmed.errors import FedmedError
+from fedmed.site_normalization import SiteNormalization
 from fedmed.site_privacy import SitePrivacy, SitePrivacyTerms
-from fedmed.strategies import LocalParameterStore, shared_keys
+from fedmed.strategies import PERSONALIZED_FILE, LocalParameterStore, shared_keys
 
 StateDict = dict[str, torch.Tensor]
 
@@ -55,12 +56,47 @@ class SiteSession:
         self.task = get_task(config.task)
         self.device = select_device(config.train.device)
         self.local_store = LocalParameterStore(spec.state_dir)
+        self._landmarks_in_use: list[float] | None = None
+
+    @cached_property
+    def normalization(self) -> SiteNormalization:
+        return SiteNormalization(site=self.spec.name, state_dir=self.spec.state_dir, config=self.config)
+
+    @cached_property
+    def raw_data(self):  # noqa: ANN201 - fedmed.data.SiteData: resampled, intensities as the scanner wrote them
+        from fedmed.data import load_site
+
+        task = self.config.task
+        if not self.normalization.site_level:
+            task = task.model_copy(update={"intensity": "none"})
+        return load_site(self.spec.data_path, task=task)
 
     @cached_property
     def data(self):  # noqa: ANN201 - fedmed.data.SiteData, imported lazily to keep start-up lean
+        """The site's data as the model sees it (normalized per image or with the site's statistics)."""
         from fedmed.data import load_site
 
+        if self.normalization.site_level:
+            return self.normalization.apply(self.raw_data)
         return load_site(self.spec.data_path, task=self.config.task)
+
+    def describe_intensities(self) -> dict:
+        """Fit the site's normalization; what it shares: image count, histograms, Nyúl landmarks."""
+        shared = self.normalization.fit(self.raw_data)
+        self.__dict__.pop("data", None)  # refitted statistics: normalize again
+        if self.config.task.intensity != "nyul":  # Nyúl's result needs the federation's landmarks first
+            shared["after"] = self.normalization.after_histogram(self.raw_data, self.data)
+        return shared
+
+    def use_standard_landmarks(self, landmarks: list[float]) -> None:
+        """Nyúl harmonization: map this site's intensities onto the federation's average landmarks."""
+        self.normalization.set_standard_landmarks(landmarks)
+        if landmarks != self._landmarks_in_use:
+            self._landmarks_in_use = list(landmarks)
+            self.__dict__.pop("data", None)
+
+    def harmonized_histogram(self) -> dict:
+        return self.normalization.after_histogram(self.raw_data, self.data)
 
     def build_model(self) -> tuple[nn.Module, list[str], list[str]]:
         """A fresh model plus its shared and site-local key lists."""
@@ -154,5 +190,56 @@ class SiteSession:
     def evaluate(self, global_state: StateDict) -> dict:
         started = time.perf_counter()
         model, _ = self._model_with(global_state)
+        return self._evaluate(model, started=started)
+
+    def _evaluate(self, model: nn.Module, *, started: float) -> dict:
         metrics = self.task.evaluate(model, self.data.val, device=self.device)
         return {"num-examples": len(self.data.val), **metrics, "eval_seconds": time.perf_counter() - started}
+
+    @property
+    def shares_personalized_model(self) -> bool:
+        """Whether this site lets the other sites evaluate its personalized model (its own policy decides)."""
+        return self.spec.privacy is None or self.spec.privacy.policy.share_personalized_model
+
+    def full_template(self) -> StateDict:
+        """Every parameter and buffer of the model, in state-dict order."""
+        return self._model_and_keys[0].state_dict()
+
+    def personal_keys(self, *, final: bool) -> list[str]:
+        """The parameters in which this site's personalized model differs from the global model: all of them
+        once fine-tuned (at the end of the run, if asked), else its site-local layers."""
+        model, _, local, _ = self._model_and_keys
+        return list(model.state_dict()) if final and self.config.evaluation.finetune_epochs else list(local)
+
+    def personalize(self, global_state: StateDict, *, server_round: int, final: bool) -> tuple[StateDict, dict]:
+        """Global weights + this site's local layers, fine-tuned on its own data at the end of the run if asked;
+        kept in the site's state folder. Returns the personal parameters and the model's metrics on this site's
+        data."""
+        from fedmed.tasks import train_local
+
+        model, _ = self._model_with(global_state)
+        epochs = self.config.evaluation.finetune_epochs if final else 0
+        tuned = {}
+        if epochs:
+            result = train_local(model, self.data.train, task=self.task, train=self.config.train, epochs=epochs,
+                                 seed=site_seed(self.config.seed, self.spec.name, -server_round), device=self.device)
+            tuned = {"finetune_loss": result.loss, "finetune_seconds": result.seconds}
+        state = model.state_dict()
+        LocalParameterStore(self.spec.state_dir, file_name=PERSONALIZED_FILE).save(state)
+        personal = {key: state[key].detach().cpu().clone() for key in self.personal_keys(final=final)}
+        return personal, {**self._evaluate(model, started=time.perf_counter()), **tuned}
+
+    def evaluate_models(self, global_state: StateDict, personal: dict[str, StateDict]) -> dict[str, dict]:
+        """The global model (with this site's own local layers, as in every round) and each other site's
+        personalized model on this site's validation data."""
+        results = {"global": self.evaluate(global_state)}
+        for name, parameters in personal.items():
+            started = time.perf_counter()
+            model, _ = self._model_with(global_state)
+            unknown = set(parameters) - set(model.state_dict())
+            if unknown:
+                raise ModelMismatchError(f"site {self.spec.name}: model '{name}' has parameters this model lacks: "
+                                         f"{sorted(unknown)[:3]}; coordinator and sites must run the same model")
+            model.load_state_dict(parameters, strict=False)
+            results[name] = self._evaluate(model, started=started)
+        return results

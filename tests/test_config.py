@@ -93,3 +93,31 @@ def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
     config = load_run_config(write(tmp_path, MINIMAL))
     again = write(tmp_path, dump_toml(config))
     assert load_run_config(again) == config
+
+
+def test_normalization_settings_are_checked() -> None:
+    from fedmed.config import NormalizationConfig
+
+    with pytest.raises(ValueError, match="percentiles"):
+        NormalizationConfig(percentiles=(99.0, 1.0))
+    with pytest.raises(ValueError, match="at least 3 increasing percentiles"):
+        NormalizationConfig(landmarks=[10.0, 5.0, 50.0])
+    assert TaskConfig(kind="enhancement", image_size=[32, 32], intensity="ct_window").intensity == "ct_window"
+    with pytest.raises(ValueError, match="needs intensities in \\[0, 1\\]"):
+        TaskConfig(kind="enhancement", image_size=[32, 32], intensity="nyul")  # Nyúl extrapolates beyond [0, 1]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["synthetic", "ixi"])
+def test_every_drift_experiment_arm_is_a_valid_run_config(name: str) -> None:
+    from fedmed.config import run_config_from_dict
+
+    base = read_toml(REPO / "experiments" / "drift" / f"{name}.toml")
+    base.pop("scanners", None)  # the IXI scanners feed fedmed.data.split_into_sites, not the run config
+    if "synth" not in base:
+        base["sites"] = [{"name": "a", "path": "a"}]
+    for arm, changes in read_toml(REPO / "experiments" / "drift" / "arms.toml").items():
+        raw = {**base, **{section: {**base.get(section, {}), **values} for section, values in changes.items()}}
+        assert run_config_from_dict(raw, base=REPO).name, arm

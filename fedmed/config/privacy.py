@@ -59,6 +59,9 @@ class SitePrivacyPolicy(StrictModel):
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Accountant = "prv"
     datasets: dict[str, PrivacyBudget] = Field(default_factory=dict, description="budgets for named datasets")
+    share_personalized_model: bool = Field(
+        False, description="let the other sites evaluate this site's personalized model (its FedBN layers leave the site)"
+    )
 
     def budget_for(self, dataset: str) -> PrivacyBudget:
         return self.datasets.get(dataset, PrivacyBudget(epsilon=self.epsilon, delta=self.delta))

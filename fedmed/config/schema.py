@@ -14,6 +14,10 @@ from .base import StrictModel
 from .privacy import ClientDpConfig, DpSgdConfig, SecAggConfig
 
 TaskKind = Literal["segmentation", "classification", "enhancement"]
+# Per image: "zscore", "percentile", "minmax", "none". From the site's own training data (statistics kept
+# in the site's state): "site_zscore", "site_percentile"; fixed: "ct_window"; federated: "nyul".
+IntensityMode = Literal["zscore", "percentile", "minmax", "none", "site_zscore", "site_percentile", "ct_window", "nyul"]
+UNIT_RANGE_INTENSITIES = ("percentile", "minmax", "site_percentile", "ct_window")
 SiteName = str  # validated by SITE_NAME_PATTERN
 SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -23,7 +27,7 @@ class TaskConfig(StrictModel):
     spatial_dims: Literal[2, 3] = 2
     num_classes: int = Field(2, ge=2, description="segmentation: classes incl. background; classification: classes")
     image_size: list[int] = Field(default_factory=lambda: [64, 64], description="every image is resampled to this")
-    intensity: Literal["zscore", "percentile", "minmax", "none"] = "zscore"
+    intensity: IntensityMode = "zscore"
     binarize_labels: bool = Field(False, description="segmentation: map every label > 0 to 1 (e.g. a brain mask)")
     enhancement: Literal["denoise", "superres"] = "denoise"
     noise_std: float = Field(0.2, gt=0, description="denoise: std of the Gaussian noise added at the site")
@@ -46,10 +50,10 @@ class TaskConfig(StrictModel):
             )
         if any(size < 8 for size in self.image_size):
             raise ValueError(f"image_size {self.image_size} is too small; use at least 8 per dimension")
-        if self.kind == "enhancement" and self.intensity not in ("percentile", "minmax"):
+        if self.kind == "enhancement" and self.intensity not in UNIT_RANGE_INTENSITIES:
             raise ValueError(
-                f"enhancement needs intensities in [0, 1] for PSNR/SSIM; set intensity = 'percentile' or "
-                f"'minmax' (got '{self.intensity}')"
+                f"enhancement needs intensities in [0, 1] for PSNR/SSIM; set intensity to one of "
+                f"{', '.join(UNIT_RANGE_INTENSITIES)} (got '{self.intensity}')"
             )
         if self.kind == "enhancement" and self.enhancement == "superres":
             if any(size % self.superres_factor for size in self.image_size):
@@ -105,6 +109,45 @@ class EngineConfig(StrictModel):
     cpus_per_site: float = Field(1.0, gt=0, description="ray: CPUs reserved per simulated site")
     gpus_per_site: float = Field(0.0, ge=0, description="ray: GPU fraction per simulated site")
     num_cpus: int | None = Field(None, ge=1, description="ray: CPUs Ray may use (default: all)")
+
+
+class NormalizationConfig(StrictModel):
+    """Settings of the site-level intensity normalizations named by task.intensity."""
+
+    foreground: Literal["mean", "nonzero", "all"] = Field(
+        "mean", description="voxels the statistics use: above the image mean (MRI head/body), non-zero, or all"
+    )
+    percentiles: tuple[float, float] = Field((1.0, 99.0), description="site_percentile: maps these to 0 and 1")
+    window_level: float = Field(40.0, description="ct_window: centre of the window in HU (40: soft tissue)")
+    window_width: float = Field(400.0, gt=0, description="ct_window: width in HU")
+    landmarks: list[float] = Field(
+        default_factory=lambda: [1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0],
+        description="nyul: foreground percentiles the sites share and map onto the federation's average",
+    )
+    histogram_bins: int = Field(48, ge=4, le=256, description="bins of the per-site histograms in the report")
+
+    @model_validator(mode="after")
+    def _check(self) -> "NormalizationConfig":
+        low, high = self.percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"normalization.percentiles {list(self.percentiles)} must satisfy 0 <= low < high <= 100")
+        marks = self.landmarks
+        if len(marks) < 3 or any(b <= a for a, b in zip(marks, marks[1:])) or marks[0] < 0 or marks[-1] > 100:
+            raise ValueError(
+                f"normalization.landmarks {marks} must be at least 3 increasing percentiles within [0, 100], "
+                f"e.g. [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99]"
+            )
+        return self
+
+
+class EvaluationConfig(StrictModel):
+    """Cross-site evaluation: the global and every site's personalized model on every site's validation data."""
+
+    cross_site: bool = Field(True, description="evaluate the models across sites at the end of the run")
+    cross_site_every: int = Field(0, ge=0, description="also every N rounds (0: only at the end)")
+    finetune_epochs: int = Field(
+        0, ge=0, description="personalization: epochs of local fine-tuning of global + local layers at the end"
+    )
 
 
 class BaselinesConfig(StrictModel):
@@ -164,6 +207,8 @@ class RunConfig(StrictModel):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     sites: list[SiteEntry] = Field(default_factory=list, description="simulation: the sites' data folders")
     synth: SynthConfig | None = Field(None, description="simulation: generate the sites")
     dp_sgd: DpSgdConfig = Field(default_factory=DpSgdConfig)
@@ -202,6 +247,11 @@ class RunConfig(StrictModel):
             )
         if self.client_dp.enabled and self.strategy.name not in ("fedavg", "fedprox"):
             raise ValueError(f"client_dp works with strategy 'fedavg' or 'fedprox', not '{self.strategy.name}'")
+        if self.dp_sgd.enabled and self.evaluation.finetune_epochs:
+            raise ValueError(
+                "evaluation.finetune_epochs must be 0 with dp_sgd: a fine-tune after the run would spend privacy "
+                "budget beyond the run's plan; personalize with FedBN's local layers (strategy.fedbn) instead"
+            )
         if self.secagg.enabled and len(self.site_names) == 1:
             raise ValueError("secagg needs at least 2 sites: with one site the sum is that site's update")
 

@@ -20,6 +20,7 @@ from fedmed.log import logger
 from .manifest import MANIFEST_NAME, parse_manifest
 from .npz import NPZ_SPLITS, check_npz_site, is_npz_site, parse_npz_site
 from .preprocess import (
+    PER_IMAGE_MODES,
     map_labels,
     normalize_intensity,
     resize_image,
@@ -110,6 +111,12 @@ def _load_folder(path: Path, *, task: TaskConfig) -> SiteData:
     return SiteData(name=manifest.name, train=splits["training"], val=splits["validation"], source=path)
 
 
+def per_image_intensity(task: TaskConfig) -> str:
+    """The normalization applied while loading; site-level modes start from the raw intensities and are
+    applied by fedmed.data.normalization once the site's statistics are known."""
+    return task.intensity if task.intensity in PER_IMAGE_MODES else "none"
+
+
 def preprocess_case(checked: CheckedCase, *, task: TaskConfig) -> Sample:
     image: Any = checked.image.float()
     label: Any = checked.label
@@ -120,7 +127,7 @@ def preprocess_case(checked: CheckedCase, *, task: TaskConfig) -> Sample:
     else:
         image = squeeze_spatial(image, spatial_dims=2)
         label = squeeze_spatial(label, spatial_dims=2) if is_label_map else label
-    image = normalize_intensity(_plain(resize_image(image, task.image_size)), mode=task.intensity)
+    image = normalize_intensity(_plain(resize_image(image, task.image_size)), mode=per_image_intensity(task))
     sample: Sample = {"image": image.contiguous()}
     if task.kind == "segmentation":
         mapped = map_labels(_plain(label), binarize=task.binarize_labels)
@@ -142,7 +149,7 @@ def _load_npz(path: Path, *, task: TaskConfig) -> SiteData:
         images, labels = site.split(split)
         # N images as N channels: one resize and one normalisation call for the whole split.
         stack = torch.from_numpy(images.astype("float32", copy=False))
-        stack = normalize_intensity(_plain(resize_image(stack, task.image_size)), mode=task.intensity)
+        stack = normalize_intensity(_plain(resize_image(stack, task.image_size)), mode=per_image_intensity(task))
         splits[split] = [
             {"image": stack[index : index + 1].clone(), "label": torch.tensor(int(labels[index]), dtype=torch.int64)}
             for index in range(len(images))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 IntensityMode = Literal["zscore", "percentile", "minmax", "none"]
+PER_IMAGE_MODES = ("zscore", "percentile", "minmax", "none")
 _EPS = 1e-8
 
 

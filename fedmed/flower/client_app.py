@@ -17,6 +17,8 @@ from fedmed.secagg import SecAggClient
 from fedmed.site_round import SiteSession
 
 from .client_dp import KEY_CLIPPING_NORM, clip_update_inplace, client_dp_mod
+from .cross_site import FINAL, MODELS, PERSONAL, personal_model_name, personal_record_key
+from .intensity_round import STANDARD_LANDMARKS, SUMMARY, encode_summary
 from .protocol import ARRAYS, CONFIG, LAYOUT_DIGEST, METRICS, SITE, Layout, LayoutMismatchError
 from .secure_round import MASKED, SECAGG, VECTOR
 from .site_context import session_layout, site_session
@@ -64,7 +66,7 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train(msg: Message, context: Context) -> tuple[SiteSession, Layout, int, dict, dict]:
     """The site's round of training on the received global parameters."""
-    session = site_session(context)
+    session = _session(msg, context)
     layout = session_layout(session)
     round_config = msg.content[CONFIG]
     server_round = int(round_config["server-round"])
@@ -77,11 +79,77 @@ def _train(msg: Message, context: Context) -> tuple[SiteSession, Layout, int, di
 def evaluate(msg: Message, context: Context) -> Message:
     _log_start_up()
     try:
-        session = site_session(context)
+        session = _session(msg, context)
         metrics = session.evaluate(_received(msg, session_layout(session)))
     except FedmedError as error:
         return _refuse(msg, error)
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": session.spec.name})})
+    return Message(content, reply_to=msg)
+
+
+def _session(msg: Message, context: Context) -> SiteSession:
+    """The site's session, mapping its intensities onto the federation's landmarks when the round sends them."""
+    session = site_session(context)
+    if STANDARD_LANDMARKS in msg.content[CONFIG]:
+        session.use_standard_landmarks([float(value) for value in msg.content[CONFIG][STANDARD_LANDMARKS]])
+    return session
+
+
+@app.query("intensity_fit")
+def intensity_fit(msg: Message, context: Context) -> Message:
+    """Fit the site's intensity normalization from its own training images; share only summaries."""
+    return _site_query(msg, context, lambda session: {SUMMARY: encode_summary(session.describe_intensities())})
+
+
+@app.query("intensity_apply")
+def intensity_apply(msg: Message, context: Context) -> Message:
+    """Map onto the federation's Nyúl landmarks; share the histogram of the result."""
+    return _site_query(msg, context,
+                       lambda session: {SUMMARY: encode_summary({"after": session.harmonized_histogram()})})
+
+
+@app.query("personalize")
+def personalize(msg: Message, context: Context) -> Message:
+    """Global weights + local layers (+ fine-tune): scored here, returned if this site shares it."""
+    def reply(session: SiteSession) -> dict:
+        config = msg.content[CONFIG]
+        final = bool(config.get(FINAL, False))
+        personal, metrics = session.personalize(_received(msg, session_layout(session)),
+                                                server_round=int(config["server-round"]), final=final)
+        content = {METRICS: MetricRecord(metrics)}
+        if session.shares_personalized_model:
+            content[PERSONAL] = _personal_layout(session, final=final).pack(personal)
+        return content
+
+    return _site_query(msg, context, reply)
+
+
+@app.query("cross_evaluate")
+def cross_evaluate(msg: Message, context: Context) -> Message:
+    """Score the global model and the other sites' personalized models on this site's validation data."""
+    def reply(session: SiteSession) -> dict:
+        config = msg.content[CONFIG]
+        layout = _personal_layout(session, final=bool(config.get(FINAL, False)))
+        own = personal_model_name(session.spec.name)  # scored in the personalize exchange already
+        personal = {name: layout.unpack(msg.content[personal_record_key(index)])
+                    for index, name in enumerate(config.get(MODELS, [])) if name != own}
+        results = session.evaluate_models(_received(msg, session_layout(session)), personal)
+        return {f"{METRICS}-{name}": MetricRecord(metrics) for name, metrics in results.items()}
+
+    return _site_query(msg, context, reply)
+
+
+def _personal_layout(session: SiteSession, *, final: bool) -> Layout:
+    return Layout.of(session.full_template(), session.personal_keys(final=final))
+
+
+def _site_query(msg: Message, context: Context, answer) -> Message:  # noqa: ANN001
+    _log_start_up()
+    try:
+        session = _session(msg, context)
+        content = RecordDict({**answer(session), SITE: ConfigRecord({"name": session.spec.name})})
+    except FedmedError as error:
+        return _refuse(msg, error)
     return Message(content, reply_to=msg)
 
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.superlink.grid import HttpGrid
+
+from fedmed.log import logger
+
+from .protocol import SITE
 
 REPLY_POLL_INTERVAL_S = 0.1
 
@@ -33,3 +37,24 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float)
             break
         time.sleep(REPLY_POLL_INTERVAL_S)
     return replies
+
+
+def ask_every_site(grid: Grid, content: RecordDict, *, message_type: str, timeout: float, site_names: dict[int, str],
+                   purpose: str) -> dict[str, RecordDict]:
+    """Send the same content to every connected site; its replies by site name. A site that fails is logged
+    with `purpose` and left out: these exchanges inform the run, they do not decide a round."""
+    messages = []
+    for node in grid.get_node_ids():
+        message = Message(content, dst_node_id=node, message_type=message_type)
+        message.metadata.ttl = timeout
+        messages.append(message)
+    by_site: dict[str, RecordDict] = {}
+    for reply in send_and_receive(grid, messages, timeout=timeout):
+        if reply.has_error():
+            site = site_names.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
+            logger.warning("%s: %s: %s", purpose, site, reply.error.reason)
+            continue
+        site = str(reply.content[SITE]["name"])
+        site_names[reply.metadata.src_node_id] = site
+        by_site[site] = reply.content
+    return by_site

@@ -25,7 +25,9 @@ from fedmed.runs import RunDirectory
 from fedmed.runs.progress import RoundProgress
 
 from .client_dp import CLIPPING_MODE, client_dp_round_record
+from .cross_site import cross_site_evaluation
 from .exchange import send_and_receive
+from .intensity_round import STANDARD_LANDMARKS, fit_intensities
 from .protocol import ARRAYS, LAYOUT_DIGEST, METRICS, SITE, Layout
 from .secure_round import MASKED, SecureRoundError, payload_bytes, secure_train_round
 from .strategy import build_strategy, quorum, restore_strategy_state, strategy_state
@@ -77,17 +79,26 @@ def run_federation(grid: Grid, *, config: RunConfig, run_dir: RunDirectory,
     progress = RoundProgress(total_rounds=config.train.rounds, first_round=first_round, metric=metric)
     site_names = dict(site_names or {})  # node id -> site; replies fill in what deployment did not tell
     evaluation: dict[str, dict[str, float]] = {}
+    # Repeated on resume: sites refit from the same images, so the statistics and landmarks come out the same.
+    _wait_for_quorum(grid, server_round=first_round, config=config, site_names=site_names)
+    landmarks = fit_intensities(grid, config=config, run_dir=run_dir, site_names=site_names)
+    round_settings = {LAYOUT_DIGEST: layout.digest} | ({STANDARD_LANDMARKS: landmarks} if landmarks else {})
     for server_round in range(first_round, config.train.rounds + 1):
         round_started = time.perf_counter()
         arrays, trained, aggregation_record = _train_round(grid, strategy, arrays, server_round=server_round,
-                                                           config=config, layout=layout, run_dir=run_dir,
+                                                           config=config, settings=round_settings, run_dir=run_dir,
                                                            site_names=site_names)
         noise_record = client_dp_round_record(strategy)  # the noise this round's aggregate received
         trained_at = time.perf_counter()
         evaluation = {}
-        if server_round % config.train.eval_every == 0 or server_round == config.train.rounds:
+        last = server_round == config.train.rounds
+        if server_round % config.train.eval_every == 0 or last:
             evaluation = _evaluate_round(grid, strategy, arrays, server_round=server_round, config=config,
-                                         layout=layout, run_dir=run_dir, site_names=site_names)
+                                         settings=round_settings, run_dir=run_dir, site_names=site_names)
+        every = config.evaluation.cross_site_every
+        if config.evaluation.cross_site and (last or (every and server_round % every == 0)):
+            cross_site_evaluation(grid, arrays, server_round=server_round, final=last, config=config,
+                                  settings=round_settings, run_dir=run_dir, site_names=site_names)
         evaluated_at = time.perf_counter()
         run_dir.save_checkpoint(
             "latest",
@@ -121,14 +132,14 @@ def _train_round(
     *,
     server_round: int,
     config: RunConfig,
-    layout: Layout,
+    settings: dict,
     run_dir: RunDirectory,
     site_names: dict[int, str],
 ) -> tuple[ArrayRecord, dict[str, dict[str, float]], dict]:
     """Train at the sites and aggregate: the new global arrays, per-site metrics, and what the round
     log keeps about the aggregation."""
     _wait_for_quorum(grid, server_round=server_round, config=config, site_names=site_names)
-    round_config = ConfigRecord({LAYOUT_DIGEST: layout.digest})
+    round_config = ConfigRecord(settings)
     if config.client_dp.enabled:
         round_config[CLIPPING_MODE] = config.client_dp.clipping
     if config.secagg.enabled:
@@ -175,11 +186,11 @@ def _evaluate_round(
     *,
     server_round: int,
     config: RunConfig,
-    layout: Layout,
+    settings: dict,
     run_dir: RunDirectory,
     site_names: dict[int, str],
 ) -> dict[str, dict[str, float]]:
-    round_config = ConfigRecord({LAYOUT_DIGEST: layout.digest})
+    round_config = ConfigRecord(settings)
     messages = _with_deadline(strategy.configure_evaluate(server_round, arrays, round_config, grid), config)
     replies = send_and_receive(grid, messages, timeout=config.strategy.round_timeout_s)
     usable = _usable_replies(replies, phase="evaluate", server_round=server_round, site_names=site_names)

@@ -12,6 +12,7 @@ from fedmed.log import logger
 from fedmed.runs import RunDirectory
 from fedmed.runs.summary import build_summary, format_summary
 
+from .cross_site import RUN_FILE as CROSS_SITE_FILE
 from .protocol import encode_run
 
 
@@ -19,6 +20,7 @@ from .protocol import encode_run
 class SimulationResult:
     run_dir: RunDirectory
     summary: dict[str, Any]
+    config: RunConfig  # resolved: generated sites listed under `sites`
 
     def table(self) -> str:
         return format_summary(self.summary)
@@ -40,7 +42,6 @@ def materialize_sites(config: RunConfig) -> RunConfig:
 
 def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None) -> SimulationResult:
     from fedmed.data import load_site
-    from fedmed.runs import baselines
     from fedmed.runs.report import write_report
     from fedmed.tasks import get_task
 
@@ -63,18 +64,41 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None) -> Simul
     _run_engine(config, run_config=run_config, run_id=run_id)
 
     if config.baselines.local_only or config.baselines.pooled:
-        results = {}
-        if config.baselines.local_only:
-            results["local_only"] = baselines.local_only(config, sites)
-        if config.baselines.pooled:
-            results["pooled"] = baselines.pooled(config, sites)
-        run_dir.write_json("baselines.json", results)
+        _run_baselines(config, run_dir=run_dir)
 
     task = get_task(config.task)
     summary = build_summary(run_dir, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better)
     run_dir.write_json("summary.json", summary)
     write_report(run_dir)
-    return SimulationResult(run_dir=run_dir, summary=summary)
+    return SimulationResult(run_dir=run_dir, summary=summary, config=config)
+
+
+def _run_baselines(config: RunConfig, *, run_dir: RunDirectory) -> None:
+    """Local-only and pooled training on the sites' data as the federation saw it (same normalization), scored
+    at every site; their scores join the final cross-site evaluation."""
+    from fedmed.runs import baselines
+    from fedmed.site_round import SiteSession, SiteSpec
+
+    from .cross_site import record_evaluation
+
+    sites = {site.name: SiteSession(SiteSpec(name=site.name, data_path=site.path,
+                                             state_dir=run_dir.site_dir(site.name)), config).data
+             for site in config.sites}
+    results, cross = {}, {}
+    if config.baselines.local_only:
+        results["local_only"], models = baselines.local_only(config, sites)
+        for name, model in models.items():
+            cross[f"local-only:{name}"] = baselines.score_everywhere(config, model, sites)
+    if config.baselines.pooled:
+        results["pooled"], _ = baselines.pooled(config, sites)
+        cross["pooled"] = results["pooled"]
+    run_dir.write_json("baselines.json", results)
+    recorded = run_dir.read_json(CROSS_SITE_FILE) or {}
+    final = next((entry for entry in reversed(recorded.get("evaluations", [])) if entry.get("final")), None)
+    if final is not None:
+        final["metrics"].update(cross)
+        final["models"] = list(final["metrics"])
+        record_evaluation(run_dir, final, config=config)
 
 
 def _run_engine(config: RunConfig, *, run_config: dict, run_id: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+from pathlib import Path
 from typing import Any
 
 from fedmed.runs import plots
@@ -11,76 +12,224 @@ from fedmed.runs.run_dir import RunDirectory
 from fedmed.runs.summary import COLUMNS
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 960px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 960px; color: #222; padding: 0 1rem; }
 table { border-collapse: collapse; margin: 1rem 0; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.7rem; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
-img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; }
+td.na { color: #888; background: #eee; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; display: block; }
 .muted { color: #777; }
+.figure-missing { border: 1px dashed #b00; color: #b00; background: #fff4f4; padding: 0.6rem; }
+"""
+
+# Runs after every image has loaded or failed: a report copied without its plots/ folder says so on the page,
+# and data-figures="loaded/total" lets a headless browser check the page without a screenshot diff.
+SCRIPT = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images), loaded = 0;
+  images.forEach(function (image) {
+    if (image.complete && image.naturalWidth > 0) { loaded += 1; return; }
+    var note = document.createElement("p");
+    note.className = "figure-missing";
+    note.textContent = "figure missing: " + image.getAttribute("src");
+    image.replaceWith(note);
+  });
+  document.body.dataset.figures = loaded + "/" + images.length;
+});
 """
 
 
-def write_report(run_dir: RunDirectory) -> None:
-    summary = run_dir.read_json("summary.json") or {}
+def write_report(run_dir: RunDirectory) -> Path:
+    """Write report.html and its figures under plots/; every input file is optional."""
+    summary = _json_object(run_dir, "summary.json")
+    cross_site = _json_object(run_dir, "cross_site.json")
+    normalization = _json_object(run_dir, "normalization.json")
     rows = run_dir.read_metrics()
-    metric = summary.get("primary_metric", "loss")
+    metric = str(summary.get("primary_metric", "loss"))
     plot_dir = run_dir.path / "plots"
     plot_dir.mkdir(exist_ok=True)
-    figures = [
+    curves = [
         plots.learning_curves(rows, phase="evaluate", metric=metric, path=plot_dir / "learning_curves.png",
                               title=f"global model {metric} at each site"),
         plots.learning_curves(rows, phase="train", metric="train_loss", path=plot_dir / "train_loss.png",
                               title="local training loss"),
-        plots.final_by_site(summary, path=plot_dir / "final_by_site.png") if summary else None,
     ]
-    images = "\n".join(
-        f'<img src="plots/{figure.name}" alt="{figure.stem.replace("_", " ")}">' for figure in figures if figure
-    )
+    sections = [
+        _summary_section(summary, bar_chart=plots.final_by_site(summary, path=plot_dir / "final_by_site.png")),
+        _cross_site_section(cross_site, heatmap=plots.cross_site_heatmap(cross_site, path=plot_dir / "cross_site.png")),
+        _learning_curves_section(curves),
+        _privacy_section(summary),
+        _normalization_section(
+            normalization,
+            figure=plots.intensity_histograms(normalization, path=plot_dir / "intensity_histograms.png"),
+        ),
+    ]
+    name = html.escape(run_dir.path.name)
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>fedmed run {html.escape(run_dir.path.name)}</title>
-<style>{STYLE}</style></head><body>
-<h1>fedmed run <code>{html.escape(run_dir.path.name)}</code></h1>
+<html lang="en"><head><meta charset="utf-8"><title>fedmed run {name}</title>
+<style>{STYLE}</style>
+<script>{SCRIPT}</script></head><body>
+<h1>fedmed run <code>{name}</code></h1>
 <p class="muted">Configuration: <a href="config.toml">config.toml</a> · metrics:
 <a href="metrics.csv">metrics.csv</a> · final model: <code>checkpoints/final.pt</code></p>
-<h2>Federated vs local-only vs pooled ({html.escape(metric)})</h2>
-{_summary_table(summary)}
-{_privacy_table(summary)}
-<h2>Plots</h2>
-{images}
+{"".join(sections)}
 </body></html>
 """
     run_dir.report_html.write_text(page, encoding="utf-8")
+    return run_dir.report_html
+
+
+def _json_object(run_dir: RunDirectory, name: str) -> dict[str, Any]:
+    # Absent files are normal (older runs, features switched off); a non-object is treated the same way.
+    data = run_dir.read_json(name)
+    return data if isinstance(data, dict) else {}
+
+
+def _image(figure: Path | None, *, alt: str) -> str:
+    if figure is None:
+        return ""
+    return f'<img src="plots/{html.escape(figure.name)}" alt="{html.escape(alt)}">'
+
+
+def _column_label(column: str) -> str:
+    return column.replace("_", "-")
+
+
+# Summary ---------------------------------------------------------------------------------------
+def _summary_section(summary: dict[str, Any], *, bar_chart: Path | None) -> str:
+    metric = str(summary.get("primary_metric", "loss"))
+    title = " vs ".join(_column_label(column) for column in COLUMNS)
+    return (f"<h2>{html.escape(title[:1].upper() + title[1:])} ({html.escape(metric)})</h2>\n"
+            f"{_summary_table(summary)}\n{_image(bar_chart, alt=f'final {metric} per site')}\n")
 
 
 def _summary_table(summary: dict[str, Any]) -> str:
-    if not summary.get("sites"):
+    table: dict[str, Any] = summary.get("sites") or {}
+    if not table:
         return "<p>No evaluation results.</p>"
-    metric = summary["primary_metric"]
-    head = "".join(f"<th>{column.replace('_', '-')}</th>" for column in COLUMNS)
+    metric = summary.get("primary_metric", "loss")
+    head = "".join(f"<th>{html.escape(_column_label(column))}</th>" for column in COLUMNS)
     body = []
-    for site, row in summary["sites"].items():
-        cells = "".join(f"<td>{_fmt((row.get(column) or {}).get(metric))}</td>" for column in COLUMNS)
-        body.append(f"<tr><td>{html.escape(site)}</td>{cells}</tr>")
+    for site, row in table.items():
+        cells = "".join(_cell(((row or {}).get(column) or {}).get(metric)) for column in COLUMNS)
+        body.append(f"<tr><td>{html.escape(str(site))}</td>{cells}</tr>")
     for label in ("mean", "worst_site"):
-        cells = "".join(f"<td>{_fmt(summary.get(column, {}).get(label))}</td>" for column in COLUMNS)
+        cells = "".join(_cell((summary.get(column) or {}).get(label)) for column in COLUMNS)
         body.append(f"<tr><td><b>{label.replace('_', ' ')}</b></td>{cells}</tr>")
     return f"<table><tr><th>site</th>{head}</tr>{''.join(body)}</table>"
 
 
-def _privacy_table(summary: dict[str, Any]) -> str:
-    privacy = summary.get("privacy")
-    if not privacy:
+# Cross-site evaluation -------------------------------------------------------------------------
+def _cross_site_section(cross_site: dict[str, Any], *, heatmap: Path | None) -> str:
+    evaluation = plots.pick_evaluation(cross_site)
+    if evaluation is None:
+        return ("<h2>Cross-site evaluation</h2>\n<p class=\"muted\">Not recorded for this run "
+                "(no cross_site.json).</p>\n")
+    metric = str(cross_site.get("metric", "metric"))
+    direction = "lower" if cross_site.get("higher_is_better", True) is False else "higher"
+    models, sites, values = plots.cross_site_matrix(evaluation, metric=metric)
+    when = f"round {evaluation.get('round', '?')}" + (" (final)" if evaluation.get("final") else "")
+    return f"""<h2>Cross-site evaluation</h2>
+<p>Rows are models, columns are the validation data of each site: a cell is how that model scores on that
+site's data ({html.escape(metric)}, {direction} is better; brighter cells are better either way). A personalized or
+local-only model on its own site is its home score; on the other sites it shows how well it travels.
+Grey <i>n/a</i>: the pair was not evaluated (a site that keeps its personalized model private evaluates it only
+on its own data).</p>
+<p class="muted">Shown: {html.escape(when)}.</p>
+{_image(heatmap, alt=f"cross-site {metric}: models by site")}
+<details><summary>values as a table</summary>{_matrix_table(models, sites, values)}</details>
+{_cross_site_rounds_table(cross_site, metric=metric)}
+"""
+
+
+def _matrix_table(models: list[str], sites: list[str], values: list[list[float]]) -> str:
+    head = "".join(f"<th>{html.escape(site)}</th>" for site in sites)
+    body = "".join(
+        f"<tr><td>{html.escape(model)}</td>{''.join(_cell(value) for value in row)}</tr>"
+        for model, row in zip(models, values)
+    )
+    return f"<table><tr><th>model \\ data of</th>{head}</tr>{body}</table>"
+
+
+def home_means(evaluation: dict[str, Any], *, metric: str) -> dict[str, float]:
+    """Per model group, the mean score where each model is meant to be used.
+
+    'personalized:site-a' counts only on site-a's data (its home); a model without a site ('global') counts on
+    every site. Groups keep the order in which their first model is listed.
+    """
+    models, sites, values = plots.cross_site_matrix(evaluation, metric=metric)
+    scores: dict[str, list[float]] = {}
+    for model, row in zip(models, values):
+        group, _, home = model.partition(":")
+        cells = [row[sites.index(home)]] if home in sites else ([] if home else row)
+        scores.setdefault(group, []).extend(v for v in cells if not math.isnan(v))
+    return {group: sum(v) / len(v) if v else math.nan for group, v in scores.items()}
+
+
+def _cross_site_rounds_table(cross_site: dict[str, Any], *, metric: str) -> str:
+    evaluations = [e for e in cross_site.get("evaluations") or [] if isinstance(e, dict)]
+    if len(evaluations) < 2:
         return ""
+    by_round = [(evaluation.get("round", "?"), home_means(evaluation, metric=metric)) for evaluation in evaluations]
+    groups: list[str] = []
+    for _, means in by_round:
+        groups += [group for group in means if group not in groups]
+    head = "".join(f"<th>{html.escape(group)}</th>" for group in groups)
+    body = "".join(
+        f"<tr><td>{html.escape(str(server_round))}</td>{''.join(_cell(means.get(group)) for group in groups)}</tr>"
+        for server_round, means in by_round
+    )
+    return (f"<p>Mean {html.escape(metric)} over the sites where each model is used (global: every site; "
+            f"personalized and local-only: their own site), per evaluation:</p>"
+            f"<table><tr><th>round</th>{head}</tr>{body}</table>")
+
+
+# Learning curves, privacy ----------------------------------------------------------------------
+def _learning_curves_section(curves: list[Path | None]) -> str:
+    images = "\n".join(_image(figure, alt=figure.stem.replace("_", " ")) for figure in curves if figure)
+    return "<h2>Learning curves</h2>\n" + (images or '<p class="muted">No metrics recorded.</p>') + "\n"
+
+
+def _privacy_section(summary: dict[str, Any]) -> str:
+    privacy: dict[str, Any] = summary.get("privacy") or {}
+    if not privacy:
+        # "Privacy spent" is kept for runs that reported a spend, so the heading alone says DP-SGD was on.
+        return "<h2>Privacy</h2>\n<p class=\"muted\">No DP-SGD spend recorded for this run.</p>\n"
     rows = "".join(
-        f"<tr><td>{html.escape(site)}</td><td>{_fmt(spent.get('epsilon'))}</td><td>{_fmt(spent.get('epsilon_budget'))}"
-        f"</td><td>{spent.get('delta', float('nan')):.0e}</td><td>{_fmt(spent.get('noise_multiplier'))}</td></tr>"
-        for site, spent in privacy.items()
+        f"<tr><td>{html.escape(str(site))}</td>{_cell(spent.get('epsilon'))}{_cell(spent.get('epsilon_budget'))}"
+        f"{_cell(spent.get('delta'), digits='.0e')}{_cell(spent.get('noise_multiplier'))}</tr>"
+        for site, spent in privacy.items() if isinstance(spent, dict)
     )
     return ("<h2>Privacy spent (DP-SGD, per site)</h2><table><tr><th>site</th><th>ε spent</th><th>ε budget</th>"
-            f"<th>δ</th><th>noise multiplier</th></tr>{rows}</table>")
+            f"<th>δ</th><th>noise multiplier</th></tr>{rows}</table>\n")
 
 
-def _fmt(value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "–"
-    return "n/a" if math.isnan(value) else f"{value:.3f}"
+# Intensity normalization -----------------------------------------------------------------------
+def _normalization_section(normalization: dict[str, Any], *, figure: Path | None) -> str:
+    if not normalization:
+        return ("<h2>Intensity normalization</h2>\n<p class=\"muted\">Not recorded for this run "
+                "(no normalization.json).</p>\n")
+    method = html.escape(str(normalization.get("method") or "none"))
+    details = []
+    if normalization.get("foreground"):
+        details.append(f"foreground: {html.escape(str(normalization['foreground']))}")
+    landmarks = normalization.get("standard_landmarks")
+    if isinstance(landmarks, list) and landmarks:
+        details.append(f"{len(landmarks)} standard landmarks")
+    sites = normalization.get("sites") if isinstance(normalization.get("sites"), dict) else {}
+    images = sum(entry.get("num_images", 0) for entry in sites.values()
+                 if isinstance(entry, dict) and isinstance(entry.get("num_images"), int))
+    details.append(f"{len(sites)} sites, {images} images")
+    caption = ("<p>Each line is one site's histogram of foreground intensities, scaled to area 1: left as the "
+               "scanners wrote them, right as the model sees them. After normalization the sites should overlap."
+               "</p>") if figure else "<p class=\"muted\">No histograms recorded.</p>"
+    return (f"<h2>Intensity normalization</h2>\n<p>Method: <b>{method}</b> ({'; '.join(details)})</p>\n"
+            f"{caption}\n{_image(figure, alt='foreground intensity histograms before and after normalization')}\n")
+
+
+def _cell(value: Any, *, digits: str = ".3f") -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "<td>–</td>"
+    if math.isnan(value):
+        return '<td class="na">n/a</td>'
+    return f"<td>{value:{digits}}</td>"

@@ -7,7 +7,7 @@ from typing import Any
 
 from fedmed.runs.run_dir import RunDirectory
 
-COLUMNS = ("federated", "local_only", "pooled")
+COLUMNS = ("federated", "personalized", "local_only", "pooled")
 
 
 def final_federated_metrics(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
@@ -17,6 +17,18 @@ def final_federated_metrics(run_dir: RunDirectory) -> dict[str, dict[str, float]
         if row["phase"] == "evaluate":
             latest[row["site"]] = row
     return {site: {k: v for k, v in row.items() if k not in ("phase", "time", "site")} for site, row in latest.items()}
+
+
+def personalized_metrics(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
+    """Each site's personalized model (global + its local layers, fine-tuned if asked) on its own data, from the
+    final cross-site evaluation."""
+    recorded = run_dir.read_json("cross_site.json") or {}
+    finals = [entry for entry in recorded.get("evaluations", []) if entry.get("final")]
+    if not finals:
+        return {}
+    metrics = finals[-1]["metrics"]
+    return {site: metrics[f"personalized:{site}"][site] for site in finals[-1]["sites"]
+            if site in metrics.get(f"personalized:{site}", {})}
 
 
 def privacy_spent(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
@@ -32,10 +44,12 @@ def privacy_spent(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
 def build_summary(run_dir: RunDirectory, *, primary_metric: str, higher_is_better: bool) -> dict[str, Any]:
     baselines = run_dir.read_json("baselines.json") or {}
     federated = final_federated_metrics(run_dir)
+    personalized = personalized_metrics(run_dir)
     sites = sorted(federated)
     table = {
         site: {
             "federated": federated.get(site, {}),
+            "personalized": personalized.get(site),
             "local_only": baselines.get("local_only", {}).get(site),
             "pooled": baselines.get("pooled", {}).get(site),
         }
@@ -55,13 +69,14 @@ def build_summary(run_dir: RunDirectory, *, primary_metric: str, higher_is_bette
 
 def format_summary(summary: dict[str, Any]) -> str:
     metric = summary["primary_metric"]
-    header = f"{'site':<16}" + "".join(f"{column.replace('_', '-') + ' ' + metric:>22}" for column in COLUMNS)
+    columns = [column for column in COLUMNS if any(row.get(column) for row in summary["sites"].values())]
+    header = f"{'site':<16}" + "".join(f"{column.replace('_', '-') + ' ' + metric:>22}" for column in columns)
     lines = [header, "-" * len(header)]
     for site, row in summary["sites"].items():
-        cells = "".join(f"{_cell(row.get(column), metric):>22}" for column in COLUMNS)
+        cells = "".join(f"{_cell(row.get(column), metric):>22}" for column in columns)
         lines.append(f"{site:<16}{cells}")
     for label in ("mean", "worst_site"):
-        cells = "".join(f"{_number(summary.get(column, {}).get(label)):>22}" for column in COLUMNS)
+        cells = "".join(f"{_number(summary.get(column, {}).get(label)):>22}" for column in columns)
         lines.append(f"{label.replace('_', ' '):<16}{cells}")
     for site, spent in summary.get("privacy", {}).items():
         lines.append(f"{site:<16}DP-SGD ε {spent['epsilon']:.2f} of {spent.get('epsilon_budget', float('nan')):.2f} "

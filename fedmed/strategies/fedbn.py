@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 LOCAL_FILE = "local_parameters.pt"
+PERSONALIZED_FILE = "personalized_model.pt"  # the site's model at the end of the run (global + local, fine-tuned)
 
 
 def shared_keys(all_keys: Iterable[str], local_keys: Iterable[str]) -> list[str]:
@@ -25,8 +26,8 @@ def shared_keys(all_keys: Iterable[str], local_keys: Iterable[str]) -> list[str]
 class LocalParameterStore:
     """The site-local parameters of one run at one site, written atomically."""
 
-    def __init__(self, directory: Path) -> None:
-        self.path = Path(directory) / LOCAL_FILE
+    def __init__(self, directory: Path, *, file_name: str = LOCAL_FILE) -> None:
+        self.path = Path(directory) / file_name
 
     def load(self) -> dict[str, torch.Tensor] | None:
         if not self.path.exists():

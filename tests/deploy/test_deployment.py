@@ -3,13 +3,14 @@ executors, all separate processes on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 
 import pytest
 import torch
 
-from fedmed.config import run_config_from_dict
+from fedmed.config import load_site_config, run_config_from_dict
 from fedmed.config.loader import read_toml
 from fedmed.flower.simulation import simulate
 from deploy_helpers import run_config
@@ -132,3 +133,31 @@ def test_a_site_trusting_another_ca_refuses_the_server(federation: LocalFederati
     completed = cli([FEDMED, "site", "start", str(bad)], check=False)
     assert completed.returncode == 2
     assert "presented a certificate that" in completed.stderr and "does not accept" in completed.stderr
+
+
+def test_deployed_harmonization_personalization_and_cross_site_evaluation(federation: LocalFederation) -> None:
+    """Nyúl landmarks reach every site's own state; only a site whose policy allows it lends its personalized model."""
+    federation.edit_site("a", privacy={"share_personalized_model": True})
+    try:
+        config_file = run_config(federation, "drift", train={"rounds": 1}, task={"intensity": "nyul"},
+                                 strategy={"fedbn": True, "round_timeout_s": 60})
+        completed = federation.run(config_file, "--wait")
+    finally:
+        federation.edit_site("a", privacy={"share_personalized_model": False})
+    assert "finished:completed" in completed.stdout, completed.stdout
+    run_name = completed.stdout.split("run directory: ")[1].split()[0].rstrip("/").split("/")[-1]
+    run_dir = federation.workspace / "server" / "runs" / run_name
+
+    normalization = json.loads((run_dir / "normalization.json").read_text())
+    assert set(normalization["sites"]) == {"a", "b", "c"}
+    for site in ("a", "b", "c"):
+        state_dir = load_site_config(federation.site_config(site)).state_dir / "runs" / run_name
+        state = json.loads((state_dir / "normalization.json").read_text())
+        assert state["standard_landmarks"] == normalization["standard_landmarks"]
+        assert (state_dir / "personalized_model.pt").exists()
+
+    final = json.loads((run_dir / "cross_site.json").read_text())["evaluations"][-1]
+    assert set(final["metrics"]["global"]) == {"a", "b", "c"}
+    assert set(final["metrics"]["personalized:a"]) == {"a", "b", "c"}  # a lends its model
+    assert set(final["metrics"]["personalized:b"]) == {"b"}  # b's layers never left b
+    assert set(final["metrics"]["personalized:c"]) == {"c"}
