@@ -37,18 +37,19 @@ class SiteNormalization:
     def fit(self, raw: Any) -> dict[str, Any]:
         """Fit and store the site's statistics from its raw training images; returns what the site shares:
         image count, standardized landmarks (Nyúl only) and the histogram of its raw intensities."""
-        from fedmed.data.normalization import fit_site_stats
-
-        shared: dict[str, Any] = {"num_images": raw.num_train, "before": self._histogram(raw, raw)}
+        shared: dict[str, Any] = {"num_images": raw.num_train, "before": self.histogram(raw, raw)}
         if self.site_level:
-            stats = self._fit_stats(raw, fit_site_stats)
+            stats = self._fit_stats(raw)
             state = self._read() or {}
             self._write({**state, "method": self.method, "stats": stats.to_json()})
+            shared["num_images"] = stats.num_images  # Nyúl leaves out flat images: they carry no landmarks
             if self.method == "nyul":
                 shared["landmarks"] = list(stats.values["landmarks"])
         return shared
 
-    def _fit_stats(self, raw: Any, fit: Any) -> Any:
+    def _fit_stats(self, raw: Any) -> Any:
+        from fedmed.data.normalization import fit_site_stats
+
         images = [sample["image"] for sample in raw.train]
         if not images:
             raise NormalizationStateError(
@@ -56,7 +57,7 @@ class SiteNormalization:
                 f"add training cases to the site's dataset.json"
             )
         try:
-            return fit(images, method=self.method, settings=self.settings)
+            return fit_site_stats(images, method=self.method, settings=self.settings)
         except ValueError as error:
             raise NormalizationStateError(f"site {self.site}: {error}") from error
 
@@ -86,10 +87,7 @@ class SiteNormalization:
         return normalize_site(raw, method=self.method, stats=stats, standard_landmarks=landmarks,
                               settings=self.settings)
 
-    def after_histogram(self, raw: Any, normalized: Any) -> dict[str, Any]:
-        return self._histogram(raw, normalized)
-
-    def _histogram(self, raw: Any, data: Any) -> dict[str, Any]:
+    def histogram(self, raw: Any, data: Any) -> dict[str, Any]:
         """Foreground histogram of `data`'s training images, on the voxels that are foreground in the raw images."""
         from fedmed.data.normalization import foreground_mask, intensity_histogram
 

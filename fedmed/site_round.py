@@ -85,7 +85,7 @@ class SiteSession:
         shared = self.normalization.fit(self.raw_data)
         self.__dict__.pop("data", None)  # refitted statistics: normalize again
         if self.config.task.intensity != "nyul":  # Nyúl's result needs the federation's landmarks first
-            shared["after"] = self.normalization.after_histogram(self.raw_data, self.data)
+            shared["after"] = self.normalization.histogram(self.raw_data, self.data)
         return shared
 
     def use_standard_landmarks(self, landmarks: list[float]) -> None:
@@ -96,7 +96,7 @@ class SiteSession:
             self.__dict__.pop("data", None)
 
     def harmonized_histogram(self) -> dict:
-        return self.normalization.after_histogram(self.raw_data, self.data)
+        return self.normalization.histogram(self.raw_data, self.data)
 
     def build_model(self) -> tuple[nn.Module, list[str], list[str]]:
         """A fresh model plus its shared and site-local key lists."""
