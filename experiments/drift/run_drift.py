@@ -142,10 +142,13 @@ def _targets(results: dict[str, dict[str, Any]]) -> list[str]:
                      f"{verdict}")
     best_arm = max(results, key=lambda arm: mean(results[arm]["federated"]))
     best = mean(results[best_arm]["federated"])
-    pooled = max(mean(result["pooled"]) for result in results.values() if result["pooled"])
-    verdict = "met" if best >= POOLED_FRACTION * pooled else "MISSED"
-    lines.append(f"target pooled: best federated mean {best:.3f} ({best_arm}) = {best / pooled:.3f} x best pooled "
-                 f"{pooled:.3f} (>= {POOLED_FRACTION}): {verdict}")
+    pooled_by_label = {result["baselines"]: mean(result["pooled"]) for result in results.values() if result["pooled"]}
+    # Two readings of "pooled": trained on the data as the best arm normalizes it, and the best pooled model of all.
+    for what, pooled in (("pooled with the same normalization", pooled_by_label[results[best_arm]["baselines"]]),
+                         ("best pooled", max(pooled_by_label.values()))):
+        verdict = "met" if best >= POOLED_FRACTION * pooled else "MISSED"
+        lines.append(f"target pooled: best federated mean {best:.3f} ({best_arm}) = {best / pooled:.3f} x {what} "
+                     f"{pooled:.3f} (>= {POOLED_FRACTION}): {verdict}")
     return lines
 
 

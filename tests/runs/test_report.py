@@ -352,3 +352,30 @@ def test_screenshot_check_rejects_a_blank_page(chromium: Path, tmp_path: Path) -
     shot = tmp_path / "blank.png"
     _run_chromium(chromium, page, extra=[f"--screenshot={shot}", "--window-size=1200,2400"], scratch=tmp_path)
     assert _blank_screenshot(shot) is not None
+
+
+def test_browser_renders_the_report_of_a_real_run(chromium: Path, tmp_path: Path) -> None:
+    """A simulated FedBN + Nyúl run with baselines: the report the user gets, in the browser."""
+    from fedmed.config import run_config_from_dict
+    from fedmed.flower.simulation import simulate
+
+    size = [32, 32]
+    config = run_config_from_dict({
+        "name": "browser", "output_dir": str(tmp_path / "runs"),
+        "task": {"kind": "segmentation", "image_size": size, "intensity": "nyul"},
+        "model": {"channels": [8, 16]}, "train": {"rounds": 2, "local_epochs": 1},
+        "strategy": {"fedbn": True}, "baselines": {"local_only": True, "pooled": True},
+        "synth": {"task": "segmentation", "image_size": size, "train_cases": 4, "val_cases": 2,
+                  "sites": [{"name": "a"}, {"name": "b", "intensity_scale": 3.0, "intensity_offset": 50.0}]},
+    }, base=tmp_path)
+    run = simulate(config).run_dir
+    page = run.report_html.read_text(encoding="utf-8")
+    total = len(_image_sources(page))
+    assert total == 5 and all(section in page for section in SECTION_ORDER)
+    dom, console = _dump_dom(chromium, run.report_html, tmp_path / "dom")
+    assert console == [], f"console messages: {console}"
+    assert f'data-figures="{total}/{total}"' in dom
+    shot = tmp_path / "shot" / "report.png"
+    _run_chromium(chromium, run.report_html, extra=[f"--screenshot={shot}", "--window-size=1200,2400"],
+                  scratch=shot.parent)
+    assert _blank_screenshot(shot) is None, f"screenshot looks blank: {_blank_screenshot(shot)}"
