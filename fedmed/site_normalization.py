@@ -50,14 +50,9 @@ class SiteNormalization:
     def _fit_stats(self, raw: Any) -> Any:
         from fedmed.data.normalization import fit_site_stats
 
-        images = [sample["image"] for sample in raw.train]
-        if not images:
-            raise NormalizationStateError(
-                f"site {self.site}: no training images to fit its '{self.method}' intensity normalization; "
-                f"add training cases to the site's dataset.json"
-            )
         try:
-            return fit_site_stats(images, method=self.method, settings=self.settings)
+            return fit_site_stats([sample["image"] for sample in raw.train], method=self.method,
+                                  settings=self.settings)
         except ValueError as error:
             raise NormalizationStateError(f"site {self.site}: {error}") from error
 
@@ -83,9 +78,12 @@ class SiteNormalization:
                 f"site {self.site}: no federation landmarks for Nyúl harmonization in {self.path}; the coordinator "
                 f"sends them at the start of the run and with every round: update fedmed at the coordinator"
             )
-        stats = SiteIntensityStats.from_json(state["stats"])
-        return normalize_site(raw, method=self.method, stats=stats, standard_landmarks=landmarks,
-                              settings=self.settings)
+        try:
+            stats = SiteIntensityStats.from_json(state["stats"])
+            return normalize_site(raw, method=self.method, stats=stats, standard_landmarks=landmarks,
+                                  settings=self.settings)
+        except ValueError as error:  # a hand-edited state file, or landmarks from another run config
+            raise NormalizationStateError(f"site {self.site}: {error} (state in {self.path})") from error
 
     def histogram(self, raw: Any, data: Any) -> dict[str, Any]:
         """Foreground histogram of `data`'s training images, on the voxels that are foreground in the raw images."""

@@ -302,7 +302,7 @@ def normalize_image(
     image = image.float()
     if method == "ct_window":
         low = settings.window_level - settings.window_width / 2
-        return ((image - low) / settings.window_width).clamp(0.0, 1.0)
+        return _scale_to_unit(image, low=low, high=low + settings.window_width)
     if method == "nyul":
         return _normalize_nyul(image, standard_landmarks=standard_landmarks, settings=settings)
     if stats is None:
@@ -316,9 +316,23 @@ def normalize_image(
             f"fit_site_stats(method={method!r})"
         )
     if method == "site_zscore":
-        return (image - float(stats.values["mean"])) / float(stats.values["std"])  # type: ignore[arg-type]
-    low, high = float(stats.values["low"]), float(stats.values["high"])  # type: ignore[arg-type]
-    return ((image - low) / (high - low)).clamp(0.0, 1.0)
+        from monai.transforms import NormalizeIntensity
+
+        shift = NormalizeIntensity(subtrahend=float(stats.values["mean"]), divisor=float(stats.values["std"]))
+        return _plain(shift(image))
+    return _scale_to_unit(image, low=float(stats.values["low"]), high=float(stats.values["high"]))
+
+
+def _scale_to_unit(image: torch.Tensor, *, low: float, high: float) -> torch.Tensor:
+    """[low, high] onto [0, 1], clipped: MONAI's intensity window."""
+    from monai.transforms import ScaleIntensityRange
+
+    return _plain(ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(image))
+
+
+def _plain(tensor: Any) -> torch.Tensor:
+    """Samples travel through DataLoaders and Opacus as plain tensors, without MONAI metadata."""
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
 
 
 def _check_standard(standard_landmarks: Sequence[float] | None, *, settings: NormalizationConfig) -> np.ndarray:

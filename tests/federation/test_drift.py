@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedmed.errors import ConfigError
 from fedmed.data.normalization import average_landmarks, foreground_mask
-from fedmed.flower.simulation import SimulationResult, simulate
+from fedmed.errors import ConfigError
+from fedmed.flower.simulation import SimulationResult, materialize_sites, simulate
+from fedmed.site_normalization import NormalizationStateError
 from fedmed.site_round import SiteSession, SiteSpec
 
 # Two scanners whose intensities differ by scale, offset and a non-linear response.
@@ -71,7 +72,9 @@ def test_site_zscore_is_fitted_at_each_site_from_its_training_images(tiny_config
         assert float(normalized.mean()) == pytest.approx(0.0, abs=1e-3)
         assert float(normalized.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
         # Validation images use the training statistics, not their own.
-        assert not any("val" in key for key in state["stats"]["values"])
+        values = state["stats"]["values"]
+        for normalized, raw in zip(session.data.val, session.raw_data.val, strict=True):
+            assert torch.allclose(normalized["image"], (raw["image"] - values["mean"]) / values["std"], atol=1e-5)
 
 
 def test_cross_site_matrix_with_personalized_models_and_baselines(tiny_config) -> None:
@@ -117,3 +120,15 @@ def test_without_fedbn_the_matrix_has_the_global_model_only(tiny_config) -> None
 def test_fine_tuning_is_refused_under_dp_sgd(tiny_config) -> None:
     with pytest.raises(ConfigError, match="finetune_epochs must be 0 with dp_sgd"):
         tiny_config(dp_sgd={"enabled": True}, evaluation={"finetune_epochs": 1})
+
+
+def test_a_site_with_unusable_normalization_state_is_refused_with_the_file_named(tiny_config, tmp_path) -> None:
+    config = tiny_config(task={"intensity": "nyul"}, synth={"sites": DRIFTED})
+    site = materialize_sites(config).sites[0]
+    session = SiteSession(SiteSpec(name=site.name, data_path=site.path, state_dir=tmp_path / "state"), config)
+    session.describe_intensities()
+    with pytest.raises(NormalizationStateError, match="no federation landmarks"):
+        _ = session.data  # the coordinator never sent the federation's scale
+    session.use_standard_landmarks([0.0, 0.5, 1.0])  # from a run config with other landmarks
+    with pytest.raises(NormalizationStateError, match=r"normalization\.landmarks has 11.*normalization\.json"):
+        _ = session.data

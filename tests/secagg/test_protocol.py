@@ -262,13 +262,19 @@ def test_server_never_receives_an_individual_update() -> None:
         assert int(reply[0][NUM_PARAMS]) != weights[nid]  # the weight is masked too
 
 
-def test_client_refuses_to_reveal_both_shares_of_a_peer() -> None:
-    ids = [1, 2, 3, 4]
-    server = SecAggServer(node_ids=ids, shapes=[(20,)])
+def _keys_shared(ids: list[int], *, size: int) -> tuple[SecAggServer, dict[int, SecAggClient], dict[int, Any]]:
+    """Server and clients driven by hand through setup and key sharing: the masked-input messages, ready for
+    tests that tamper with what follows."""
+    server = SecAggServer(node_ids=ids, shapes=[(size,)])
     clients = {nid: SecAggClient(node_id=nid) for nid in ids}
     messages = server.setup_messages()
     messages = server.receive_public_keys({n: clients[n].setup(msg) for n, msg in messages.items()})
-    messages = server.receive_encrypted_shares({n: clients[n].share_keys(msg) for n, msg in messages.items()})
+    return server, clients, server.receive_encrypted_shares(
+        {n: clients[n].share_keys(msg) for n, msg in messages.items()})
+
+
+def test_client_refuses_to_reveal_both_shares_of_a_peer() -> None:
+    server, clients, messages = _keys_shared([1, 2, 3, 4], size=20)
     update = [np.zeros(20, np.float32)]
     messages = server.receive_masked_vectors(
         {n: clients[n].mask(msg, update=update, weight=1) for n, msg in messages.items()})
@@ -361,12 +367,7 @@ def test_two_sites_cannot_lose_anyone() -> None:
 
 
 def test_malformed_reply_counts_as_a_dropout() -> None:
-    ids = [1, 2, 3, 4]
-    server = SecAggServer(node_ids=ids, shapes=[(10,)])
-    clients = {nid: SecAggClient(node_id=nid) for nid in ids}
-    messages = server.setup_messages()
-    messages = server.receive_public_keys({n: clients[n].setup(msg) for n, msg in messages.items()})
-    messages = server.receive_encrypted_shares({n: clients[n].share_keys(msg) for n, msg in messages.items()})
+    server, clients, messages = _keys_shared([1, 2, 3, 4], size=10)
     replies = {n: clients[n].mask(msg, update=[np.full(10, 0.25, np.float32)], weight=2) for n, msg in messages.items()}
     replies[4] = (replies[4][0].astype(np.int64), replies[4][1])  # wrong dtype
     messages = server.receive_masked_vectors(replies)
