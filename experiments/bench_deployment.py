@@ -29,9 +29,9 @@ from fedmed.config import ModelConfig, SiteDrift, SynthConfig, TaskConfig, load_
 from fedmed.data import synthesize_federation
 from fedmed.deploy import flower_cli
 from fedmed.deploy.local import LocalFederation, wait_for
-from fedmed.flower.logs import set_flower_verbosity
-from fedmed.flower.simulation import simulate
+from fedmed.flower.runtime.environment import set_flower_verbosity
 from fedmed.models import build_model
+from fedmed.workflows.simulate import simulate
 
 FLOOR_APP = Path(__file__).resolve().parent / "flower_floor_app"
 TASK = {"kind": "segmentation", "spatial_dims": 2, "image_size": [64, 64]}
@@ -39,9 +39,14 @@ MODEL = {"channels": [16, 32, 64]}
 
 
 def run_config(name: str, rounds: int) -> dict:
-    return {"name": name, "seed": 0, "task": TASK, "model": MODEL,
-            "train": {"rounds": rounds, "local_epochs": 1, "batch_size": 4, "learning_rate": 0.002},
-            "strategy": {"round_timeout_s": 300}}
+    return {
+        "name": name,
+        "seed": 0,
+        "task": TASK,
+        "model": MODEL,
+        "train": {"rounds": rounds, "local_epochs": 1, "batch_size": 4, "learning_rate": 0.002},
+        "strategy": {"round_timeout_s": 300},
+    }
 
 
 def round_seconds(path: Path) -> list[float]:
@@ -62,7 +67,7 @@ def site_compute(run_dir: Path) -> list[float]:
 def ready_times(federation: LocalFederation, offsets: dict[str, int]) -> list[float]:
     found = []
     for site in federation.sites:
-        text = federation.site_log(site).read_text()[offsets[site]:]
+        text = federation.site_log(site).read_text()[offsets[site] :]
         found += [float(value) for value in re.findall(r"ClientApp ready ([\d.]+) s", text)]
     return found
 
@@ -76,8 +81,9 @@ def cold_import_seconds(repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "from fedmed.flower.task_executor import preload; preload()"],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-c", "from fedmed.flower.runtime.executor import preload; preload()"], check=True
+        )
         times.append(time.perf_counter() - started)
     return times
 
@@ -86,7 +92,7 @@ def fork_seconds(repeats: int) -> list[float]:
     """From fork() in a warm process to the child running (what a warm start costs)."""
     import os
 
-    from fedmed.flower.task_executor import preload
+    from fedmed.flower.runtime.executor import preload
 
     preload()
     times = []
@@ -113,16 +119,21 @@ def main() -> None:
     set_flower_verbosity(False)
 
     parameters = sum(p.numel() for p in build_model(TaskConfig(**TASK), ModelConfig(**MODEL)).parameters())
-    floor_digest = hashlib.sha256(__import__("flwr.cli.build", fromlist=["x"]).build_fab_from_disk(FLOOR_APP)
-                                  ).hexdigest()
+    floor_digest = hashlib.sha256(
+        __import__("flwr.cli.build", fromlist=["x"]).build_fab_from_disk(FLOOR_APP)
+    ).hexdigest()
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         drifts = [SiteDrift(name="a"), SiteDrift(name="b", intensity_scale=2.0), SiteDrift(name="c", gamma=1.3)]
-        sites = synthesize_federation(SynthConfig(task="segmentation", spatial_dims=2, image_size=[64, 64],
-                                                  train_cases=6, val_cases=4, sites=drifts), root / "data")
+        sites = synthesize_federation(
+            SynthConfig(
+                task="segmentation", spatial_dims=2, image_size=[64, 64], train_cases=6, val_cases=4, sites=drifts
+            ),
+            root / "data",
+        )
         federation = LocalFederation(root, site_data={site.name: site.path for site in sites})
         federation.provision()
-        digests = load_server_config(federation.server_config).approved_apps + [floor_digest]
+        digests = [*load_server_config(federation.server_config).approved_apps, floor_digest]
         federation.edit_server(approved_apps=digests)
         for site in federation.sites:
             federation.edit_site(site, approved_apps=digests)
@@ -132,11 +143,15 @@ def main() -> None:
 
             floor_out = root / "floor.jsonl"
             floor_config = root / "floor.toml"
-            floor_config.write_text(f'rounds = {args.rounds}\nparameters = {parameters}\nsites = 3\n'
-                                    f'output = "{floor_out}"\n')
+            floor_config.write_text(
+                f'rounds = {args.rounds}\nparameters = {parameters}\nsites = 3\noutput = "{floor_out}"\n'
+            )
             flower_cli.start_run(server, app=FLOOR_APP, run_config_file=floor_config)
-            wait_for(lambda: floor_out.exists() and len(round_seconds(floor_out)) >= args.rounds, timeout=600,
-                     what="the floor app")
+            wait_for(
+                lambda: floor_out.exists() and len(round_seconds(floor_out)) >= args.rounds,
+                timeout=600,
+                what="the floor app",
+            )
             floor = round_seconds(floor_out)
 
             results = {}
@@ -151,8 +166,11 @@ def main() -> None:
                 config_file = federation.write_run_config(run_config(f"bench-{mode}", args.rounds))
                 output = federation.run(config_file, "--wait").stdout
                 run_dir = Path(re.search(r"run directory: (\S+)", output).group(1))
-                results[mode] = {"rounds": round_seconds(run_dir / "rounds.jsonl"), "compute": site_compute(run_dir),
-                                 "ready": ready_times(federation, offsets)}
+                results[mode] = {
+                    "rounds": round_seconds(run_dir / "rounds.jsonl"),
+                    "compute": site_compute(run_dir),
+                    "ready": ready_times(federation, offsets),
+                }
         finally:
             federation.close()
 
@@ -163,8 +181,10 @@ def main() -> None:
     cold_imports, forks = cold_import_seconds(3), fork_seconds(20)
     median = statistics.median
     warm, cold = results["warm"], results["cold"]
-    print(f"\nDeployment: 3 sites and the coordinator on one machine (TLS, node authentication), 2D segmentation "
-          f"64x64, UNet 16-32-64 ({parameters} parameters), {args.rounds} rounds of 1 local epoch; medians")
+    print(
+        f"\nDeployment: 3 sites and the coordinator on one machine (TLS, node authentication), 2D segmentation "
+        f"64x64, UNet 16-32-64 ({parameters} parameters), {args.rounds} rounds of 1 local epoch; medians"
+    )
     print(f"{'':<62}{'s/round':>9}")
     print(f"{'Flower floor: echo app, same messages and payload':<62}{median(floor):>9.2f}")
     print(f"{'fedmed deployed, warm ClientApp start':<62}{median(warm['rounds']):>9.2f}")
@@ -176,8 +196,10 @@ def main() -> None:
     print("\nClientApp start-up (s, median):")
     print(f"  fresh interpreter importing Flower's runtime, torch, MONAI, fedmed: {median(cold_imports):.2f}")
     print(f"  fork from the warm executor until the child runs:                   {median(forks):.4f}")
-    print(f"  observed, process start to handler (includes Flower fetching the task): warm "
-          f"{median(warm['ready']):.2f}, cold {median(cold['ready']):.2f}")
+    print(
+        f"  observed, process start to handler (includes Flower fetching the task): warm "
+        f"{median(warm['ready']):.2f}, cold {median(cold['ready']):.2f}"
+    )
 
 
 if __name__ == "__main__":

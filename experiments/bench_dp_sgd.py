@@ -2,8 +2,9 @@
 
 Each (model, mode) runs in its own process so peak memory is not shared between measurements;
 memory is the peak resident growth during training over the resident size just before it (CPU),
-or torch's peak allocation (CUDA), and the whole process's peak (what a site's machine must hold). Steps use the models and batch sizes of the run configs:
-the demo's 2D segmentation UNet, the 3D segmentation UNet and the small DenseNet classifier.
+or torch's peak allocation (CUDA), and the whole process's peak (what a site's machine must hold).
+Steps use the models and batch sizes of the run configs: the demo's 2D segmentation UNet, the 3D
+segmentation UNet and the small DenseNet classifier.
 
     python experiments/bench_dp_sgd.py [--steps 20]
 
@@ -32,8 +33,7 @@ def measure(config_path: str, *, private: bool, steps: int) -> dict[str, float]:
 
     from fedmed.config import load_run_config
     from fedmed.models import build_model
-    from fedmed.tasks import get_task, select_device, train_local
-    from fedmed.tasks.private_training import DpSgdStep, check_private_model, train_private
+    from fedmed.tasks import DpSgdStep, check_private_model, get_task, select_device, train_local
 
     config = load_run_config(Path(config_path))
     config.train.augment = False
@@ -50,18 +50,17 @@ def measure(config_path: str, *, private: bool, steps: int) -> dict[str, float]:
         else:
             label = torch.randint(0, config.task.num_classes, (), generator=generator)
         samples.append({"image": image, "label": label})
-    common = dict(task=task, train=config.train, epochs=1, seed=0, device=device)
+    common = {"task": task, "train": config.train, "epochs": 1, "seed": 0, "device": device}
     warm = samples[: config.train.batch_size * 2]
+    dp = None
     if private:
         check_private_model(model, model_name=config.model.name)
         dp = DpSgdStep(noise_multiplier=1.0, max_grad_norm=1.0)
-        train_private(model, warm, dp=dp, **common)  # warm-up: imports, functorch compilation
-    else:
-        train_local(model, warm, **common)
+    train_local(model, warm, dp=dp, **common)  # warm-up: imports, functorch compilation
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     before = _resident_mb()
-    result = train_private(model, samples, dp=dp, **common) if private else train_local(model, samples, **common)
+    result = train_local(model, samples, dp=dp, **common)
     process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else process_peak - before
     return {"step_s": result.seconds / result.steps, "memory_mb": max(peak, 0.0), "process_mb": process_peak}
@@ -81,19 +80,25 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, private=args.private, steps=args.steps)))
         return
-    print(f"{'model':<30}{'plain s/step':>14}{'DP s/step':>12}{'time x':>9}{'train MB plain/DP':>20}{'x':>7}"
-          f"{'process MB plain/DP':>22}{'x':>7}")
+    print(
+        f"{'model':<30}{'plain s/step':>14}{'DP s/step':>12}{'time x':>9}{'train MB plain/DP':>20}{'x':>7}"
+        f"{'process MB plain/DP':>22}{'x':>7}"
+    )
     for name, path in CONFIGS.items():
         runs = {}
         for private in (False, True):
-            command = [sys.executable, __file__, "--one", path, "--steps", str(args.steps)] + (["--private"] if private else [])
+            command = [sys.executable, __file__, "--one", path, "--steps", str(args.steps)] + (
+                ["--private"] if private else []
+            )
             runs[private] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         plain, dp = runs[False], runs[True]
         train_mb = f"{plain['memory_mb']:.0f} / {dp['memory_mb']:.0f}"
         process_mb = f"{plain['process_mb']:.0f} / {dp['process_mb']:.0f}"
-        print(f"{name:<30}{plain['step_s']:>14.3f}{dp['step_s']:>12.3f}{dp['step_s'] / plain['step_s']:>8.2f}x"
-              f"{train_mb:>20}{dp['memory_mb'] / max(plain['memory_mb'], 1.0):>6.2f}x"
-              f"{process_mb:>22}{dp['process_mb'] / plain['process_mb']:>6.2f}x")
+        print(
+            f"{name:<30}{plain['step_s']:>14.3f}{dp['step_s']:>12.3f}{dp['step_s'] / plain['step_s']:>8.2f}x"
+            f"{train_mb:>20}{dp['memory_mb'] / max(plain['memory_mb'], 1.0):>6.2f}x"
+            f"{process_mb:>22}{dp['process_mb'] / plain['process_mb']:>6.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from importlib.resources import files
 from pathlib import Path
 
 from fedmed.config import load_run_config
-from fedmed.flower.logs import set_flower_verbosity
-from fedmed.flower.simulation import simulate
+from fedmed.flower.runtime.environment import set_flower_verbosity
+from fedmed.workflows.simulate import simulate
 
 
 def main() -> None:
@@ -56,16 +56,21 @@ def main() -> None:
             print(f"done: {'non-private' if epsilon is None else epsilon}", flush=True)
     names = sorted(next(iter(results.values()))[0])
     cases = f"{args.train_cases} training cases per site" if args.train_cases else "the demo's 6/6/3 training cases"
-    print(f"\nDP-SGD utility: demo federation (2D segmentation, 3 hospitals, {cases}, {config.train.rounds} rounds x "
-          f"{config.train.local_epochs} local epochs), δ = 1e-5, {args.accountant.upper()} accountant, clip "
-          f"{args.max_grad_norm}; Dice of the global model")
+    print(
+        f"\nDP-SGD utility: demo federation (2D segmentation, 3 hospitals, {cases}, {config.train.rounds} rounds x "
+        f"{config.train.local_epochs} local epochs), δ = 1e-5, {args.accountant.upper()} accountant, clip "
+        f"{args.max_grad_norm}; Dice of the global model"
+    )
     print(f"{'':<14}" + "".join(f"{name:>12}" for name in names) + f"{'mean':>9}{'worst':>9}{'ε spent':>10}{'σ':>8}")
     for label, (dice, spent, noise) in results.items():
         values = [dice[name] for name in names]
         spent_text = f"{max(spent.values()):.2f}" if spent else "-"
         noise_text = f"{max(noise.values()):.2f}" if noise else "-"
-        print(f"{label:<14}" + "".join(f"{value:>12.3f}" for value in values)
-              + f"{sum(values) / len(values):>9.3f}{min(values):>9.3f}{spent_text:>10}{noise_text:>8}")
+        print(
+            f"{label:<14}"
+            + "".join(f"{value:>12.3f}" for value in values)
+            + f"{sum(values) / len(values):>9.3f}{min(values):>9.3f}{spent_text:>10}{noise_text:>8}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,16 +24,16 @@ import torch
 
 from fedmed.config import RunConfig, load_run_config
 from fedmed.data import load_site
-from fedmed.flower.client_app import app as client_app
+from fedmed.flower.client.app import app as client_app
 from fedmed.flower.engines.inprocess import run_inprocess
-from fedmed.flower.logs import set_flower_verbosity
-from fedmed.flower.protocol import encode_run
-from fedmed.flower.server_app import app as server_app
-from fedmed.flower.simulation import materialize_sites
+from fedmed.flower.records import encode_run
+from fedmed.flower.runtime.environment import set_flower_verbosity
+from fedmed.flower.server.app import app as server_app
 from fedmed.models import build_model
 from fedmed.runs import RunDirectory
-from fedmed.site_round import site_seed
+from fedmed.site.session import site_seed
 from fedmed.tasks import get_task, select_device, train_local
+from fedmed.workflows.simulate import materialize_sites
 
 
 def demo_config(output_dir: Path) -> RunConfig:
@@ -56,9 +56,15 @@ def plain_loop(config: RunConfig, sites: dict) -> dict[str, torch.Tensor]:
         for name in sorted(sites):
             model = site_models[name]
             model.load_state_dict(global_state)
-            result = train_local(model, sites[name].train, task=task, train=config.train,
-                                 epochs=config.train.local_epochs, seed=site_seed(config.seed, name, server_round),
-                                 device=device)
+            result = train_local(
+                model,
+                sites[name].train,
+                task=task,
+                train=config.train,
+                epochs=config.train.local_epochs,
+                seed=site_seed(config.seed, name, server_round),
+                device=device,
+            )
             states.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
             weights.append(result.num_examples)
         total = sum(weights)
@@ -85,15 +91,26 @@ def engine_run(config: RunConfig, *, engine: str) -> dict[str, torch.Tensor]:
     if engine == "ray":
         from fedmed.flower.engines.ray import run_ray
 
-        run_ray(server_app=server_app, client_app=client_app, num_sites=len(config.sites), run_config=run_config,
-                run_id=run_id, engine=config.engine)
+        run_ray(
+            server_app=server_app,
+            client_app=client_app,
+            num_sites=len(config.sites),
+            run_config=run_config,
+            run_id=run_id,
+            engine=config.engine,
+        )
     else:
-        run_inprocess(server_app=server_app, client_app=client_app, num_sites=len(config.sites),
-                      run_config=run_config, run_id=run_id)
+        run_inprocess(
+            server_app=server_app,
+            client_app=client_app,
+            num_sites=len(config.sites),
+            run_config=run_config,
+            run_id=run_id,
+        )
     return torch.load(run_dir.checkpoints / "final.pt", weights_only=False)["state_dict"]
 
 
-def timed(function, *args, **kwargs) -> tuple[float, object]:  # noqa: ANN001
+def timed(function, *args, **kwargs) -> tuple[float, object]:
     started = time.perf_counter()
     value = function(*args, **kwargs)
     return time.perf_counter() - started, value
@@ -121,16 +138,17 @@ def main() -> None:
         # Each engine run is paired with the plain run just before it; the median of the pair ratios
         # is robust to the machine slowing down or speeding up between pairs.
         ratios = sorted(e / p for e, p in zip(engine_times, plain_times))
-        rows = [("plain PyTorch loop", plain, 1.0),
-                ("fedmed in-process engine", inprocess, statistics.median(ratios))]
+        rows = [("plain PyTorch loop", plain, 1.0), ("fedmed in-process engine", inprocess, statistics.median(ratios))]
         if args.ray:
             seconds, _ = timed(engine_run, config, engine="ray")
             rows.append(("fedmed on Flower's Ray engine (incl. Ray start)", seconds, seconds / plain))
 
     rounds, sites_count = config.train.rounds, len(config.sites)
-    print(f"\nFramework overhead: demo segmentation, {sites_count} sites x {rounds} rounds x "
-          f"{config.train.local_epochs} local epochs, median of {args.repeats} (torch threads: "
-          f"{torch.get_num_threads()}, python {sys.version.split()[0]})")
+    print(
+        f"\nFramework overhead: demo segmentation, {sites_count} sites x {rounds} rounds x "
+        f"{config.train.local_epochs} local epochs, median of {args.repeats} (torch threads: "
+        f"{torch.get_num_threads()}, python {sys.version.split()[0]})"
+    )
     print(f"{'run':<50}{'median s':>9}{'ratio':>8}")
     for name, seconds, ratio in rows:
         print(f"{name:<50}{seconds:>9.2f}{ratio:>7.3f}x")

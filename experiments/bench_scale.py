@@ -23,12 +23,16 @@ from pathlib import Path
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def federation_config(num_sites: int, *, engine: str, rounds: int, output_dir: Path):  # noqa: ANN201
+def federation_config(num_sites: int, *, engine: str, rounds: int, output_dir: Path):
     from fedmed.config import run_config_from_dict
 
     drifts = [
-        {"name": f"site-{index:03d}", "intensity_scale": 1.0 + (index % 7) * 0.2, "gamma": 0.8 + (index % 5) * 0.1,
-         "noise_std": (index % 3) * 0.02}
+        {
+            "name": f"site-{index:03d}",
+            "intensity_scale": 1.0 + (index % 7) * 0.2,
+            "gamma": 0.8 + (index % 5) * 0.1,
+            "noise_std": (index % 3) * 0.02,
+        }
         for index in range(num_sites)
     ]
     raw = {
@@ -38,24 +42,37 @@ def federation_config(num_sites: int, *, engine: str, rounds: int, output_dir: P
         "model": {"channels": [16, 32, 64]},
         "train": {"rounds": rounds, "local_epochs": 1, "batch_size": 4},
         "engine": {"name": engine},
-        "synth": {"task": "segmentation", "spatial_dims": 2, "image_size": [64, 64], "train_cases": 8,
-                  "val_cases": 4, "sites": drifts},
+        "synth": {
+            "task": "segmentation",
+            "spatial_dims": 2,
+            "image_size": [64, 64],
+            "train_cases": 8,
+            "val_cases": 4,
+            "sites": drifts,
+        },
     }
     return run_config_from_dict(raw, base=output_dir)
 
 
 def child(num_sites: int, engine: str, rounds: int, output_dir: Path) -> None:
     """Run one federation and print its per-round times as JSON (the parent measures memory)."""
-    from fedmed.flower.logs import set_flower_verbosity
-    from fedmed.flower.simulation import simulate
+    from fedmed.flower.runtime.environment import set_flower_verbosity
+    from fedmed.workflows.simulate import simulate
 
     logging.getLogger("fedmed").setLevel(logging.WARNING)
     set_flower_verbosity(False)
     started = time.perf_counter()
     result = simulate(federation_config(num_sites, engine=engine, rounds=rounds, output_dir=output_dir))
     rounds_seen = result.run_dir.read_rounds()
-    print(json.dumps({"total_s": time.perf_counter() - started, "round_s": [r["seconds"] for r in rounds_seen],
-                      "sites_trained": len(rounds_seen[-1]["sites_trained"])}))
+    print(
+        json.dumps(
+            {
+                "total_s": time.perf_counter() - started,
+                "round_s": [r["seconds"] for r in rounds_seen],
+                "sites_trained": len(rounds_seen[-1]["sites_trained"]),
+            }
+        )
+    )
 
 
 def tree_rss(root: int) -> int:
@@ -85,7 +102,8 @@ def measure(num_sites: int, engine: str, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         process = subprocess.Popen(
             [sys.executable, __file__, "--child", str(num_sites), engine, str(rounds), scratch],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         peak = 0
         stop = threading.Event()
@@ -119,13 +137,17 @@ def main() -> None:
         return
 
     rows = [measure(n, engine, args.rounds) for engine in args.engines for n in args.sites]
-    print(f"\nScale: 2D segmentation 64x64, UNet (16,32,64), 8 training + 4 validation cases per site, "
-          f"{args.rounds} rounds, 1 local epoch, evaluation every round")
+    print(
+        f"\nScale: 2D segmentation 64x64, UNet (16,32,64), 8 training + 4 validation cases per site, "
+        f"{args.rounds} rounds, 1 local epoch, evaluation every round"
+    )
     print(f"{'engine':<11}{'sites':>6}{'s/round (median)':>18}{'first round s':>15}{'peak RSS GB':>13}{'total s':>9}")
     for row in rows:
         times = sorted(row["round_s"])
-        print(f"{row['engine']:<11}{row['sites']:>6}{times[len(times) // 2]:>18.2f}{row['round_s'][0]:>15.2f}"
-              f"{row['peak_gb']:>13.2f}{row['total_s']:>9.1f}")
+        print(
+            f"{row['engine']:<11}{row['sites']:>6}{times[len(times) // 2]:>18.2f}{row['round_s'][0]:>15.2f}"
+            f"{row['peak_gb']:>13.2f}{row['total_s']:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

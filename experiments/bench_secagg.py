@@ -25,25 +25,32 @@ from pathlib import Path
 from fedmed.config import ModelConfig, SiteDrift, SynthConfig, TaskConfig, run_config_from_dict
 from fedmed.data import synthesize_federation
 from fedmed.deploy.local import LocalFederation
-from fedmed.flower.logs import set_flower_verbosity
-from fedmed.flower.simulation import simulate
+from fedmed.flower.runtime.environment import set_flower_verbosity
 from fedmed.models import build_model
+from fedmed.workflows.simulate import simulate
 
 TASK = {"kind": "segmentation", "spatial_dims": 2, "image_size": [64, 64]}
 MODEL = {"channels": [36, 72, 144, 288]}
 
 
 def run_config(name: str, *, rounds: int, secure: bool) -> dict:
-    return {"name": name, "seed": 0, "task": TASK, "model": MODEL,
-            "train": {"rounds": rounds, "local_epochs": 1, "batch_size": 4, "learning_rate": 0.002,
-                      "eval_every": rounds},
-            "strategy": {"round_timeout_s": 600}, "secagg": {"enabled": secure}}
+    return {
+        "name": name,
+        "seed": 0,
+        "task": TASK,
+        "model": MODEL,
+        "train": {"rounds": rounds, "local_epochs": 1, "batch_size": 4, "learning_rate": 0.002, "eval_every": rounds},
+        "strategy": {"round_timeout_s": 600},
+        "secagg": {"enabled": secure},
+    }
 
 
 def measured(rounds_jsonl: Path) -> dict[str, float]:
     rows = [json.loads(line) for line in rounds_jsonl.read_text().splitlines() if line.strip()][1:]
-    return {"round_s": statistics.median(row["train_phase_s"] for row in rows),
-            "bytes": statistics.median(row["upload_bytes_per_site"] for row in rows)}
+    return {
+        "round_s": statistics.median(row["train_phase_s"] for row in rows),
+        "bytes": statistics.median(row["upload_bytes_per_site"] for row in rows),
+    }
 
 
 def inprocess(sites: list, root: Path, *, rounds: int, secure: bool) -> dict[str, float]:
@@ -60,8 +67,9 @@ def deployed(sites: list, root: Path, *, rounds: int) -> dict[bool, dict[str, fl
         federation.start()
         for secure in (False, True):
             name = f"deployed-{len(sites)}-{'secure' if secure else 'plain'}"
-            output = federation.run(federation.write_run_config(run_config(name, rounds=rounds, secure=secure)),
-                                    "--wait").stdout
+            output = federation.run(
+                federation.write_run_config(run_config(name, rounds=rounds, secure=secure)), "--wait"
+            ).stdout
             run_dir = Path(re.search(r"run directory: (\S+)", output).group(1))
             results[secure] = measured(run_dir / "rounds.jsonl")
     finally:
@@ -83,9 +91,15 @@ def main() -> None:
     for count in args.sites:
         with tempfile.TemporaryDirectory() as scratch:
             root = Path(scratch)
-            drifts = [SiteDrift(name=chr(ord("a") + index), intensity_scale=1.0 + 0.3 * index) for index in range(count)]
-            sites = synthesize_federation(SynthConfig(task="segmentation", spatial_dims=2, image_size=[64, 64],
-                                                      train_cases=8, val_cases=2, sites=drifts), root / "data")
+            drifts = [
+                SiteDrift(name=chr(ord("a") + index), intensity_scale=1.0 + 0.3 * index) for index in range(count)
+            ]
+            sites = synthesize_federation(
+                SynthConfig(
+                    task="segmentation", spatial_dims=2, image_size=[64, 64], train_cases=8, val_cases=2, sites=drifts
+                ),
+                root / "data",
+            )
             plain = inprocess(sites, root, rounds=args.rounds, secure=False)
             secure = inprocess(sites, root, rounds=args.rounds, secure=True)
             rows.append(("in-process", count, plain, secure))
@@ -93,15 +107,21 @@ def main() -> None:
                 results = deployed(sites, root, rounds=args.rounds)
                 rows.append(("deployed (TLS, processes)", count, results[False], results[True]))
 
-    print(f"\nSecAgg+ over a plain round: 2D segmentation UNet, {parameters} parameters "
-          f"({model_bytes / 2**20:.2f} MiB float32), 8 training images per site, 1 local epoch, "
-          f"{args.rounds} rounds (medians after the first)")
-    print(f"{'engine':<28}{'sites':>6}{'plain s':>9}{'secure s':>10}{'time x':>8}"
-          f"{'plain MiB':>11}{'secure MiB':>12}{'bytes x model':>15}")
+    print(
+        f"\nSecAgg+ over a plain round: 2D segmentation UNet, {parameters} parameters "
+        f"({model_bytes / 2**20:.2f} MiB float32), 8 training images per site, 1 local epoch, "
+        f"{args.rounds} rounds (medians after the first)"
+    )
+    print(
+        f"{'engine':<28}{'sites':>6}{'plain s':>9}{'secure s':>10}{'time x':>8}"
+        f"{'plain MiB':>11}{'secure MiB':>12}{'bytes x model':>15}"
+    )
     for engine, count, plain, secure in rows:
-        print(f"{engine:<28}{count:>6}{plain['round_s']:>9.2f}{secure['round_s']:>10.2f}"
-              f"{secure['round_s'] / plain['round_s']:>7.2f}x{plain['bytes'] / 2**20:>11.3f}"
-              f"{secure['bytes'] / 2**20:>12.3f}{secure['bytes'] / model_bytes:>14.3f}x")
+        print(
+            f"{engine:<28}{count:>6}{plain['round_s']:>9.2f}{secure['round_s']:>10.2f}"
+            f"{secure['round_s'] / plain['round_s']:>7.2f}x{plain['bytes'] / 2**20:>11.3f}"
+            f"{secure['bytes'] / 2**20:>12.3f}{secure['bytes'] / model_bytes:>14.3f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def one_round(num_sites: int, num_params: int, *, drop_at_mask: bool, seed: int)
     def run_clients(name: str, messages: dict[int, dict[str, Any]], call: Callable[..., Any]) -> dict[int, Any]:
         replies = {}
         for nid, message in messages.items():
-            reply, ms = _timed(lambda: call(clients[nid], message))
+            reply, ms = _timed(lambda nid=nid, message=message: call(clients[nid], message))
             times[name].append(ms)
             replies[nid] = reply
         return replies
@@ -54,7 +54,9 @@ def one_round(num_sites: int, num_params: int, *, drop_at_mask: bool, seed: int)
     messages = server.setup_messages()
     messages = server.receive_public_keys(run_clients("setup", messages, lambda c, m: c.setup(m)))
     messages = server.receive_encrypted_shares(run_clients("share", messages, lambda c, m: c.share_keys(m)))
-    replies = run_clients("mask", messages, lambda c, m: c.mask(m, update=updates[c.node_id], weight=weights[c.node_id]))
+    replies = run_clients(
+        "mask", messages, lambda c, m: c.mask(m, update=updates[c.node_id], weight=weights[c.node_id])
+    )
     if lost is not None:
         replies.pop(lost)
     messages, sum_ms = _timed(lambda: server.receive_masked_vectors(replies))
@@ -93,10 +95,13 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("fedmed").setLevel(logging.ERROR)  # the dropout runs would warn on every round
 
-    print(f"SecAgg+ core, {args.params:,} float32 parameters, median of {args.repeats} rounds, "
-          f"{os.cpu_count()} CPU cores")
-    header = (f"{'sites':>5} {'dropped':>8} | {'setup':>6} {'share':>6} {'mask':>6} {'unmask':>6} | "
-              f"{'sum':>6} {'unmask':>7} | {'round s':>7} {'wire x':>6} {'max err':>9} {'bound':>9}")
+    print(
+        f"SecAgg+ core, {args.params:,} float32 parameters, median of {args.repeats} rounds, {os.cpu_count()} CPU cores"
+    )
+    header = (
+        f"{'sites':>5} {'dropped':>8} | {'setup':>6} {'share':>6} {'mask':>6} {'unmask':>6} | "
+        f"{'sum':>6} {'unmask':>7} | {'round s':>7} {'wire x':>6} {'max err':>9} {'bound':>9}"
+    )
     print(f"{'':>14} | {'client ms (median site)':^27} | {'server ms':^14} |")
     print(header)
     print("-" * len(header))
@@ -104,13 +109,17 @@ def main() -> None:
         for drop in (False, True):
             runs = [one_round(num_sites, args.params, drop_at_mask=drop, seed=r) for r in range(args.repeats)]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            print(f"{num_sites:>5} {('1 @mask' if drop else 'none'):>8} | {med['client_setup_ms']:6.1f} "
-                  f"{med['client_share_ms']:6.1f} {med['client_mask_ms']:6.1f} {med['client_unmask_ms']:6.1f} | "
-                  f"{med['server_sum_ms']:6.1f} {med['server_unmask_ms']:7.1f} | {med['round_s']:7.2f} "
-                  f"{med['wire_ratio']:6.3f} {max(r['error'] for r in runs):9.2e} {med['bound']:9.2e}")
+            print(
+                f"{num_sites:>5} {('1 @mask' if drop else 'none'):>8} | {med['client_setup_ms']:6.1f} "
+                f"{med['client_share_ms']:6.1f} {med['client_mask_ms']:6.1f} {med['client_unmask_ms']:6.1f} | "
+                f"{med['server_sum_ms']:6.1f} {med['server_unmask_ms']:7.1f} | {med['round_s']:7.2f} "
+                f"{med['wire_ratio']:6.3f} {max(r['error'] for r in runs):9.2e} {med['bound']:9.2e}"
+            )
     aes, flower = prg_comparison(args.params, max(args.repeats, 3))
-    print(f"\nmask generator for {args.params:,} uint32 values: AES-256-CTR {aes:.1f} ms "
-          f"(used), Flower pseudo_rand_gen {flower:.1f} ms (32-bit seed, not used)")
+    print(
+        f"\nmask generator for {args.params:,} uint32 values: AES-256-CTR {aes:.1f} ms "
+        f"(used), Flower pseudo_rand_gen {flower:.1f} ms (32-bit seed, not used)"
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from fedmed.config import TaskConfig, apply_overrides, dump_toml, load_run_config, read_toml
-from fedmed.errors import ConfigError
+from fedmed.core.errors import ConfigError
 
 MINIMAL = """
 name = "t"
@@ -64,7 +64,7 @@ def test_fedprox_without_mu_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_simulation_needs_data(tmp_path: Path) -> None:
-    from fedmed.flower.simulation import simulate
+    from fedmed.workflows.simulate import simulate
 
     config = load_run_config(write(tmp_path, MINIMAL.split("[[sites]]")[0]))  # valid for a deployed run
     with pytest.raises(ConfigError, match="a simulation needs data"):
@@ -79,7 +79,7 @@ def test_quorum_cannot_exceed_sites(tmp_path: Path) -> None:
 def test_overrides_parse_toml_values() -> None:
     raw = apply_overrides({"train": {"rounds": 5}}, ["train.rounds=2", "strategy.name=fedprox", "train.amp=false"])
     assert raw == {"train": {"rounds": 2, "amp": False}, "strategy": {"name": "fedprox"}}
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section.key=value"):
         apply_overrides({}, ["rounds"])
 
 

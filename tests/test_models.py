@@ -3,20 +3,33 @@ import torch
 from torch import nn
 
 from fedmed.config import ModelConfig, TaskConfig
-from fedmed.errors import ConfigError
+from fedmed.core.errors import ConfigError
 from fedmed.models import build_model, site_local_keys
 
 CASES = [
-    (TaskConfig(kind="segmentation", spatial_dims=2, image_size=[32, 32], num_classes=3), ModelConfig(), (2, 3, 32, 32)),
-    (TaskConfig(kind="segmentation", spatial_dims=3, image_size=[16, 16, 16]), ModelConfig(channels=[8, 16]),
-     (2, 2, 16, 16, 16)),
-    (TaskConfig(kind="segmentation", spatial_dims=2, image_size=[32, 32]), ModelConfig(name="segresnet"),
-     (2, 2, 32, 32)),
+    (
+        TaskConfig(kind="segmentation", spatial_dims=2, image_size=[32, 32], num_classes=3),
+        ModelConfig(),
+        (2, 3, 32, 32),
+    ),
+    (
+        TaskConfig(kind="segmentation", spatial_dims=3, image_size=[16, 16, 16]),
+        ModelConfig(channels=[8, 16]),
+        (2, 2, 16, 16, 16),
+    ),
+    (
+        TaskConfig(kind="segmentation", spatial_dims=2, image_size=[32, 32]),
+        ModelConfig(name="segresnet"),
+        (2, 2, 32, 32),
+    ),
     (TaskConfig(kind="classification", spatial_dims=2, image_size=[28, 28]), ModelConfig(), (2, 2)),
     (TaskConfig(kind="classification", spatial_dims=3, image_size=[16, 16, 16], num_classes=4), ModelConfig(), (2, 4)),
     (TaskConfig(kind="enhancement", spatial_dims=2, image_size=[32, 32]), ModelConfig(), (2, 1, 32, 32)),
-    (TaskConfig(kind="enhancement", spatial_dims=3, image_size=[16, 16, 16]), ModelConfig(channels=[8, 16]),
-     (2, 1, 16, 16, 16)),
+    (
+        TaskConfig(kind="enhancement", spatial_dims=3, image_size=[16, 16, 16]),
+        ModelConfig(channels=[8, 16]),
+        (2, 1, 16, 16, 16),
+    ),
 ]
 
 
@@ -33,7 +46,9 @@ def test_defaults_are_dp_compatible(task: TaskConfig, model_config: ModelConfig,
     assert not any(getattr(m, "inplace", False) for m in model.modules())
     local = site_local_keys(model)
     assert local, "normalization layers must carry affine parameters for FedBN"
-    norm_params = {n for n, m in model.named_modules() if isinstance(m, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm))}
+    norm_params = {
+        n for n, m in model.named_modules() if isinstance(m, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm))
+    }
     assert {key.rsplit(".", 1)[0] for key in local} == norm_params
 
 

@@ -52,8 +52,9 @@ def test_segmentation_training_learns_the_squares() -> None:
     torch.manual_seed(0)
     model = build_model(config, ModelConfig(channels=[8, 16, 32]))
     before = task.evaluate(model, squares(4, seed=1), device=CPU)["dice"]
-    train_local(model, squares(16), task=task, train=TrainConfig(learning_rate=1e-2, batch_size=4), epochs=8,
-                seed=0, device=CPU)
+    train_local(
+        model, squares(16), task=task, train=TrainConfig(learning_rate=1e-2, batch_size=4), epochs=8, seed=0, device=CPU
+    )
     after = task.evaluate(model, squares(4, seed=1), device=CPU)["dice"]
     assert after > 0.8 > before
 
@@ -82,8 +83,17 @@ def test_proximal_term_value_and_effect() -> None:
         torch.manual_seed(0)
         model = build_model(config, ModelConfig(channels=[8, 16]))
         start = {k: v.detach().clone() for k, v in model.named_parameters()}
-        train_local(model, squares(8), task=task, train=TrainConfig(learning_rate=1e-2), epochs=2, seed=0,
-                    device=CPU, proximal_mu=mu, proximal_keys=list(start))
+        train_local(
+            model,
+            squares(8),
+            task=task,
+            train=TrainConfig(learning_rate=1e-2),
+            epochs=2,
+            seed=0,
+            device=CPU,
+            proximal_mu=mu,
+            proximal_keys=list(start),
+        )
         drift[mu] = sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters())
     assert drift[1.0] < drift[0.0]
 
@@ -100,12 +110,15 @@ def test_classification_training_separates_bright_from_dark() -> None:
     config = TaskConfig(kind="classification", image_size=[16, 16])
     task = get_task(config)
     generator = torch.Generator().manual_seed(0)
-    samples = [{"image": torch.randn(1, 16, 16, generator=generator) + 1.5 * (i % 2), "label": torch.tensor(i % 2)}
-               for i in range(32)]
+    samples = [
+        {"image": torch.randn(1, 16, 16, generator=generator) + 1.5 * (i % 2), "label": torch.tensor(i % 2)}
+        for i in range(32)
+    ]
     torch.manual_seed(0)
     model = build_model(config, ModelConfig())
-    train_local(model, samples, task=task, train=TrainConfig(learning_rate=3e-3, batch_size=8), epochs=6, seed=0,
-                device=CPU)
+    train_local(
+        model, samples, task=task, train=TrainConfig(learning_rate=3e-3, batch_size=8), epochs=6, seed=0, device=CPU
+    )
     metrics = task.evaluate(model, samples, device=CPU)
     assert metrics["auc"] > 0.95 and metrics["accuracy"] > 0.85
 
@@ -137,7 +150,8 @@ def test_enhancement_training_beats_the_noisy_input() -> None:
     samples = [{"image": image} for image in smooth]
     torch.manual_seed(0)
     model = build_model(config, ModelConfig(channels=[8, 16]))
-    train_local(model, samples, task=task, train=TrainConfig(learning_rate=3e-3, batch_size=8), epochs=10, seed=0,
-                device=CPU)
+    train_local(
+        model, samples, task=task, train=TrainConfig(learning_rate=3e-3, batch_size=8), epochs=10, seed=0, device=CPU
+    )
     metrics = task.evaluate(model, samples, device=CPU)
     assert metrics["psnr"] > metrics["psnr_input"] + 2.0

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.config import SiteDrift, read_toml, run_config_from_dict
-from fedmed.flower.logs import set_flower_verbosity
-from fedmed.flower.simulation import simulate
+from fedmed.flower.runtime.environment import set_flower_verbosity
+from fedmed.workflows.simulate import simulate
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SHARED_DATA = HERE.parents[2] / "shared" / "data"
@@ -57,8 +57,9 @@ def main() -> None:
         for arm in chosen:
             # Local-only and pooled depend only on the data as normalized and on the network: train them once each.
             key = baseline_label(base, arms[arm])
-            results[arm] = _run_arm(base, arm=arm, changes=arms[arm], output=args.output,
-                                    baselines=key not in with_baselines)
+            results[arm] = _run_arm(
+                base, arm=arm, changes=arms[arm], output=args.output, baselines=key not in with_baselines
+            )
             with_baselines.add(key)
         (args.output / f"{dataset}-results.json").write_text(json.dumps(results, indent=1))
         print(format_table(dataset, results))
@@ -68,19 +69,30 @@ def _base_config(dataset: str, *, output: Path, shared_data: Path) -> dict[str, 
     raw = read_toml(HERE / f"{dataset}.toml")
     raw["output_dir"] = str(output)
     if dataset == "ixi":
-        raw["sites"] = _ixi_sites(shared_data / "ixi-hh-t1-12", scanners=raw.pop("scanners"), output=output,
-                                  task=raw["task"])
+        raw["sites"] = _ixi_sites(
+            shared_data / "ixi-hh-t1-12", scanners=raw.pop("scanners"), output=output, task=raw["task"]
+        )
     return raw
 
 
 def _ixi_sites(root: Path, *, scanners: list[dict], output: Path, task: dict) -> list[dict[str, str]]:
     from fedmed.data import cases_from_folder_pairs, split_into_sites
 
-    cases = cases_from_folder_pairs(root / "t1", root / "labels", image_glob="*_T1.nii.gz",
-                                    label_for_image=lambda name: name.replace("_T1.nii.gz", "_T1_DLMUSE.nii.gz"))
-    sites = split_into_sites(cases, drifts=[SiteDrift(**scanner) for scanner in scanners],
-                             out_dir=output / "data" / "ixi-sites", image_size=task["image_size"],
-                             binarize_labels=task["binarize_labels"], val_fraction=0.25, seed=0)
+    cases = cases_from_folder_pairs(
+        root / "t1",
+        root / "labels",
+        image_glob="*_T1.nii.gz",
+        label_for_image=lambda name: name.replace("_T1.nii.gz", "_T1_DLMUSE.nii.gz"),
+    )
+    sites = split_into_sites(
+        cases,
+        drifts=[SiteDrift(**scanner) for scanner in scanners],
+        out_dir=output / "data" / "ixi-sites",
+        image_size=task["image_size"],
+        binarize_labels=task["binarize_labels"],
+        val_fraction=0.25,
+        seed=0,
+    )
     return [{"name": site.name, "path": str(site.path)} for site in sites]
 
 
@@ -90,8 +102,9 @@ def baseline_label(base: dict[str, Any], changes: dict[str, Any]) -> str:
     return intensity + (f", {norm} norm" if norm else "")
 
 
-def _run_arm(base: dict[str, Any], *, arm: str, changes: dict[str, Any], output: Path,
-             baselines: bool) -> dict[str, Any]:
+def _run_arm(
+    base: dict[str, Any], *, arm: str, changes: dict[str, Any], output: Path, baselines: bool
+) -> dict[str, Any]:
     raw = json.loads(json.dumps(base))
     for section, values in changes.items():
         raw.setdefault(section, {}).update(values)
@@ -104,8 +117,10 @@ def _run_arm(base: dict[str, Any], *, arm: str, changes: dict[str, Any], output:
         "baselines": baseline_label(base, changes),
         "seconds": round(time.perf_counter() - started, 1),
         "run_dir": str(result.run_dir.path),
-        **{column: {site: row[column]["dice"] for site, row in summary["sites"].items() if row.get(column)}
-           for column in ("federated", "personalized", "local_only", "pooled")},
+        **{
+            column: {site: row[column]["dice"] for site, row in summary["sites"].items() if row.get(column)}
+            for column in ("federated", "personalized", "local_only", "pooled")
+        },
     }
 
 
@@ -136,19 +151,27 @@ def _targets(results: dict[str, dict[str, Any]]) -> list[str]:
 
     lines = []
     if "fedavg" in results and "fedbn+site-norm" in results:
-        fedavg, fedbn = min(results["fedavg"]["federated"].values()), min(results["fedbn+site-norm"]["federated"].values())
+        fedavg, fedbn = (
+            min(results["fedavg"]["federated"].values()),
+            min(results["fedbn+site-norm"]["federated"].values()),
+        )
         verdict = "met" if fedbn >= fedavg + WORST_SITE_MARGIN else "MISSED"
-        lines.append(f"target worst site: fedbn+site-norm {fedbn:.3f} vs fedavg {fedavg:.3f} + {WORST_SITE_MARGIN}: "
-                     f"{verdict}")
+        lines.append(
+            f"target worst site: fedbn+site-norm {fedbn:.3f} vs fedavg {fedavg:.3f} + {WORST_SITE_MARGIN}: {verdict}"
+        )
     best_arm = max(results, key=lambda arm: mean(results[arm]["federated"]))
     best = mean(results[best_arm]["federated"])
     pooled_by_label = {result["baselines"]: mean(result["pooled"]) for result in results.values() if result["pooled"]}
     # Two readings of "pooled": trained on the data as the best arm normalizes it, and the best pooled model of all.
-    for what, pooled in (("pooled with the same normalization", pooled_by_label[results[best_arm]["baselines"]]),
-                         ("best pooled", max(pooled_by_label.values()))):
+    for what, pooled in (
+        ("pooled with the same normalization", pooled_by_label[results[best_arm]["baselines"]]),
+        ("best pooled", max(pooled_by_label.values())),
+    ):
         verdict = "met" if best >= POOLED_FRACTION * pooled else "MISSED"
-        lines.append(f"target pooled: best federated mean {best:.3f} ({best_arm}) = {best / pooled:.3f} x {what} "
-                     f"{pooled:.3f} (>= {POOLED_FRACTION}): {verdict}")
+        lines.append(
+            f"target pooled: best federated mean {best:.3f} ({best_arm}) = {best / pooled:.3f} x {what} "
+            f"{pooled:.3f} (>= {POOLED_FRACTION}): {verdict}"
+        )
     return lines
 
 

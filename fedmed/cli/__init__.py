@@ -1,1 +1,4 @@
-"""The fedmed command line (typer): parse, call, print."""
+"""The `fedmed` command: typer commands that parse, call one function below, and print.
+
+May import every other layer.
+"""

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import typer
 
-from fedmed.errors import FedmedError
-from fedmed.log import configure_console_logging
+from fedmed.core.errors import FedmedError
+from fedmed.core.log import configure_console_logging
 
 
 @contextlib.contextmanager

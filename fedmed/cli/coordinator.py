@@ -21,24 +21,36 @@ ServerConfigOption = Annotated[
 def provision(
     workspace: Annotated[Path, typer.Argument(help="New folder for the federation (CA, server, site kits).")],
     federation: Annotated[str, typer.Option(help="Federation name.")] = "fedmed",
-    address: Annotated[list[str], typer.Option(
-        help="Address sites use to reach the server (repeatable); every one goes into the certificate.")] = ["127.0.0.1"],  # noqa: B006
+    address: Annotated[
+        list[str],
+        typer.Option(help="Address sites use to reach the server (repeatable); every one goes into the certificate."),
+    ] = ["127.0.0.1"],  # noqa: B006
     port: Annotated[int, typer.Option(help="SuperLink port.")] = 8000,
     site: Annotated[list[str] | None, typer.Option(help="A site to make a kit for (repeatable).")] = None,
-    site_keys: Annotated[bool, typer.Option(
-        help="Generate each site's key pair into its kit; with --no-site-keys sites make their own.")] = True,
+    site_keys: Annotated[
+        bool, typer.Option(help="Generate each site's key pair into its kit; with --no-site-keys sites make their own.")
+    ] = True,
 ) -> None:
     """Create a federation: CA, server certificate and config, and one kit per site."""
     from fedmed.deploy.workspace import provision as make_workspace
-    from fedmed.flower.app_bundle import app_digest
+    from fedmed.flower.runtime.app_bundle import app_digest
 
     with user_errors():
         # The coordinator's own tools reach the SuperLink on loopback, so that address is always certified.
         addresses = list(dict.fromkeys([*address, "127.0.0.1", "localhost"]))
-        workspace_ = make_workspace(workspace, federation=federation, addresses=addresses, port=port,
-                                    sites=site or [], site_keys=site_keys, app_digest=app_digest())
+        workspace_ = make_workspace(
+            workspace,
+            federation=federation,
+            addresses=addresses,
+            port=port,
+            sites=site or [],
+            site_keys=site_keys,
+            app_digest=app_digest(),
+        )
     typer.echo(f"federation '{federation}' in {workspace_.root}")
-    typer.echo(f"  server config: {workspace_.server_config}  (start it: fedmed server start {workspace_.server_config})")
+    typer.echo(
+        f"  server config: {workspace_.server_config}  (start it: fedmed server start {workspace_.server_config})"
+    )
     for name in site or []:
         typer.echo(f"  site kit:      {workspace_.kit(name)}  (hand this folder to the site's admin)")
     typer.echo(f"  keep {workspace_.ca_key} offline: it can issue certificates for this federation")
@@ -85,8 +97,9 @@ def server_add_site(
 
 
 def run(
-    config_file: Annotated[Path | None, typer.Argument(help="Run config (TOML): task, model, train, strategy.",
-                                                      metavar="CONFIG")] = None,
+    config_file: Annotated[
+        Path | None, typer.Argument(help="Run config (TOML): task, model, train, strategy.", metavar="CONFIG")
+    ] = None,
     server_config: ServerConfigOption = Path("server.toml"),
     resume: Annotated[Path | None, typer.Option(help="Continue this run directory from its last checkpoint.")] = None,
     wait: Annotated[bool, typer.Option(help="Follow the run until it ends.")] = False,
@@ -94,25 +107,28 @@ def run(
 ) -> None:
     """Launch a federated run on the live federation (or resume one)."""
     from fedmed.config import load_run_config, load_server_config
-    from fedmed.errors import FedmedError
-    from fedmed.flower.engines import deployment
+    from fedmed.core.errors import FedmedError
+    from fedmed.runs.run_dir import STATUS_FILE
+    from fedmed.workflows import deployed_run
 
     setup_logging(False)
     with user_errors():
         server = load_server_config(server_config)
         if resume is not None:
-            deployed = deployment.resume(server, resume)
+            deployed = deployed_run.resume(server, resume)
         elif config_file is not None:
-            deployed = deployment.launch(server, load_run_config(config_file, overrides=overrides or []))
+            deployed = deployed_run.launch(server, load_run_config(config_file, overrides=overrides or []))
         else:
             raise FedmedError("give a run CONFIG, or --resume RUN_DIR")
         typer.echo(f"run {deployed.run_dir.path.name} submitted (Flower run {deployed.flower_run_id})")
         typer.echo(f"run directory: {deployed.run_dir.path}")
         if wait:
-            state = deployment.wait(server, deployed)
-            recorded = deployed.run_dir.read_json("status.json") or {}
-            typer.echo(f"run {deployed.run_dir.path.name}: {state}"
-                       + (f" - {recorded['reason']}" if recorded.get("reason") else ""))
+            state = deployed_run.wait(server, deployed)
+            recorded = deployed.run_dir.read_json(STATUS_FILE) or {}
+            typer.echo(
+                f"run {deployed.run_dir.path.name}: {state}"
+                + (f" - {recorded['reason']}" if recorded.get("reason") else "")
+            )
             if state != "finished:completed":
                 raise typer.Exit(1)
 
@@ -123,10 +139,10 @@ def status(
 ) -> None:
     """Show the sites (connected or not) and every run's progress and latest per-site metrics."""
     from fedmed.config import load_server_config
-    from fedmed.flower.engines import deployment
+    from fedmed.workflows import deployed_run
 
     with user_errors():
-        report = deployment.status(load_server_config(server_config))
+        report = deployed_run.status(load_server_config(server_config))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -140,8 +156,11 @@ def status(
         progress = f"round {run_['rounds_done']}/{run_['rounds']}"
         typer.echo(f"  {run_['run']:<32} {progress:<14} {state}")
         for site, metrics in sorted(run_["last_metrics"].items()):
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                              if isinstance(v, float) and k != "loss" and not k.endswith("_seconds"))
+            shown = ", ".join(
+                f"{k} {v:.3f}"
+                for k, v in metrics.items()
+                if isinstance(v, float) and k != "loss" and not k.endswith("_seconds")
+            )
             typer.echo(f"      {site:<20} {shown}")
 
 
@@ -151,16 +170,16 @@ def stop(
 ) -> None:
     """Stop a running federated run."""
     from fedmed.config import load_server_config
-    from fedmed.flower.engines import deployment
+    from fedmed.workflows import deployed_run
 
     with user_errors():
-        flower_run_id = deployment.stop(load_server_config(server_config), run_name)
+        flower_run_id = deployed_run.stop(load_server_config(server_config), run_name)
     typer.echo(f"stopped Flower run {flower_run_id}")
 
 
 @app_app.command("digest")
 def app_digest_command() -> None:
     """Print the digest of this fedmed version's app, the value sites and coordinators approve."""
-    from fedmed.flower.app_bundle import app_digest
+    from fedmed.flower.runtime.app_bundle import app_digest
 
     typer.echo(app_digest())

@@ -34,7 +34,9 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")
 @app.command()
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the synthetic data and the run directory go.")] = Path("runs"),
-    engine: Annotated[str, typer.Option(help="inprocess (fast start) or ray (Flower's simulation engine).")] = "inprocess",
+    engine: Annotated[
+        str, typer.Option(help="inprocess (fast start) or ray (Flower's simulation engine).")
+    ] = "inprocess",
     overrides: Overrides = None,
     verbose: Verbose = False,
 ) -> None:
@@ -67,8 +69,9 @@ def simulate(
 
 @app.command()
 def synth(
-    config_file: Annotated[Path, typer.Argument(help="TOML with a [synth] section (a run config works).",
-                                                metavar="CONFIG")],
+    config_file: Annotated[
+        Path, typer.Argument(help="TOML with a [synth] section (a run config works).", metavar="CONFIG")
+    ],
     out_dir: Annotated[Path, typer.Argument(help="Folder to write one sub-folder per site into.")],
     overwrite: Annotated[bool, typer.Option(help="Replace sites generated from a different config.")] = False,
     verbose: Verbose = False,
@@ -87,25 +90,25 @@ def synth(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.", metavar="RUN")]) -> None:
     """Re-draw a run's HTML report and print its per-site summary."""
+    from fedmed.core.errors import FedmedError
     from fedmed.runs import RunDirectory
     from fedmed.runs.report import write_report
+    from fedmed.runs.run_dir import SUMMARY_FILE
     from fedmed.runs.summary import format_summary
 
     with user_errors():
         directory = RunDirectory(run_dir)
-        summary = directory.read_json("summary.json")
+        summary = directory.read_json(SUMMARY_FILE)
         if summary is None:
-            from fedmed.errors import FedmedError
-
-            raise FedmedError(f"{run_dir}: no summary.json; is this a finished fedmed run directory?")
+            raise FedmedError(f"{run_dir}: no {SUMMARY_FILE}; is this a finished fedmed run directory?")
         write_report(directory)
     typer.echo(format_summary(summary))
     typer.echo(f"report: {directory.report_html}")
 
 
-def _simulate_and_print(config, *, verbose: bool) -> None:  # noqa: ANN001 - RunConfig, imported lazily
-    from fedmed.flower.logs import set_flower_verbosity
-    from fedmed.flower.simulation import simulate as run_simulation
+def _simulate_and_print(config, *, verbose: bool) -> None:
+    from fedmed.flower.runtime.environment import set_flower_verbosity
+    from fedmed.workflows.simulate import simulate as run_simulation
 
     set_flower_verbosity(verbose)
     result = run_simulation(config)

@@ -15,7 +15,9 @@ site_app = typer.Typer(help="Site admin: check data, run the site daemon, approv
 @site_app.command("check")
 def check(
     data_dir: Annotated[Path, typer.Argument(help="Site data folder with dataset.json, or a MedMNIST .npz.")],
-    config_file: Annotated[Path | None, typer.Option("--config", help="Run config whose [task] the data must fit.")] = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="Run config whose [task] the data must fit.")
+    ] = None,
 ) -> None:
     """Validate a site's data (files, NIfTI integrity, shapes, affines, NaN/Inf, labels) without training."""
     from fedmed.config import load_run_config
@@ -40,7 +42,7 @@ def keygen(
     private, public = key_dir / f"{name}.key", key_dir / f"{name}.pub"
     with user_errors():
         if private.exists():
-            from fedmed.errors import FedmedError
+            from fedmed.core.errors import FedmedError
 
             raise FedmedError(f"{private} exists; keep it, or move it away to make a new key pair")
         create_node_key_pair(private, public)
@@ -82,9 +84,8 @@ def budget(
 ) -> None:
     """Show the DP-SGD privacy spent and remaining, per dataset and run, from this site's ledger."""
     from fedmed.config import load_site_config
-    from fedmed.site_privacy import LEDGER_FILE, format_budget
+    from fedmed.site.privacy import format_budget, ledger_path
 
     with user_errors():
         site = load_site_config(config_file)
-        ledger_path = site.state_dir / LEDGER_FILE
-        typer.echo(format_budget(ledger_path, policy=site.privacy, site=site.name))
+        typer.echo(format_budget(ledger_path(site.state_dir), policy=site.privacy, site=site.name))

@@ -1,4 +1,7 @@
-"""Typed configuration loaded from TOML and validated at load time."""
+"""Typed configuration (run, synthetic data, site, server) loaded from TOML and validated at load time.
+
+Imports only fedmed.core.
+"""
 
 from .deployment import ServerConfig, SiteConfig, load_server_config, load_site_config
 from .loader import (
@@ -31,18 +34,18 @@ __all__ = [
     "BaselinesConfig",
     "ClientDpConfig",
     "DpSgdConfig",
-    "PrivacyBudget",
-    "SecAggConfig",
-    "SitePrivacyPolicy",
     "EngineConfig",
     "EvaluationConfig",
     "ModelConfig",
     "NormalizationConfig",
+    "PrivacyBudget",
     "RunConfig",
+    "SecAggConfig",
     "ServerConfig",
     "SiteConfig",
     "SiteDrift",
     "SiteEntry",
+    "SitePrivacyPolicy",
     "StrategyConfig",
     "SynthConfig",
     "TaskConfig",

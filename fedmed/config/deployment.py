@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from .loader import read_toml, validate
 from .base import StrictModel
+from .loader import read_toml, validate
 from .privacy import SitePrivacyPolicy
 from .schema import SITE_NAME_PATTERN
 
@@ -21,8 +21,9 @@ DIGEST_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 def _digests(values: list[str]) -> list[str]:
     for value in values:
         if not DIGEST_PATTERN.match(value):
-            raise ValueError(f"'{value}' is not an app digest (64 lowercase hex characters, as printed by "
-                             f"'fedmed app digest')")
+            raise ValueError(
+                f"'{value}' is not an app digest (64 lowercase hex characters, as printed by 'fedmed app digest')"
+            )
     return values
 
 
@@ -50,7 +51,7 @@ class ServerConfig(StrictModel):
 
     _check_digests = field_validator("approved_apps")(_digests)
 
-    def resolve(self, base: Path) -> "ServerConfig":
+    def resolve(self, base: Path) -> ServerConfig:
         resolved = self.model_copy(deep=True)
         resolved.superlink.database = _under(base, self.superlink.database)
         resolved.superlink.log_file = _under(base, self.superlink.log_file)
@@ -89,7 +90,7 @@ class SiteConfig(StrictModel):
 
     _check_digests = field_validator("approved_apps")(_digests)
 
-    def resolve(self, base: Path) -> "SiteConfig":
+    def resolve(self, base: Path) -> SiteConfig:
         resolved = self.model_copy(deep=True)
         resolved.data = _under(base, self.data)
         resolved.state_dir = _under(base, self.state_dir)

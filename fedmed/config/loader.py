@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import tomli_w
 from pydantic import BaseModel, ValidationError
 
-from fedmed.errors import ConfigError
+from fedmed.core.errors import ConfigError
 
 from .schema import RunConfig, SynthConfig
 

@@ -16,7 +16,9 @@ class DpSgdConfig(StrictModel):
 
     enabled: bool = False
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm")
-    epsilon: float = Field(8.0, gt=0, description="ε this run may add at each site; a site's own policy can only lower it")
+    epsilon: float = Field(
+        8.0, gt=0, description="ε this run may add at each site; a site's own policy can only lower it"
+    )
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Accountant = "prv"
 
@@ -27,7 +29,9 @@ class ClientDpConfig(StrictModel):
     enabled: bool = False
     clipping: Literal["fixed", "adaptive"] = "fixed"
     clipping_norm: float = Field(0.1, gt=0, description="L2 norm of a site's update (initial value if adaptive)")
-    noise_multiplier: float = Field(1.0, ge=0, description="server noise std = noise_multiplier * clipping_norm / sites")
+    noise_multiplier: float = Field(
+        1.0, ge=0, description="server noise std = noise_multiplier * clipping_norm / sites"
+    )
     target_clipped_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: fraction of updates left unclipped")
     clip_norm_lr: float = Field(0.2, gt=0, description="adaptive: step size of the clipping-norm update")
     clipped_count_stddev: float | None = Field(None, ge=0, description="adaptive: noise on the unclipped count")
@@ -60,7 +64,8 @@ class SitePrivacyPolicy(StrictModel):
     accountant: Accountant = "prv"
     datasets: dict[str, PrivacyBudget] = Field(default_factory=dict, description="budgets for named datasets")
     share_personalized_model: bool = Field(
-        False, description="let the other sites evaluate this site's personalized model (its FedBN layers leave the site)"
+        False,
+        description="let the other sites evaluate this site's personalized model (its FedBN layers leave the site)",
     )
 
     def budget_for(self, dataset: str) -> PrivacyBudget:

@@ -5,6 +5,7 @@ Every section forbids unknown keys so a typo fails loudly instead of being ignor
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +19,6 @@ TaskKind = Literal["segmentation", "classification", "enhancement"]
 # in the site's state): "site_zscore", "site_percentile"; fixed: "ct_window"; federated: "nyul".
 IntensityMode = Literal["zscore", "percentile", "minmax", "none", "site_zscore", "site_percentile", "ct_window", "nyul"]
 UNIT_RANGE_INTENSITIES = ("percentile", "minmax", "site_percentile", "ct_window")
-SiteName = str  # validated by SITE_NAME_PATTERN
 SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -42,7 +42,7 @@ class TaskConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _image_size_matches_dims(self) -> "TaskConfig":
+    def _image_size_matches_dims(self) -> TaskConfig:
         if len(self.image_size) != self.spatial_dims:
             raise ValueError(
                 f"image_size has {len(self.image_size)} entries but spatial_dims is {self.spatial_dims}; "
@@ -55,11 +55,11 @@ class TaskConfig(StrictModel):
                 f"enhancement needs intensities in [0, 1] for PSNR/SSIM; set intensity to one of "
                 f"{', '.join(UNIT_RANGE_INTENSITIES)} (got '{self.intensity}')"
             )
-        if self.kind == "enhancement" and self.enhancement == "superres":
-            if any(size % self.superres_factor for size in self.image_size):
-                raise ValueError(
-                    f"image_size {self.image_size} must be divisible by superres_factor {self.superres_factor}"
-                )
+        superres = self.kind == "enhancement" and self.enhancement == "superres"
+        if superres and any(size % self.superres_factor for size in self.image_size):
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by superres_factor {self.superres_factor}"
+            )
         return self
 
 
@@ -98,7 +98,7 @@ class StrategyConfig(StrictModel):
     round_timeout_s: float = Field(3600.0, gt=0)
 
     @model_validator(mode="after")
-    def _prox_needs_mu(self) -> "StrategyConfig":
+    def _prox_needs_mu(self) -> StrategyConfig:
         if self.name == "fedprox" and self.proximal_mu == 0.0:
             raise ValueError("strategy 'fedprox' needs proximal_mu > 0 (e.g. 0.01); with 0 it is plain fedavg")
         return self
@@ -127,12 +127,12 @@ class NormalizationConfig(StrictModel):
     histogram_bins: int = Field(48, ge=4, le=256, description="bins of the per-site histograms in the report")
 
     @model_validator(mode="after")
-    def _check(self) -> "NormalizationConfig":
+    def _check(self) -> NormalizationConfig:
         low, high = self.percentiles
         if not 0 <= low < high <= 100:
             raise ValueError(f"normalization.percentiles {list(self.percentiles)} must satisfy 0 <= low < high <= 100")
         marks = self.landmarks
-        if len(marks) < 3 or any(b <= a for a, b in zip(marks, marks[1:])) or marks[0] < 0 or marks[-1] > 100:
+        if len(marks) < 3 or any(b <= a for a, b in itertools.pairwise(marks)) or marks[0] < 0 or marks[-1] > 100:
             raise ValueError(
                 f"normalization.landmarks {marks} must be at least 3 increasing percentiles within [0, 100], "
                 f"e.g. [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99]"
@@ -188,11 +188,9 @@ class SynthConfig(StrictModel):
     sites: list[SiteDrift] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "SynthConfig":
+    def _check(self) -> SynthConfig:
         if len(self.image_size) != self.spatial_dims:
-            raise ValueError(
-                f"image_size has {len(self.image_size)} entries but spatial_dims is {self.spatial_dims}"
-            )
+            raise ValueError(f"image_size has {len(self.image_size)} entries but spatial_dims is {self.spatial_dims}")
         _check_unique_names([site.name for site in self.sites], "synth.sites")
         return self
 
@@ -216,7 +214,7 @@ class RunConfig(StrictModel):
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
+    def _check(self) -> RunConfig:
         if self.sites and self.synth is not None and self.site_names != [site.name for site in self.synth.sites]:
             raise ValueError(
                 "[[sites]] and [synth] name different sites; give one of them (a resolved config lists the "

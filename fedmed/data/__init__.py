@@ -1,7 +1,7 @@
 """Site data: MSD-style manifests, loading and preprocessing, validation, drift and synthetic federations.
 
-No Flower import here; MONAI is imported only when images are read or resampled, so importing this
-package stays cheap.
+Imports only fedmed.config and fedmed.core. MONAI is imported only when images are read or resampled,
+so importing this package stays cheap.
 """
 
 from .drift import apply_drift

@@ -54,7 +54,7 @@ def bias_field(shape: tuple[int, ...], *, amplitude: float, rng: np.random.Gener
     sensitivity profile, and cheap at any image size.
     """
     axes = np.meshgrid(*[np.linspace(-1.0, 1.0, size) for size in shape], indexing="ij")
-    terms = [np.ones(shape)] + list(axes)
+    terms = [np.ones(shape), *axes]
     terms += [first * second for first, second in itertools.combinations_with_replacement(axes, 2)]
     coefficients = rng.normal(0.0, 1.0, size=len(terms))
     coefficients[0] = 0.0

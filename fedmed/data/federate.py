@@ -6,13 +6,14 @@ simulated with each site's drift; labels are only resampled and mapped, never dr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from fedmed.config.schema import SiteDrift, SiteEntry
-from fedmed.log import logger
+from fedmed.core.log import logger
 
 from .drift import apply_drift
 from .io import ImageReadError, affine_of, read_image, write_nifti
@@ -85,7 +86,7 @@ def split_into_sites(
     entries: list[SiteEntry] = []
     for site_index, drift in enumerate(drifts):
         mine = [cases[int(position)] for position in order[site_index :: len(drifts)]]
-        n_val = min(len(mine) - 1, max(1, int(round(val_fraction * len(mine)))))
+        n_val = min(len(mine) - 1, max(1, round(val_fraction * len(mine))))
         target = out_dir / drift.name
         with staging_dir(out_dir, name=drift.name) as staging:
             written = [

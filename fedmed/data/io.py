@@ -43,7 +43,7 @@ def _loader(kind: ImageFormat) -> Any:
     return LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=None)
 
 
-def read_image(path: Path) -> "MetaTensor":
+def read_image(path: Path) -> MetaTensor:
     """Read every voxel of a NIfTI or PNG file: channel-first MetaTensor with the file's affine.
 
     Reading all voxels (not just the header) is what catches truncated files.
@@ -57,7 +57,7 @@ def read_image(path: Path) -> "MetaTensor":
             # PIL hands MONAI read-only buffers; torch warns about it on every PNG.
             warnings.filterwarnings("ignore", message=".*non-writable.*")
             return _loader(kind)(str(path))
-    except Exception as error:  # noqa: BLE001 - any reader failure is reported as a data problem
+    except Exception as error:  # any reader failure is reported as a data problem
         raise ImageReadError(_reason(path, error, kind)) from error
 
 
@@ -69,7 +69,7 @@ def _reason(path: Path, error: Exception, kind: ImageFormat) -> str:
 
         try:
             nibabel.load(str(path))
-        except Exception as inner:  # noqa: BLE001
+        except Exception as inner:  # whatever nibabel raises is the reason to show
             return _first_line(inner)
     return reason
 
@@ -79,12 +79,12 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-def spatial_array(image: "MetaTensor") -> np.ndarray:
+def spatial_array(image: MetaTensor) -> np.ndarray:
     """The first channel as a NumPy array (no channel axis)."""
     return np.asarray(image.detach().cpu().numpy()[0])
 
 
-def affine_of(image: "MetaTensor") -> np.ndarray:
+def affine_of(image: MetaTensor) -> np.ndarray:
     return np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64)
 
 

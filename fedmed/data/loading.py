@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fedmed.config.schema import TaskConfig
-from fedmed.log import logger
+from fedmed.core.log import logger
 
 from .manifest import MANIFEST_NAME, parse_manifest
 from .npz import NPZ_SPLITS, check_npz_site, is_npz_site, parse_npz_site
@@ -54,7 +54,7 @@ class SiteData:
     def num_val(self) -> int:
         return len(self.val)
 
-    def copy(self) -> "SiteData":
+    def copy(self) -> SiteData:
         # New lists, so a caller shuffling or filtering them never changes what the cache hands out next.
         return SiteData(name=self.name, train=list(self.train), val=list(self.val), source=self.source)
 

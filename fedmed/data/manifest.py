@@ -7,12 +7,12 @@ moved or mounted elsewhere without editing it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fedmed.log import logger
+from fedmed.core.files import write_text_atomic
+from fedmed.core.log import logger
 
 from .problems import DataProblem, DataValidationError, errors_in
 
@@ -182,9 +182,7 @@ def _manifest_from_dict(
     for key in SPLITS:
         splits[key] = _cases(raw.get(key, []), key=key, where=where, site_dir=site_dir, problems=problems)
         if key in raw and isinstance(raw[key], list) and not raw[key]:
-            problems.append(
-                DataProblem(where, f"'{key}' is empty", f"list at least one case under '{key}'")
-            )
+            problems.append(DataProblem(where, f"'{key}' is empty", f"list at least one case under '{key}'"))
     problems.extend(_cross_checks(raw, splits=splits, labels=labels, where=where))
     fedmed = raw.get("fedmed", {})
     if not isinstance(fedmed, dict):
@@ -249,7 +247,7 @@ def _cases(value: Any, *, key: str, where: str, site_dir: Path, problems: list[D
         parsed: Path | int | None
         if label is None:
             parsed = None
-        elif isinstance(label, bool) or isinstance(label, float) or not isinstance(label, (str, int)):
+        elif isinstance(label, (bool, float)) or not isinstance(label, (str, int)):
             problems.append(
                 DataProblem(
                     where,
@@ -344,10 +342,8 @@ def write_manifest(
     if fedmed is not None:
         content["fedmed"] = fedmed
     target = site_dir / MANIFEST_NAME
-    temporary = site_dir / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     # Readers in other processes must never see a half-written manifest.
-    os.replace(temporary, target)
+    write_text_atomic(target, json.dumps(content, indent=2) + "\n")
     return target
 
 

@@ -107,11 +107,11 @@ def parse_npz_site(path: Path) -> tuple[NpzSite | None, list[DataProblem]]:
             problems.append(
                 DataProblem(where, f"{prefix}_images is empty", f"put at least one image in {prefix}_images")
             )
-        if raw_labels.size and not np.issubdtype(raw_labels.dtype, np.integer):
-            if not np.all(np.isfinite(raw_labels)) or not np.all(raw_labels == np.round(raw_labels)):
-                problems.append(
-                    DataProblem(where, f"{prefix}_labels holds non-integer values", "store integer class indices")
-                )
+        fractional = raw_labels.size and not np.issubdtype(raw_labels.dtype, np.integer)
+        if fractional and (not np.all(np.isfinite(raw_labels)) or not np.all(raw_labels == np.round(raw_labels))):
+            problems.append(
+                DataProblem(where, f"{prefix}_labels holds non-integer values", "store integer class indices")
+            )
         labels[prefix] = raw_labels
     if errors_in(problems):
         return None, problems

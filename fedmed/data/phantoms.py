@@ -109,21 +109,19 @@ def _blob_in(*, organ: np.ndarray, frame: _Frame, volume: float, rng: np.random.
     return _ellipsoid(organ.shape, center=center, radii=radii, rotation=rotation) & organ
 
 
-def _ellipsoid(
-    shape: tuple[int, ...], *, center: np.ndarray, radii: np.ndarray, rotation: np.ndarray
-) -> np.ndarray:
+def _ellipsoid(shape: tuple[int, ...], *, center: np.ndarray, radii: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     """Boolean mask, computed only inside the bounding box so that small blobs in big volumes stay cheap."""
     reach = float(np.max(radii)) + 1.0
-    low = [max(0, int(math.floor(c - reach))) for c in center]
-    high = [min(s, int(math.ceil(c + reach)) + 1) for c, s in zip(center, shape)]
+    low = [max(0, math.floor(c - reach)) for c in center]
+    high = [min(s, math.ceil(c + reach) + 1) for c, s in zip(center, shape)]
     mask = np.zeros(shape, dtype=bool)
-    if any(h <= l for l, h in zip(low, high)):
+    if any(hi <= lo for lo, hi in zip(low, high)):
         return mask
-    axes = np.meshgrid(*[np.arange(l, h, dtype=np.float64) for l, h in zip(low, high)], indexing="ij")
+    axes = np.meshgrid(*[np.arange(lo, hi, dtype=np.float64) for lo, hi in zip(low, high)], indexing="ij")
     offsets = np.stack([axis - c for axis, c in zip(axes, center)], axis=-1)
     local = offsets @ rotation  # into the ellipsoid's own axes
     inside = np.sum((local / radii) ** 2, axis=-1) <= 1.0
-    mask[tuple(slice(l, h) for l, h in zip(low, high))] = inside
+    mask[tuple(slice(lo, hi) for lo, hi in zip(low, high))] = inside
     return mask
 
 

@@ -7,7 +7,8 @@ channel, so a stack of N 2D images can be handled as N channels in one call.
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch

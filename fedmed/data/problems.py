@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from fedmed.errors import FedmedError
+from fedmed.core.errors import FedmedError
 
 Severity = Literal["error", "warning"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.log import logger
+from fedmed.core.log import logger
 
 from .problems import DataProblem, DataValidationError, errors_in
 

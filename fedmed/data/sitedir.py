@@ -11,10 +11,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from fedmed.log import logger
+from fedmed.core.log import logger
 
 from .manifest import MANIFEST_NAME
 from .problems import DataOutputError

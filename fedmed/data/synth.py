@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.config.schema import SiteDrift, SiteEntry, SynthConfig
-from fedmed.log import logger
+from fedmed.core.log import logger
 
 from .drift import apply_drift
 from .io import nifti_affine, write_nifti
@@ -170,7 +170,7 @@ def _warn_unreachable_prevalence(config: SynthConfig, *, drift: SiteDrift) -> No
 
 def _positive_flags(count: int, *, rate: float, seed: list[int]) -> np.ndarray:
     """Exactly round(rate * count) positives in random order, both classes present when count >= 2."""
-    positives = int(round(rate * count))
+    positives = round(rate * count)
     if count >= 2:
         positives = min(max(positives, 1), count - 1)
     flags = np.zeros(count, dtype=bool)

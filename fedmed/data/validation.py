@@ -7,9 +7,10 @@ it without reading any file twice, and validation never writes anything.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,8 +49,8 @@ class CheckedCase:
     split: str
     index: int
     case: Case
-    image: "MetaTensor"
-    label: "MetaTensor | int | None"
+    image: MetaTensor
+    label: MetaTensor | int | None
 
 
 def validate_site(path: Path, *, task: TaskConfig | None = None) -> ValidationReport:
@@ -172,7 +173,7 @@ class _CaseChecker:
                 )
             )
 
-    def _read(self, path: Path, *, role: str, entry: str) -> "MetaTensor | None":
+    def _read(self, path: Path, *, role: str, entry: str) -> MetaTensor | None:
         if image_format(path) is None:
             self.report.add(
                 DataProblem(
@@ -204,7 +205,7 @@ class _CaseChecker:
             )
             return None
 
-    def _check_image(self, image: "MetaTensor", *, path: Path, entry: str) -> None:
+    def _check_image(self, image: MetaTensor, *, path: Path, entry: str) -> None:
         where = str(path)
         if image.shape[0] != 1:
             self.report.add(
@@ -240,7 +241,7 @@ class _CaseChecker:
             )
 
     def _check_label_map(
-        self, label: "MetaTensor", *, image: "MetaTensor", path: Path, image_path: Path, entry: str
+        self, label: MetaTensor, *, image: MetaTensor, path: Path, image_path: Path, entry: str
     ) -> None:
         where = str(path)
         values = spatial_array(label)

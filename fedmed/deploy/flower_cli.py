@@ -14,7 +14,7 @@ from typing import Any
 import tomli_w
 
 from fedmed.config import ServerConfig
-from fedmed.errors import FedmedError
+from fedmed.core.errors import FedmedError
 
 from .processes import executable, flower_environment
 
@@ -51,12 +51,17 @@ def flwr(server: ServerConfig, *arguments: str, timeout: float = 120.0) -> dict[
     write_connection(server)
     command = [executable("flwr"), *arguments, "--format", "json"]
     try:
-        completed = subprocess.run(  # noqa: S603 - fixed executable, arguments built by fedmed
-            command, env=flower_environment(flower_home=flower_home(server)), capture_output=True, text=True,
+        completed = subprocess.run(
+            command,
+            env=flower_environment(flower_home=flower_home(server)),
+            capture_output=True,
+            text=True,
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        raise ControlApiError(f"'flwr {' '.join(arguments)}' did not answer in {timeout:.0f} s; is the server up?") from None
+        raise ControlApiError(
+            f"'flwr {' '.join(arguments)}' did not answer in {timeout:.0f} s; is the server up?"
+        ) from None
     payload = _json_payload(completed.stdout)
     if payload is None:
         raise ControlApiError(

@@ -5,6 +5,7 @@ machines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,9 @@ from typing import Any
 
 import tomli_w
 
-from fedmed.config.loader import read_toml
+from fedmed.config import load_server_config, read_toml
+
+from .server import site_nodes_file
 
 FEDMED = str(Path(sys.executable).with_name("fedmed"))
 
@@ -50,10 +53,8 @@ def descendants(pid: int) -> list[int]:
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and everything below it: a machine losing power, as far as fedmed can tell."""
     for process in [pid, *descendants(pid)]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(process, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 class LocalFederation:
@@ -69,8 +70,18 @@ class LocalFederation:
 
     # Set-up ----------------------------------------------------------------------------------
     def provision(self) -> None:
-        cli([FEDMED, "provision", str(self.workspace), "--federation", self.federation, "--port", str(self.port),
-             *[arg for site in self.sites for arg in ("--site", site)]])
+        cli(
+            [
+                FEDMED,
+                "provision",
+                str(self.workspace),
+                "--federation",
+                self.federation,
+                "--port",
+                str(self.port),
+                *[arg for site in self.sites for arg in ("--site", site)],
+            ]
+        )
         server = read_toml(self.server_config)
         server["superlink"]["host"] = "127.0.0.1"  # one machine: listen on loopback only
         self.server_config.write_text(tomli_w.dumps(server))
@@ -117,15 +128,11 @@ class LocalFederation:
         daemon = self.daemons.pop(name)
         others = descendants(daemon.pid)
         daemon.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
         for process in [daemon.pid, *others]:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(process, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def close(self) -> None:
         for name in list(self.daemons):
@@ -137,9 +144,12 @@ class LocalFederation:
 
     def wait_for_server(self, *, timeout: float = 60.0) -> None:
         """Until the SuperLink answers and has registered every site key."""
-        nodes = self.workspace / "server" / "state" / "site-nodes.json"
-        wait_for(lambda: nodes.exists() and set(json.loads(nodes.read_text())) >= set(self.sites), timeout=timeout,
-                 what=f"the server to register {self.sites}; see {self.root}/server.out")
+        nodes = site_nodes_file(load_server_config(self.server_config))
+        wait_for(
+            lambda: nodes.exists() and set(json.loads(nodes.read_text())) >= set(self.sites),
+            timeout=timeout,
+            what=f"the server to register {self.sites}; see {self.root}/server.out",
+        )
 
     def wait_for_sites(self, online: set[str], *, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -159,12 +169,12 @@ class LocalFederation:
         return path
 
     def run(self, config: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-        return cli([FEDMED, "run", str(config), "--server", str(self.server_config), *extra], check=check,
-                   timeout=600)
+        return cli([FEDMED, "run", str(config), "--server", str(self.server_config), *extra], check=check, timeout=600)
 
     def resume(self, run_dir: Path) -> subprocess.CompletedProcess:
-        return cli([FEDMED, "run", "--resume", str(run_dir), "--server", str(self.server_config), "--wait"],
-                   timeout=600)
+        return cli(
+            [FEDMED, "run", "--resume", str(run_dir), "--server", str(self.server_config), "--wait"], timeout=600
+        )
 
     def submit(self, config: Path) -> Path:
         """Start a run without waiting; returns its run directory."""
@@ -186,7 +196,7 @@ def cli(command: list[str], *, check: bool = True, timeout: float = 120) -> subp
     return completed
 
 
-def wait_for(predicate, *, timeout: float, what: str, interval: float = 0.5) -> None:  # noqa: ANN001
+def wait_for(predicate, *, timeout: float, what: str, interval: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

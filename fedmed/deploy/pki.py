@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedmed.errors import FedmedError
+from fedmed.core.errors import FedmedError
 
 CURVE = ec.SECP384R1()
 CA_DAYS = 3650
@@ -48,7 +48,7 @@ def write_certificate(path: Path, certificate: x509.Certificate) -> None:
 def create_ca(*, common_name: str, days: int = CA_DAYS) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(CURVE)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -59,9 +59,17 @@ def create_ca(*, common_name: str, days: int = CA_DAYS) -> tuple[ec.EllipticCurv
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -82,7 +90,7 @@ def create_server_certificate(
     if not addresses:
         raise CertificateError("the server certificate needs at least one address; pass --address HOST")
     key = ec.generate_private_key(CURVE)
-    start = valid_from or datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    start = valid_from or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, addresses[0])]))
@@ -94,9 +102,7 @@ def create_server_certificate(
         .add_extension(x509.SubjectAlternativeName([_general_name(a) for a in addresses]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_certificate.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_certificate.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     return key, certificate
@@ -131,7 +137,7 @@ def load_certificate(path: Path) -> x509.Certificate:
 def check_certificate_validity(path: Path, *, now: datetime.datetime | None = None) -> x509.Certificate:
     """Load a certificate and refuse it if it is not valid now."""
     certificate = load_certificate(path)
-    moment = now or datetime.datetime.now(datetime.timezone.utc)
+    moment = now or datetime.datetime.now(datetime.UTC)
     if moment < certificate.not_valid_before_utc:
         raise CertificateError(
             f"{path}: certificate is not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; "
@@ -150,7 +156,9 @@ def check_node_private_key(path: Path) -> str:
     try:
         key = serialization.load_ssh_private_key(Path(path).read_bytes(), password=None)
     except FileNotFoundError:
-        raise CertificateError(f"{path}: site private key not found; run 'fedmed site keygen' or check the path") from None
+        raise CertificateError(
+            f"{path}: site private key not found; run 'fedmed site keygen' or check the path"
+        ) from None
     except (ValueError, TypeError) as error:
         raise CertificateError(f"{path}: not an unencrypted OpenSSH private key ({error})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -169,7 +177,9 @@ def load_public_key_line(path: Path) -> str:
     except FileNotFoundError:
         raise CertificateError(f"{path}: public key file not found") from None
     except (ValueError, UnicodeDecodeError) as error:
-        raise CertificateError(f"{path}: not an OpenSSH public key ({error}); send the .pub file from the site") from None
+        raise CertificateError(
+            f"{path}: not an OpenSSH public key ({error}); send the .pub file from the site"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise CertificateError(f"{path}: node keys must be EC (P-384); the site should run 'fedmed site keygen'")
     return text

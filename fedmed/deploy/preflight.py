@@ -9,8 +9,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from fedmed.config import ServerConfig, SiteConfig
-from fedmed.errors import FedmedError
-from fedmed.log import logger
+from fedmed.core.errors import FedmedError
+from fedmed.core.log import logger
 
 from . import pki
 from .processes import split_address
@@ -37,8 +37,9 @@ def check_server(server: ServerConfig) -> list[Path]:
     for key_file in keys:
         pki.load_public_key_line(key_file)
     if not keys:
-        logger.warning("no site keys in %s: no site can connect until one is added with 'fedmed server add-site'",
-                       server.site_keys)
+        logger.warning(
+            "no site keys in %s: no site can connect until one is added with 'fedmed server add-site'", server.site_keys
+        )
     return keys
 
 
@@ -49,8 +50,10 @@ def check_site(site: SiteConfig) -> str:
     pki.check_certificate_validity(site.server.ca_certificate)
     public_key = pki.check_node_private_key(site.private_key)
     if not site.data.exists():
-        raise PreflightError(f"site {site.name}: data folder {site.data} does not exist; set 'data' in the site "
-                             f"config to the folder that holds dataset.json")
+        raise PreflightError(
+            f"site {site.name}: data folder {site.data} does not exist; set 'data' in the site "
+            f"config to the folder that holds dataset.json"
+        )
     report = validate_site(site.data)
     if not report.ok:
         raise PreflightError(f"site {site.name}: the data at {site.data} is not usable:\n{report.summary()}")
@@ -73,9 +76,11 @@ def check_server_certificate(address: str, *, ca_certificate: Path, timeout: flo
     host, port = split_address(address)
     context = ssl.create_default_context(cafile=str(ca_certificate))
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            with context.wrap_socket(raw, server_hostname=host):
-                return True
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
     except ssl.SSLCertVerificationError as error:
         raise PreflightError(
             f"the server at {address} presented a certificate that {ca_certificate} does not accept "

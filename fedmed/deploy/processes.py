@@ -7,15 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from fedmed.errors import FedmedError
-
-# Sites never phone home, and nothing is installed at run time (apps run from the installed fedmed).
-QUIET_FLOWER = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "PYTHONUNBUFFERED": "1",
-}
+from fedmed.core.errors import FedmedError
+from fedmed.flower.runtime.environment import FLOWER_ENVIRONMENT
 
 
 def executable(name: str) -> str:
@@ -25,13 +18,15 @@ def executable(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise FedmedError(f"'{name}' not found next to {sys.executable} or on PATH; reinstall fedmed (pip install fedmed)")
+        raise FedmedError(
+            f"'{name}' not found next to {sys.executable} or on PATH; reinstall fedmed (pip install fedmed)"
+        )
     return found
 
 
 def flower_environment(*, flower_home: Path) -> dict[str, str]:
     flower_home.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, **QUIET_FLOWER, "FLWR_HOME": str(flower_home)}
+    return {**os.environ, **FLOWER_ENVIRONMENT, "PYTHONUNBUFFERED": "1", "FLWR_HOME": str(flower_home)}
 
 
 def split_address(address: str) -> tuple[str, int]:

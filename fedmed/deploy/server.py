@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 from fedmed.config import ServerConfig, load_server_config
-from fedmed.log import logger
+from fedmed.core.files import write_text_atomic
+from fedmed.core.log import logger
+from fedmed.flower.runtime import executor
 
 from . import flower_cli, preflight
 from .processes import executable, flower_environment
@@ -38,43 +40,63 @@ def register_sites(server: ServerConfig, keys: list[Path]) -> dict[str, int]:
         if node_id is not None:
             known[key.stem] = node_id
             logger.info("registered site %s (node %d)", key.stem, node_id)
-    site_nodes_file(server).write_text(json.dumps(known, indent=2))
+    write_text_atomic(site_nodes_file(server), json.dumps(known, indent=2))
     return known
 
 
 def wait_until_serving(server: ServerConfig, *, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if preflight.check_server_certificate(f"127.0.0.1:{server.superlink.port}",
-                                              ca_certificate=server.tls.ca_certificate, timeout=1.0, quiet=True):
+        if preflight.check_server_certificate(
+            f"127.0.0.1:{server.superlink.port}", ca_certificate=server.tls.ca_certificate, timeout=1.0, quiet=True
+        ):
             return
         time.sleep(0.5)
-    raise preflight.PreflightError(f"the SuperLink did not start listening on port {server.superlink.port} within "
-                                   f"{timeout:.0f} s; see {server.superlink.log_file}")
+    raise preflight.PreflightError(
+        f"the SuperLink did not start listening on port {server.superlink.port} within "
+        f"{timeout:.0f} s; see {server.superlink.log_file}"
+    )
 
 
 def superlink_command(server: ServerConfig) -> list[str]:
     return [
         executable("flower-superlink"),
-        "--ssl-ca-certfile", str(server.tls.ca_certificate),
-        "--ssl-certfile", str(server.tls.certificate),
-        "--ssl-keyfile", str(server.tls.private_key),
+        "--ssl-ca-certfile",
+        str(server.tls.ca_certificate),
+        "--ssl-certfile",
+        str(server.tls.certificate),
+        "--ssl-keyfile",
+        str(server.tls.private_key),
         "--enable-supernode-auth",
-        "--database", str(server.superlink.database),
-        "--host", server.superlink.host,
-        "--port", str(server.superlink.port),
+        "--database",
+        str(server.superlink.database),
+        "--host",
+        server.superlink.host,
+        "--port",
+        str(server.superlink.port),
         "--disable-runtime-dependency-installation",
-        "--isolation", "process",
-        "--superexec-auth-secret-file", str(superexec_secret(server)),
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(superexec_secret(server)),
     ]
 
 
 def executor_command(server: ServerConfig, config_file: Path) -> list[str]:
     return [
-        sys.executable, "-m", "fedmed.flower.task_executor", "--role", "server", "--config", str(config_file),
-        "--runtime-api-address", f"127.0.0.1:{server.superlink.port}",
-        "--root-certificates", str(server.tls.ca_certificate),
-        "--secret-file", str(superexec_secret(server)),
+        sys.executable,
+        "-m",
+        executor.__name__,
+        "--role",
+        "server",
+        "--config",
+        str(config_file),
+        "--runtime-api-address",
+        f"127.0.0.1:{server.superlink.port}",
+        "--root-certificates",
+        str(server.tls.ca_certificate),
+        "--secret-file",
+        str(superexec_secret(server)),
     ]
 
 
@@ -95,8 +117,14 @@ def start(config_file: Path) -> int:
         ],
         after_start=lambda: _after_start(server, keys),
     )
-    logger.info("coordinator %s: SuperLink on %s:%d (sites connect to %s), log %s", server.federation,
-                server.superlink.host, server.superlink.port, server.superlink.public_address, log)
+    logger.info(
+        "coordinator %s: SuperLink on %s:%d (sites connect to %s), log %s",
+        server.federation,
+        server.superlink.host,
+        server.superlink.port,
+        server.superlink.public_address,
+        log,
+    )
     return supervisor.run()
 
 

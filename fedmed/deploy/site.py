@@ -10,8 +10,11 @@ import tomli_w
 from fedmed.config import SiteConfig, load_site_config
 from fedmed.config.deployment import DIGEST_PATTERN
 from fedmed.config.loader import read_toml
-from fedmed.errors import ConfigError
-from fedmed.log import logger
+from fedmed.core.errors import ConfigError
+from fedmed.core.files import write_text_atomic
+from fedmed.core.log import logger
+from fedmed.flower.runtime import executor, supernode
+from fedmed.flower.wire import SITE_CONFIG
 
 from . import preflight
 from .processes import flower_environment
@@ -22,21 +25,38 @@ SUPERNODE_NOT_ACTIVATED = "Exit Code: 305"  # what Flower prints when the SuperL
 
 def supernode_command(site: SiteConfig, config_file: Path) -> list[str]:
     return [
-        sys.executable, "-m", "fedmed.deploy.supernode", str(site.daemon.poll_interval_s),
-        "--superlink", site.server.address,
-        "--root-certificates", str(site.server.ca_certificate),
-        "--auth-supernode-private-key", str(site.private_key),
-        "--node-config", f"site-config='{config_file}'",
-        "--isolation", "process",
-        "--host", "127.0.0.1",
-        "--port", str(site.daemon.runtime_port),
+        sys.executable,
+        "-m",
+        supernode.__name__,
+        str(site.daemon.poll_interval_s),
+        "--superlink",
+        site.server.address,
+        "--root-certificates",
+        str(site.server.ca_certificate),
+        "--auth-supernode-private-key",
+        str(site.private_key),
+        "--node-config",
+        f"{SITE_CONFIG}='{config_file}'",
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(site.daemon.runtime_port),
     ]
 
 
 def executor_command(site: SiteConfig, config_file: Path) -> list[str]:
     command = [
-        sys.executable, "-m", "fedmed.flower.task_executor", "--role", "site", "--config", str(config_file),
-        "--runtime-api-address", f"127.0.0.1:{site.daemon.runtime_port}",
+        sys.executable,
+        "-m",
+        executor.__name__,
+        "--role",
+        "site",
+        "--config",
+        str(config_file),
+        "--runtime-api-address",
+        f"127.0.0.1:{site.daemon.runtime_port}",
     ]
     return command if site.daemon.warm_start else [*command, "--cold"]
 
@@ -55,16 +75,25 @@ def start(config_file: Path) -> int:
     supervisor = Supervisor(
         name=f"site {site.name}",
         children=[
-            Child("flower-supernode", supernode_command(site, config_file), env, site.daemon.log_file,
-                  fatal_markers={SUPERNODE_NOT_ACTIVATED: refused}),
+            Child(
+                "flower-supernode",
+                supernode_command(site, config_file),
+                env,
+                site.daemon.log_file,
+                fatal_markers={SUPERNODE_NOT_ACTIVATED: refused},
+            ),
             # Flower's executor looks for new ClientApp work every second unless told otherwise.
-            Child("ClientApp executor", executor_command(site, config_file),
-                  {**env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(site.daemon.poll_interval_s)},
-                  site.daemon.log_file),
+            Child(
+                "ClientApp executor",
+                executor_command(site, config_file),
+                {**env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(site.daemon.poll_interval_s)},
+                site.daemon.log_file,
+            ),
         ],
     )
-    logger.info("site %s: connecting to %s; data %s; log %s", site.name, site.server.address, site.data,
-                site.daemon.log_file)
+    logger.info(
+        "site %s: connecting to %s; data %s; log %s", site.name, site.server.address, site.data, site.daemon.log_file
+    )
     return supervisor.run()
 
 
@@ -79,5 +108,5 @@ def approve(config_file: Path, digest: str) -> list[str]:
         approved.append(digest)
         logger.info("site %s: approved app %s", raw.get("name"), digest)
     raw["approved_apps"] = approved
-    Path(config_file).write_text(tomli_w.dumps(raw))
+    write_text_atomic(Path(config_file), tomli_w.dumps(raw))
     return approved

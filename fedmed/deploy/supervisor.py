@@ -8,6 +8,7 @@ instead of a restart loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmed.log import logger
+from fedmed.core.log import logger
 
 STOP_GRACE_S = 10.0
 FATAL_STRIKES = 4
@@ -40,7 +41,7 @@ class Child:
             return log.read().decode("utf-8", errors="replace")
 
 
-class FatalChildExit(Exception):
+class FatalChildError(Exception):
     """A child exited in a way that restarting cannot fix."""
 
 
@@ -71,9 +72,15 @@ class Supervisor:
                     child.marker_strikes = child.marker_strikes + 1 if marked else 0
                     # A refusal can be a race (the server still registering keys): believe it on repetition.
                     if marked and child.marker_strikes >= FATAL_STRIKES:
-                        raise FatalChildExit(f"{child.name} exited ({code}): {marked[0]}")
-                    logger.warning("%s: %s exited with code %s; restarting everything in %.0f s (log: %s)",
-                                   self.name, child.name, code, backoff, child.log_file)
+                        raise FatalChildError(f"{child.name} exited ({code}): {marked[0]}")
+                    logger.warning(
+                        "%s: %s exited with code %s; restarting everything in %.0f s (log: %s)",
+                        self.name,
+                        child.name,
+                        code,
+                        backoff,
+                        child.log_file,
+                    )
                 self._stop_all()
                 if self._sleep(backoff):
                     break
@@ -81,7 +88,7 @@ class Supervisor:
                 backoff = 1.0 if time.monotonic() - started > 5 * MAX_BACKOFF_S else min(backoff * 2, MAX_BACKOFF_S)
                 self._start_all()
                 started = time.monotonic()
-        except FatalChildExit as error:
+        except FatalChildError as error:
             logger.error("%s: %s", self.name, error)
             self._stop_all()
             return 3
@@ -105,15 +112,19 @@ class Supervisor:
             child.log_file.parent.mkdir(parents=True, exist_ok=True)
             with child.log_file.open("ab") as log:
                 child.log_offset = log.tell()
-                child.process = subprocess.Popen(  # noqa: S603 - fixed command lines built by fedmed
-                    child.command, env=child.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                child.process = subprocess.Popen(
+                    child.command,
+                    env=child.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
                     start_new_session=True,
                 )
             logger.info("%s: started %s (pid %d)", self.name, child.name, child.process.pid)
         if self.after_start is not None:
             try:
                 self.after_start()
-            except Exception as error:  # noqa: BLE001 - reported; the processes keep running
+            except Exception as error:  # reported; the processes keep running
                 logger.error("%s: %s", self.name, error)
 
     def _stop_all(self) -> None:
@@ -134,7 +145,5 @@ class Supervisor:
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signum)
-    except ProcessLookupError:
-        pass

@@ -1,12 +1,12 @@
 """A federation workspace: the CA, the coordinator's server folder and one kit per site.
 
-    WORKSPACE/
-      ca/ca.key, ca/ca.crt            the federation's CA (keep the key offline)
-      server/server.toml              the coordinator's config (fedmed server start)
-      server/tls/                     CA certificate, server certificate and key
-      server/site-keys/<site>.pub     public keys allowed to connect (node authentication)
-      sites/<site>/                   the kit handed to each site: site.toml, ca.crt, README.md,
-                                      and keys/ unless the site makes its own key pair
+WORKSPACE/
+  ca/ca.key, ca/ca.crt            the federation's CA (keep the key offline)
+  server/server.toml              the coordinator's config (fedmed server start)
+  server/tls/                     CA certificate, server certificate and key
+  server/site-keys/<site>.pub     public keys allowed to connect (node authentication)
+  sites/<site>/                   the kit handed to each site: site.toml, ca.crt, README.md,
+                                  and keys/ unless the site makes its own key pair
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import tomli_w
 
-from fedmed.errors import FedmedError
+from fedmed.core.errors import FedmedError
 
 from . import pki
-
 
 DEFAULT_RUNTIME_PORT = 9094
 
@@ -100,13 +99,26 @@ def provision(
     }
     workspace.server_config.write_text(_header("coordinator", federation) + tomli_w.dumps(server_config))
     for index, site in enumerate(sites):
-        write_site_kit(workspace, site=site, public_address=public_address, with_keys=site_keys,
-                       app_digest=app_digest, runtime_port=DEFAULT_RUNTIME_PORT + index)
+        write_site_kit(
+            workspace,
+            site=site,
+            public_address=public_address,
+            with_keys=site_keys,
+            app_digest=app_digest,
+            runtime_port=DEFAULT_RUNTIME_PORT + index,
+        )
     return workspace
 
 
-def write_site_kit(workspace: Workspace, *, site: str, public_address: str, with_keys: bool,
-                   app_digest: str, runtime_port: int = DEFAULT_RUNTIME_PORT) -> Path:
+def write_site_kit(
+    workspace: Workspace,
+    *,
+    site: str,
+    public_address: str,
+    with_keys: bool,
+    app_digest: str,
+    runtime_port: int = DEFAULT_RUNTIME_PORT,
+) -> Path:
     kit = workspace.kit(site)
     if kit.exists():
         raise WorkspaceError(f"{kit} exists already; remove it first to re-issue this site's kit")
@@ -149,7 +161,8 @@ def _kit_readme(site: str, *, with_keys: bool) -> str:
         f"(chmod 600) and never send it anywhere.\n"
         if with_keys
         else f"Make this site's key pair here, then send ONLY the public key to the coordinator:\n\n"
-        f"    fedmed site keygen keys --name {site}\n    # send keys/{site}.pub; the private key never leaves this machine\n"
+        f"    fedmed site keygen keys --name {site}\n"
+        f"    # send keys/{site}.pub; the private key never leaves this machine\n"
     )
     return f"""# fedmed site kit: {site}
 

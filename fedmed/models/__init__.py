@@ -1,5 +1,8 @@
-"""MONAI networks from a registry, with the parameters each model keeps site-local (FedBN)."""
+"""MONAI networks from a registry, and which of their parameters stay at the site (FedBN).
 
-from .registry import MODEL_NAMES, build_model, site_local_keys
+Imports only fedmed.config and fedmed.core.
+"""
 
-__all__ = ["MODEL_NAMES", "build_model", "site_local_keys"]
+from .registry import MODEL_NAMES, build_model, shared_keys, site_local_keys
+
+__all__ = ["MODEL_NAMES", "build_model", "shared_keys", "site_local_keys"]

@@ -7,13 +7,13 @@ Activations are never in-place because Opacus' per-sample gradient hooks need th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from torch import nn
 
 from fedmed.config import ModelConfig, TaskConfig
-from fedmed.errors import ConfigError
+from fedmed.core.errors import ConfigError
 
 NORM_MODULES = (
     nn.InstanceNorm1d,
@@ -52,9 +52,7 @@ def _unet(task: TaskConfig, model: ModelConfig, *, out_channels: int) -> nn.Modu
     channels = model.channels or [16, 32, 64]
     strides = model.strides or [2] * (len(channels) - 1)
     if len(strides) != len(channels) - 1:
-        raise ConfigError(
-            f"model.strides needs len(channels) - 1 = {len(channels) - 1} entries, got {len(strides)}"
-        )
+        raise ConfigError(f"model.strides needs len(channels) - 1 = {len(channels) - 1} entries, got {len(strides)}")
     divisor = 1
     for stride in strides:
         divisor *= stride
@@ -167,3 +165,9 @@ def site_local_keys(model: nn.Module) -> list[str]:
             keys += [prefix + name for name, _ in module.named_parameters(recurse=False)]
             keys += [prefix + name for name, _ in module.named_buffers(recurse=False)]
     return keys
+
+
+def shared_keys(all_keys: Iterable[str], local_keys: Iterable[str]) -> list[str]:
+    """Keys that are sent and aggregated (all but the site-local ones), in state-dict order."""
+    local = set(local_keys)
+    return [key for key in all_keys if key not in local]

@@ -1,6 +1,7 @@
-"""Site-owned differential-privacy accounting: σ calibration, ε from history, the persistent ledger.
+"""Differential-privacy accounting: σ calibration, ε from a history of steps, the site's ledger store.
 
-Import-light on purpose: nothing here imports Opacus (and so torch) until ε is actually computed.
+Imports only fedmed.core. Import-light on purpose: nothing here imports Opacus (and so torch)
+until ε is actually computed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from fedmed.privacy.accounting import (
     calibrate_noise_multiplier,
     compress_history,
     epsilon_spent,
+    sample_rate,
+    steps_per_epoch,
 )
 from fedmed.privacy.errors import (
     PrivacyBudgetExhaustedError,
@@ -20,7 +23,6 @@ from fedmed.privacy.errors import (
     budget_exhausted_message,
 )
 from fedmed.privacy.ledger import LEDGER_FILENAME, BudgetCheck, LedgerSummaryRow, PrivacyLedger, RunPlan
-from fedmed.privacy.opacus_import import import_opacus
 
 __all__ = [
     "ACCOUNTANTS",
@@ -38,5 +40,6 @@ __all__ = [
     "calibrate_noise_multiplier",
     "compress_history",
     "epsilon_spent",
-    "import_opacus",
+    "sample_rate",
+    "steps_per_epoch",
 ]

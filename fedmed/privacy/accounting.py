@@ -10,9 +10,9 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 
-from fedmed.log import logger
+from fedmed.core.log import logger
+from fedmed.core.opacus import import_opacus
 from fedmed.privacy.errors import PrivacyBudgetExhaustedError, PrivacyConfigError
-from fedmed.privacy.opacus_import import import_opacus
 
 HistoryEntry = tuple[float, float, int]
 
@@ -28,6 +28,15 @@ PRV_EPS_ERROR = 0.01
 # Bisection halves the σ interval each step; numerical noise in PRV can make ε(σ) slightly
 # non-monotone, so the search is capped and falls back to the last σ known to fit the budget.
 _MAX_BISECTION_STEPS = 60
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Poisson batches per epoch: Opacus samples each example with rate 1 / this."""
+    return math.ceil(num_examples / min(batch_size, num_examples))
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    return 1.0 / steps_per_epoch(num_examples, batch_size)
 
 
 def compress_history(history: Iterable[HistoryEntry]) -> list[HistoryEntry]:
@@ -120,15 +129,22 @@ def calibrate_noise_multiplier(
             sigma_low = sigma
     logger.debug(
         "calibrated σ=%.4f for %d steps at q=%.4g: ε %.3f of %.3f (%.3f spent before, %s)",
-        sigma_high, planned_steps, sample_rate, eps_high, target_epsilon, prior_spent, accountant,
+        sigma_high,
+        planned_steps,
+        sample_rate,
+        eps_high,
+        target_epsilon,
+        prior_spent,
+        accountant,
     )
     return sigma_high
 
 
 def _epsilon(compressed: list[HistoryEntry], *, delta: float, accountant: str) -> float:
     import_opacus()
-    import numpy as np  # noqa: PLC0415 - comes with opacus; imported only when accounting runs
-    from opacus.accountants import create_accountant  # noqa: PLC0415 - lazy, see module doc
+    # Imported here, when ε is computed: importing fedmed.privacy must stay light (no torch).
+    import numpy as np
+    from opacus.accountants import create_accountant
 
     engine = create_accountant(mechanism=accountant)
     engine.history = list(compressed)

@@ -1,0 +1,1 @@
+"""Files shipped with fedmed: the demo federation's run config (`fedmed demo`)."""

@@ -1,4 +1,7 @@
-"""Run directories: resolved config, metrics, checkpoints, baselines and the report."""
+"""The run directory and what a person reads from it: metrics, checkpoints, summary, report, plots.
+
+Storage and presentation only: imports fedmed.config and fedmed.core, never training or Flower.
+"""
 
 from .run_dir import RunDirectory
 

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedmed.runs.summary import COLUMNS
+from .summary import COLUMNS
 
 MAX_LEGEND_SITES = 12
 DPI = 100
@@ -16,7 +16,7 @@ MAX_ANNOTATED_ROWS = 40
 MISSING_CELL_COLOUR = "0.85"
 
 
-def _pyplot():  # noqa: ANN202 - matplotlib is imported only when a report is drawn
+def _pyplot():  # matplotlib.pyplot, imported only when a report is drawn
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,8 +63,13 @@ def learning_curves(rows: list[dict[str, Any]], *, phase: str, metric: str, path
             for server_round, value in points:
                 by_round.setdefault(server_round, []).append(value)
         rounds = sorted(by_round)
-        axis.plot(rounds, [sum(by_round[r]) / len(by_round[r]) for r in rounds], color="C0", linewidth=2,
-                  label=f"mean of {len(series)} sites")
+        axis.plot(
+            rounds,
+            [sum(by_round[r]) / len(by_round[r]) for r in rounds],
+            color="C0",
+            linewidth=2,
+            label=f"mean of {len(series)} sites",
+        )
     axis.set_xlabel("round")
     axis.set_ylabel(metric)
     axis.set_title(title)
@@ -118,8 +123,7 @@ def cross_site_matrix(evaluation: dict[str, Any], *, metric: str) -> tuple[list[
     if not sites:  # older files may list only the metrics; keep the order in which sites first appear
         for by_site in results.values():
             sites += [s for s in (by_site or {}) if s not in sites]
-    values = [[_number(((results.get(model) or {}).get(site) or {}).get(metric)) for site in sites]
-              for model in models]
+    values = [[_number(((results.get(model) or {}).get(site) or {}).get(metric)) for site in sites] for model in models]
     return models, sites, values
 
 
@@ -139,7 +143,8 @@ def cross_site_heatmap(cross_site: dict[str, Any], *, path: Path) -> Path | None
     higher_is_better = cross_site.get("higher_is_better", True) is not False
     # Reversing the colormap for lower-is-better metrics keeps "good" the same (bright) colour either way.
     colormap = matplotlib.colormaps["viridis" if higher_is_better else "viridis_r"].with_extremes(
-        bad=MISSING_CELL_COLOUR)
+        bad=MISSING_CELL_COLOUR
+    )
     grid = np.ma.masked_invalid(np.array(values, dtype=float))
     width = min(3.0 + 0.9 * len(sites), 14.0)
     height = min(1.6 + 0.38 * len(models), 16.0)
@@ -181,8 +186,9 @@ def _annotate_cells(axis: Any, values: list[list[float]], *, image: Any) -> None
                 continue
             red, green, blue, _ = image.cmap(image.norm(value))
             dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
-            axis.text(column, row, f"{value:.3f}", ha="center", va="center", fontsize=8,
-                      color="white" if dark else "black")
+            axis.text(
+                column, row, f"{value:.3f}", ha="center", va="center", fontsize=8, color="white" if dark else "black"
+            )
 
 
 # Intensity normalization -----------------------------------------------------------------------
@@ -204,8 +210,11 @@ def intensity_histograms(normalization: dict[str, Any], *, path: Path) -> Path |
     """Two panels, before and after normalization, with one line per site (faint lines + mean when many)."""
     sites: dict[str, Any] = normalization.get("sites") if isinstance(normalization.get("sites"), dict) else {}
     panels = {
-        stage: {str(site): curve for site, entry in sorted(sites.items())
-                if isinstance(entry, dict) and (curve := _density(entry.get(stage))) is not None}
+        stage: {
+            str(site): curve
+            for site, entry in sorted(sites.items())
+            if isinstance(entry, dict) and (curve := _density(entry.get(stage))) is not None
+        }
         for stage in ("before", "after")
     }
     if not any(panels.values()):

@@ -7,9 +7,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedmed.runs import plots
-from fedmed.runs.run_dir import RunDirectory
-from fedmed.runs.summary import COLUMNS
+from fedmed.core.files import write_text_atomic
+
+from . import plots
+from .run_dir import CROSS_SITE_FILE, NORMALIZATION_FILE, SUMMARY_FILE, RunDirectory
+from .summary import COLUMNS
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 960px; color: #222; padding: 0 1rem; }
@@ -41,18 +43,24 @@ window.addEventListener("load", function () {
 
 def write_report(run_dir: RunDirectory) -> Path:
     """Write report.html and its figures under plots/; every input file is optional."""
-    summary = _json_object(run_dir, "summary.json")
-    cross_site = _json_object(run_dir, "cross_site.json")
-    normalization = _json_object(run_dir, "normalization.json")
+    summary = _json_object(run_dir, SUMMARY_FILE)
+    cross_site = _json_object(run_dir, CROSS_SITE_FILE)
+    normalization = _json_object(run_dir, NORMALIZATION_FILE)
     rows = run_dir.read_metrics()
     metric = str(summary.get("primary_metric", "loss"))
     plot_dir = run_dir.path / "plots"
     plot_dir.mkdir(exist_ok=True)
     curves = [
-        plots.learning_curves(rows, phase="evaluate", metric=metric, path=plot_dir / "learning_curves.png",
-                              title=f"global model {metric} at each site"),
-        plots.learning_curves(rows, phase="train", metric="train_loss", path=plot_dir / "train_loss.png",
-                              title="local training loss"),
+        plots.learning_curves(
+            rows,
+            phase="evaluate",
+            metric=metric,
+            path=plot_dir / "learning_curves.png",
+            title=f"global model {metric} at each site",
+        ),
+        plots.learning_curves(
+            rows, phase="train", metric="train_loss", path=plot_dir / "train_loss.png", title="local training loss"
+        ),
     ]
     sections = [
         _summary_section(summary, bar_chart=plots.final_by_site(summary, path=plot_dir / "final_by_site.png")),
@@ -75,7 +83,7 @@ def write_report(run_dir: RunDirectory) -> Path:
 {"".join(sections)}
 </body></html>
 """
-    run_dir.report_html.write_text(page, encoding="utf-8")
+    write_text_atomic(run_dir.report_html, page)
     return run_dir.report_html
 
 
@@ -99,8 +107,10 @@ def _column_label(column: str) -> str:
 def _summary_section(summary: dict[str, Any], *, bar_chart: Path | None) -> str:
     metric = str(summary.get("primary_metric", "loss"))
     title = " vs ".join(_column_label(column) for column in COLUMNS)
-    return (f"<h2>{html.escape(title[:1].upper() + title[1:])} ({html.escape(metric)})</h2>\n"
-            f"{_summary_table(summary)}\n{_image(bar_chart, alt=f'final {metric} per site')}\n")
+    return (
+        f"<h2>{html.escape(title[:1].upper() + title[1:])} ({html.escape(metric)})</h2>\n"
+        f"{_summary_table(summary)}\n{_image(bar_chart, alt=f'final {metric} per site')}\n"
+    )
 
 
 def _summary_table(summary: dict[str, Any]) -> str:
@@ -123,8 +133,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
 def _cross_site_section(cross_site: dict[str, Any], *, heatmap: Path | None) -> str:
     evaluation = plots.pick_evaluation(cross_site)
     if evaluation is None:
-        return ("<h2>Cross-site evaluation</h2>\n<p class=\"muted\">Not recorded for this run "
-                "(no cross_site.json).</p>\n")
+        return '<h2>Cross-site evaluation</h2>\n<p class="muted">Not recorded for this run (no cross_site.json).</p>\n'
     metric = str(cross_site.get("metric", "metric"))
     direction = "lower" if cross_site.get("higher_is_better", True) is False else "higher"
     models, sites, values = plots.cross_site_matrix(evaluation, metric=metric)
@@ -179,9 +188,11 @@ def _cross_site_rounds_table(cross_site: dict[str, Any], *, metric: str) -> str:
         f"<tr><td>{html.escape(str(server_round))}</td>{''.join(_cell(means.get(group)) for group in groups)}</tr>"
         for server_round, means in by_round
     )
-    return (f"<p>Mean {html.escape(metric)} over the sites where each model is used (global: every site; "
-            f"personalized and local-only: their own site), per evaluation:</p>"
-            f"<table><tr><th>round</th>{head}</tr>{body}</table>")
+    return (
+        f"<p>Mean {html.escape(metric)} over the sites where each model is used (global: every site; "
+        f"personalized and local-only: their own site), per evaluation:</p>"
+        f"<table><tr><th>round</th>{head}</tr>{body}</table>"
+    )
 
 
 # Learning curves, privacy ----------------------------------------------------------------------
@@ -194,21 +205,26 @@ def _privacy_section(summary: dict[str, Any]) -> str:
     privacy: dict[str, Any] = summary.get("privacy") or {}
     if not privacy:
         # "Privacy spent" is kept for runs that reported a spend, so the heading alone says DP-SGD was on.
-        return "<h2>Privacy</h2>\n<p class=\"muted\">No DP-SGD spend recorded for this run.</p>\n"
+        return '<h2>Privacy</h2>\n<p class="muted">No DP-SGD spend recorded for this run.</p>\n'
     rows = "".join(
         f"<tr><td>{html.escape(str(site))}</td>{_cell(spent.get('epsilon'))}{_cell(spent.get('epsilon_budget'))}"
         f"{_cell(spent.get('delta'), digits='.0e')}{_cell(spent.get('noise_multiplier'))}</tr>"
-        for site, spent in privacy.items() if isinstance(spent, dict)
+        for site, spent in privacy.items()
+        if isinstance(spent, dict)
     )
-    return ("<h2>Privacy spent (DP-SGD, per site)</h2><table><tr><th>site</th><th>ε spent</th><th>ε budget</th>"
-            f"<th>δ</th><th>noise multiplier</th></tr>{rows}</table>\n")
+    return (
+        "<h2>Privacy spent (DP-SGD, per site)</h2><table><tr><th>site</th><th>ε spent</th><th>ε budget</th>"
+        f"<th>δ</th><th>noise multiplier</th></tr>{rows}</table>\n"
+    )
 
 
 # Intensity normalization -----------------------------------------------------------------------
 def _normalization_section(normalization: dict[str, Any], *, figure: Path | None) -> str:
     if not normalization:
-        return ("<h2>Intensity normalization</h2>\n<p class=\"muted\">Not recorded for this run "
-                "(no normalization.json).</p>\n")
+        return (
+            '<h2>Intensity normalization</h2>\n<p class="muted">Not recorded for this run '
+            "(no normalization.json).</p>\n"
+        )
     method = html.escape(str(normalization.get("method") or "none"))
     details = []
     if normalization.get("foreground"):
@@ -217,14 +233,25 @@ def _normalization_section(normalization: dict[str, Any], *, figure: Path | None
     if isinstance(landmarks, list) and landmarks:
         details.append(f"{len(landmarks)} standard landmarks")
     sites = normalization.get("sites") if isinstance(normalization.get("sites"), dict) else {}
-    images = sum(entry.get("num_images", 0) for entry in sites.values()
-                 if isinstance(entry, dict) and isinstance(entry.get("num_images"), int))
+    images = sum(
+        entry.get("num_images", 0)
+        for entry in sites.values()
+        if isinstance(entry, dict) and isinstance(entry.get("num_images"), int)
+    )
     details.append(f"{len(sites)} sites, {images} images")
-    caption = ("<p>Each line is one site's histogram of foreground intensities, scaled to area 1: left as the "
-               "scanners wrote them, right as the model sees them. After normalization the sites should overlap."
-               "</p>") if figure else "<p class=\"muted\">No histograms recorded.</p>"
-    return (f"<h2>Intensity normalization</h2>\n<p>Method: <b>{method}</b> ({'; '.join(details)})</p>\n"
-            f"{caption}\n{_image(figure, alt='foreground intensity histograms before and after normalization')}\n")
+    caption = (
+        (
+            "<p>Each line is one site's histogram of foreground intensities, scaled to area 1: left as the "
+            "scanners wrote them, right as the model sees them. After normalization the sites should overlap."
+            "</p>"
+        )
+        if figure
+        else '<p class="muted">No histograms recorded.</p>'
+    )
+    return (
+        f"<h2>Intensity normalization</h2>\n<p>Method: <b>{method}</b> ({'; '.join(details)})</p>\n"
+        f"{caption}\n{_image(figure, alt='foreground intensity histograms before and after normalization')}\n"
+    )
 
 
 def _cell(value: Any, *, digits: str = ".3f") -> str:

@@ -7,15 +7,14 @@ Layout:
     checkpoints/latest.pt      global weights + round + strategy state (for resume)
     checkpoints/final.pt       the final global model
     sites/<site>/              site-local parameters (simulation)
-    baselines.json, summary.json, report.html, plots/
+    status.json, normalization.json, cross_site.json, baselines.json, summary.json
+    report.html, plots/
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,16 @@ from typing import Any
 import torch
 
 from fedmed.config import RunConfig, dump_toml
+from fedmed.core.files import atomic_path, write_text_atomic
 
 CHECKPOINT_FORMAT = 1
+
+# The run's JSON documents.
+STATUS_FILE = "status.json"  # running / completed / failed with the reason (the ServerApp writes it)
+SUMMARY_FILE = "summary.json"  # the per-site comparison (fedmed.runs.summary)
+BASELINES_FILE = "baselines.json"  # local-only and pooled scores (simulation)
+NORMALIZATION_FILE = "normalization.json"  # the sites' intensity summaries and Nyúl landmarks
+CROSS_SITE_FILE = "cross_site.json"  # models x sites scores (fedmed.runs.cross_site)
 
 
 class RunDirectory:
@@ -32,7 +39,7 @@ class RunDirectory:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, output_dir: Path, name: str) -> "RunDirectory":
+    def create(cls, output_dir: Path, name: str) -> RunDirectory:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = Path(output_dir) / f"{name}-{stamp}"
         suffix = 1
@@ -72,7 +79,7 @@ class RunDirectory:
 
     # Config ----------------------------------------------------------------------------------
     def write_config(self, config: RunConfig) -> None:
-        _atomic_write_text(self.config_file, dump_toml(config))
+        write_text_atomic(self.config_file, dump_toml(config))
 
     # Metrics ---------------------------------------------------------------------------------
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
@@ -110,17 +117,15 @@ class RunDirectory:
         columns: list[str] = []
         for row in rows:
             columns += [key for key in row if key not in columns]
-        handle, temporary = tempfile.mkstemp(dir=self.path, prefix=".metrics-", suffix=".csv")
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as out:
+        with atomic_path(self.metrics_csv) as temporary, temporary.open("w", newline="", encoding="utf-8") as out:
             writer = csv.DictWriter(out, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(temporary, self.metrics_csv)
 
     # JSON documents --------------------------------------------------------------------------
     def write_json(self, name: str, data: Any) -> Path:
         path = self.path / name
-        _atomic_write_text(path, json.dumps(data, indent=2, allow_nan=True))
+        write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True))
         return path
 
     def read_json(self, name: str) -> Any:
@@ -129,16 +134,9 @@ class RunDirectory:
 
     # Checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, name: str, payload: dict[str, Any]) -> Path:
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
         path = self.checkpoints / f"{name}.pt"
-        handle, temporary = tempfile.mkstemp(dir=self.checkpoints, prefix=f".{name}-", suffix=".pt")
-        os.close(handle)
-        try:
+        with atomic_path(path) as temporary:
             torch.save({"format": CHECKPOINT_FORMAT, **payload}, temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
         return path
 
     def load_checkpoint(self, name: str) -> dict[str, Any] | None:
@@ -153,11 +151,3 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.replace(temporary, path)

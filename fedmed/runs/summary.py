@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fedmed.runs.run_dir import RunDirectory
+from .cross_site import final_evaluation, personal_model_name
+from .run_dir import BASELINES_FILE, RunDirectory
 
 COLUMNS = ("federated", "personalized", "local_only", "pooled")
 
@@ -22,13 +23,15 @@ def final_federated_metrics(run_dir: RunDirectory) -> dict[str, dict[str, float]
 def personalized_metrics(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
     """Each site's personalized model (global + its local layers, fine-tuned if asked) on its own data, from the
     final cross-site evaluation."""
-    recorded = run_dir.read_json("cross_site.json") or {}
-    finals = [entry for entry in recorded.get("evaluations", []) if entry.get("final")]
-    if not finals:
+    final = final_evaluation(run_dir)
+    if final is None:
         return {}
-    metrics = finals[-1]["metrics"]
-    return {site: metrics[f"personalized:{site}"][site] for site in finals[-1]["sites"]
-            if site in metrics.get(f"personalized:{site}", {})}
+    metrics = final["metrics"]
+    return {
+        site: metrics[personal_model_name(site)][site]
+        for site in final["sites"]
+        if site in metrics.get(personal_model_name(site), {})
+    }
 
 
 def privacy_spent(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
@@ -36,13 +39,14 @@ def privacy_spent(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
     spent: dict[str, dict[str, float]] = {}
     for row in run_dir.read_metrics():
         if row["phase"] == "train" and "epsilon" in row:
-            spent[row["site"]] = {key: row[key] for key in ("epsilon", "delta", "epsilon_budget", "noise_multiplier")
-                                  if key in row}
+            spent[row["site"]] = {
+                key: row[key] for key in ("epsilon", "delta", "epsilon_budget", "noise_multiplier") if key in row
+            }
     return spent
 
 
 def build_summary(run_dir: RunDirectory, *, primary_metric: str, higher_is_better: bool) -> dict[str, Any]:
-    baselines = run_dir.read_json("baselines.json") or {}
+    baselines = run_dir.read_json(BASELINES_FILE) or {}
     federated = final_federated_metrics(run_dir)
     personalized = personalized_metrics(run_dir)
     sites = sorted(federated)
@@ -79,8 +83,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         cells = "".join(f"{_number(summary.get(column, {}).get(label)):>22}" for column in columns)
         lines.append(f"{label.replace('_', ' '):<16}{cells}")
     for site, spent in summary.get("privacy", {}).items():
-        lines.append(f"{site:<16}DP-SGD ε {spent['epsilon']:.2f} of {spent.get('epsilon_budget', float('nan')):.2f} "
-                     f"(δ {spent.get('delta', float('nan')):.0e})")
+        lines.append(
+            f"{site:<16}DP-SGD ε {spent['epsilon']:.2f} of {spent.get('epsilon_budget', float('nan')):.2f} "
+            f"(δ {spent.get('delta', float('nan')):.0e})"
+        )
     return "\n".join(lines)
 
 

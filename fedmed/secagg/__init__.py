@@ -7,6 +7,8 @@ The transport (Flower messages, timeouts) lives elsewhere and only moves the dic
 One deliberate departure: mask streams come from AES-256-CTR keyed through HKDF
 (`fedmed.secagg.masking`), not Flower's `pseudo_rand_gen`, whose seed is folded to 32 bits.
 
+Imports only fedmed.core; Flower's primitives come in through `fedmed.secagg.primitives` alone.
+
 API
 ---
     SecAggSettings(clipping_range: float = 0.5, max_total_weight: int = 2**16,

@@ -17,31 +17,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from cryptography.fernet import InvalidToken
-from flwr.common.secure_aggregation.crypto.shamir import create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-    decrypt,
-    encrypt,
-    generate_shared_key,
-)
-from flwr.common.secure_aggregation.secaggplus_utils import (
-    share_keys_plaintext_concat,
-    share_keys_plaintext_separate,
-)
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
-)
 
-from fedmed.log import logger
+from fedmed.core.log import logger
 from fedmed.secagg import messages as m
+from fedmed.secagg.client_state import IDLE, _ClientState, record_from_state, state_from_record
 from fedmed.secagg.encoding import VectorLayout, encode_contribution, flatten_update
 from fedmed.secagg.errors import SecAggProtocolError
 from fedmed.secagg.masking import (
@@ -52,37 +35,20 @@ from fedmed.secagg.masking import (
     seed_commitment,
     self_mask,
 )
+from fedmed.secagg.primitives import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    create_shares,
+    decrypt,
+    encrypt,
+    generate_key_pairs,
+    generate_shared_key,
+    private_key_to_bytes,
+    public_key_to_bytes,
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
 from fedmed.secagg.quantize import quantization_levels
-
-IDLE = "idle"  # no round in progress (initial, and after unmask wipes the round's secrets)
-STATE_VERSION = 1
-
-_SCALARS = ("stage", "round_id", "num_sites", "threshold", "clipping_range", "max_total_weight", "levels",
-            "num_params", "extra_length", "sk1", "pk1", "sk2", "pk2", "seed")
-_DICTS = ("pk1s", "pk2s", "seed_shares", "sk1_shares")
-
-
-@dataclass
-class _ClientState:
-    node_id: int
-    stage: str = IDLE  # the last stage completed
-    round_id: str = ""
-    num_sites: int = 0
-    threshold: int = 0
-    clipping_range: float = 0.0
-    max_total_weight: int = 0
-    levels: int = 0
-    num_params: int = 0
-    extra_length: int = 0
-    sk1: bytes = b""  # secret key for pairwise masks; its shares let the server undo a dropped site
-    pk1: bytes = b""
-    sk2: bytes = b""  # secret key for encrypting shares to neighbours
-    pk2: bytes = b""
-    seed: bytes = b""  # self-mask seed
-    pk1s: dict[int, bytes] = field(default_factory=dict)  # neighbourhood (self included)
-    pk2s: dict[int, bytes] = field(default_factory=dict)
-    seed_shares: dict[int, bytes] = field(default_factory=dict)  # owner -> share held here
-    sk1_shares: dict[int, bytes] = field(default_factory=dict)
 
 
 class SecAggClient:
@@ -111,8 +77,13 @@ class SecAggClient:
             raise SecAggProtocolError(f"SecAgg: expected a '{stage}' message, got stage {message.get(m.STAGE)!r}")
         round_id = m.read_str(message, m.ROUND_ID, stage=stage)
         if self._s.stage != IDLE:
-            logger.warning("SecAgg node %d: setup for round %s restarts round %s (was at stage %s)",
-                           self.node_id, round_id, self._s.round_id, self._s.stage)
+            logger.warning(
+                "SecAgg node %d: setup for round %s restarts round %s (was at stage %s)",
+                self.node_id,
+                round_id,
+                self._s.round_id,
+                self._s.stage,
+            )
         num_sites = m.read_int(message, m.NUM_SITES, stage=stage, minimum=2)
         threshold = m.read_int(message, m.THRESHOLD, stage=stage, minimum=2)
         clipping_range = m.read_float(message, m.CLIPPING_RANGE, stage=stage)
@@ -123,7 +94,8 @@ class SecAggClient:
         if threshold > num_sites:
             raise SecAggProtocolError(
                 f"SecAgg setup: threshold {threshold} exceeds the {num_sites} sites of the round; "
-                "no secret could be rebuilt — fix the coordinator's reconstruction_threshold")
+                "no secret could be rebuilt — fix the coordinator's reconstruction_threshold"
+            )
         if not math.isfinite(clipping_range) or clipping_range <= 0:
             raise SecAggProtocolError(f"SecAgg setup: clipping_range must be finite and > 0, got {clipping_range}")
         # Recompute rather than trust: a larger L than this would let the uint32 sum wrap.
@@ -131,15 +103,25 @@ class SecAggClient:
             raise SecAggProtocolError(
                 f"SecAgg setup: levels={levels} does not match max_total_weight={max_total_weight} "
                 f"(expected {quantization_levels(max_total_weight)}); coordinator and site run different "
-                "fedmed versions")
+                "fedmed versions"
+            )
         sk1, pk1 = generate_key_pairs()
         sk2, pk2 = generate_key_pairs()
         self._s = _ClientState(
-            node_id=self.node_id, stage=stage, round_id=round_id, num_sites=num_sites, threshold=threshold,
-            clipping_range=clipping_range, max_total_weight=max_total_weight, levels=levels,
-            num_params=num_params, extra_length=extra_length,
-            sk1=private_key_to_bytes(sk1), pk1=public_key_to_bytes(pk1),
-            sk2=private_key_to_bytes(sk2), pk2=public_key_to_bytes(pk2),
+            node_id=self.node_id,
+            stage=stage,
+            round_id=round_id,
+            num_sites=num_sites,
+            threshold=threshold,
+            clipping_range=clipping_range,
+            max_total_weight=max_total_weight,
+            levels=levels,
+            num_params=num_params,
+            extra_length=extra_length,
+            sk1=private_key_to_bytes(sk1),
+            pk1=public_key_to_bytes(pk1),
+            sk2=private_key_to_bytes(sk2),
+            pk2=public_key_to_bytes(pk2),
         )
         logger.debug("SecAgg node %d: round %s set up", self.node_id, round_id)
         return {m.STAGE: stage, m.ROUND_ID: round_id, m.PK1: self._s.pk1, m.PK2: self._s.pk2}
@@ -156,10 +138,12 @@ class SecAggClient:
         if pk1s.get(s.node_id) != s.pk1 or pk2s.get(s.node_id) != s.pk2:
             raise SecAggProtocolError(
                 f"SecAgg share-keys: node {s.node_id}'s own public keys are missing or altered in the "
-                "neighbour list; refusing (the server or transport tampered with the keys)")
+                "neighbour list; refusing (the server or transport tampered with the keys)"
+            )
         if len(nids) > s.num_sites:
             raise SecAggProtocolError(
-                f"SecAgg share-keys: {len(nids)} neighbours listed but the round has {s.num_sites} sites; refusing")
+                f"SecAgg share-keys: {len(nids)} neighbours listed but the round has {s.num_sites} sites; refusing"
+            )
         all_keys = pk1_list + pk2_list
         for key in all_keys:
             check_public_key(key)
@@ -168,7 +152,8 @@ class SecAggClient:
         if len(nids) < s.threshold:
             raise SecAggProtocolError(
                 f"SecAgg share-keys: node {s.node_id} has {len(nids)} neighbours (itself included), fewer "
-                f"than the threshold {s.threshold}; refusing — too many sites dropped at setup")
+                f"than the threshold {s.threshold}; refusing — too many sites dropped at setup"
+            )
         seed = os.urandom(SEED_BYTES)
         order = sorted(nids)  # share i + 1 goes to the i-th neighbour; the index travels inside the share
         seed_parts = create_shares(seed, s.threshold, len(order))
@@ -187,12 +172,23 @@ class SecAggClient:
         s.seed, s.pk1s, s.pk2s, s.stage = seed, pk1s, pk2s, stage
         s.seed_shares, s.sk1_shares = {s.node_id: own[0]}, {s.node_id: own[1]}
         logger.debug("SecAgg node %d: shares for %d neighbours encrypted", s.node_id, len(dsts))
-        return {m.STAGE: stage, m.ROUND_ID: s.round_id, m.DESTINATIONS: dsts, m.CIPHERTEXTS: ciphertexts,
-                m.SEED_COMMITMENT: seed_commitment(seed, round_id=s.round_id)}
+        return {
+            m.STAGE: stage,
+            m.ROUND_ID: s.round_id,
+            m.DESTINATIONS: dsts,
+            m.CIPHERTEXTS: ciphertexts,
+            m.SEED_COMMITMENT: seed_commitment(seed, round_id=s.round_id),
+        }
 
     # ------------------------------------------------------------------ stage 2
-    def mask(self, message: Mapping[str, Any], *, update: Sequence[np.ndarray], weight: int,
-             extra_counts: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def mask(
+        self,
+        message: Mapping[str, Any],
+        *,
+        update: Sequence[np.ndarray],
+        weight: int,
+        extra_counts: Sequence[int] | None = None,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """Store the neighbours' shares; return the masked uint32 vector and the reply fields.
 
         `update` is local - global (float arrays, any shapes, C order), `weight` the site's number
@@ -207,19 +203,27 @@ class SecAggClient:
         if not set(srcs) <= peers:
             raise SecAggProtocolError(
                 f"SecAgg masked-input: shares arrived from {sorted(set(srcs) - peers)}, which are not "
-                f"neighbours of node {s.node_id}; refusing")
+                f"neighbours of node {s.node_id}; refusing"
+            )
         if len(srcs) + 1 < s.threshold:
             raise SecAggProtocolError(
                 f"SecAgg masked-input: node {s.node_id} received shares from {len(srcs)} neighbours; with "
                 f"itself that is below the threshold {s.threshold}, so its masks could not be removed if "
-                "it dropped — refusing; too many sites dropped at share-keys")
+                "it dropped — refusing; too many sites dropped at share-keys"
+            )
         layout = VectorLayout(num_params=s.num_params, extra_length=s.extra_length)
         # Validate and encode the input before touching the round state: a bad input leaves the
         # client at share-keys, so a corrected retry is still possible.
         vector, clipped = encode_contribution(
-            flatten_update(update, num_params=s.num_params), weight=weight, extra_counts=extra_counts,
-            layout=layout, clipping_range=s.clipping_range, levels=s.levels,
-            max_total_weight=s.max_total_weight, num_sites=s.num_sites)
+            flatten_update(update, num_params=s.num_params),
+            weight=weight,
+            extra_counts=extra_counts,
+            layout=layout,
+            clipping_range=s.clipping_range,
+            levels=s.levels,
+            max_total_weight=s.max_total_weight,
+            num_sites=s.num_sites,
+        )
         seed_shares, sk1_shares = dict(s.seed_shares), dict(s.sk1_shares)
         sk2 = bytes_to_private_key(s.sk2)
         for src, ciphertext in zip(srcs, ciphertexts, strict=True):
@@ -229,12 +233,14 @@ class SecAggClient:
             except InvalidToken:
                 raise SecAggProtocolError(
                     f"SecAgg masked-input: the share from node {src} does not decrypt with the key agreed with "
-                    "it; refusing (altered or misrouted ciphertext)") from None
+                    "it; refusing (altered or misrouted ciphertext)"
+                ) from None
             actual_src, dst, seed_share, sk1_share = share_keys_plaintext_separate(plaintext)
             if actual_src != src or dst != s.node_id:
                 raise SecAggProtocolError(
                     f"SecAgg masked-input: a share labelled {src}->{s.node_id} was written {actual_src}->{dst}; "
-                    "refusing (the server rerouted shares)")
+                    "refusing (the server rerouted shares)"
+                )
             seed_shares[src], sk1_shares[src] = seed_share, sk1_share
         vector += self_mask(s.seed, round_id=s.round_id, length=layout.length)
         for src in srcs:
@@ -246,10 +252,15 @@ class SecAggClient:
         if clipped:
             logger.warning(
                 "SecAgg node %d: %d of %d update values were outside +-%g and were clipped; raise "
-                "clipping_range on the coordinator if this recurs", s.node_id, clipped, s.num_params,
-                s.clipping_range)
-        logger.debug("SecAgg node %d: masked vector of %d values ready (%d pairwise masks)",
-                     s.node_id, layout.length, len(srcs))
+                "clipping_range on the coordinator if this recurs",
+                s.node_id,
+                clipped,
+                s.num_params,
+                s.clipping_range,
+            )
+        logger.debug(
+            "SecAgg node %d: masked vector of %d values ready (%d pairwise masks)", s.node_id, layout.length, len(srcs)
+        )
         return vector, {m.STAGE: stage, m.ROUND_ID: s.round_id}
 
     # ------------------------------------------------------------------ stage 3
@@ -263,42 +274,39 @@ class SecAggClient:
         if both:
             raise SecAggProtocolError(
                 f"SecAgg unmask: refusing — nodes {sorted(both)} are listed both active and dropped; "
-                "revealing both shares of a node would let the server unmask its individual update")
+                "revealing both shares of a node would let the server unmask its individual update"
+            )
         if s.node_id not in active:
             raise SecAggProtocolError(
-                f"SecAgg unmask: node {s.node_id} is not in the active list it was sent; refusing a "
-                "malformed request")
+                f"SecAgg unmask: node {s.node_id} is not in the active list it was sent; refusing a malformed request"
+            )
         unknown = (set(active) | set(dropped)) - set(s.seed_shares)
         if unknown:
             raise SecAggProtocolError(
-                f"SecAgg unmask: node {s.node_id} holds no shares of nodes {sorted(unknown)}; refusing")
+                f"SecAgg unmask: node {s.node_id} holds no shares of nodes {sorted(unknown)}; refusing"
+            )
         if len(active) < s.threshold:
             raise SecAggProtocolError(
                 f"SecAgg unmask: only {len(active)} active nodes in node {s.node_id}'s neighbourhood, below "
-                f"the threshold {s.threshold}; refusing, as an aggregate over so few sites would expose them")
+                f"the threshold {s.threshold}; refusing, as an aggregate over so few sites would expose them"
+            )
         reply = {
-            m.STAGE: stage, m.ROUND_ID: s.round_id,
-            m.SEED_SHARE_NODES: active, m.SEED_SHARES: [s.seed_shares[nid] for nid in active],
-            m.KEY_SHARE_NODES: dropped, m.KEY_SHARES: [s.sk1_shares[nid] for nid in dropped],
+            m.STAGE: stage,
+            m.ROUND_ID: s.round_id,
+            m.SEED_SHARE_NODES: active,
+            m.SEED_SHARES: [s.seed_shares[nid] for nid in active],
+            m.KEY_SHARE_NODES: dropped,
+            m.KEY_SHARES: [s.sk1_shares[nid] for nid in dropped],
         }
         # Forget the round: its secrets are no longer needed and a second unmask must be refused.
         self._s = _ClientState(node_id=s.node_id)
-        logger.debug("SecAgg node %d: revealed %d seed shares and %d key shares",
-                     s.node_id, len(active), len(dropped))
+        logger.debug("SecAgg node %d: revealed %d seed shares and %d key shares", s.node_id, len(active), len(dropped))
         return reply
 
     # ------------------------------------------------------------------ state
     def state_to_record(self) -> dict[str, Any]:
         """The full state as ConfigRecord values (int, float, str, bytes, list[int], list[bytes])."""
-        s = self._s
-        record: dict[str, Any] = {"version": STATE_VERSION, "node_id": s.node_id}
-        for name in _SCALARS:
-            record[name] = getattr(s, name)
-        for name in _DICTS:
-            mapping: dict[int, bytes] = getattr(s, name)
-            record[f"{name}:nids"] = list(mapping)
-            record[f"{name}:values"] = list(mapping.values())
-        return record
+        return record_from_state(self._s)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], *, node_id: int) -> SecAggClient:
@@ -306,24 +314,7 @@ class SecAggClient:
         client = cls(node_id=node_id)
         if not record:
             return client
-        if record.get("version") != STATE_VERSION:
-            raise SecAggProtocolError(
-                f"SecAgg client state has version {record.get('version')!r}, expected {STATE_VERSION}; "
-                "a state saved by another fedmed version — clear the site's context state and rerun the round")
-        if record.get("node_id") != node_id:
-            raise SecAggProtocolError(
-                f"SecAgg client state belongs to node {record.get('node_id')!r}, not {node_id}; the "
-                "transport loaded another site's state")
-        try:
-            values: dict[str, Any] = {name: record[name] for name in _SCALARS}
-            for name in _DICTS:
-                values[name] = dict(zip(record[f"{name}:nids"], record[f"{name}:values"], strict=True))
-        except (KeyError, ValueError) as exc:
-            raise SecAggProtocolError(
-                f"SecAgg client state is incomplete ({exc}); clear the site's context state and rerun "
-                "the round") from None
-        values["clipping_range"] = float(values["clipping_range"])
-        client._s = _ClientState(node_id=node_id, **values)
+        client._s = state_from_record(record, node_id=node_id)
         return client
 
     # ------------------------------------------------------------------ helpers
@@ -332,6 +323,7 @@ class SecAggClient:
             raise SecAggProtocolError(
                 f"SecAgg node {self.node_id}: got a '{stage}' message but the last completed stage is "
                 f"'{self._s.stage}' (expected '{previous}'); stages must arrive in order setup, share-keys, "
-                "masked-input, unmask — restart the round from setup")
+                "masked-input, unmask — restart the round from setup"
+            )
         m.check_header(message, stage=stage, round_id=self._s.round_id)
         return self._s

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fedmed.errors import FedmedError
+from fedmed.core.errors import FedmedError
 
 
 class SecAggError(FedmedError):

@@ -18,14 +18,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    public_key_to_bytes,
-)
 
 from fedmed.secagg.errors import SecAggProtocolError
+from fedmed.secagg.primitives import bytes_to_private_key, bytes_to_public_key, generate_shared_key, public_key_to_bytes
 
 _SELF_MASK = b"fedmed-secagg/v1/self-mask/"
 _PAIR_MASK = b"fedmed-secagg/v1/pairwise-mask/"
@@ -35,8 +30,7 @@ SEED_BYTES = 32
 
 def _stream_key(secret: bytes, *, label: bytes, round_id: str) -> bytes:
     # Domain separation: the same secret never keys two different masks (self vs pairwise, rounds).
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=label + round_id.encode()).derive(secret)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label + round_id.encode()).derive(secret)
 
 
 def mask_stream(key: bytes, length: int) -> np.ndarray:
@@ -75,8 +69,10 @@ def check_public_key(pem: bytes) -> None:
     except (ValueError, TypeError, UnsupportedAlgorithm):
         key = None
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise SecAggProtocolError("SecAgg: a public key is not a PEM-encoded EC public key; the sender does not "
-                                  "run fedmed's SecAgg or the key was altered in transit")
+        raise SecAggProtocolError(
+            "SecAgg: a public key is not a PEM-encoded EC public key; the sender does not "
+            "run fedmed's SecAgg or the key was altered in transit"
+        )
 
 
 def seed_commitment(seed: bytes, *, round_id: str) -> bytes:

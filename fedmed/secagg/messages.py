@@ -16,7 +16,6 @@ SETUP = "setup"
 SHARE_KEYS = "share-keys"
 MASKED_INPUT = "masked-input"
 UNMASK = "unmask"
-STAGES = (SETUP, SHARE_KEYS, MASKED_INPUT, UNMASK)
 
 # Fields.
 STAGE = "stage"
@@ -90,7 +89,8 @@ def read_ids(message: Mapping[str, Any], key: str, *, stage: str) -> list[int]:
     """A list of distinct node ids (0 <= id < 2^64)."""
     value = _get(message, key, stage)
     if not isinstance(value, list) or any(
-            not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**64 for v in value):
+        not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**64 for v in value
+    ):
         raise _fail(stage, key, "a list of node ids (integers in [0, 2^64))", value)
     if len(set(value)) != len(value):
         raise _fail(stage, key, "a list of distinct node ids", value)
@@ -108,10 +108,10 @@ def check_header(message: Mapping[str, Any], *, stage: str, round_id: str) -> No
     """The message belongs to this stage of this round (catches replayed or misrouted messages)."""
     got_stage = _get(message, STAGE, stage)
     if got_stage != stage:
-        raise SecAggProtocolError(
-            f"SecAgg: expected a '{stage}' message but got stage {got_stage!r}; {_FIX}")
+        raise SecAggProtocolError(f"SecAgg: expected a '{stage}' message but got stage {got_stage!r}; {_FIX}")
     got_round = _get(message, ROUND_ID, stage)
     if got_round != round_id:
         raise SecAggProtocolError(
             f"SecAgg {stage} message belongs to round {got_round!r}, not the current round {round_id!r}; "
-            "a stale or misrouted message — the transport must not mix rounds")
+            "a stale or misrouted message — the transport must not mix rounds"
+        )

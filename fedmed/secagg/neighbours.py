@@ -24,22 +24,20 @@ def neighbourhood_size(num_sites: int, num_shares: int | None) -> int:
     return min(k, num_sites)
 
 
-def build_neighbourhoods(node_ids: Sequence[int], *, num_shares: int | None,
-                         rng: random.Random) -> dict[int, frozenset[int]]:
+def build_neighbourhoods(
+    node_ids: Sequence[int], *, num_shares: int | None, rng: random.Random
+) -> dict[int, frozenset[int]]:
     """node id -> its neighbourhood, itself included; symmetric (v in N(u) iff u in N(v))."""
     ids = list(node_ids)
     n = len(ids)
     k = neighbourhood_size(n, num_shares)
     if k >= n:
         everyone = frozenset(ids)
-        return {nid: everyone for nid in ids}
+        return dict.fromkeys(ids, everyone)
     # The shuffle keeps the ring from following the id order a site could choose by re-registering.
     rng.shuffle(ids)
     half = k // 2
-    return {
-        nid: frozenset(ids[(idx + offset) % n] for offset in range(-half, half + 1))
-        for idx, nid in enumerate(ids)
-    }
+    return {nid: frozenset(ids[(idx + offset) % n] for offset in range(-half, half + 1)) for idx, nid in enumerate(ids)}
 
 
 def resolve_threshold(requested: int | None, *, neighbourhood: int) -> int:

@@ -61,8 +61,7 @@ def quantize(values: np.ndarray, *, clipping_range: float, levels: int) -> tuple
     return scaled.astype(np.uint32), clipped
 
 
-def dequantize_mean(weighted_sum: np.ndarray, *, total_weight: int, clipping_range: float,
-                    levels: int) -> np.ndarray:
+def dequantize_mean(weighted_sum: np.ndarray, *, total_weight: int, clipping_range: float, levels: int) -> np.ndarray:
     """float32 weighted mean from sum_i w_i q_i and W = sum_i w_i: (S / W) * (2R / L) - R."""
     if total_weight < 1:
         raise SecAggInputError(f"total weight must be at least 1 to form a mean, got {total_weight}")
@@ -71,4 +70,3 @@ def dequantize_mean(weighted_sum: np.ndarray, *, total_weight: int, clipping_ran
     mean *= step / total_weight
     mean -= clipping_range
     return mean.astype(np.float32)
-

@@ -33,8 +33,12 @@ class SecAggSettings:
     stage_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.clipping_range, bool) or not isinstance(self.clipping_range, (int, float)) \
-                or not math.isfinite(self.clipping_range) or self.clipping_range <= 0:
+        if (
+            isinstance(self.clipping_range, bool)
+            or not isinstance(self.clipping_range, (int, float))
+            or not math.isfinite(self.clipping_range)
+            or self.clipping_range <= 0
+        ):
             raise SecAggInputError(
                 f"clipping_range must be a finite number > 0, got {self.clipping_range!r}; "
                 "set it to the largest expected |update| value, e.g. 0.5"
@@ -46,19 +50,25 @@ class SecAggSettings:
             )
         quantization_levels(self.max_total_weight)  # raises when too few levels remain
         if self.reconstruction_threshold is not None and (
-                not _is_int(self.reconstruction_threshold) or self.reconstruction_threshold < 2):
+            not _is_int(self.reconstruction_threshold) or self.reconstruction_threshold < 2
+        ):
             raise SecAggInputError(
                 f"reconstruction_threshold must be None (majority) or an integer >= 2, got "
                 f"{self.reconstruction_threshold!r}; a threshold of 1 would let any single site reveal secrets"
             )
         if self.num_shares is not None and (
-                not _is_int(self.num_shares) or self.num_shares < 3 or self.num_shares % 2 == 0):
+            not _is_int(self.num_shares) or self.num_shares < 3 or self.num_shares % 2 == 0
+        ):
             raise SecAggInputError(
                 f"num_shares must be None (automatic) or an odd integer >= 3, got {self.num_shares!r}; "
                 "the ring neighbourhood is symmetric (k // 2 sites on each side plus the site itself)"
             )
-        if isinstance(self.stage_timeout_s, bool) or not isinstance(self.stage_timeout_s, (int, float)) \
-                or not math.isfinite(self.stage_timeout_s) or self.stage_timeout_s <= 0:
+        if (
+            isinstance(self.stage_timeout_s, bool)
+            or not isinstance(self.stage_timeout_s, (int, float))
+            or not math.isfinite(self.stage_timeout_s)
+            or self.stage_timeout_s <= 0
+        ):
             raise SecAggInputError(
                 f"stage_timeout_s must be a finite number of seconds > 0, got {self.stage_timeout_s!r}"
             )

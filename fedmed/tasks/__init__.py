@@ -1,4 +1,7 @@
-"""Segmentation, classification and enhancement: train, evaluate, metrics. No federation here."""
+"""Segmentation, classification and enhancement: one training loop (plain or DP-SGD), evaluation, metrics.
+
+No federation here. Imports fedmed.models, fedmed.data, fedmed.config and fedmed.core.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from fedmed.config import TaskConfig
 
 from .base import Sample, Task
 from .device import select_device
+from .dp_sgd import DpSgdStep, PrivateModelError, check_private_model
 from .training import TrainResult, train_local
 
 
@@ -23,4 +27,14 @@ def get_task(config: TaskConfig) -> Task:
     return EnhancementTask(config)
 
 
-__all__ = ["Sample", "Task", "TrainResult", "get_task", "select_device", "train_local"]
+__all__ = [
+    "DpSgdStep",
+    "PrivateModelError",
+    "Sample",
+    "Task",
+    "TrainResult",
+    "check_private_model",
+    "get_task",
+    "select_device",
+    "train_local",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedmed.errors import ConfigError
+from fedmed.core.errors import ConfigError
 
 
 def select_device(preference: str = "auto") -> torch.device:

@@ -1,4 +1,4 @@
-"""Local training: the same loop for federated sites and for the local-only and pooled baselines."""
+"""Local training: one loop for federated sites and the baselines, plain or DP-SGD."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from torch.utils.data import DataLoader
 from fedmed.config import TrainConfig
 
 from .base import Sample, Task
+from .dp_sgd import DpSgdStep, privatized, proximal_step
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    loss: float
+    loss: float  # mean training loss over the last epoch
     num_examples: int
-    steps: int
+    steps: int  # batches drawn, an empty Poisson draw included (DP-SGD charges it)
     seconds: float
 
 
@@ -29,16 +30,6 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
     if train.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=train.learning_rate, momentum=0.9, weight_decay=train.weight_decay)
     return torch.optim.Adam(parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
-
-
-def make_loader(samples: Sequence[Sample], *, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled in-memory batches; the seed fixes the order so runs are reproducible."""
-    return DataLoader(
-        list(samples),
-        batch_size=min(batch_size, len(samples)),
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
 
 
 def train_local(
@@ -52,43 +43,57 @@ def train_local(
     device: torch.device,
     proximal_mu: float = 0.0,
     proximal_keys: Collection[str] = (),
+    dp: DpSgdStep | None = None,
 ) -> TrainResult:
-    """Train `model` in place for `epochs` over `samples`.
+    """Train `model` in place for `epochs` over `samples`, shuffled in an order fixed by `seed`.
 
-    With proximal_mu > 0 (FedProx) the loss gains mu/2 * ||w - w_start||^2 over the parameters
-    named in `proximal_keys`: the shared weights as received from the server.
+    With proximal_mu > 0 (FedProx) the weights named in `proximal_keys` (the shared weights as
+    received from the server) are pulled towards their starting values with strength mu. With `dp`
+    the steps are DP-SGD (Opacus: Poisson sampling, per-sample clipping, Gaussian noise); the caller
+    fixes the noise and charges the ledger. The model is left unwrapped either way.
     """
     if not samples:
         raise ValueError("no training samples: the site's training split is empty")
     torch.manual_seed(seed)
     model.to(device).train()
+    keys = list(samples[0])
+    # Tuples, not dicts: Opacus builds empty Poisson batches from the structure of a sample.
+    rows = [tuple(sample[key] for key in keys) for sample in samples]
+    loader = DataLoader(
+        rows, batch_size=min(train.batch_size, len(rows)), shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     optimizer = make_optimizer(model, train)
-    loader = make_loader(samples, batch_size=train.batch_size, seed=seed)
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
     anchors = proximal_anchors(model, proximal_keys) if proximal_mu > 0 else {}
-    use_amp = train.amp and device.type == "cuda"
+    use_amp = train.amp and device.type == "cuda" and dp is None
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
     started = time.perf_counter()
     steps, epoch_loss, epoch_examples = 0, 0.0, 0
-    for _ in range(epochs):
-        epoch_loss, epoch_examples = 0.0, 0
-        for batch in loader:
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-            if train.augment:
-                batch = random_flips(batch, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
-            with autocast:
-                loss = task.loss(model, batch, generator=generator)
-            if anchors:
-                loss = loss + proximal_term(model, anchors, mu=proximal_mu)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            size = len(batch["image"])
-            epoch_loss += float(loss.detach()) * size
-            epoch_examples += size
-            steps += 1
+    with privatized(model, optimizer, loader, dp=dp, seed=seed, device=device) as (network, optimizer, loader):
+        for _ in range(epochs):
+            epoch_loss, epoch_examples = 0.0, 0
+            for columns in loader:
+                steps += 1
+                if len(columns[0]) == 0:
+                    continue  # an empty Poisson draw: nothing to learn from, still a step
+                batch = {key: value.to(device, non_blocking=True) for key, value in zip(keys, columns, strict=True)}
+                if train.augment:
+                    batch = random_flips(batch, generator=generator)
+                optimizer.zero_grad(set_to_none=True)
+                autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+                with autocast:
+                    loss = task.loss(network, batch, generator=generator)
+                if anchors and dp is None:
+                    loss = loss + proximal_term(model, anchors, mu=proximal_mu)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if anchors and dp is not None:
+                    # DP-SGD replaces every gradient, so the proximal pull is a step of its own.
+                    proximal_step(model, anchors, step=train.learning_rate * proximal_mu)
+                size = len(batch[keys[0]])
+                epoch_loss += float(loss.detach()) * size
+                epoch_examples += size
     return TrainResult(
         loss=epoch_loss / max(epoch_examples, 1),
         num_examples=len(samples),

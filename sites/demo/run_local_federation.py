@@ -37,8 +37,9 @@ def main() -> None:
     try:
         federation.start()
         print("coordinator and 3 hospitals connected over TLS with node authentication")
-        run = demo.model_dump(mode="json", include={"name", "seed", "task", "model", "train", "strategy"},
-                              exclude_none=True)
+        run = demo.model_dump(
+            mode="json", include={"name", "seed", "task", "model", "train", "strategy"}, exclude_none=True
+        )
         run["train"]["rounds"] = args.rounds
         completed = federation.run(federation.write_run_config(run), "--wait")
         print(completed.stdout)

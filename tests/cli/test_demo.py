@@ -16,7 +16,10 @@ def test_demo_federation_beats_local_only_at_every_site(tmp_path: Path) -> None:
     fedmed = Path(sys.executable).with_name("fedmed")
     completed = subprocess.run(
         [str(fedmed), "demo", "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = re.findall(r"^(hospital-[abc])\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", completed.stdout, re.MULTILINE)

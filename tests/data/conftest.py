@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
+from data_helpers import save_nifti
 
 from fedmed.config.schema import SiteDrift, SynthConfig
 from fedmed.data import Case, synthesize_federation, write_manifest
-
-from data_helpers import save_nifti
 
 SiteWriter = Callable[..., Path]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from data_helpers import blob_volume
 from nibabel.orientations import axcodes2ornt, ornt_transform
 
 from fedmed.config.schema import SiteDrift, SiteEntry, TaskConfig
@@ -19,8 +20,6 @@ from fedmed.data import (
     split_into_sites,
     validate_site,
 )
-
-from data_helpers import blob_volume
 
 IXI_DRIFTS = [
     SiteDrift(name="hh-1"),
@@ -129,7 +128,7 @@ def test_split_refuses_bad_requests(tmp_path: Path) -> None:
     with pytest.raises(DataOutputError, match="overwrite"):
         split_into_sites(cases, drifts=[SiteDrift(name="a")], out_dir=tmp_path / "out", **MASKS)
     (tmp_path / "src" / "lab" / "s1.nii.gz").unlink()
-    with pytest.raises(DataValidationError, match="label file for s1.nii.gz not found"):
+    with pytest.raises(DataValidationError, match=r"label file for s1.nii.gz not found"):
         cases_from_folder_pairs(tmp_path / "src" / "img", tmp_path / "src" / "lab")
 
 

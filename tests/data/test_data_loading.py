@@ -10,13 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from data_helpers import blob_volume, save_nifti
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from PIL import Image
 
 from fedmed.config.schema import TaskConfig
 from fedmed.data import Case, DataValidationError, clear_site_cache, load_site, write_manifest
-
-from data_helpers import blob_volume, save_nifti
 
 
 def seg3d(**changes: object) -> TaskConfig:

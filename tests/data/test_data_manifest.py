@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_helpers import fedmed_warnings
 
 from fedmed.config.schema import TaskConfig
 from fedmed.data import Case, DataValidationError, load_site, read_manifest, read_npz_site, write_manifest
-
-from data_helpers import fedmed_warnings
 
 
 def test_write_then_read_round_trip_keeps_cases_and_writes_relative_paths(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ import torch
 
 from fedmed.config import NormalizationConfig
 from fedmed.data import SiteData
-from fedmed.data import normalization as norm
 from fedmed.data.normalization import (
     SITE_LEVEL_MODES,
     SiteIntensityStats,
@@ -22,6 +21,7 @@ from fedmed.data.normalization import (
     normalize_image,
     normalize_site,
 )
+from fedmed.data.normalization import fit as normalization_fit
 
 SETTINGS = NormalizationConfig()
 
@@ -94,8 +94,12 @@ def test_site_zscore_removes_a_sites_scale_and_offset() -> None:
     site_a = site_images()
     site_b = [3 * image + 50 for image in site_a]
     out_a, out_b = (
-        normalized(site, method="site_zscore", stats=fit_site_stats(site, method="site_zscore", settings=SETTINGS),
-                   standard_landmarks=None)
+        normalized(
+            site,
+            method="site_zscore",
+            stats=fit_site_stats(site, method="site_zscore", settings=SETTINGS),
+            standard_landmarks=None,
+        )
         for site in (site_a, site_b)
     )
     for a, b in zip(out_a, out_b):
@@ -131,7 +135,7 @@ def test_site_percentile_maps_the_chosen_percentiles_to_the_unit_range() -> None
 def test_site_percentile_subsample_of_a_large_site_stays_accurate(monkeypatch: pytest.MonkeyPatch) -> None:
     images = site_images(count=8)
     exact = fit_site_stats(images, method="site_percentile", settings=SETTINGS)
-    monkeypatch.setattr(norm, "MAX_PERCENTILE_VOXELS", 1000)
+    monkeypatch.setattr(normalization_fit, "MAX_PERCENTILE_VOXELS", 1000)  # where fitting reads it
     sampled = fit_site_stats(images, method="site_percentile", settings=SETTINGS)
     assert sampled.values["low"] == pytest.approx(exact.values["low"], abs=0.03)
     assert sampled.values["high"] == pytest.approx(exact.values["high"], abs=0.03)
@@ -216,8 +220,9 @@ def test_nyul_extrapolates_monotonically_beyond_the_end_landmarks() -> None:
     below = image.flatten().numpy() < marks[0]
     # Beyond the first landmark the first segment's slope continues.
     slope = (standard[1] - standard[0]) / (marks[1] - marks[0])
-    np.testing.assert_allclose(values[below], standard[0] + (image.flatten().numpy()[below] - marks[0]) * slope,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        values[below], standard[0] + (image.flatten().numpy()[below] - marks[0]) * slope, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(

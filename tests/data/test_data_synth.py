@@ -69,7 +69,7 @@ def test_existing_site_is_reused_or_refused_never_silently_replaced(tmp_path: Pa
     synthesize_federation(changed, tmp_path, overwrite=True)
     assert read_manifest(site).fedmed["drift"]["gamma"] == 1.5
     # Adding a site leaves the existing ones alone.
-    grown = changed.model_copy(update={"sites": changed.sites + [SiteDrift(name="c")]})
+    grown = changed.model_copy(update={"sites": [*changed.sites, SiteDrift(name="c")]})
     stamp = (site / "dataset.json").stat().st_mtime_ns
     assert [entry.name for entry in synthesize_federation(grown, tmp_path)] == ["a", "b", "c"]
     assert (site / "dataset.json").stat().st_mtime_ns == stamp

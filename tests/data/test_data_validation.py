@@ -9,12 +9,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from data_helpers import blob_volume, find_problem, save_nifti
 
 from fedmed.config.schema import TaskConfig
 from fedmed.data import DataValidationError, check_site, validate_site
 from fedmed.data.problems import DataProblem
-
-from data_helpers import blob_volume, find_problem, save_nifti
 
 SEG3D = TaskConfig(kind="segmentation", spatial_dims=3, image_size=[12, 12, 12])
 
@@ -110,7 +109,7 @@ def test_truncated_nifti_is_caught_by_reading_the_voxels(good_site: Path) -> Non
 
 
 def test_truncated_uncompressed_nifti(good_site: Path, tmp_path: Path) -> None:
-    image, label = blob_volume()
+    image, _label = blob_volume()
     path = save_nifti(tmp_path / "plain.nii", image)
     content = path.read_bytes()
     target = good_site / "imagesTr" / "a.nii"
@@ -226,7 +225,7 @@ def test_npz_missing_keys_and_mismatched_lengths(tmp_path: Path) -> None:
     np.savez(mismatched, train_images=images, train_labels=np.zeros(3), val_images=images, val_labels=np.zeros(4))
     words = "train_images has 4 images but train_labels has 3"
     find_problem(errors(mismatched, task=None), path=mismatched, words=words)
-    with pytest.raises(DataValidationError, match="mismatched.npz"):
+    with pytest.raises(DataValidationError, match=r"mismatched.npz"):
         check_site(mismatched)
 
 

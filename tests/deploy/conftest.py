@@ -12,12 +12,16 @@ from fedmed.deploy.local import LocalFederation, descendants
 DRIFTS = [SiteDrift(name="a"), SiteDrift(name="b", intensity_scale=2.0, noise_std=0.03), SiteDrift(name="c", gamma=1.3)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    """Coordinator and three sites, provisioned with TLS and node keys, serving until the module ends."""
+    """Coordinator and three sites, provisioned with TLS and node keys, serving until the tests end.
+
+    One federation for every deployment test: starting one takes about a minute. A test that stops,
+    kills or reconfigures a party restores it before it ends."""
     root = tmp_path_factory.mktemp("federation")
-    synth = SynthConfig(task="segmentation", spatial_dims=2, image_size=[32, 32], train_cases=4, val_cases=3,
-                        seed=1, sites=DRIFTS)
+    synth = SynthConfig(
+        task="segmentation", spatial_dims=2, image_size=[32, 32], train_cases=4, val_cases=3, seed=1, sites=DRIFTS
+    )
     sites = synthesize_federation(synth, root / "data")
     federation = LocalFederation(root, site_data={site.name: site.path for site in sites})
     federation.provision()
@@ -36,4 +40,3 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
-

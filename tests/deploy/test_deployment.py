@@ -9,12 +9,12 @@ import ssl
 
 import pytest
 import torch
+from deploy_helpers import run_config
 
 from fedmed.config import load_site_config, run_config_from_dict
 from fedmed.config.loader import read_toml
-from fedmed.flower.simulation import simulate
-from deploy_helpers import run_config
 from fedmed.deploy.local import FEDMED, LocalFederation, cli, free_port
+from fedmed.workflows.simulate import simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,7 +23,12 @@ def test_deployed_run_matches_the_inprocess_engine(federation: LocalFederation) 
     config_file = run_config(federation, "match", train={"rounds": 2})
     completed = federation.run(config_file, "--wait")
     assert "finished:completed" in completed.stdout
-    run_dir = federation.workspace / "server" / "runs" / completed.stdout.split("run directory: ")[1].split("/")[-1].split()[0]
+    run_dir = (
+        federation.workspace
+        / "server"
+        / "runs"
+        / completed.stdout.split("run directory: ")[1].split("/")[-1].split()[0]
+    )
     deployed = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)["state_dict"]
 
     raw = read_toml(config_file)
@@ -50,13 +55,18 @@ def test_the_server_speaks_only_tls(federation: LocalFederation) -> None:
     with socket.create_connection(("127.0.0.1", federation.port), timeout=5) as plain:
         plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert not plain.recv(64).startswith(b"HTTP/1.")  # plain HTTP gets no HTTP answer
-    with socket.create_connection(("127.0.0.1", federation.port), timeout=5) as raw:
-        with pytest.raises(ssl.SSLCertVerificationError):  # the system CAs do not vouch for it
-            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    # The system CAs do not vouch for it.
+    with (
+        socket.create_connection(("127.0.0.1", federation.port), timeout=5) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
     federation_ca = ssl.create_default_context(cafile=str(federation.site_config("a").parent / "ca.crt"))
-    with socket.create_connection(("127.0.0.1", federation.port), timeout=5) as raw:
-        with federation_ca.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    with (
+        socket.create_connection(("127.0.0.1", federation.port), timeout=5) as raw,
+        federation_ca.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
 
 
 def test_an_unregistered_node_is_refused(federation: LocalFederation) -> None:
@@ -87,7 +97,7 @@ def test_a_site_refuses_an_app_it_has_not_approved(federation: LocalFederation) 
         assert f"site c refused app {approved[0]}" in log
         assert f"fedmed site approve {federation.site_config('c')} {approved[0]}" in log
         run_dir = next((federation.workspace / "server" / "runs").glob("refused-*"))
-        rounds = [line for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+        rounds = (run_dir / "rounds.jsonl").read_text().splitlines()
         assert '"sites_trained": ["a", "b"]' in rounds[0]
     finally:
         cli([FEDMED, "site", "approve", str(federation.site_config("c")), approved[0]])
@@ -103,8 +113,9 @@ def test_a_site_refuses_an_app_it_has_not_approved(federation: LocalFederation) 
     ],
     ids=["missing data", "missing CA", "unknown key"],
 )
-def test_bad_site_configs_are_refused_before_starting(federation: LocalFederation, change: dict, message: str,
-                                                      tmp_path) -> None:  # noqa: ANN001
+def test_bad_site_configs_are_refused_before_starting(
+    federation: LocalFederation, change: dict, message: str, tmp_path
+) -> None:
     import tomli_w
 
     site = read_toml(federation.site_config("a"))
@@ -121,7 +132,7 @@ def test_bad_site_configs_are_refused_before_starting(federation: LocalFederatio
     assert message in completed.stderr and "Traceback" not in completed.stderr
 
 
-def test_a_site_trusting_another_ca_refuses_the_server(federation: LocalFederation, tmp_path) -> None:  # noqa: ANN001
+def test_a_site_trusting_another_ca_refuses_the_server(federation: LocalFederation, tmp_path) -> None:
     import tomli_w
 
     cli([FEDMED, "provision", str(tmp_path / "other"), "--federation", "other"])
@@ -139,8 +150,13 @@ def test_deployed_harmonization_personalization_and_cross_site_evaluation(federa
     """Nyúl landmarks reach every site's own state; only a site whose policy allows it lends its personalized model."""
     federation.edit_site("a", privacy={"share_personalized_model": True})
     try:
-        config_file = run_config(federation, "drift", train={"rounds": 1}, task={"intensity": "nyul"},
-                                 strategy={"fedbn": True, "round_timeout_s": 60})
+        config_file = run_config(
+            federation,
+            "drift",
+            train={"rounds": 1},
+            task={"intensity": "nyul"},
+            strategy={"fedbn": True, "round_timeout_s": 60},
+        )
         completed = federation.run(config_file, "--wait")
     finally:
         federation.edit_site("a", privacy={"share_personalized_model": False})

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from deploy_helpers import run_config
+
 from fedmed.deploy.local import LocalFederation, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -25,13 +25,15 @@ def _receiving_train(federation: LocalFederation, site: str, *, after: int) -> b
 
 
 def test_a_site_killed_mid_round_is_dropped_and_rejoins(federation: LocalFederation) -> None:
-    config = run_config(federation, "site-crash", train={"rounds": 4},
-                                         strategy={"min_sites": 2, "round_timeout_s": 30})
+    config = run_config(federation, "site-crash", train={"rounds": 4}, strategy={"min_sites": 2, "round_timeout_s": 30})
     log_start = len(federation.site_log("c").read_text())
     run_dir = federation.submit(config)
 
-    wait_for(lambda: _receiving_train(federation, "c", after=log_start), timeout=120,
-             what="site c to receive its first training message")
+    wait_for(
+        lambda: _receiving_train(federation, "c", after=log_start),
+        timeout=120,
+        what="site c to receive its first training message",
+    )
     federation.crash("c")  # SIGKILL the daemon, its SuperNode and the ClientApp mid-round
     wait_for(lambda: len(_rounds(run_dir)) >= 1, timeout=180, what="round 1 to finish without site c")
     federation.start_site("c")
@@ -45,8 +47,9 @@ def test_a_site_killed_mid_round_is_dropped_and_rejoins(federation: LocalFederat
 
 
 def test_a_round_below_quorum_fails_with_the_reason_in_status(federation: LocalFederation) -> None:
-    config = run_config(federation, "below-quorum", train={"rounds": 2},
-                                         strategy={"min_sites": 3, "round_timeout_s": 20})
+    config = run_config(
+        federation, "below-quorum", train={"rounds": 2}, strategy={"min_sites": 3, "round_timeout_s": 20}
+    )
     federation.stop("b")
     try:
         completed = federation.run(config, "--wait", check=False)
@@ -76,7 +79,7 @@ def test_the_coordinator_crashes_and_the_run_resumes(federation: LocalFederation
     assert "finished:completed" in completed.stdout
 
     rounds = [row["round"] for row in _rounds(run_dir)]
-    assert rounds[-1] == 3 and rounds[: done_before] == list(range(1, done_before + 1))
+    assert rounds[-1] == 3 and rounds[:done_before] == list(range(1, done_before + 1))
     assert sorted(set(rounds)) == [1, 2, 3]
     final = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
     assert final["round"] == 3

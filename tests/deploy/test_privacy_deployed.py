@@ -8,12 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
-
 from deploy_helpers import run_config
+
 from fedmed.config import load_site_config
 from fedmed.deploy.local import FEDMED, LocalFederation, cli
 from fedmed.privacy import PrivacyLedger
-from fedmed.site_privacy import LEDGER_FILE
+from fedmed.site.privacy import ledger_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,15 +23,27 @@ def _run_dir(output: str) -> Path:
 
 
 def _ledger(federation: LocalFederation, site: str) -> Path:
-    return load_site_config(federation.site_config(site)).state_dir / LEDGER_FILE
+    return ledger_path(load_site_config(federation.site_config(site)).state_dir)
 
 
-def test_dp_sgd_with_secure_aggregation_charges_each_sites_own_ledger(federation: LocalFederation) -> None:
-    config = run_config(federation, "private", train={"rounds": 2},
-                        dp_sgd={"enabled": True, "epsilon": 4.0, "accountant": "rdp"},
-                        secagg={"enabled": True}, strategy={"fedbn": True, "round_timeout_s": 60})
-    run_dir = _run_dir(federation.run(config, "--wait").stdout)
+@pytest.fixture(scope="module")
+def private_run(federation: LocalFederation) -> Path:
+    """A 2-round DP-SGD run under SecAgg+ and FedBN: every site's ledger holds its spend afterwards."""
+    config = run_config(
+        federation,
+        "private",
+        train={"rounds": 2},
+        dp_sgd={"enabled": True, "epsilon": 4.0, "accountant": "rdp"},
+        secagg={"enabled": True},
+        strategy={"fedbn": True, "round_timeout_s": 60},
+    )
+    return _run_dir(federation.run(config, "--wait").stdout)
 
+
+def test_dp_sgd_with_secure_aggregation_charges_each_sites_own_ledger(
+    federation: LocalFederation, private_run: Path
+) -> None:
+    run_dir = private_run
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [row["secagg_sites"] for row in rounds] == [["a", "b", "c"]] * 2
     assert all(row["secagg_max_quantization_error"] < 1e-4 for row in rounds)
@@ -49,20 +61,26 @@ def test_dp_sgd_with_secure_aggregation_charges_each_sites_own_ledger(federation
     assert not any(run_dir.glob("**/privacy-ledger.sqlite")), "ledgers live at the sites, never with the coordinator"
 
 
-def test_a_deployed_site_refuses_runs_its_policy_forbids(federation: LocalFederation) -> None:
-    if not _ledger(federation, "c").exists():
-        pytest.skip("needs the spend of the DP-SGD run above")
+def test_a_deployed_site_refuses_runs_its_policy_forbids(federation: LocalFederation, private_run: Path) -> None:
     federation.edit_site("c", privacy={"epsilon": 1.0})  # below what c has spent
     federation.edit_site("b", privacy={"require_dp": True})
     try:
-        private = run_config(federation, "over-budget", train={"rounds": 1},
-                             dp_sgd={"enabled": True, "epsilon": 4.0, "accountant": "rdp"},
-                             strategy={"min_sites": 3, "round_timeout_s": 60})
+        private = run_config(
+            federation,
+            "over-budget",
+            train={"rounds": 1},
+            dp_sgd={"enabled": True, "epsilon": 4.0, "accountant": "rdp"},
+            strategy={"min_sites": 3, "round_timeout_s": 60},
+        )
         refused = federation.run(private, "--wait", check=False)
         assert refused.returncode == 1
-        assert re.search(r"site c: privacy budget exhausted \(ε \d\.\d\d spent of 1\.00\)", refused.stdout), refused.stdout
+        assert re.search(r"site c: privacy budget exhausted \(ε \d\.\d\d spent of 1\.00\)", refused.stdout), (
+            refused.stdout
+        )
 
-        without_dp = run_config(federation, "no-dp", train={"rounds": 1}, strategy={"min_sites": 2, "round_timeout_s": 60})
+        without_dp = run_config(
+            federation, "no-dp", train={"rounds": 1}, strategy={"min_sites": 2, "round_timeout_s": 60}
+        )
         run_dir = _run_dir(federation.run(without_dp, "--wait").stdout)
         first = json.loads((run_dir / "rounds.jsonl").read_text().splitlines()[0])
         assert first["sites_trained"] == ["a", "c"], "b requires DP and sits this run out"

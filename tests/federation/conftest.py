@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -38,8 +39,15 @@ def tiny_config(tmp_path: Path) -> TinyConfig:
             "task": {"kind": kind, "spatial_dims": dims, "image_size": size},
             "model": {"channels": [8, 16]},
             "train": {"rounds": 2, "local_epochs": 1, "batch_size": 4, "learning_rate": 0.003},
-            "synth": {"task": kind, "spatial_dims": dims, "image_size": size, "train_cases": 4, "val_cases": 3,
-                      "seed": 1, "sites": SITES},
+            "synth": {
+                "task": kind,
+                "spatial_dims": dims,
+                "image_size": size,
+                "train_cases": 4,
+                "val_cases": 3,
+                "seed": 1,
+                "sites": SITES,
+            },
         }
         return run_config_from_dict(_merge(raw, changes), base=tmp_path)
 

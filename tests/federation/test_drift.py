@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedmed.core.errors import ConfigError
 from fedmed.data.normalization import average_landmarks, foreground_mask
-from fedmed.errors import ConfigError
-from fedmed.flower.simulation import SimulationResult, materialize_sites, simulate
-from fedmed.site_normalization import NormalizationStateError
-from fedmed.site_round import SiteSession, SiteSpec
+from fedmed.site.normalization import NormalizationStateError
+from fedmed.site.session import SiteSession, SiteSpec
+from fedmed.workflows.simulate import SimulationResult, materialize_sites, simulate
 
 # Two scanners whose intensities differ by scale, offset and a non-linear response.
 DRIFTED = [{"name": "site-a"}, {"name": "site-b", "intensity_scale": 3.0, "intensity_offset": 50.0, "gamma": 0.6}]
@@ -20,21 +20,27 @@ DRIFTED = [{"name": "site-a"}, {"name": "site-b", "intensity_scale": 3.0, "inten
 
 def _foreground_quantiles(session: SiteSession, *, raw: bool) -> np.ndarray:
     data = session.raw_data if raw else session.data
-    values = [sample["image"][foreground_mask(raw_sample["image"], rule="mean")].numpy()
-              for sample, raw_sample in zip(data.train, session.raw_data.train)]
+    values = [
+        sample["image"][foreground_mask(raw_sample["image"], rule="mean")].numpy()
+        for sample, raw_sample in zip(data.train, session.raw_data.train)
+    ]
     return np.quantile(np.concatenate(values), [0.1, 0.5, 0.9])
 
 
 def _sessions(result: SimulationResult) -> dict[str, SiteSession]:
     """Each site as it trained: its data and its normalization state from the run."""
-    return {site.name: SiteSession(SiteSpec(name=site.name, data_path=site.path,
-                                            state_dir=result.run_dir.site_dir(site.name)), result.config)
-            for site in result.config.sites}
+    return {
+        site.name: SiteSession(
+            SiteSpec(name=site.name, data_path=site.path, state_dir=result.run_dir.site_dir(site.name)), result.config
+        )
+        for site in result.config.sites
+    }
 
 
 def test_nyul_harmonization_shares_only_landmarks_and_aligns_the_sites(tiny_config) -> None:
-    config = tiny_config(task={"intensity": "nyul"}, synth={"sites": DRIFTED}, train={"rounds": 1},
-                         evaluation={"cross_site": False})
+    config = tiny_config(
+        task={"intensity": "nyul"}, synth={"sites": DRIFTED}, train={"rounds": 1}, evaluation={"cross_site": False}
+    )
     result = simulate(config)
     recorded = result.run_dir.read_json("normalization.json")
     sites = recorded["sites"]
@@ -48,7 +54,7 @@ def test_nyul_harmonization_shares_only_landmarks_and_aligns_the_sites(tiny_conf
     assert recorded["standard_landmarks"] == pytest.approx(expected)
 
     sessions = _sessions(result)
-    for name, session in sessions.items():
+    for name in sessions:
         state = json.loads((result.run_dir.site_dir(name) / "normalization.json").read_text())
         assert state["standard_landmarks"] == pytest.approx(expected)  # kept with the site's state
         assert state["stats"]["method"] == "nyul"
@@ -59,16 +65,21 @@ def test_nyul_harmonization_shares_only_landmarks_and_aligns_the_sites(tiny_conf
 
 
 def test_site_zscore_is_fitted_at_each_site_from_its_training_images(tiny_config) -> None:
-    config = tiny_config(task={"intensity": "site_zscore"}, synth={"sites": DRIFTED}, train={"rounds": 1},
-                         evaluation={"cross_site": False})
+    config = tiny_config(
+        task={"intensity": "site_zscore"},
+        synth={"sites": DRIFTED},
+        train={"rounds": 1},
+        evaluation={"cross_site": False},
+    )
     result = simulate(config)
     for name, session in _sessions(result).items():
         state = json.loads((result.run_dir.site_dir(name) / "normalization.json").read_text())
         train = session.raw_data.train
         foreground = torch.cat([s["image"][foreground_mask(s["image"], rule="mean")] for s in train]).double()
         assert state["stats"]["values"]["mean"] == pytest.approx(float(foreground.mean()), rel=1e-4)
-        normalized = torch.cat([s["image"][foreground_mask(r["image"], rule="mean")]
-                                for s, r in zip(session.data.train, train)]).double()
+        normalized = torch.cat(
+            [s["image"][foreground_mask(r["image"], rule="mean")] for s, r in zip(session.data.train, train)]
+        ).double()
         assert float(normalized.mean()) == pytest.approx(0.0, abs=1e-3)
         assert float(normalized.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
         # Validation images use the training statistics, not their own.
@@ -78,9 +89,12 @@ def test_site_zscore_is_fitted_at_each_site_from_its_training_images(tiny_config
 
 
 def test_cross_site_matrix_with_personalized_models_and_baselines(tiny_config) -> None:
-    config = tiny_config(strategy={"fedbn": True}, task={"intensity": "site_zscore"},
-                         evaluation={"cross_site_every": 1, "finetune_epochs": 1},
-                         baselines={"local_only": True, "pooled": True})
+    config = tiny_config(
+        strategy={"fedbn": True},
+        task={"intensity": "site_zscore"},
+        evaluation={"cross_site_every": 1, "finetune_epochs": 1},
+        baselines={"local_only": True, "pooled": True},
+    )
     result = simulate(config)
     sites = ["site-a", "site-b", "site-c"]
     recorded = result.run_dir.read_json("cross_site.json")

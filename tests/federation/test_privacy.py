@@ -9,40 +9,43 @@ import pytest
 import torch
 
 from fedmed.config import SitePrivacyPolicy
-from fedmed.flower.rounds import RoundFailedError
-from fedmed.flower.simulation import materialize_sites, simulate
-from fedmed.privacy import PrivacyBudgetExhaustedError, PrivacyLedger, epsilon_spent
-from fedmed.site_privacy import LEDGER_FILE, DpRequiredError, SitePrivacyTerms
-from fedmed.site_round import SiteSession, SiteSpec
+from fedmed.flower.server.rounds import RoundFailedError
+from fedmed.privacy import LEDGER_FILENAME, PrivacyBudgetExhaustedError, PrivacyLedger, epsilon_spent
+from fedmed.site.privacy import DpRequiredError, SitePrivacyTerms, ledger_path
+from fedmed.site.session import SiteSession, SiteSpec
+from fedmed.workflows.simulate import materialize_sites, simulate
 
 
-def _final_state(run) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _final_state(run) -> dict[str, torch.Tensor]:
     return torch.load(run.run_dir.checkpoints / "final.pt", weights_only=False)["state_dict"]
 
 
-def _rounds(run) -> list[dict]:  # noqa: ANN001
+def _rounds(run) -> list[dict]:
     return [json.loads(line) for line in (run.run_dir.path / "rounds.jsonl").read_text().splitlines()]
 
 
-def _train_rows(run) -> list[dict]:  # noqa: ANN001
+def _train_rows(run) -> list[dict]:
     return [row for row in run.run_dir.read_metrics() if row["phase"] == "train"]
 
 
-def test_dp_switched_off_trains_exactly_as_plain_training(tiny_config) -> None:  # noqa: ANN001
+def test_dp_switched_off_trains_exactly_as_plain_training(tiny_config) -> None:
     plain = simulate(tiny_config())
     switched_off = simulate(tiny_config(dp_sgd={"enabled": False, "epsilon": 1.0}, client_dp={"enabled": False}))
     assert all(torch.equal(value, _final_state(switched_off)[key]) for key, value in _final_state(plain).items())
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain-aggregation", "secagg"])
-def test_dp_sgd_charges_each_sites_ledger_within_its_budget(tiny_config, secure: bool) -> None:  # noqa: ANN001
-    config = tiny_config(train={"rounds": 3}, dp_sgd={"enabled": True, "epsilon": 2.0, "accountant": "rdp"},
-                         strategy={"name": "fedprox", "proximal_mu": 0.01, "fedbn": True},
-                         secagg={"enabled": secure})
+def test_dp_sgd_charges_each_sites_ledger_within_its_budget(tiny_config, secure: bool) -> None:
+    config = tiny_config(
+        train={"rounds": 3},
+        dp_sgd={"enabled": True, "epsilon": 2.0, "accountant": "rdp"},
+        strategy={"name": "fedprox", "proximal_mu": 0.01, "fedbn": True},
+        secagg={"enabled": secure},
+    )
     run = simulate(config)
     for site in config.site_names:
-        ledger_path = run.run_dir.path / "sites" / site / LEDGER_FILE
-        with PrivacyLedger(ledger_path) as ledger:
+        path = ledger_path(run.run_dir.path / "sites" / site)
+        with PrivacyLedger(path) as ledger:
             history = ledger.history(site)
             spent = ledger.spent(site, delta=1e-5, accountant="rdp")
         assert len(history) == 3, "one charge per trained round"
@@ -55,18 +58,24 @@ def test_dp_sgd_charges_each_sites_ledger_within_its_budget(tiny_config, secure:
     assert "Privacy spent" in (run.run_dir.report_html).read_text()
 
 
-def test_the_ledger_refuses_exactly_the_round_past_the_budget_across_restarts_and_runs(tiny_config,  # noqa: ANN001
-                                                                                    tmp_path) -> None:  # noqa: ANN001
-    config = materialize_sites(tiny_config(train={"rounds": 2},
-                                           dp_sgd={"enabled": True, "epsilon": 1.0, "accountant": "rdp"}))
+def test_the_ledger_refuses_exactly_the_round_past_the_budget_across_restarts_and_runs(tiny_config, tmp_path) -> None:
+    config = materialize_sites(
+        tiny_config(train={"rounds": 2}, dp_sgd={"enabled": True, "epsilon": 1.0, "accountant": "rdp"})
+    )
     site = config.sites[0]
-    terms = SitePrivacyTerms(ledger_path=tmp_path / "site-state" / LEDGER_FILE,
-                             policy=SitePrivacyPolicy(epsilon=1.0, accountant="rdp"))
+    terms = SitePrivacyTerms(
+        ledger_path=ledger_path(tmp_path / "site-state"), policy=SitePrivacyPolicy(epsilon=1.0, accountant="rdp")
+    )
 
     def session(run_id: str, policy: SitePrivacyPolicy = terms.policy) -> SiteSession:
         # A fresh session each round: what a restarted site daemon (or a new ClientApp process) has.
-        spec = SiteSpec(name=site.name, data_path=site.path, state_dir=tmp_path / run_id, run_id=run_id,
-                        privacy=SitePrivacyTerms(ledger_path=terms.ledger_path, policy=policy))
+        spec = SiteSpec(
+            name=site.name,
+            data_path=site.path,
+            state_dir=tmp_path / run_id,
+            run_id=run_id,
+            privacy=SitePrivacyTerms(ledger_path=terms.ledger_path, policy=policy),
+        )
         return SiteSession(spec, config)
 
     start = session("run-1").shared_template()
@@ -75,8 +84,9 @@ def test_the_ledger_refuses_exactly_the_round_past_the_budget_across_restarts_an
         assert metrics["epsilon"] <= 1.0
     first_sigma = metrics["noise_multiplier"]
     assert metrics["epsilon"] > 0.9
-    with pytest.raises(PrivacyBudgetExhaustedError,
-                       match=rf"^site {site.name}: privacy budget exhausted \(ε \d\.\d\d spent of 1\.00"):
+    with pytest.raises(
+        PrivacyBudgetExhaustedError, match=rf"^site {site.name}: privacy budget exhausted \(ε \d\.\d\d spent of 1\.00"
+    ):
         session("run-1").train(start, server_round=3, proximal_mu=0.0)  # one round more than planned
 
     # A new run may only use what is left: the same number of steps needs far more noise.
@@ -84,29 +94,36 @@ def test_the_ledger_refuses_exactly_the_round_past_the_budget_across_restarts_an
     assert metrics["noise_multiplier"] > 5 * first_sigma and metrics["epsilon"] <= 1.0
     # The admin lowers the budget below what is spent: every new run is refused.
     with pytest.raises(PrivacyBudgetExhaustedError, match=r"privacy budget exhausted \(ε 1\.00 spent of 0\.50"):
-        session("run-3", SitePrivacyPolicy(epsilon=0.5, accountant="rdp")).train(start, server_round=1,
-                                                                                  proximal_mu=0.0)
+        session("run-3", SitePrivacyPolicy(epsilon=0.5, accountant="rdp")).train(start, server_round=1, proximal_mu=0.0)
     with PrivacyLedger(terms.ledger_path) as ledger:
         assert len(ledger.history(site.name)) == 3, "refused rounds are never charged"
 
 
-def test_a_site_that_requires_dp_refuses_a_run_without_it(tiny_config, tmp_path) -> None:  # noqa: ANN001
+def test_a_site_that_requires_dp_refuses_a_run_without_it(tiny_config, tmp_path) -> None:
     config = materialize_sites(tiny_config())
     site = config.sites[0]
-    terms = SitePrivacyTerms(ledger_path=tmp_path / LEDGER_FILE, policy=SitePrivacyPolicy(require_dp=True))
-    session = SiteSession(SiteSpec(name=site.name, data_path=site.path, state_dir=tmp_path, run_id="r",
-                                   privacy=terms), config)
+    terms = SitePrivacyTerms(ledger_path=ledger_path(tmp_path), policy=SitePrivacyPolicy(require_dp=True))
+    session = SiteSession(
+        SiteSpec(name=site.name, data_path=site.path, state_dir=tmp_path, run_id="r", privacy=terms), config
+    )
     with pytest.raises(DpRequiredError, match=f"site {site.name}: refusing to train without DP-SGD"):
         session.train(session.shared_template(), server_round=1, proximal_mu=0.0)
 
 
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
 @pytest.mark.parametrize("secure", [False, True], ids=["plain-aggregation", "secagg"])
-def test_client_level_dp_noise_is_recorded_per_round(tiny_config, clipping: str, secure: bool) -> None:  # noqa: ANN001
-    config = tiny_config(train={"rounds": 2},
-                         client_dp={"enabled": True, "clipping": clipping, "clipping_norm": 0.05,
-                                    "noise_multiplier": 0.5, "clipped_count_stddev": 1.0},
-                         secagg={"enabled": secure})
+def test_client_level_dp_noise_is_recorded_per_round(tiny_config, clipping: str, secure: bool) -> None:
+    config = tiny_config(
+        train={"rounds": 2},
+        client_dp={
+            "enabled": True,
+            "clipping": clipping,
+            "clipping_norm": 0.05,
+            "noise_multiplier": 0.5,
+            "clipped_count_stddev": 1.0,
+        },
+        secagg={"enabled": secure},
+    )
     run = simulate(config)
     rounds = _rounds(run)
     for row in rounds:
@@ -123,14 +140,14 @@ def test_client_level_dp_noise_is_recorded_per_round(tiny_config, clipping: str,
 
 
 @pytest.mark.parametrize("kind", ["classification", "enhancement"])
-def test_dp_sgd_trains_every_task(tiny_config, kind: str) -> None:  # noqa: ANN001
+def test_dp_sgd_trains_every_task(tiny_config, kind: str) -> None:
     run = simulate(tiny_config(kind=kind, train={"rounds": 1}, dp_sgd={"enabled": True, "accountant": "rdp"}))
     assert set(run.summary["privacy"]) == set(run.summary["sites"])
     assert all(0 < spent["epsilon"] <= 8.0 for spent in run.summary["privacy"].values())
 
 
-def test_a_model_dp_sgd_cannot_train_is_refused_before_training(tiny_config) -> None:  # noqa: ANN001
+def test_a_model_dp_sgd_cannot_train_is_refused_before_training(tiny_config) -> None:
     config = tiny_config(model={"norm": "batch"}, dp_sgd={"enabled": True})
     with pytest.raises(RoundFailedError, match=r"cannot train with DP-SGD: .*BatchNorm.* Use a network with instance"):
         simulate(config)
-    assert not list(config.output_dir.glob(f"*/sites/*/{LEDGER_FILE}")), "the ledger is never touched for it"
+    assert not list(config.output_dir.glob(f"*/sites/*/{LEDGER_FILENAME}")), "the ledger is never touched for it"

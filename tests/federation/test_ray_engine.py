@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmed.flower.simulation import materialize_sites, simulate
+from fedmed.workflows.simulate import materialize_sites, simulate
 
 pytestmark = pytest.mark.slow
 

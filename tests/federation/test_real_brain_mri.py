@@ -8,7 +8,7 @@ import pytest
 
 from fedmed.config import SiteDrift, run_config_from_dict
 from fedmed.data import cases_from_folder_pairs, split_into_sites
-from fedmed.flower.simulation import simulate
+from fedmed.workflows.simulate import simulate
 
 SCANNERS = [
     SiteDrift(name="ixi-a"),
@@ -20,10 +20,21 @@ SCANNERS = [
 @pytest.mark.slow
 def test_federated_brain_mask_segmentation_on_real_mri(shared_data: Path, tmp_path: Path) -> None:
     root = shared_data / "ixi-hh-t1-12"
-    cases = cases_from_folder_pairs(root / "t1", root / "labels", image_glob="*_T1.nii.gz",
-                                    label_for_image=lambda name: name.replace("_T1.nii.gz", "_T1_DLMUSE.nii.gz"))
-    sites = split_into_sites(cases, drifts=SCANNERS, out_dir=tmp_path / "sites", image_size=[32, 32, 32],
-                             binarize_labels=True, val_fraction=0.25, seed=0)
+    cases = cases_from_folder_pairs(
+        root / "t1",
+        root / "labels",
+        image_glob="*_T1.nii.gz",
+        label_for_image=lambda name: name.replace("_T1.nii.gz", "_T1_DLMUSE.nii.gz"),
+    )
+    sites = split_into_sites(
+        cases,
+        drifts=SCANNERS,
+        out_dir=tmp_path / "sites",
+        image_size=[32, 32, 32],
+        binarize_labels=True,
+        val_fraction=0.25,
+        seed=0,
+    )
     config = run_config_from_dict(
         {
             "name": "ixi",

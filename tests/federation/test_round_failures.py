@@ -8,13 +8,13 @@ import zlib
 import pytest
 
 from fedmed.data import DataValidationError
-from fedmed.flower.client_app import app as client_app
+from fedmed.flower.client.app import app as client_app
 from fedmed.flower.engines.inprocess import run_inprocess
-from fedmed.flower.protocol import encode_run
-from fedmed.flower.rounds import RoundFailedError
-from fedmed.flower.server_app import app as server_app
-from fedmed.flower.simulation import materialize_sites, simulate
+from fedmed.flower.records import encode_run
+from fedmed.flower.server.app import app as server_app
+from fedmed.flower.server.rounds import RoundFailedError
 from fedmed.runs import RunDirectory
+from fedmed.workflows.simulate import materialize_sites, simulate
 
 
 def _break_a_site(config) -> str:
@@ -36,9 +36,13 @@ def test_simulation_refuses_bad_data_before_training(tiny_config) -> None:
 
 def _run_loop(config) -> RunDirectory:
     run_dir = RunDirectory.create(config.output_dir, config.name)
-    run_inprocess(server_app=server_app, client_app=client_app, num_sites=len(config.sites),
-                  run_config=encode_run(config, run_dir=run_dir.path, run_id=run_dir.path.name),
-                  run_id=zlib.crc32(run_dir.path.name.encode()))
+    run_inprocess(
+        server_app=server_app,
+        client_app=client_app,
+        num_sites=len(config.sites),
+        run_config=encode_run(config, run_dir=run_dir.path, run_id=run_dir.path.name),
+        run_id=zlib.crc32(run_dir.path.name.encode()),
+    )
     return run_dir
 
 
@@ -49,7 +53,9 @@ def test_a_failing_site_is_dropped_while_the_quorum_holds(tiny_config, caplog) -
     run_dir = _run_loop(config)
     trained = {row["site"] for row in run_dir.read_metrics() if row["phase"] == "train"}
     assert trained == {"site-a", "site-c"}
-    dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round") and " dropped " in r.getMessage()]
+    dropped = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("round") and " dropped " in r.getMessage()
+    ]
     assert len(dropped) == 2 and victim in dropped[0]
     assert (run_dir.checkpoints / "final.pt").exists()
 
@@ -69,7 +75,12 @@ def test_a_run_resumes_from_its_last_checkpoint(tiny_config) -> None:
     run_dir = _run_loop(config)
     longer = config.model_copy(deep=True)
     longer.train.rounds = 3
-    run_inprocess(server_app=server_app, client_app=client_app, num_sites=3,
-                  run_config=encode_run(longer, run_dir=run_dir.path, run_id=run_dir.path.name), run_id=7)
+    run_inprocess(
+        server_app=server_app,
+        client_app=client_app,
+        num_sites=3,
+        run_config=encode_run(longer, run_dir=run_dir.path, run_id=run_dir.path.name),
+        run_id=7,
+    )
     rounds = [row["round"] for row in run_dir.read_metrics() if row["phase"] == "train"]
     assert rounds == [1, 1, 1, 2, 2, 2, 3, 3, 3]

@@ -14,18 +14,19 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedmed.flower.engines.inprocess import FIRST_NODE_ID, InProcessGrid
-from fedmed.flower.rounds import RoundFailedError
-from fedmed.flower.secure_round import MASKED, STAGE_MESSAGE_TYPES, VECTOR
-from fedmed.flower.simulation import simulate
+from fedmed.flower.server.rounds import RoundFailedError
+from fedmed.flower.server.secure_round import STAGE_MESSAGE_TYPES
+from fedmed.flower.wire import MASKED, VECTOR
+from fedmed.workflows.simulate import simulate
 
 SITE_A, SITE_B, SITE_C = FIRST_NODE_ID, FIRST_NODE_ID + 1, FIRST_NODE_ID + 2
 
 
-def _final_state(run) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _final_state(run) -> dict[str, torch.Tensor]:
     return torch.load(run.run_dir.checkpoints / "final.pt", weights_only=False)["state_dict"]
 
 
-def _rounds(run) -> list[dict]:  # noqa: ANN001
+def _rounds(run) -> list[dict]:
     return [json.loads(line) for line in (run.run_dir.path / "rounds.jsonl").read_text().splitlines()]
 
 
@@ -35,7 +36,7 @@ def _captured_replies(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
     received: list = []
     original = InProcessGrid.send_and_receive
 
-    def recording(self, messages, *, timeout=None):  # noqa: ANN001, ANN202
+    def recording(self, messages, *, timeout=None):
         replies = list(original(self, messages, timeout=timeout))
         received.extend(replies)
         return replies
@@ -50,12 +51,15 @@ def _lost(monkeypatch: pytest.MonkeyPatch, *, node: int, stage: str, times: int 
     original = InProcessGrid.send_and_receive
     remaining = {"count": times}
 
-    def lossy(self, messages, *, timeout=None):  # noqa: ANN001, ANN202
+    def lossy(self, messages, *, timeout=None):
         replies = list(original(self, messages, timeout=timeout))
         kept = []
         for reply in replies:
-            lost = (reply.metadata.src_node_id == node and reply.metadata.message_type == STAGE_MESSAGE_TYPES[stage]
-                    and remaining["count"] > 0)
+            lost = (
+                reply.metadata.src_node_id == node
+                and reply.metadata.message_type == str(STAGE_MESSAGE_TYPES[stage])
+                and remaining["count"] > 0
+            )
             if lost:
                 remaining["count"] -= 1
             else:
@@ -71,7 +75,7 @@ def _lost(monkeypatch: pytest.MonkeyPatch, *, node: int, stage: str, times: int 
     [{}, {"strategy": {"name": "fedprox", "proximal_mu": 0.01}}, {"strategy": {"fedbn": True}}],
     ids=["fedavg", "fedprox", "fedbn"],
 )
-def test_secure_aggregate_equals_plain_within_the_quantization_error(tiny_config, changes: dict) -> None:  # noqa: ANN001
+def test_secure_aggregate_equals_plain_within_the_quantization_error(tiny_config, changes: dict) -> None:
     plain = simulate(tiny_config(train={"rounds": 1}, **changes))
     secure = simulate(tiny_config(train={"rounds": 1}, secagg={"enabled": True}, **changes))
     plain_state, secure_state = _final_state(plain), _final_state(secure)
@@ -86,18 +90,21 @@ def test_secure_aggregate_equals_plain_within_the_quantization_error(tiny_config
         assert all(torch.equal(plain_state[key], secure_state[key]) for key in local), "site-local keys never travel"
 
 
-def test_the_server_receives_only_masked_updates(tiny_config, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_the_server_receives_only_masked_updates(tiny_config, monkeypatch: pytest.MonkeyPatch) -> None:
     plain_config = tiny_config(train={"rounds": 1})
     with _captured_replies(monkeypatch) as plain_replies:
         simulate(plain_config)
-    updates = {reply.metadata.src_node_id: reply.content["arrays"].to_numpy_ndarrays()[0]
-               for reply in plain_replies if reply.metadata.message_type == "train"}
+    updates = {
+        reply.metadata.src_node_id: reply.content["arrays"].to_numpy_ndarrays()[0]
+        for reply in plain_replies
+        if reply.metadata.message_type == "train"
+    }
     monkeypatch.undo()
     with _captured_replies(monkeypatch) as secure_replies:
         simulate(tiny_config(train={"rounds": 1}, secagg={"enabled": True}))
 
     train_replies = [reply for reply in secure_replies if reply.metadata.message_type.startswith("train")]
-    assert {reply.metadata.message_type for reply in train_replies} == set(STAGE_MESSAGE_TYPES.values())
+    assert {reply.metadata.message_type for reply in train_replies} == set(map(str, STAGE_MESSAGE_TYPES.values()))
     for reply in train_replies:
         array_records = [key for key, record in reply.content.items() if isinstance(record, ArrayRecord)]
         assert array_records in ([], [MASKED]), "no reply may carry parameters in the clear"
@@ -113,11 +120,16 @@ def test_the_server_receives_only_masked_updates(tiny_config, monkeypatch: pytes
 
 @pytest.mark.parametrize(
     ("stage", "aggregated"),
-    [("setup", ["site-a", "site-c"]), ("share-keys", ["site-a", "site-c"]), ("masked-input", ["site-a", "site-c"]),
-     ("unmask", ["site-a", "site-b", "site-c"])],
+    [
+        ("setup", ["site-a", "site-c"]),
+        ("share-keys", ["site-a", "site-c"]),
+        ("masked-input", ["site-a", "site-c"]),
+        ("unmask", ["site-a", "site-b", "site-c"]),
+    ],
 )
-def test_a_site_lost_at_any_stage_is_tolerated(tiny_config, monkeypatch: pytest.MonkeyPatch, stage: str,  # noqa: ANN001
-                                               aggregated: list[str]) -> None:
+def test_a_site_lost_at_any_stage_is_tolerated(
+    tiny_config, monkeypatch: pytest.MonkeyPatch, stage: str, aggregated: list[str]
+) -> None:
     config = tiny_config(train={"rounds": 2}, secagg={"enabled": True}, strategy={"min_sites": 2})
     with _lost(monkeypatch, node=SITE_B, stage=stage, times=1):
         run = simulate(config)
@@ -130,17 +142,22 @@ def test_a_site_lost_at_any_stage_is_tolerated(tiny_config, monkeypatch: pytest.
     assert all(torch.isfinite(value.float()).all() for value in _final_state(run).values())
 
 
-def test_a_round_that_loses_too_many_sites_is_retried_then_fails_loudly(tiny_config,  # noqa: ANN001
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tiny_config(train={"rounds": 1}, secagg={"enabled": True, "max_attempts": 2},
-                         strategy={"min_sites": 2})
-    with _lost(monkeypatch, node=SITE_B, stage="share-keys", times=1), \
-            _lost(monkeypatch, node=SITE_C, stage="share-keys", times=1):
+def test_a_round_that_loses_too_many_sites_is_retried_then_fails_loudly(
+    tiny_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_config(train={"rounds": 1}, secagg={"enabled": True, "max_attempts": 2}, strategy={"min_sites": 2})
+    with (
+        _lost(monkeypatch, node=SITE_B, stage="share-keys", times=1),
+        _lost(monkeypatch, node=SITE_C, stage="share-keys", times=1),
+    ):
         run = simulate(config)  # both lost only in the first attempt: the retry succeeds
     assert _rounds(run)[0]["secagg_attempts"] == 2
     assert _rounds(run)[0]["secagg_sites"] == ["site-a", "site-b", "site-c"]
 
     monkeypatch.undo()
-    with _lost(monkeypatch, node=SITE_B, stage="masked-input"), _lost(monkeypatch, node=SITE_C, stage="setup"):
-        with pytest.raises(RoundFailedError, match=r"secure aggregation failed in 2 attempt\(s\)"):
-            simulate(config)
+    with (
+        _lost(monkeypatch, node=SITE_B, stage="masked-input"),
+        _lost(monkeypatch, node=SITE_C, stage="setup"),
+        pytest.raises(RoundFailedError, match=r"secure aggregation failed in 2 attempt\(s\)"),
+    ):
+        simulate(config)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fedmed.data import load_site
-from fedmed.flower.simulation import simulate
 from fedmed.models import build_model, site_local_keys
 from fedmed.tasks import get_task, select_device
+from fedmed.workflows.simulate import simulate
 
 
 def test_run_directory_is_complete_and_consistent(tiny_config) -> None:
@@ -48,7 +48,12 @@ def test_run_directory_is_complete_and_consistent(tiny_config) -> None:
     page = run.report_html.read_text()
     images = re.findall(r'src="(plots/[^"]+)"', page)
     assert {Path(image).stem for image in images} == {
-        "learning_curves", "train_loss", "final_by_site", "cross_site", "intensity_histograms"}
+        "learning_curves",
+        "train_loss",
+        "final_by_site",
+        "cross_site",
+        "intensity_histograms",
+    }
     assert all((run.path / image).stat().st_size > 1000 for image in images)
     assert "hospital" not in page and "site-b" in page
     assert "worst site" in result.table()

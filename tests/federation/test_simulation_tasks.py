@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fedmed.flower.simulation import simulate
+from fedmed.workflows.simulate import simulate
 
 
 @pytest.mark.parametrize(

@@ -13,13 +13,13 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedmed.core.opacus import import_opacus
 from fedmed.privacy import (
     PrivacyBudgetExhaustedError,
     PrivacyConfigError,
     calibrate_noise_multiplier,
     compress_history,
     epsilon_spent,
-    import_opacus,
 )
 
 DELTA = 1e-5
@@ -108,22 +108,34 @@ def test_calibration_with_prior_history_needs_more_noise_and_lands_on_target() -
 def test_calibration_refuses_when_prior_history_spent_the_target() -> None:
     with pytest.raises(PrivacyBudgetExhaustedError, match=r"privacy budget exhausted \(ε 1.25 spent of 1.00\)"):
         calibrate_noise_multiplier(
-            target_epsilon=1.0, delta=DELTA, sample_rate=0.02, planned_steps=10, prior_history=HISTORY,
+            target_epsilon=1.0,
+            delta=DELTA,
+            sample_rate=0.02,
+            planned_steps=10,
+            prior_history=HISTORY,
             accountant="rdp",
         )
 
 
 def test_calibration_refuses_absurd_noise() -> None:
-    with pytest.raises(PrivacyConfigError, match="budget too small for the planned steps.*fewer rounds"):
+    with pytest.raises(PrivacyConfigError, match=r"budget too small for the planned steps.*fewer rounds"):
         calibrate_noise_multiplier(
-            target_epsilon=0.01, delta=DELTA, sample_rate=1.0, planned_steps=100_000, prior_history=[],
+            target_epsilon=0.01,
+            delta=DELTA,
+            sample_rate=1.0,
+            planned_steps=100_000,
+            prior_history=[],
             accountant="rdp",
         )
     # Almost all spent already: the remainder cannot pay for the plan even with huge noise.
-    with pytest.raises(PrivacyBudgetExhaustedError, match="nearly exhausted.*fewer rounds"):
+    with pytest.raises(PrivacyBudgetExhaustedError, match=r"nearly exhausted.*fewer rounds"):
         calibrate_noise_multiplier(
-            target_epsilon=GOLDEN_RDP + 1e-6, delta=DELTA, sample_rate=1.0, planned_steps=1000,
-            prior_history=HISTORY, accountant="rdp",
+            target_epsilon=GOLDEN_RDP + 1e-6,
+            delta=DELTA,
+            sample_rate=1.0,
+            planned_steps=1000,
+            prior_history=HISTORY,
+            accountant="rdp",
         )
 
 
@@ -149,9 +161,10 @@ def test_package_import_is_light_and_first_opacus_import_leaves_root_clean(tmp_p
         """
         import logging, sys
         import fedmed.privacy
+        from fedmed.core.opacus import import_opacus
         assert "opacus" not in sys.modules and "torch" not in sys.modules, "fedmed.privacy imported opacus"
         before = list(logging.getLogger().handlers)
-        fedmed.privacy.import_opacus()
+        import_opacus()
         assert "opacus" in sys.modules
         assert logging.getLogger().handlers == before, logging.getLogger().handlers
         """

@@ -248,7 +248,7 @@ def test_damaged_pages_are_detected(planned_path: Path) -> None:
     data = bytearray(ledger_path.read_bytes())
     data[200:4096] = b"\xff" * (4096 - 200)  # clobber the schema page after the header
     ledger_path.write_bytes(bytes(data))
-    with pytest.raises(PrivacyLedgerError, match="is corrupt or unreadable.*restore it from the site's backup"):
+    with pytest.raises(PrivacyLedgerError, match=r"is corrupt or unreadable.*restore it from the site's backup"):
         PrivacyLedger(ledger_path)
 
 
@@ -264,7 +264,7 @@ def test_foreign_sqlite_database_is_refused(ledger_path: Path) -> None:
 
 def test_exception_inside_a_write_leaves_no_partial_row(ledger: PrivacyLedger, monkeypatch: pytest.MonkeyPatch) -> None:
     plan = _plan(ledger)
-    with pytest.raises(RuntimeError), ledger._transaction() as db:
+    with pytest.raises(RuntimeError), ledger._transaction() as db:  # noqa: PT012 - it must fail mid-transaction
         db.execute(
             "INSERT INTO rounds (dataset, run_id, round, attempt, charge_id, noise_multiplier, sample_rate, steps,"
             " epsilon_after, delta, accountant, recorded_at) VALUES (?, 'run-1', 1, 1, 'x', 1.0, 0.02, 50, 1.0,"

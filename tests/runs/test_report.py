@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -36,18 +37,38 @@ def _metrics_rows() -> list[dict[str, Any]]:
     rows = []
     for server_round in range(1, 5):
         for index, site in enumerate(SITES):
-            rows.append({"round": server_round, "site": site, "phase": "train", "time": 1.0 + server_round,
-                         "train_loss": 1.0 / (server_round + index), "epsilon": 0.5 * server_round,
-                         "delta": 1e-5, "epsilon_budget": 4.0, "noise_multiplier": 1.1})
-            rows.append({"round": server_round, "site": site, "phase": "evaluate", "time": 1.5 + server_round,
-                         "dice": 0.5 + 0.1 * server_round - 0.05 * index, "loss": 0.6 - 0.1 * server_round})
+            rows.append(
+                {
+                    "round": server_round,
+                    "site": site,
+                    "phase": "train",
+                    "time": 1.0 + server_round,
+                    "train_loss": 1.0 / (server_round + index),
+                    "epsilon": 0.5 * server_round,
+                    "delta": 1e-5,
+                    "epsilon_budget": 4.0,
+                    "noise_multiplier": 1.1,
+                }
+            )
+            rows.append(
+                {
+                    "round": server_round,
+                    "site": site,
+                    "phase": "evaluate",
+                    "time": 1.5 + server_round,
+                    "dice": 0.5 + 0.1 * server_round - 0.05 * index,
+                    "loss": 0.6 - 0.1 * server_round,
+                }
+            )
     return rows
 
 
 def _summary() -> dict[str, Any]:
     sites = {
-        site: {column: {"dice": 0.8 - 0.05 * index + 0.01 * position, "loss": 0.2}
-               for position, column in enumerate(COLUMNS)}
+        site: {
+            column: {"dice": 0.8 - 0.05 * index + 0.01 * position, "loss": 0.2}
+            for position, column in enumerate(COLUMNS)
+        }
         for index, site in enumerate(SITES)
     }
     sites["site-c"][COLUMNS[-1]] = None  # a baseline that was not run for one site
@@ -55,8 +76,9 @@ def _summary() -> dict[str, Any]:
     for column in COLUMNS[:-1]:
         values = [sites[site][column]["dice"] for site in SITES]
         summary[column] = {"mean": sum(values) / len(values), "worst_site": min(values)}
-    summary["privacy"] = {site: {"epsilon": 2.0, "delta": 1e-5, "epsilon_budget": 4.0, "noise_multiplier": 1.1}
-                          for site in SITES}
+    summary["privacy"] = {
+        site: {"epsilon": 2.0, "delta": 1e-5, "epsilon_budget": 4.0, "noise_multiplier": 1.1} for site in SITES
+    }
     return summary
 
 
@@ -71,9 +93,11 @@ def _normalization() -> dict[str, Any]:
     sites: dict[str, Any] = {}
     for index, site in enumerate(SITES):
         scale = 400.0 * (index + 1)  # scanners disagree by a factor of three before normalization
-        sites[site] = {"num_images": 10 + index,
-                       "before": _histogram(centre=0.5 * scale, spread=0.1 * scale, low=0.0, high=scale),
-                       "after": _histogram(centre=0.5, spread=0.1 + 0.01 * index, low=0.0, high=1.0)}
+        sites[site] = {
+            "num_images": 10 + index,
+            "before": _histogram(centre=0.5 * scale, spread=0.1 * scale, low=0.0, high=scale),
+            "after": _histogram(centre=0.5, spread=0.1 + 0.01 * index, low=0.0, high=1.0),
+        }
     del sites["site-c"]["after"]  # a site that has not reported its normalized histogram yet
     return {"method": "nyul", "foreground": "mean", "standard_landmarks": [i / 10 for i in range(11)], "sites": sites}
 
@@ -130,8 +154,10 @@ def _assert_png(path: Path) -> None:
 def test_every_linked_figure_is_a_png_beside_the_report(report: RunDirectory) -> None:
     page = report.report_html.read_text(encoding="utf-8")
     sources = _image_sources(page)
-    assert sorted(sources) == sorted(f"plots/{name}.png" for name in (
-        "final_by_site", "cross_site", "learning_curves", "train_loss", "intensity_histograms"))
+    assert sorted(sources) == sorted(
+        f"plots/{name}.png"
+        for name in ("final_by_site", "cross_site", "learning_curves", "train_loss", "intensity_histograms")
+    )
     for source in sources:
         _assert_png(report.path / source)
 
@@ -151,7 +177,7 @@ def test_page_is_self_contained(report: RunDirectory) -> None:
 
 def test_missing_cross_site_pair_reads_as_not_available(report: RunDirectory) -> None:
     page = report.report_html.read_text(encoding="utf-8")
-    values = page[page.index("<details>"):page.index("</details>")]
+    values = page[page.index("<details>") : page.index("</details>")]
     row = re.search(r"<tr><td>personalized:site-c</td>(.*?)</tr>", values).group(1)
     home = _cross_site()["evaluations"][-1]["metrics"]["personalized:site-c"]["site-c"]["dice"]
     assert re.findall(r"<td[^>]*>([^<]*)</td>", row) == ["n/a", "n/a", f"{home:.3f}"]
@@ -161,8 +187,7 @@ def test_missing_cross_site_pair_reads_as_not_available(report: RunDirectory) ->
 def test_heatmap_paints_missing_pairs_grey(tmp_path: Path) -> None:
     complete = _cross_site()
     complete["evaluations"][-1] = {**_cross_site_metrics(shift=0.0), "final": True}
-    complete["evaluations"][-1]["metrics"]["personalized:site-c"] = {
-        site: {"dice": 0.7} for site in SITES}
+    complete["evaluations"][-1]["metrics"]["personalized:site-c"] = {site: {"dice": 0.7} for site in SITES}
 
     def grey_pixels(cross_site: dict[str, Any], name: str) -> int:
         path = plots.cross_site_heatmap(cross_site, path=tmp_path / name)
@@ -221,19 +246,31 @@ def test_report_without_optional_files(tmp_path: Path) -> None:
 def test_report_with_unusable_entries(tmp_path: Path) -> None:
     run_dir = RunDirectory.create(tmp_path, "broken")
     run_dir.write_json("cross_site.json", {"metric": "dice", "evaluations": [{"round": 1, "metrics": {}}]})
-    run_dir.write_json("normalization.json", {"method": "zscore", "sites": {
-        "site-a": {"before": {"counts": [], "low": 0, "high": 1}},
-        "site-b": {"after": {"counts": [1, 2], "low": 1.0, "high": 1.0}}, "site-c": None}})
+    run_dir.write_json(
+        "normalization.json",
+        {
+            "method": "zscore",
+            "sites": {
+                "site-a": {"before": {"counts": [], "low": 0, "high": 1}},
+                "site-b": {"after": {"counts": [1, 2], "low": 1.0, "high": 1.0}},
+                "site-c": None,
+            },
+        },
+    )
     page = write_report(run_dir).read_text(encoding="utf-8")
     assert _image_sources(page) == []
     assert "No histograms recorded" in page and "Method: <b>zscore</b>" in page
 
 
 def test_many_sites_stay_legible(tmp_path: Path) -> None:
-    sites = {f"site-{i:02d}": {"num_images": 5,
-                               "before": _histogram(centre=50.0 * i, spread=10.0 * i, low=0.0, high=100.0 * i),
-                               "after": _histogram(centre=0.5, spread=0.1 + 0.002 * i, low=0.0, high=1.0)}
-             for i in range(3, 33)}
+    sites = {
+        f"site-{i:02d}": {
+            "num_images": 5,
+            "before": _histogram(centre=50.0 * i, spread=10.0 * i, low=0.0, high=100.0 * i),
+            "after": _histogram(centre=0.5, spread=0.1 + 0.002 * i, low=0.0, high=1.0),
+        }
+        for i in range(3, 33)
+    }
     _assert_png(plots.intensity_histograms({"method": "nyul", "sites": sites}, path=tmp_path / "many.png"))
 
 
@@ -253,23 +290,39 @@ def _run_chromium(chromium: Path, page: Path, *, extra: list[str], scratch: Path
     profile = scratch / "profile"
     # Without the background-networking flags Chromium dials out at start-up, and those connections are refused
     # here; the profile and HOME under scratch keep it off the user's own profile.
-    command = [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
-               *extra, page.resolve().as_uri()]
-    env = {**os.environ, "HOME": str(scratch), "XDG_CONFIG_HOME": str(scratch / "config"),
-           "XDG_CACHE_HOME": str(scratch / "cache")}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
+    command = [
+        str(chromium),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=5000",
+        *extra,
+        page.resolve().as_uri(),
+    ]
+    env = {
+        **os.environ,
+        "HOME": str(scratch),
+        "XDG_CONFIG_HOME": str(scratch / "config"),
+        "XDG_CACHE_HOME": str(scratch / "cache"),
+    }
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=CHROMIUM_TIMEOUT_S)
     finally:
         # The Debian launcher is a shell script; the browser, its zygote and crashpad are its children in the
         # session we started, so the whole group goes, also after a timeout.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait(timeout=CHROMIUM_TIMEOUT_S)
     assert process.returncode == 0, f"chromium exited with {process.returncode}:\n{stderr[-3000:]}"
     leftovers = _processes_using(profile)
@@ -318,8 +371,9 @@ def _blank_screenshot(shot: Path) -> str | None:
 
 def test_browser_screenshot_is_not_blank(report: RunDirectory, chromium: Path, tmp_path: Path) -> None:
     shot = tmp_path / "report.png"
-    _run_chromium(chromium, report.report_html, extra=[f"--screenshot={shot}", "--window-size=1200,2400"],
-                  scratch=tmp_path)
+    _run_chromium(
+        chromium, report.report_html, extra=[f"--screenshot={shot}", "--window-size=1200,2400"], scratch=tmp_path
+    )
     assert mpimg.imread(shot).shape[:2] == (2400, 1200)
     assert _blank_screenshot(shot) is None, f"screenshot looks blank: {_blank_screenshot(shot)}"
 
@@ -335,10 +389,13 @@ def test_browser_reports_a_copy_without_its_plots(report: RunDirectory, chromium
     assert console == []
 
 
-@pytest.mark.parametrize("script, expected", [
-    ('console.error("deliberate failure")', "deliberate failure"),
-    ("notDefinedAnywhere()", "Uncaught ReferenceError"),
-])
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ('console.error("deliberate failure")', "deliberate failure"),
+        ("notDefinedAnywhere()", "Uncaught ReferenceError"),
+    ],
+)
 def test_console_errors_are_detected(chromium: Path, tmp_path: Path, script: str, expected: str) -> None:
     page = tmp_path / "bad.html"
     page.write_text(f"<!DOCTYPE html><html><body><p>x</p><script>{script}</script></body></html>", encoding="utf-8")
@@ -357,17 +414,28 @@ def test_screenshot_check_rejects_a_blank_page(chromium: Path, tmp_path: Path) -
 def test_browser_renders_the_report_of_a_real_run(chromium: Path, tmp_path: Path) -> None:
     """A simulated FedBN + Nyúl run with baselines: the report the user gets, in the browser."""
     from fedmed.config import run_config_from_dict
-    from fedmed.flower.simulation import simulate
+    from fedmed.workflows.simulate import simulate
 
     size = [32, 32]
-    config = run_config_from_dict({
-        "name": "browser", "output_dir": str(tmp_path / "runs"),
-        "task": {"kind": "segmentation", "image_size": size, "intensity": "nyul"},
-        "model": {"channels": [8, 16]}, "train": {"rounds": 2, "local_epochs": 1},
-        "strategy": {"fedbn": True}, "baselines": {"local_only": True, "pooled": True},
-        "synth": {"task": "segmentation", "image_size": size, "train_cases": 4, "val_cases": 2,
-                  "sites": [{"name": "a"}, {"name": "b", "intensity_scale": 3.0, "intensity_offset": 50.0}]},
-    }, base=tmp_path)
+    config = run_config_from_dict(
+        {
+            "name": "browser",
+            "output_dir": str(tmp_path / "runs"),
+            "task": {"kind": "segmentation", "image_size": size, "intensity": "nyul"},
+            "model": {"channels": [8, 16]},
+            "train": {"rounds": 2, "local_epochs": 1},
+            "strategy": {"fedbn": True},
+            "baselines": {"local_only": True, "pooled": True},
+            "synth": {
+                "task": "segmentation",
+                "image_size": size,
+                "train_cases": 4,
+                "val_cases": 2,
+                "sites": [{"name": "a"}, {"name": "b", "intensity_scale": 3.0, "intensity_offset": 50.0}],
+            },
+        },
+        base=tmp_path,
+    )
     run = simulate(config).run_dir
     page = run.report_html.read_text(encoding="utf-8")
     total = len(_image_sources(page))
@@ -376,6 +444,7 @@ def test_browser_renders_the_report_of_a_real_run(chromium: Path, tmp_path: Path
     assert console == [], f"console messages: {console}"
     assert f'data-figures="{total}/{total}"' in dom
     shot = tmp_path / "shot" / "report.png"
-    _run_chromium(chromium, run.report_html, extra=[f"--screenshot={shot}", "--window-size=1200,2400"],
-                  scratch=shot.parent)
+    _run_chromium(
+        chromium, run.report_html, extra=[f"--screenshot={shot}", "--window-size=1200,2400"], scratch=shot.parent
+    )
     assert _blank_screenshot(shot) is None, f"screenshot looks blank: {_blank_screenshot(shot)}"

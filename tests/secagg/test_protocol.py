@@ -39,17 +39,21 @@ class Round:
     replies: list[tuple[str, int, Any]] = field(default_factory=list)  # everything the server received
 
 
-def make_updates(ids: Sequence[int], *, seed: int = 0, shapes: Sequence[tuple[int, ...]] = SHAPES,
-                 scale: float = 0.45) -> dict[int, list[np.ndarray]]:
+def make_updates(
+    ids: Sequence[int], *, seed: int = 0, shapes: Sequence[tuple[int, ...]] = SHAPES, scale: float = 0.45
+) -> dict[int, list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     return {nid: [rng.uniform(-scale, scale, size=s).astype(np.float32) for s in shapes] for nid in ids}
 
 
-def plain_mean(updates: Mapping[int, list[np.ndarray]], weights: Mapping[int, int], ids: Sequence[int],
-               *, clip: float = 0.5) -> list[np.ndarray]:
+def plain_mean(
+    updates: Mapping[int, list[np.ndarray]], weights: Mapping[int, int], ids: Sequence[int], *, clip: float = 0.5
+) -> list[np.ndarray]:
     total = sum(weights[i] for i in ids)
-    return [sum(weights[i] * np.clip(updates[i][k].astype(np.float64), -clip, clip) for i in ids) / total
-            for k in range(len(updates[ids[0]]))]
+    return [
+        sum(weights[i] * np.clip(updates[i][k].astype(np.float64), -clip, clip) for i in ids) / total
+        for k in range(len(updates[ids[0]]))
+    ]
 
 
 def max_error(result: SecAggResult, expected: list[np.ndarray]) -> float:
@@ -64,15 +68,28 @@ def _via_array_record(vector: np.ndarray) -> np.ndarray:
     return ArrayRecord({"masked": Array(vector)})["masked"].numpy()
 
 
-def run_round(ids: Sequence[int], updates: Mapping[int, list[np.ndarray]], weights: Mapping[int, int], *,
-              settings: SecAggSettings | None = None, lose: Mapping[str, set[int]] | None = None,
-              roundtrip: bool = False, extra: Mapping[int, list[int]] | None = None,
-              clients: dict[int, SecAggClient] | None = None, shapes: Sequence[tuple[int, ...]] = SHAPES,
-              shuffle_seed: int = 0) -> Round:
+def run_round(
+    ids: Sequence[int],
+    updates: Mapping[int, list[np.ndarray]],
+    weights: Mapping[int, int],
+    *,
+    settings: SecAggSettings | None = None,
+    lose: Mapping[str, set[int]] | None = None,
+    roundtrip: bool = False,
+    extra: Mapping[int, list[int]] | None = None,
+    clients: dict[int, SecAggClient] | None = None,
+    shapes: Sequence[tuple[int, ...]] = SHAPES,
+    shuffle_seed: int = 0,
+) -> Round:
     """One round; `lose[stage]` are the nodes that never answer that stage's message."""
     lose = lose or {}
-    server = SecAggServer(node_ids=list(ids), shapes=shapes, settings=settings,
-                          extra_length=len(next(iter(extra.values()))) if extra else 0, shuffle_seed=shuffle_seed)
+    server = SecAggServer(
+        node_ids=list(ids),
+        shapes=shapes,
+        settings=settings,
+        extra_length=len(next(iter(extra.values()))) if extra else 0,
+        shuffle_seed=shuffle_seed,
+    )
     clients = clients if clients is not None else {nid: SecAggClient(node_id=nid) for nid in ids}
     seen: list[tuple[str, int, Any]] = []
 
@@ -98,22 +115,38 @@ def run_round(ids: Sequence[int], updates: Mapping[int, list[np.ndarray]], weigh
     messages = server.setup_messages()
     messages = server.receive_public_keys(step(SETUP, messages, lambda c, msg: c.setup(msg)))
     messages = server.receive_encrypted_shares(step(SHARE_KEYS, messages, lambda c, msg: c.share_keys(msg)))
-    messages = server.receive_masked_vectors(step(MASKED_INPUT, messages, lambda c, msg: c.mask(
-        msg, update=updates[c.node_id], weight=weights[c.node_id],
-        extra_counts=extra[c.node_id] if extra else None)))
+    messages = server.receive_masked_vectors(
+        step(
+            MASKED_INPUT,
+            messages,
+            lambda c, msg: c.mask(
+                msg,
+                update=updates[c.node_id],
+                weight=weights[c.node_id],
+                extra_counts=extra[c.node_id] if extra else None,
+            ),
+        )
+    )
     result = server.receive_unmask_shares(step(UNMASK, messages, lambda c, msg: c.unmask(msg)))
     return Round(result=result, server=server, clients=clients, replies=seen)
 
 
 # ---------------------------------------------------------------------------- correctness
 
+
 def test_settings_give_fine_levels_and_small_bound() -> None:
     settings = SecAggSettings()
     assert settings.levels == 65534  # largest even L with 2^16 * L <= 2^32 - 1
     assert settings.max_quantization_error < 1e-4
     assert settings.stage_timeout_s == 120.0
-    for bad in ({"clipping_range": 0.0}, {"max_total_weight": 0}, {"reconstruction_threshold": 1},
-                {"num_shares": 4}, {"stage_timeout_s": float("inf")}, {"max_total_weight": 2**31 + 1}):
+    for bad in (
+        {"clipping_range": 0.0},
+        {"max_total_weight": 0},
+        {"reconstruction_threshold": 1},
+        {"num_shares": 4},
+        {"stage_timeout_s": float("inf")},
+        {"max_total_weight": 2**31 + 1},
+    ):
         with pytest.raises(SecAggInputError):
             SecAggSettings(**bad)
 
@@ -122,7 +155,7 @@ def test_settings_give_fine_levels_and_small_bound() -> None:
 def test_secure_weighted_mean_matches_plain_mean(num_sites: int) -> None:
     ids = [101 + 7 * i for i in range(num_sites)]
     updates = make_updates(ids, seed=num_sites)
-    weights = {nid: w for nid, w in zip(ids, [120, 3000, 57, 800, 9])}
+    weights = dict(zip(ids, [120, 3000, 57, 800, 9]))
     rnd = run_round(ids, updates, weights)
     result = rnd.result
     assert result.sites_aggregated == sorted(ids) and result.sites_dropped == {}
@@ -193,8 +226,9 @@ def test_fresh_keys_every_round() -> None:
     first = run_round(ids, make_updates(ids), {1: 1, 2: 2, 3: 3}, clients=clients)
     second = run_round(ids, make_updates(ids), {1: 1, 2: 2, 3: 3}, clients=clients)
     keys = [[reply["pk1"] for stage, _, reply in rnd.replies if stage == SETUP] for rnd in (first, second)]
-    commitments = [[reply["seed_commitment"] for stage, _, reply in rnd.replies if stage == SHARE_KEYS]
-                   for rnd in (first, second)]
+    commitments = [
+        [reply["seed_commitment"] for stage, _, reply in rnd.replies if stage == SHARE_KEYS] for rnd in (first, second)
+    ]
     assert not set(keys[0]) & set(keys[1])
     assert not set(commitments[0]) & set(commitments[1])
     assert all(client.stage == "idle" and client.state_to_record()["sk1"] == b"" for client in clients.values())
@@ -217,8 +251,9 @@ def test_ring_neighbourhoods_for_many_sites_with_large_node_ids() -> None:
     updates = make_updates(ids, seed=13, shapes=[(500,)])
     weights = {nid: 1 + i for i, nid in enumerate(ids)}
     settings = SecAggSettings(num_shares=5)
-    rnd = run_round(ids, updates, weights, settings=settings, shapes=[(500,)],
-                    lose={SETUP: {ids[0]}, MASKED_INPUT: {ids[5]}})
+    rnd = run_round(
+        ids, updates, weights, settings=settings, shapes=[(500,)], lose={SETUP: {ids[0]}, MASKED_INPUT: {ids[5]}}
+    )
     nbrs = rnd.server.neighbourhoods
     assert all(len(n) == 5 and nid in n for nid, n in nbrs.items())
     assert all(u in nbrs[v] for u in ids for v in nbrs[u])  # symmetric
@@ -230,6 +265,7 @@ def test_ring_neighbourhoods_for_many_sites_with_large_node_ids() -> None:
 
 
 # ---------------------------------------------------------------------------- privacy
+
 
 def test_server_never_receives_an_individual_update() -> None:
     ids = [31, 32, 33]
@@ -251,9 +287,15 @@ def test_server_never_receives_an_individual_update() -> None:
             continue
         masked = reply[0].astype(np.float64)
         plain, _ = encode_contribution(
-            flatten_update(updates[nid], num_params=NUM_PARAMS), weight=weights[nid], extra_counts=None,
-            layout=layout, clipping_range=settings.clipping_range, levels=settings.levels,
-            max_total_weight=settings.max_total_weight, num_sites=3)
+            flatten_update(updates[nid], num_params=NUM_PARAMS),
+            weight=weights[nid],
+            extra_counts=None,
+            layout=layout,
+            clipping_range=settings.clipping_range,
+            levels=settings.levels,
+            max_total_weight=settings.max_total_weight,
+            num_sites=3,
+        )
         # The plain vector lives below w * L << 2^32; the masked one is uniform over [0, 2^32).
         assert abs(np.corrcoef(masked[:NUM_PARAMS], plain[:NUM_PARAMS].astype(np.float64))[0, 1]) < 0.05
         assert abs(masked.mean() / 2**32 - 0.5) < 0.02
@@ -269,15 +311,19 @@ def _keys_shared(ids: list[int], *, size: int) -> tuple[SecAggServer, dict[int, 
     clients = {nid: SecAggClient(node_id=nid) for nid in ids}
     messages = server.setup_messages()
     messages = server.receive_public_keys({n: clients[n].setup(msg) for n, msg in messages.items()})
-    return server, clients, server.receive_encrypted_shares(
-        {n: clients[n].share_keys(msg) for n, msg in messages.items()})
+    return (
+        server,
+        clients,
+        server.receive_encrypted_shares({n: clients[n].share_keys(msg) for n, msg in messages.items()}),
+    )
 
 
 def test_client_refuses_to_reveal_both_shares_of_a_peer() -> None:
     server, clients, messages = _keys_shared([1, 2, 3, 4], size=20)
     update = [np.zeros(20, np.float32)]
     messages = server.receive_masked_vectors(
-        {n: clients[n].mask(msg, update=update, weight=1) for n, msg in messages.items()})
+        {n: clients[n].mask(msg, update=update, weight=1) for n, msg in messages.items()}
+    )
     honest = messages[1]
     malicious = dict(honest, dropped_nids=[2])  # node 2 both active and dropped
     with pytest.raises(SecAggProtocolError, match="both active and dropped"):
@@ -298,7 +344,7 @@ def test_client_rejects_tampered_keys_and_stale_rounds() -> None:
     clients = {nid: SecAggClient(node_id=nid) for nid in ids}
     messages = server.setup_messages()
     messages = server.receive_public_keys({n: clients[n].setup(msg) for n, msg in messages.items()})
-    tampered = dict(messages[1], pk1s=[messages[2]["pk1s"][1]] + messages[1]["pk1s"][1:])
+    tampered = dict(messages[1], pk1s=[messages[2]["pk1s"][1], *messages[1]["pk1s"][1:]])
     with pytest.raises(SecAggProtocolError):
         clients[1].share_keys(tampered)
     with pytest.raises(SecAggProtocolError, match="belongs to round"):
@@ -342,15 +388,17 @@ def test_sites_lost_at_every_stage_at_once() -> None:
     assert max_error(rnd.result, plain_mean(updates, weights, survivors)) <= rnd.result.max_quantization_error
 
 
-@pytest.mark.parametrize(("lose", "stage", "named"), [
-    ({SETUP: {22, 33, 44}}, SETUP, [22, 33, 44]),
-    ({SHARE_KEYS: {11, 55, 44}}, SHARE_KEYS, [11, 44, 55]),
-    ({MASKED_INPUT: {11, 22, 33}}, MASKED_INPUT, [11, 22, 33]),
-    ({UNMASK: {11, 22, 33}}, UNMASK, [11, 22, 33]),
-    ({SETUP: {11}, MASKED_INPUT: {22}, UNMASK: {33}}, UNMASK, [11, 22, 33]),
-])
-def test_too_many_sites_lost_fails_the_round_clearly(lose: dict[str, set[int]], stage: str,
-                                                      named: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("lose", "stage", "named"),
+    [
+        ({SETUP: {22, 33, 44}}, SETUP, [22, 33, 44]),
+        ({SHARE_KEYS: {11, 55, 44}}, SHARE_KEYS, [11, 44, 55]),
+        ({MASKED_INPUT: {11, 22, 33}}, MASKED_INPUT, [11, 22, 33]),
+        ({UNMASK: {11, 22, 33}}, UNMASK, [11, 22, 33]),
+        ({SETUP: {11}, MASKED_INPUT: {22}, UNMASK: {33}}, UNMASK, [11, 22, 33]),
+    ],
+)
+def test_too_many_sites_lost_fails_the_round_clearly(lose: dict[str, set[int]], stage: str, named: list[int]) -> None:
     with pytest.raises(SecAggRoundError) as info:
         run_round(FIVE, make_updates(FIVE), FIVE_WEIGHTS, lose=lose)
     error = info.value
@@ -378,6 +426,7 @@ def test_malformed_reply_counts_as_a_dropout() -> None:
 
 
 # ---------------------------------------------------------------------------- inputs and guards
+
 
 def test_weight_above_max_total_weight_is_refused_by_the_site() -> None:
     with pytest.raises(SecAggInputError, match="max_total_weight"):

@@ -22,14 +22,16 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmed.log import logger
+from fedmed.core.log import logger
+from fedmed.flower.wire import NUM_PARTITIONS, PARTITION_ID
 
 FIRST_NODE_ID = 1001
 
 
 class InProcessGrid(Grid):
-    def __init__(self, *, client_app: ClientApp, node_configs: list[UserConfig], run_config: UserConfig,
-                 run: Run) -> None:
+    def __init__(
+        self, *, client_app: ClientApp, node_configs: list[UserConfig], run_config: UserConfig, run: Run
+    ) -> None:
         self._client_app = client_app
         self._run = run
         self._contexts = {
@@ -51,8 +53,9 @@ class InProcessGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -71,8 +74,9 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._deliver(self._pending.pop(message_id)) for message_id in message_ids
-                if message_id in self._pending]
+        return [
+            self._deliver(self._pending.pop(message_id)) for message_id in message_ids if message_id in self._pending
+        ]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
@@ -82,7 +86,7 @@ class InProcessGrid(Grid):
         context = self._contexts[message.metadata.dst_node_id]
         try:
             reply = self._client_app(incoming, context)
-        except Exception as error:  # noqa: BLE001 - a crashing site must not take down the server
+        except Exception as error:  # a crashing site must not take down the server
             logger.error("node %d raised:\n%s", context.node_id, traceback.format_exc())
             reason = f"{type(error).__name__}: {error}"
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=incoming)
@@ -105,18 +109,20 @@ def _detached(message: Message) -> Message:
     return Message(content, metadata=metadata)
 
 
-def run_inprocess(*, server_app: ServerApp, client_app: ClientApp, num_sites: int, run_config: UserConfig,
-                  run_id: int) -> None:
+def run_inprocess(
+    *, server_app: ServerApp, client_app: ClientApp, num_sites: int, run_config: UserConfig, run_id: int
+) -> None:
     """Run the ServerApp to completion with `num_sites` in-process sites (partition-id 0..n-1)."""
     run = Run.create_empty(run_id=run_id)
     # Messages take their run and sender from the process's task identity, as in a real ServerApp process.
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     TaskIdentity.task_id = 1
-    node_configs = [{"partition-id": index, "num-partitions": num_sites} for index in range(num_sites)]
+    node_configs = [{PARTITION_ID: index, NUM_PARTITIONS: num_sites} for index in range(num_sites)]
     grid = InProcessGrid(client_app=client_app, node_configs=node_configs, run_config=run_config, run=run)
-    context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
-                      run_config=dict(run_config))
+    context = Context(
+        run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=dict(run_config)
+    )
     started = time.perf_counter()
     server_app(grid, context)
     logger.debug("in-process federation finished in %.1f s", time.perf_counter() - started)

@@ -13,12 +13,18 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import ServerApp
 
 from fedmed.config import EngineConfig
+from fedmed.flower.runtime.app_bundle import APP_PROJECT
 
-from ..app_bundle import APP_PROJECT
 
-
-def run_ray(*, server_app: ServerApp, client_app: ClientApp, num_sites: int, run_config: UserConfig,
-            run_id: int, engine: EngineConfig) -> None:
+def run_ray(
+    *,
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_sites: int,
+    run_config: UserConfig,
+    run_id: int,
+    engine: EngineConfig,
+) -> None:
     # flwr 1.41's public run_simulation() cannot pass a run config; its internal entry point can.
     import warnings
 
@@ -46,8 +52,9 @@ def run_ray(*, server_app: ServerApp, client_app: ClientApp, num_sites: int, run
             "log_to_driver": True,
         },
     }
-    context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
-                      run_config=dict(run_config))
+    context = Context(
+        run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=dict(run_config)
+    )
     # Ray announces a future change of its GPU-visibility default on every start; fedmed sets GPUs per site.
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     _run_simulation(

@@ -1,0 +1,135 @@
+"""The fedmed ClientApp: a thin adapter from Flower messages to the site's session (fedmed.site)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from flwr.app import Context, Message, MetricRecord
+from flwr.clientapp import ClientApp
+
+from fedmed.core.errors import FedmedError
+from fedmed.core.log import logger
+from fedmed.flower.records import Layout, encode_summary
+from fedmed.flower.wire import (
+    ARRAYS,
+    CONFIG,
+    CROSS_EVALUATE,
+    FINAL,
+    INTENSITY_APPLY,
+    INTENSITY_FIT,
+    METRICS,
+    MODELS,
+    PERSONAL,
+    PERSONALIZE,
+    SECAGG_MASK,
+    SECAGG_SETUP,
+    SECAGG_SHARE_KEYS,
+    SECAGG_UNMASK,
+    SERVER_ROUND,
+    SUMMARY,
+    model_metrics_record,
+    personal_record,
+)
+from fedmed.runs.cross_site import personal_model_name
+from fedmed.site.session import SiteSession
+
+from . import secagg
+from .common import log_start_up, received, refuse, reply, session_for, train_round
+from .mods import client_dp_mod
+from .site_context import session_layout
+
+app = ClientApp()
+
+
+@app.train(mods=[client_dp_mod])
+def train(msg: Message, context: Context) -> Message:
+    log_start_up()
+    started = time.perf_counter()
+    try:
+        session, layout, server_round, update, metrics = train_round(msg, context)
+    except FedmedError as error:
+        return refuse(msg, error)
+    logger.info(
+        "site %s: round %s trained in %.2f s (training %.2f s)",
+        session.spec.name,
+        server_round,
+        time.perf_counter() - started,
+        metrics["train_seconds"],
+    )
+    return reply(msg, session, {ARRAYS: layout.pack(update), METRICS: MetricRecord(metrics)})
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _answer(
+        msg, context, lambda session: {METRICS: MetricRecord(session.evaluate(received(msg, session_layout(session))))}
+    )
+
+
+@app.query(INTENSITY_FIT.action)
+def intensity_fit(msg: Message, context: Context) -> Message:
+    """Fit the site's intensity normalization from its own training images; share only summaries."""
+    return _answer(msg, context, lambda session: {SUMMARY: encode_summary(session.describe_intensities())})
+
+
+@app.query(INTENSITY_APPLY.action)
+def intensity_apply(msg: Message, context: Context) -> Message:
+    """Map onto the federation's Nyúl landmarks; share the histogram of the result."""
+    return _answer(msg, context, lambda session: {SUMMARY: encode_summary({"after": session.harmonized_histogram()})})
+
+
+@app.query(PERSONALIZE.action)
+def personalize(msg: Message, context: Context) -> Message:
+    """Global weights + local layers (+ fine-tune): scored here, returned if this site shares it."""
+
+    def answer(session: SiteSession) -> dict:
+        config = msg.content[CONFIG]
+        final = bool(config.get(FINAL, False))
+        personal, metrics = session.personalize(
+            received(msg, session_layout(session)), server_round=int(config[SERVER_ROUND]), final=final
+        )
+        records = {METRICS: MetricRecord(metrics)}
+        if session.shares_personalized_model:
+            records[PERSONAL] = _personal_layout(session, final=final).pack(personal)
+        return records
+
+    return _answer(msg, context, answer)
+
+
+@app.query(CROSS_EVALUATE.action)
+def cross_evaluate(msg: Message, context: Context) -> Message:
+    """Score the global model and the other sites' personalized models on this site's validation data."""
+
+    def answer(session: SiteSession) -> dict:
+        config = msg.content[CONFIG]
+        layout = _personal_layout(session, final=bool(config.get(FINAL, False)))
+        own = personal_model_name(session.spec.name)  # scored in the personalize exchange already
+        personal = {
+            name: layout.unpack(msg.content[personal_record(index)])
+            for index, name in enumerate(config.get(MODELS, []))
+            if name != own
+        }
+        results = session.evaluate_models(received(msg, session_layout(session)), personal)
+        return {model_metrics_record(name): MetricRecord(metrics) for name, metrics in results.items()}
+
+    return _answer(msg, context, answer)
+
+
+def _personal_layout(session: SiteSession, *, final: bool) -> Layout:
+    return Layout.of(session.full_template(), session.personal_keys(final=final))
+
+
+def _answer(msg: Message, context: Context, answer: Callable[[SiteSession], dict]) -> Message:
+    log_start_up()
+    try:
+        session = session_for(msg, context)
+        return reply(msg, session, answer(session))
+    except FedmedError as error:
+        return refuse(msg, error)
+
+
+app.train(SECAGG_SETUP.action)(secagg.setup)
+app.train(SECAGG_SHARE_KEYS.action)(secagg.share_keys)
+app.train(SECAGG_MASK.action)(secagg.mask)
+app.train(SECAGG_UNMASK.action)(secagg.unmask)

@@ -1,0 +1,96 @@
+"""The site's four SecAgg+ stages. The protocol is fedmed.secagg's; this carries its messages and
+keeps the site's secrets between stages in the node's context (each stage may run in a new process)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from fedmed.core.errors import FedmedError
+from fedmed.core.log import logger
+from fedmed.flower.wire import ARRAYS, CONFIG, MASKED, METRICS, SECAGG, VECTOR
+from fedmed.secagg import SecAggClient
+from fedmed.site.session import NUM_EXAMPLES
+
+from .common import log_start_up, refuse, reply, train_round
+from .mods import clip_update_inplace
+from .site_context import site_session
+
+STATE = "fedmed-secagg"  # the node context's record of this site's SecAgg+ secrets (never sent)
+
+
+def setup(msg: Message, context: Context) -> Message:
+    return _stage(msg, context, lambda client, body: client.setup(body))
+
+
+def share_keys(msg: Message, context: Context) -> Message:
+    return _stage(msg, context, lambda client, body: client.share_keys(body))
+
+
+def unmask(msg: Message, context: Context) -> Message:
+    return _stage(msg, context, lambda client, body: client.unmask(body))
+
+
+def mask(msg: Message, context: Context) -> Message:
+    """Train, then send only the masked update (local - global); see fedmed.flower.server.secure_round."""
+    log_start_up()
+    started = time.perf_counter()
+    try:
+        session, layout, server_round, trained, metrics = train_round(msg, context)
+        round_config = msg.content[CONFIG]
+        sent = msg.content[ARRAYS].to_numpy_ndarrays()
+        update = [
+            np.subtract(local, start, dtype=np.float32)
+            for local, start in zip(layout.pack(trained).to_numpy_ndarrays(), sent, strict=True)
+        ]
+        extra = None
+        if KEY_CLIPPING_NORM in round_config:
+            clipped = clip_update_inplace(update, clipping_norm=float(round_config[KEY_CLIPPING_NORM]))
+            extra = [int(clipped)]
+        client = _client(context)
+        vector, fields = client.mask(
+            dict(msg.content[SECAGG]), update=update, weight=int(metrics.pop(NUM_EXAMPLES)), extra_counts=extra
+        )
+        _keep(context, client)
+    except FedmedError as error:
+        return refuse(msg, error)
+    if client.last_clipped_values:
+        logger.warning(
+            "site %s: %d update value(s) clipped to secagg.clipping_range",
+            session.spec.name,
+            client.last_clipped_values,
+        )
+    logger.info(
+        "site %s: round %d trained and masked in %.2f s", session.spec.name, server_round, time.perf_counter() - started
+    )
+    return reply(
+        msg,
+        session,
+        {MASKED: ArrayRecord({VECTOR: Array(vector)}), SECAGG: ConfigRecord(fields), METRICS: MetricRecord(metrics)},
+    )
+
+
+def _stage(msg: Message, context: Context, step: Callable[[SecAggClient, dict], dict]) -> Message:
+    """A key-exchange or unmasking stage: no training, just the protocol step on the kept state."""
+    log_start_up()
+    try:
+        session = site_session(context)
+        client = _client(context)
+        fields = step(client, dict(msg.content[SECAGG]))
+        _keep(context, client)
+    except FedmedError as error:
+        return refuse(msg, error)
+    return reply(msg, session, {SECAGG: ConfigRecord(fields)})
+
+
+def _client(context: Context) -> SecAggClient:
+    record = context.state[STATE] if STATE in context.state else ConfigRecord()
+    return SecAggClient.from_record(dict(record), node_id=context.node_id)
+
+
+def _keep(context: Context, client: SecAggClient) -> None:
+    context.state[STATE] = ConfigRecord(client.state_to_record())

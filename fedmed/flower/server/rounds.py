@@ -1,0 +1,247 @@
+"""The coordinator's round loop: sample sites, train, aggregate, evaluate, checkpoint.
+
+Flower's `Strategy.start` runs the same steps; fedmed drives them itself so every round is
+checkpointed (and can be resumed), per-site metrics reach the run directory, and a round that
+loses its quorum fails loudly instead of keeping the old model silently.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedmed.config import RunConfig
+from fedmed.core.errors import FedmedError
+from fedmed.core.log import logger
+from fedmed.flower.records import Layout, payload_bytes, sender
+from fedmed.flower.wire import ARRAYS, CLIPPING_MODE, LAYOUT_DIGEST, MASKED, METRICS, STANDARD_LANDMARKS
+from fedmed.runs import RunDirectory
+from fedmed.runs.progress import RoundProgress
+
+from .client_dp import client_dp_round_record
+from .context import RunContext
+from .cross_site import cross_site_evaluation
+from .exchange import send_and_receive
+from .intensity import fit_intensities
+from .secure_round import SecureRoundError, secure_train_round
+from .strategy import build_strategy, quorum, restore_strategy_state, strategy_state
+
+
+class RoundFailedError(FedmedError):
+    """Too few sites returned a usable reply for the round to count."""
+
+
+def run_federation(
+    grid: Grid, *, config: RunConfig, run_dir: RunDirectory, site_names: dict[int, str] | None = None
+) -> None:
+    """Run (or resume, if the run directory holds a checkpoint) the configured federation."""
+    from fedmed.models import build_model, shared_keys, site_local_keys
+    from fedmed.tasks import get_task
+
+    # Flower samples nodes with the global `random` module: seed it for reproducible rounds.
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)  # Flower's DP wrappers draw their noise from numpy's global generator
+    torch.manual_seed(config.seed)
+    model = build_model(config.task, config.model)
+    full_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    local = site_local_keys(model) if config.strategy.fedbn else []
+    shared = shared_keys(full_state, local)
+    strategy = build_strategy(config)
+    layout = Layout.of(full_state, shared)
+    arrays = layout.pack(full_state)
+
+    first_round = 1
+    checkpoint = run_dir.load_checkpoint("latest")
+    if checkpoint is not None:
+        arrays = layout.pack(checkpoint["shared_state"])
+        restore_strategy_state(strategy, checkpoint["strategy_state"])
+        random.setstate(checkpoint["random_state"])
+        if "numpy_random_state" in checkpoint:
+            np.random.set_state(checkpoint["numpy_random_state"])
+        first_round = int(checkpoint["round"]) + 1
+        logger.info("resuming %s from round %d", run_dir.path.name, first_round)
+
+    metric = get_task(config.task).primary_metric
+    progress = RoundProgress(total_rounds=config.train.rounds, first_round=first_round, metric=metric)
+    run = RunContext(grid=grid, config=config, run_dir=run_dir, site_names=dict(site_names or {}))
+    # Repeated on resume: sites refit from the same images, so the statistics and landmarks come out the same.
+    _wait_for_quorum(run, server_round=first_round)
+    landmarks = fit_intensities(run)
+    run.settings = {LAYOUT_DIGEST: layout.digest} | ({STANDARD_LANDMARKS: landmarks} if landmarks else {})
+    for server_round in range(first_round, config.train.rounds + 1):
+        round_started = time.perf_counter()
+        arrays, trained, aggregation_record = _train_round(run, strategy, arrays, server_round=server_round)
+        noise_record = client_dp_round_record(strategy)  # the noise this round's aggregate received
+        trained_at = time.perf_counter()
+        evaluation: dict[str, dict[str, float]] = {}
+        last = server_round == config.train.rounds
+        if server_round % config.train.eval_every == 0 or last:
+            evaluation = _evaluate_round(run, strategy, arrays, server_round=server_round)
+        every = config.evaluation.cross_site_every
+        if config.evaluation.cross_site and (last or (every and server_round % every == 0)):
+            cross_site_evaluation(run, arrays, server_round=server_round, final=last)
+        evaluated_at = time.perf_counter()
+        run_dir.save_checkpoint(
+            "latest",
+            {
+                "round": server_round,
+                "shared_state": layout.unpack(arrays),
+                "strategy_state": strategy_state(strategy),
+                "random_state": random.getstate(),
+                "numpy_random_state": np.random.get_state(),
+            },
+        )
+        run_dir.append_round(
+            {
+                "round": server_round,
+                "seconds": round(time.perf_counter() - round_started, 4),
+                "train_phase_s": round(trained_at - round_started, 4),
+                "evaluate_phase_s": round(evaluated_at - trained_at, 4),
+                "sites_trained": sorted(trained),
+                "sites_evaluated": sorted(evaluation),
+                **aggregation_record,
+                **noise_record,
+            }
+        )
+        progress.report(server_round, train=trained, evaluation=evaluation)
+
+    full_state.update(layout.unpack(arrays))
+    run_dir.save_checkpoint(
+        "final",
+        {"round": config.train.rounds, "state_dict": full_state, "site_local_keys": local, "task": config.task.kind},
+    )
+
+
+def _train_round(
+    run: RunContext, strategy: Strategy, arrays: ArrayRecord, *, server_round: int
+) -> tuple[ArrayRecord, dict[str, dict[str, float]], dict]:
+    """Train at the sites and aggregate: the new global arrays, per-site metrics, and what the round
+    log keeps about the aggregation."""
+    config = run.config
+    _wait_for_quorum(run, server_round=server_round)
+    round_config = ConfigRecord(run.settings)
+    if config.client_dp.enabled:
+        round_config[CLIPPING_MODE] = config.client_dp.clipping
+    if config.secagg.enabled:
+        return _secure_train_round(run, strategy, arrays, server_round=server_round, round_config=round_config)
+    messages = _with_deadline(strategy.configure_train(server_round, arrays, round_config, run.grid), run.timeout)
+    replies = send_and_receive(run.grid, messages, timeout=run.timeout)
+    usable = _usable_replies(replies, phase="train", site_names=run.site_names)
+    failures = _failures(messages, replies, run)
+    needed = quorum(config)
+    if len(usable) < needed:
+        raise RoundFailedError(
+            f"round {server_round}: {len(usable)} of {len(messages)} site(s) returned an update, quorum is "
+            f"{needed}. {'; '.join(failures) or 'No site replied.'} Fix the failing sites or lower "
+            f"strategy.min_sites."
+        )
+    for failure in failures:
+        logger.warning("round %d: dropped %s", server_round, failure)
+    rows = _record(run.run_dir, usable, phase="train", server_round=server_round)
+    aggregated, _ = strategy.aggregate_train(server_round, usable)
+    if aggregated is None:
+        raise RoundFailedError(f"round {server_round}: the strategy produced no aggregate from {len(usable)} updates")
+    record = {"upload_bytes_per_site": max((payload_bytes(reply.content) for reply in usable), default=0)}
+    return aggregated, _by_site(rows), record
+
+
+def _secure_train_round(
+    run: RunContext, strategy: Strategy, arrays: ArrayRecord, *, server_round: int, round_config: ConfigRecord
+) -> tuple[ArrayRecord, dict[str, dict[str, float]], dict]:
+    try:
+        outcome = secure_train_round(
+            run, strategy, arrays, server_round=server_round, round_config=round_config, needed=quorum(run.config)
+        )
+    except SecureRoundError as error:
+        raise RoundFailedError(str(error)) from error
+    usable = _usable_replies(outcome.replies, phase="train", site_names=run.site_names)
+    rows = _record(run.run_dir, usable, phase="train", server_round=server_round)
+    return outcome.arrays, _by_site(rows), outcome.record
+
+
+def _evaluate_round(
+    run: RunContext, strategy: Strategy, arrays: ArrayRecord, *, server_round: int
+) -> dict[str, dict[str, float]]:
+    round_config = ConfigRecord(run.settings)
+    messages = _with_deadline(strategy.configure_evaluate(server_round, arrays, round_config, run.grid), run.timeout)
+    replies = send_and_receive(run.grid, messages, timeout=run.timeout)
+    usable = _usable_replies(replies, phase="evaluate", site_names=run.site_names)
+    for failure in _failures(messages, replies, run):
+        logger.warning("round %d: evaluation missing from %s", server_round, failure)
+    return _by_site(_record(run.run_dir, usable, phase="evaluate", server_round=server_round))
+
+
+def _by_site(rows: list[dict]) -> dict[str, dict[str, float]]:
+    return {row["site"]: {k: v for k, v in row.items() if k not in ("round", "site", "phase", "time")} for row in rows}
+
+
+def _wait_for_quorum(run: RunContext, *, server_round: int) -> None:
+    """Wait (at most the round timeout) until enough sites are connected to train this round."""
+    needed = quorum(run.config)
+    deadline = time.monotonic() + run.timeout
+    logged = False
+    while len(connected := list(run.grid.get_node_ids())) < needed:
+        if time.monotonic() > deadline:
+            missing = sorted(set(run.site_names.values()) - {run.site_names.get(node, "") for node in connected})
+            raise RoundFailedError(
+                f"round {server_round}: {len(connected)} site(s) connected, quorum is {needed}"
+                + (f" (not connected: {', '.join(missing)})" if missing else "")
+                + f"; waited {run.timeout:.0f} s. Start the missing sites or lower strategy.min_sites."
+            )
+        if not logged:
+            logger.info("round %d: waiting for sites, %d of %d connected", server_round, len(connected), needed)
+            logged = True
+        time.sleep(1.0)
+
+
+def _with_deadline(messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Messages expire with the round: a site that comes back late must not train on a stale round."""
+    messages = list(messages)
+    for message in messages:
+        message.metadata.ttl = timeout
+    return messages
+
+
+def _usable_replies(replies: Iterable[Message], *, phase: str, site_names: dict[int, str]) -> list[Message]:
+    usable = []
+    for reply in replies:
+        if reply.has_error():
+            continue
+        site_names[reply.metadata.src_node_id] = sender(reply)
+        if phase == "train" and ARRAYS not in reply.content and MASKED not in reply.content:
+            continue
+        usable.append(reply)
+    # Replies arrive in completion order; aggregating in a fixed order makes the float sums, and so
+    # the run, identical across engines and repeat runs.
+    return sorted(usable, key=sender)
+
+
+def _failures(messages: list[Message], replies: list[Message], run: RunContext) -> list[str]:
+    answered = {reply.metadata.src_node_id for reply in replies}
+    failures = []
+    for reply in replies:
+        if reply.has_error():
+            site, reason = run.site_of(reply.metadata.src_node_id), reply.error.reason
+            failures.append(reason if reason.startswith(f"site {site}:") else f"{site}: {reason}")
+    for message in messages:
+        if message.metadata.dst_node_id not in answered:
+            failures.append(f"{run.site_of(message.metadata.dst_node_id)}: no reply before the round timeout")
+    return failures
+
+
+def _record(run_dir: RunDirectory, replies: list[Message], *, phase: str, server_round: int) -> list[dict]:
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    rows = []
+    for reply in replies:
+        metrics = dict(reply.content[METRICS])
+        rows.append({"round": server_round, "site": sender(reply), "phase": phase, "time": now, **metrics})
+    rows.sort(key=lambda row: row["site"])
+    run_dir.append_metrics(rows)
+    return rows

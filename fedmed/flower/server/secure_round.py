@@ -1,0 +1,261 @@
+"""A training round under SecAgg+, carried over Flower's Message API.
+
+Four exchanges per round (Flower's SecAgg+ stages): public keys, encrypted key shares, training
+with the masked update, unmasking. The server only ever holds masked uint32 vectors and the
+protocol's key material; it learns the weighted mean of the sites' updates (local - global) and
+nothing about any one site's update. A round the protocol cannot finish (too many sites lost) is
+retried with fresh keys, then fails loudly; the old model is never kept silently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp.strategy import Strategy
+
+from fedmed.config import RunConfig
+from fedmed.core.errors import FedmedError
+from fedmed.core.log import logger
+from fedmed.flower.records import payload_bytes, sender
+from fedmed.flower.wire import (
+    ARRAYS,
+    CONFIG,
+    MASKED,
+    SECAGG,
+    SECAGG_MASK,
+    SECAGG_SETUP,
+    SECAGG_SHARE_KEYS,
+    SECAGG_UNMASK,
+    SITE,
+    VECTOR,
+)
+from fedmed.secagg import SecAggResult, SecAggRoundError, SecAggServer, SecAggSettings
+from fedmed.secagg.messages import MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
+
+from .client_dp import ClientDpStrategy, clipping_config, noise_secure_mean
+from .context import RunContext
+from .exchange import send_and_receive
+
+STAGE_MESSAGE_TYPES = {
+    SETUP: SECAGG_SETUP,
+    SHARE_KEYS: SECAGG_SHARE_KEYS,
+    MASKED_INPUT: SECAGG_MASK,
+    UNMASK: SECAGG_UNMASK,
+}
+
+
+class SecureRoundError(FedmedError):
+    """Secure aggregation could not finish a round in its allowed attempts."""
+
+
+@dataclass
+class SecureRound:
+    """The outcome of one securely aggregated round."""
+
+    arrays: ArrayRecord
+    replies: list[Message]  # the masked-input replies of the aggregated sites (metrics only are read)
+    record: dict[str, Any] = field(default_factory=dict)  # what rounds.jsonl keeps about the protocol
+
+
+def secagg_settings(config: RunConfig) -> SecAggSettings:
+    settings = config.secagg
+    return SecAggSettings(
+        clipping_range=settings.clipping_range,
+        max_total_weight=settings.max_total_weight,
+        reconstruction_threshold=settings.reconstruction_threshold,
+        stage_timeout_s=settings.stage_timeout_s,
+    )
+
+
+def secure_train_round(
+    run: RunContext,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    *,
+    server_round: int,
+    round_config: ConfigRecord,
+    needed: int,
+) -> SecureRound:
+    """Run the round's four SecAgg+ exchanges; the run's site names are filled in from replies."""
+    attempts = run.config.secagg.max_attempts
+    for attempt in range(1, attempts + 1):
+        site_errors: dict[str, str] = {}
+        try:
+            outcome = _attempt(
+                run,
+                strategy,
+                arrays,
+                server_round=server_round,
+                round_config=round_config,
+                needed=needed,
+                site_errors=site_errors,
+            )
+            outcome.record["secagg_attempts"] = attempt
+            return outcome
+        except SecAggRoundError as error:
+            failure = str(error)
+            logger.warning(
+                "round %d: secure aggregation attempt %d of %d failed: %s", server_round, attempt, attempts, error
+            )
+    reasons = "".join(
+        f" {reason if reason.startswith(f'site {site}:') else f'{site}: {reason}'}."
+        for site, reason in sorted(site_errors.items())
+    )
+    raise SecureRoundError(
+        f"round {server_round}: secure aggregation failed in {attempts} attempt(s).{reasons} Last attempt: {failure}"
+    )
+
+
+def _attempt(
+    run: RunContext,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    *,
+    server_round: int,
+    round_config: ConfigRecord,
+    needed: int,
+    site_errors: dict[str, str],
+) -> SecureRound:
+    config = run.config
+    train_messages = {
+        message.metadata.dst_node_id: message
+        for message in strategy.configure_train(server_round, arrays, round_config, run.grid)
+    }
+    global_arrays = arrays.to_numpy_ndarrays()
+    client_dp = isinstance(strategy, ClientDpStrategy)
+    server = SecAggServer(
+        node_ids=sorted(train_messages),
+        shapes=[array.shape for array in global_arrays],
+        settings=secagg_settings(config),
+        extra_length=1 if client_dp else 0,
+    )
+    exchange = _Exchange(run, server_round=server_round, site_errors=site_errors)
+    site_of = run.site_of
+    stage_started = time.perf_counter()
+
+    replies = exchange.send(SETUP, server.setup_messages())
+    replies = exchange.send(SHARE_KEYS, server.receive_public_keys(_fields(replies)))
+    outgoing = server.receive_encrypted_shares(_fields(replies))
+    keys_done = time.perf_counter()
+
+    extra_config = clipping_config(strategy, config)
+    mask_content = {}
+    for node, message in outgoing.items():
+        content = train_messages[node].content
+        config_record = ConfigRecord({**dict(content[CONFIG]), **extra_config})
+        mask_content[node] = RecordDict({ARRAYS: content[ARRAYS], CONFIG: config_record, SECAGG: ConfigRecord(message)})
+    masked = exchange.send(MASKED_INPUT, mask_content, timeout=run.timeout, wrap=False)
+    vectors = {
+        node: (np.asarray(reply.content[MASKED][VECTOR].numpy()), dict(reply.content[SECAGG]))
+        for node, reply in masked.items()
+    }
+    trained_done = time.perf_counter()
+    replies = exchange.send(UNMASK, server.receive_masked_vectors(vectors))
+    result = server.receive_unmask_shares(_fields(replies))
+    unmasked_done = time.perf_counter()
+
+    if len(result.sites_aggregated) < needed:
+        raise SecAggRoundError(
+            f"SecAgg: {len(result.sites_aggregated)} site(s) aggregated, quorum is {needed}",
+            stage=UNMASK,
+            lost=dict(result.sites_dropped.items()),
+        )
+    mean = [
+        update.astype(array.dtype, copy=False) for update, array in zip(result.mean_update, global_arrays, strict=True)
+    ]
+    if client_dp:
+        clipped = int(result.extra_sums[0]) if result.extra_sums is not None else 0
+        noise_secure_mean(strategy, mean, clipped_count=clipped, sites=len(result.sites_aggregated))
+    new_arrays = ArrayRecord(
+        {
+            key: Array(np.asarray(array + update, dtype=array.dtype))
+            for key, array, update in zip(arrays.keys(), global_arrays, mean, strict=True)
+        }
+    )
+    _warn_about_clipping(result, server_round=server_round, config=config)
+    return SecureRound(
+        arrays=new_arrays,
+        replies=[masked[node] for node in result.sites_aggregated if node in masked],
+        record={
+            "secagg_sites": sorted(site_of(node) for node in result.sites_aggregated),
+            "secagg_dropped": {site_of(node): stage for node, stage in result.sites_dropped.items()},
+            "secagg_max_quantization_error": result.max_quantization_error,
+            "secagg_clipped_values": result.clipped_values,
+            "secagg_keys_s": round(keys_done - stage_started, 4),
+            "secagg_unmask_s": round(unmasked_done - trained_done, 4),
+            "upload_bytes_per_site": exchange.upload_bytes_per_site(),
+        },
+    )
+
+
+def _warn_about_clipping(result: SecAggResult, *, server_round: int, config: RunConfig) -> None:
+    if result.clipped_values:
+        logger.warning(
+            "round %d: %d update value(s) fell outside secagg.clipping_range ±%g and were clipped; raise "
+            "secagg.clipping_range (or lower the learning rate)",
+            server_round,
+            result.clipped_values,
+            config.secagg.clipping_range,
+        )
+
+
+def _fields(replies: Mapping[int, Message]) -> dict[int, dict]:
+    return {node: dict(reply.content[SECAGG]) for node, reply in replies.items()}
+
+
+class _Exchange:
+    """One protocol stage: a message to each node, the replies of those that answered in time."""
+
+    def __init__(self, run: RunContext, *, server_round: int, site_errors: dict[str, str]) -> None:
+        self.run = run
+        self.site_errors = site_errors  # site -> the reason it gave for failing a stage
+        self.server_round = server_round
+        self.uploaded: dict[int, int] = {}
+
+    def send(
+        self, stage: str, outgoing: Mapping[int, Any], *, timeout: float | None = None, wrap: bool = True
+    ) -> dict[int, Message]:
+        timeout = timeout or self.run.config.secagg.stage_timeout_s
+        messages = []
+        for node, body in outgoing.items():
+            content = RecordDict({SECAGG: ConfigRecord(body)}) if wrap else body
+            message = Message(content, dst_node_id=node, message_type=str(STAGE_MESSAGE_TYPES[stage]))
+            message.metadata.ttl = timeout
+            messages.append(message)
+        answered: dict[int, Message] = {}
+        replied = set()
+        site_of = self.run.site_of
+        for reply in send_and_receive(self.run.grid, messages, timeout=timeout):
+            node = reply.metadata.src_node_id
+            replied.add(node)
+            if reply.has_error():
+                logger.warning(
+                    "round %d: %s lost at SecAgg %s: %s",
+                    self.server_round,
+                    site_of(node),
+                    stage,
+                    reply.error.reason,
+                )
+                self.site_errors[site_of(node)] = reply.error.reason
+                continue
+            answered[node] = reply
+            if SITE in reply.content:
+                self.run.site_names[node] = sender(reply)
+            self.uploaded[node] = self.uploaded.get(node, 0) + payload_bytes(reply.content)
+        for node in sorted(set(outgoing) - replied):
+            logger.warning(
+                "round %d: %s did not answer SecAgg %s within %.0f s",
+                self.server_round,
+                site_of(node),
+                stage,
+                timeout,
+            )
+        return answered
+
+    def upload_bytes_per_site(self) -> int:
+        return int(max(self.uploaded.values(), default=0))

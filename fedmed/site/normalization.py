@@ -1,0 +1,112 @@
+"""A site's intensity normalization: fitted from its own training images, kept in its state folder.
+
+Only summaries leave the site: for federated harmonization (Nyúl) its mean standardized landmarks, and
+for the run report a histogram of its foreground intensities before and after normalization.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedmed.config import RunConfig
+from fedmed.core.errors import FedmedError
+from fedmed.core.files import write_text_atomic
+
+STATE_FILE = "normalization.json"
+
+
+class NormalizationStateError(FedmedError):
+    """The site's normalization state is missing what the run needs, or unreadable."""
+
+
+class SiteNormalization:
+    """Site-level normalization for one run at one site (`task.intensity` in SITE_LEVEL_MODES)."""
+
+    def __init__(self, *, site: str, state_dir: Path, config: RunConfig) -> None:
+        from fedmed.data.normalization import SITE_LEVEL_MODES
+
+        self.site = site
+        self.path = Path(state_dir) / STATE_FILE
+        self.method = config.task.intensity
+        self.settings = config.normalization
+        self.site_level = self.method in SITE_LEVEL_MODES
+
+    def fit(self, raw: Any) -> dict[str, Any]:
+        """Fit and store the site's statistics from its raw training images; returns what the site shares:
+        image count, standardized landmarks (Nyúl only) and the histogram of its raw intensities."""
+        shared: dict[str, Any] = {"num_images": raw.num_train, "before": self.histogram(raw, raw)}
+        if self.site_level:
+            stats = self._fit_stats(raw)
+            state = self._read() or {}
+            self._write({**state, "method": self.method, "stats": stats.to_json()})
+            shared["num_images"] = stats.num_images  # Nyúl leaves out flat images: they carry no landmarks
+            if self.method == "nyul":
+                shared["landmarks"] = list(stats.values["landmarks"])
+        return shared
+
+    def _fit_stats(self, raw: Any) -> Any:
+        from fedmed.data.normalization import fit_site_stats
+
+        try:
+            return fit_site_stats([sample["image"] for sample in raw.train], method=self.method, settings=self.settings)
+        except ValueError as error:
+            raise NormalizationStateError(f"site {self.site}: {error}") from error
+
+    def set_standard_landmarks(self, landmarks: Sequence[float]) -> None:
+        """Keep the federation's average landmarks (Nyúl) that this site maps its intensities onto."""
+        state = self._read() or {}
+        if state.get("standard_landmarks") != list(landmarks):
+            self._write({**state, "standard_landmarks": [float(value) for value in landmarks]})
+
+    def apply(self, raw: Any) -> Any:
+        """The site's data as the model sees it; fits the site's statistics on first use."""
+        from fedmed.data.normalization import SiteIntensityStats, normalize_site
+
+        if not self.site_level:
+            return raw
+        state = self._read()
+        if state is None or state.get("method") != self.method or "stats" not in state:
+            self.fit(raw)
+            state = self._read() or {}
+        landmarks = state.get("standard_landmarks")
+        if self.method == "nyul" and landmarks is None:
+            raise NormalizationStateError(
+                f"site {self.site}: no federation landmarks for Nyúl harmonization in {self.path}; the coordinator "
+                f"sends them at the start of the run and with every round: update fedmed at the coordinator"
+            )
+        try:
+            stats = SiteIntensityStats.from_json(state["stats"])
+            return normalize_site(
+                raw, method=self.method, stats=stats, standard_landmarks=landmarks, settings=self.settings
+            )
+        except ValueError as error:  # a hand-edited state file, or landmarks from another run config
+            raise NormalizationStateError(f"site {self.site}: {error} (state in {self.path})") from error
+
+    def histogram(self, raw: Any, data: Any) -> dict[str, Any]:
+        """Foreground histogram of `data`'s training images, on the voxels that are foreground in the raw images."""
+        from fedmed.data.normalization import foreground_mask, intensity_histogram
+
+        masks = [foreground_mask(sample["image"], rule=self.settings.foreground) for sample in raw.train]
+        return intensity_histogram(
+            [sample["image"] for sample in data.train],
+            bins=self.settings.histogram_bins,
+            rule=self.settings.foreground,
+            masks=masks,
+        )
+
+    def _read(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise NormalizationStateError(
+                f"site {self.site}: cannot read {self.path} ({error}); delete it and the site refits its "
+                f"normalization from its training images"
+            ) from error
+
+    def _write(self, state: dict[str, Any]) -> None:
+        write_text_atomic(self.path, json.dumps(state, indent=1))

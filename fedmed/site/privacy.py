@@ -1,0 +1,144 @@
+"""A site's side of DP-SGD for one run: its policy, its ledger, and the run's fixed noise multiplier.
+
+The site decides, never the coordinator: it refuses to train without DP when its policy requires
+DP, calibrates one noise multiplier for the run against what its ledger has already spent, and
+refuses any round that would take the dataset past its budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmed.config import RunConfig, SitePrivacyPolicy
+from fedmed.core.errors import FedmedError
+from fedmed.privacy import LEDGER_FILENAME, PrivacyLedger, RunPlan, sample_rate, steps_per_epoch
+from fedmed.tasks import DpSgdStep
+
+
+class DpRequiredError(FedmedError):
+    """The site's policy requires DP-SGD and the run asks to train without it."""
+
+
+def ledger_path(state_dir: Path) -> Path:
+    """A site's DP-SGD ledger: one per site, in its state folder, across all its runs."""
+    return Path(state_dir) / LEDGER_FILENAME
+
+
+@dataclass(frozen=True)
+class SitePrivacyTerms:
+    """Where a site keeps its ledger and which policy binds it."""
+
+    ledger_path: Path
+    policy: SitePrivacyPolicy
+
+
+def simulated_policy(config: RunConfig) -> SitePrivacyPolicy:
+    """In a simulation the researcher plays every site: the run's DP settings are the sites' policy."""
+    return SitePrivacyPolicy(
+        epsilon=config.dp_sgd.epsilon,
+        delta=config.dp_sgd.delta,
+        accountant=config.dp_sgd.accountant,
+        share_personalized_model=True,
+    )
+
+
+class SitePrivacy:
+    def __init__(self, *, site: str, run_id: str, dataset: str, terms: SitePrivacyTerms, config: RunConfig) -> None:
+        self.site = site
+        self.run_id = run_id
+        self.dataset = dataset
+        self.terms = terms
+        self.config = config
+        self._plan = None  # fixed at the run's first round, reloaded from the ledger after a restart
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.dp_sgd.enabled
+
+    def check_allowed(self) -> None:
+        if self.terms.policy.require_dp and not self.enabled:
+            raise DpRequiredError(
+                f"site {self.site}: refusing to train without DP-SGD (its site config sets privacy.require_dp); "
+                f"enable [dp_sgd] in the run config"
+            )
+
+    def _ledger(self) -> PrivacyLedger:
+        return PrivacyLedger(self.terms.ledger_path)
+
+    def step_for_round(self, *, num_examples: int) -> DpSgdStep:
+        """The run's fixed DP-SGD step; raises PrivacyBudgetExhaustedError if this round would overspend."""
+        with self._ledger() as ledger:
+            plan = self._run_plan(ledger, num_examples=num_examples)
+            ledger.check_round(
+                site=self.site, dataset=self.dataset, plan=plan, steps=self._round_steps(num_examples)
+            ).raise_if_refused()
+        return DpSgdStep(noise_multiplier=plan.noise_multiplier, max_grad_norm=self.config.dp_sgd.max_grad_norm)
+
+    def charge(self, *, server_round: int, steps: int) -> dict[str, float]:
+        """Record the round's spend before its update leaves the site; the ε spent goes into the metrics."""
+        with self._ledger() as ledger:
+            epsilon = ledger.record_round(
+                dataset=self.dataset, run_id=self.run_id, round=server_round, plan=self._plan, steps=steps
+            )
+        return {
+            "epsilon": epsilon,
+            "delta": self._plan.delta,
+            "noise_multiplier": self._plan.noise_multiplier,
+            "epsilon_budget": self._plan.target_epsilon,
+        }
+
+    def _round_steps(self, num_examples: int) -> int:
+        return self.config.train.local_epochs * steps_per_epoch(num_examples, self.config.train.batch_size)
+
+    def _run_plan(self, ledger: PrivacyLedger, *, num_examples: int) -> RunPlan:
+        if self._plan is None:
+            # A restarted daemon (or a new ClientApp process per round) continues the run's plan.
+            self._plan = ledger.get_plan(dataset=self.dataset, run_id=self.run_id)
+        if self._plan is None:
+            budget = self.terms.policy.budget_for(self.dataset)
+            accountant = self.terms.policy.accountant
+            spent_before = ledger.spent(self.dataset, delta=budget.delta, accountant=accountant)
+            # The run may add at most its own ε, and never take the dataset past the site's budget.
+            target = min(budget.epsilon, spent_before + self.config.dp_sgd.epsilon)
+            self._plan = ledger.plan_run(
+                site=self.site,
+                dataset=self.dataset,
+                run_id=self.run_id,
+                target_epsilon=target,
+                delta=budget.delta,
+                accountant=accountant,
+                sample_rate=sample_rate(num_examples, self.config.train.batch_size),
+                planned_steps=self.config.train.rounds * self._round_steps(num_examples),
+            )
+        return self._plan
+
+
+def format_budget(ledger_path: Path, *, policy: SitePrivacyPolicy, site: str) -> str:
+    """`fedmed site budget`: spent and remaining per dataset and run, against the site's policy."""
+    header = f"site {site}: DP-SGD ledger {ledger_path}"
+    if not ledger_path.exists():
+        return (
+            f"{header}\nno DP-SGD training recorded yet; budget per dataset ε {policy.epsilon:g} at "
+            f"δ {policy.delta:g} ({policy.accountant})"
+        )
+    with PrivacyLedger(ledger_path) as ledger:
+        rows = ledger.summary()
+        datasets = sorted({row.dataset for row in rows})
+        spent = {
+            name: ledger.spent(name, delta=policy.budget_for(name).delta, accountant=policy.accountant)
+            for name in datasets
+        }
+    lines = [header, f"{'dataset':<24}{'run':<34}{'rounds':>7}{'steps':>8}{'σ':>8}"]
+    lines += [
+        f"{row.dataset:<24}{row.run_id:<34}{row.rounds:>7}{row.steps:>8}{row.noise_multiplier:>8.3f}" for row in rows
+    ]
+    lines.append("")
+    lines.append(f"{'dataset':<24}{'ε spent':>10}{'ε budget':>10}{'remaining':>11}{'δ':>9}  accountant")
+    for name in datasets:
+        budget = policy.budget_for(name)
+        lines.append(
+            f"{name:<24}{spent[name]:>10.3f}{budget.epsilon:>10.3f}{max(budget.epsilon - spent[name], 0):>11.3f}"
+            f"{budget.delta:>9.0e}  {policy.accountant}"
+        )
+    return "\n".join(lines)

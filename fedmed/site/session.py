@@ -1,0 +1,267 @@
+"""A site's session in one run, framework-free: global weights in, shared update and metrics out.
+
+It lives as long as its process and serves every round of the run. The Flower ClientApp is a thin
+adapter around it; the same code serves the in-process engine, Flower's simulation engine and
+deployment.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from fedmed.config import RunConfig
+from fedmed.core.errors import FedmedError
+from fedmed.models import shared_keys
+from fedmed.site.local_layers import PERSONALIZED_FILE, LocalParameterStore
+from fedmed.site.normalization import SiteNormalization
+from fedmed.site.privacy import SitePrivacy, SitePrivacyTerms
+
+if TYPE_CHECKING:
+    from fedmed.data import SiteData  # imported when first used: loading pulls in MONAI
+
+StateDict = dict[str, torch.Tensor]
+
+NUM_EXAMPLES = "num-examples"  # the metric that weighs a site's update or score (Flower's key)
+
+
+class ModelMismatchError(FedmedError):
+    """Stored site-local parameters do not fit the model this site builds from the run config."""
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    name: str
+    data_path: Path
+    state_dir: Path  # this site's private folder for this run (site-local parameters)
+    threads: int | None = None  # torch CPU threads, when the site caps them
+    run_id: str = ""
+    privacy: SitePrivacyTerms | None = None  # None: no DP policy binds this site (e.g. a baseline)
+
+
+def site_seed(base_seed: int, site_name: str, server_round: int) -> int:
+    """A per-site, per-round seed that is the same in every engine and process."""
+    return (base_seed * 1_000_003 + zlib.crc32(site_name.encode()) + server_round * 7_919) % (2**31 - 1)
+
+
+class SiteSession:
+    """A site's data, task and model partition for one run; cheap to reuse across rounds."""
+
+    def __init__(self, spec: SiteSpec, config: RunConfig) -> None:
+        from fedmed.tasks import get_task, select_device
+
+        self.spec = spec
+        self.config = config
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.task = get_task(config.task)
+        self.device = select_device(config.train.device)
+        self.local_store = LocalParameterStore(spec.state_dir)
+        self._landmarks_in_use: list[float] | None = None
+
+    @cached_property
+    def normalization(self) -> SiteNormalization:
+        return SiteNormalization(site=self.spec.name, state_dir=self.spec.state_dir, config=self.config)
+
+    @cached_property
+    def raw_data(self) -> SiteData:
+        """The site's data resampled, its intensities as the scanner wrote them (site-level modes) or
+        normalized per image."""
+        from fedmed.data import load_site
+
+        task = self.config.task
+        if not self.normalization.site_level:
+            task = task.model_copy(update={"intensity": "none"})
+        return load_site(self.spec.data_path, task=task)
+
+    @cached_property
+    def data(self) -> SiteData:
+        """The site's data as the model sees it (normalized per image or with the site's statistics)."""
+        from fedmed.data import load_site
+
+        if self.normalization.site_level:
+            return self.normalization.apply(self.raw_data)
+        return load_site(self.spec.data_path, task=self.config.task)
+
+    def describe_intensities(self) -> dict:
+        """Fit the site's normalization; what it shares: image count, histograms, Nyúl landmarks."""
+        shared = self.normalization.fit(self.raw_data)
+        self.__dict__.pop("data", None)  # refitted statistics: normalize again
+        if self.config.task.intensity != "nyul":  # Nyúl's result needs the federation's landmarks first
+            shared["after"] = self.normalization.histogram(self.raw_data, self.data)
+        return shared
+
+    def use_standard_landmarks(self, landmarks: list[float]) -> None:
+        """Nyúl harmonization: map this site's intensities onto the federation's average landmarks."""
+        self.normalization.set_standard_landmarks(landmarks)
+        if landmarks != self._landmarks_in_use:
+            self._landmarks_in_use = list(landmarks)
+            self.__dict__.pop("data", None)
+
+    def harmonized_histogram(self) -> dict:
+        return self.normalization.histogram(self.raw_data, self.data)
+
+    def build_model(self) -> tuple[nn.Module, list[str], list[str]]:
+        """A fresh model plus its shared and site-local key lists."""
+        from fedmed.models import build_model, site_local_keys
+
+        model = build_model(self.config.task, self.config.model)
+        local = site_local_keys(model) if self.config.strategy.fedbn else []
+        return model, shared_keys(model.state_dict(), local), local
+
+    @cached_property
+    def _model_and_keys(self) -> tuple[nn.Module, list[str], list[str], StateDict]:
+        """The session's model (reused: every round overwrites all its parameters and buffers), its
+        shared and site-local keys, and the site-local parameters' initial values."""
+        model, shared, local = self.build_model()
+        state = model.state_dict()
+        initial_local = {key: state[key].detach().clone() for key in local}
+        return model.to(self.device), shared, local, initial_local
+
+    def shared_template(self) -> StateDict:
+        """The shared parameters in state-dict order (initial values): what travels each round."""
+        model, shared, _, _ = self._model_and_keys
+        state = model.state_dict()
+        return {key: state[key] for key in shared}
+
+    def _model_with(self, global_state: StateDict) -> tuple[nn.Module, list[str]]:
+        """The model with the global shared parameters and this site's local ones.
+
+        The caller has checked that `global_state` fits the model (fedmed.flower.records.Layout);
+        load_state_dict still refuses anything missing or misshapen.
+        """
+        model, _, local, initial_local = self._model_and_keys
+        state = dict(global_state)
+        if local:
+            stored = self.local_store.load()
+            if stored is not None and set(stored) != set(local):
+                raise ModelMismatchError(
+                    f"site {self.spec.name}: {self.local_store.path} holds site-local parameters of a different "
+                    f"model; move it aside to restart this site's normalization layers from scratch"
+                )
+            # Before a site's first round its local layers start from the model's initial values.
+            state.update(stored if stored is not None else initial_local)
+        model.load_state_dict(state)
+        return model, local
+
+    @cached_property
+    def privacy(self) -> SitePrivacy | None:
+        if self.spec.privacy is None:
+            return None
+        return SitePrivacy(
+            site=self.spec.name,
+            run_id=self.spec.run_id,
+            dataset=self.data.name,
+            terms=self.spec.privacy,
+            config=self.config,
+        )
+
+    def train(self, global_state: StateDict, *, server_round: int, proximal_mu: float) -> tuple[StateDict, dict]:
+        """Train from the global weights; with DP-SGD the ledger is charged before the update is returned."""
+        from fedmed.tasks import check_private_model, train_local
+
+        if self.privacy is not None:
+            self.privacy.check_allowed()
+        private = self.privacy is not None and self.privacy.enabled
+        model, local = self._model_with(global_state)
+        if private:  # refuse an unfit model before anything reaches the ledger
+            check_private_model(model, model_name=self.config.model.name)
+        dp_step = self.privacy.step_for_round(num_examples=len(self.data.train)) if private else None
+        result = train_local(
+            model,
+            self.data.train,
+            task=self.task,
+            train=self.config.train,
+            epochs=self.config.train.local_epochs,
+            seed=site_seed(self.config.seed, self.spec.name, server_round),
+            device=self.device,
+            proximal_mu=proximal_mu,
+            proximal_keys=set(global_state),
+            dp=dp_step,
+        )
+        metrics = {
+            NUM_EXAMPLES: result.num_examples,
+            "train_loss": result.loss,
+            "train_steps": result.steps,
+            "train_seconds": result.seconds,
+        }
+        if dp_step is not None:
+            metrics |= self.privacy.charge(server_round=server_round, steps=result.steps)
+        trained = model.state_dict()
+        if local:
+            self.local_store.save({key: trained[key] for key in local})
+        update = {key: trained[key].detach().cpu() for key in global_state}
+        return update, metrics
+
+    def evaluate(self, global_state: StateDict) -> dict:
+        started = time.perf_counter()
+        model, _ = self._model_with(global_state)
+        return self._evaluate(model, started=started)
+
+    def _evaluate(self, model: nn.Module, *, started: float) -> dict:
+        metrics = self.task.evaluate(model, self.data.val, device=self.device)
+        return {NUM_EXAMPLES: len(self.data.val), **metrics, "eval_seconds": time.perf_counter() - started}
+
+    @property
+    def shares_personalized_model(self) -> bool:
+        """Whether this site lets the other sites evaluate its personalized model (its own policy decides)."""
+        return self.spec.privacy is None or self.spec.privacy.policy.share_personalized_model
+
+    def full_template(self) -> StateDict:
+        """Every parameter and buffer of the model, in state-dict order."""
+        return self._model_and_keys[0].state_dict()
+
+    def personal_keys(self, *, final: bool) -> list[str]:
+        """The parameters in which this site's personalized model differs from the global model: all of them
+        once fine-tuned (at the end of the run, if asked), else its site-local layers."""
+        model, _, local, _ = self._model_and_keys
+        return list(model.state_dict()) if final and self.config.evaluation.finetune_epochs else list(local)
+
+    def personalize(self, global_state: StateDict, *, server_round: int, final: bool) -> tuple[StateDict, dict]:
+        """Global weights + this site's local layers, fine-tuned on its own data at the end of the run if asked;
+        kept in the site's state folder. Returns the personal parameters and the model's metrics on this site's
+        data."""
+        from fedmed.tasks import train_local
+
+        model, _ = self._model_with(global_state)
+        epochs = self.config.evaluation.finetune_epochs if final else 0
+        tuned = {}
+        if epochs:
+            result = train_local(
+                model,
+                self.data.train,
+                task=self.task,
+                train=self.config.train,
+                epochs=epochs,
+                seed=site_seed(self.config.seed, self.spec.name, -server_round),
+                device=self.device,
+            )
+            tuned = {"finetune_loss": result.loss, "finetune_seconds": result.seconds}
+        state = model.state_dict()
+        LocalParameterStore(self.spec.state_dir, file_name=PERSONALIZED_FILE).save(state)
+        personal = {key: state[key].detach().cpu().clone() for key in self.personal_keys(final=final)}
+        return personal, {**self._evaluate(model, started=time.perf_counter()), **tuned}
+
+    def evaluate_models(self, global_state: StateDict, personal: dict[str, StateDict]) -> dict[str, dict]:
+        """The global model (with this site's own local layers, as in every round) and each other site's
+        personalized model on this site's validation data."""
+        results = {"global": self.evaluate(global_state)}
+        for name, parameters in personal.items():
+            started = time.perf_counter()
+            model, _ = self._model_with(global_state)
+            unknown = set(parameters) - set(model.state_dict())
+            if unknown:
+                raise ModelMismatchError(
+                    f"site {self.spec.name}: model '{name}' has parameters this model lacks: "
+                    f"{sorted(unknown)[:3]}; coordinator and sites must run the same model"
+                )
+            model.load_state_dict(parameters, strict=False)
+            results[name] = self._evaluate(model, started=started)
+        return results

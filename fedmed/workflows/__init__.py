@@ -1,0 +1,5 @@
+"""The use cases: simulate a federation on one machine, launch and follow a deployed run, train the
+local-only and pooled baselines.
+
+Imports fedmed.deploy, fedmed.flower and everything below them.
+"""

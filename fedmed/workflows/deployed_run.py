@@ -1,0 +1,185 @@
+"""A deployed run: the coordinator submits fedmed's app to the live federation's SuperLink, follows,
+stops and resumes it, and reports the federation's status.
+
+The ServerApp then runs on the coordinator (started by fedmed's executor under the SuperLink) and
+writes the same run directory as a simulation, under the server config's `runs` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedmed.config import RunConfig, ServerConfig, load_run_config
+from fedmed.core.errors import ConfigError, FedmedError
+from fedmed.core.log import logger
+from fedmed.deploy import flower_cli
+from fedmed.deploy.server import site_nodes_file
+from fedmed.flower.records import encode_run
+from fedmed.flower.runtime.app_bundle import APP_PROJECT
+from fedmed.runs import RunDirectory
+from fedmed.runs.run_dir import STATUS_FILE
+
+FLOWER_RUNS = "flower-runs.jsonl"
+FINISHED = ("finished:completed", "finished:failed", "finished:stopped")
+
+
+@dataclass
+class DeployedRun:
+    run_dir: RunDirectory
+    flower_run_id: int
+
+
+def registered_sites(server: ServerConfig) -> list[str]:
+    return sorted(path.stem for path in server.site_keys.glob("*.pub")) if server.site_keys.is_dir() else []
+
+
+def launch(server: ServerConfig, config: RunConfig) -> DeployedRun:
+    """Start a new run; the quorum defaults to every registered site."""
+    if config.strategy.min_sites is None:
+        sites = registered_sites(server)
+        if not sites:
+            raise ConfigError(f"no sites are registered in {server.site_keys}; add them with 'fedmed server add-site'")
+        config = config.model_copy(deep=True)
+        config.strategy.min_sites = len(sites)
+    run_dir = RunDirectory.create(server.runs, config.name)
+    run_dir.write_config(config)
+    return _submit(server, config, run_dir, resume=False)
+
+
+def resume(server: ServerConfig, run_dir: Path) -> DeployedRun:
+    """Continue a run from its last checkpoint (after a coordinator crash or a failed round)."""
+    directory = RunDirectory(Path(run_dir))
+    if not directory.config_file.exists():
+        raise FedmedError(f"{run_dir}: no config.toml; give the run directory that 'fedmed run' printed")
+    if (directory.checkpoints / "final.pt").exists():
+        raise FedmedError(f"{run_dir}: this run finished; start a new one with 'fedmed run CONFIG'")
+    checkpoint = directory.load_checkpoint("latest")
+    logger.info("resuming %s after round %s", directory.path.name, checkpoint["round"] if checkpoint else 0)
+    return _submit(server, load_run_config(directory.config_file), directory, resume=True)
+
+
+def _submit(server: ServerConfig, config: RunConfig, run_dir: RunDirectory, *, resume: bool) -> DeployedRun:
+    run_config_file = run_dir.path / "flower-run-config.toml"
+    site_nodes = {node: site for site, node in _site_nodes(server).items()}
+    run_config_file.write_text(
+        tomli_w.dumps(encode_run(config, run_dir=run_dir.path, run_id=run_dir.path.name, site_nodes=site_nodes))
+    )
+    result = flower_cli.start_run(server, app=APP_PROJECT, run_config_file=run_config_file)
+    flower_run_id = int(result["run-id"])
+    with (run_dir.path / FLOWER_RUNS).open("a", encoding="utf-8") as handle:
+        handle.write(
+            json.dumps(
+                {
+                    "flower_run_id": flower_run_id,
+                    "fab_hash": result.get("fab-hash"),
+                    "resume": resume,
+                    "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            )
+            + "\n"
+        )
+    return DeployedRun(run_dir=run_dir, flower_run_id=flower_run_id)
+
+
+def flower_run_ids(run_dir: RunDirectory) -> list[int]:
+    path = run_dir.path / FLOWER_RUNS
+    if not path.exists():
+        return []
+    return [json.loads(line)["flower_run_id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait(server: ServerConfig, run: DeployedRun, *, poll_s: float = 2.0, timeout_s: float | None = None) -> str:
+    """Follow a run until Flower reports it finished; logs each new round; returns Flower's status."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    reported = 0
+    while True:
+        rounds = run.run_dir.read_rounds()
+        for row in rounds[reported:]:
+            logger.info(
+                "%s: round %d done in %.1f s, trained: %s",
+                run.run_dir.path.name,
+                row["round"],
+                row["seconds"],
+                ", ".join(row["sites_trained"]) or "none",
+            )
+        reported = len(rounds)
+        state = _flower_status(server, run.flower_run_id)
+        if state in FINISHED:
+            return state
+        if deadline is not None and time.monotonic() > deadline:
+            raise FedmedError(f"run {run.run_dir.path.name} still {state} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def _flower_status(server: ServerConfig, flower_run_id: int) -> str:
+    for run in flower_cli.list_runs(server):
+        if int(run["run-id"]) == flower_run_id:
+            return str(run["status"])
+    return "unknown"
+
+
+def stop(server: ServerConfig, run_dir_or_id: str) -> int:
+    """Stop a run given its run-directory name or Flower run id; returns the Flower run id."""
+    target = server.runs / run_dir_or_id
+    if target.is_dir():
+        ids = flower_run_ids(RunDirectory(target))
+        if not ids:
+            raise FedmedError(f"{target} was never submitted to the SuperLink")
+        flower_run_id = ids[-1]
+    elif run_dir_or_id.isdigit():
+        flower_run_id = int(run_dir_or_id)
+    else:
+        raise FedmedError(f"'{run_dir_or_id}' is neither a run in {server.runs} nor a Flower run id")
+    flower_cli.stop_run(server, flower_run_id)
+    return flower_run_id
+
+
+def status(server: ServerConfig) -> dict[str, Any]:
+    """Sites (connected or not), and every run with its progress and latest per-site metrics."""
+    nodes = {int(node["node-id"]): node for node in flower_cli.list_nodes(server)}
+    site_nodes = _site_nodes(server)
+    sites = []
+    for site in registered_sites(server):
+        node = nodes.get(site_nodes.get(site, -1), {})
+        sites.append({"site": site, "node_id": site_nodes.get(site), "status": node.get("status", "unknown")})
+    flower_runs = {int(run["run-id"]): run for run in flower_cli.list_runs(server)}
+    runs = []
+    for path in sorted(server.runs.glob("*/config.toml")):
+        run_dir = RunDirectory(path.parent)
+        config = load_run_config(run_dir.config_file)
+        ids = flower_run_ids(run_dir)
+        latest = flower_runs.get(ids[-1], {}) if ids else {}
+        rounds = run_dir.read_rounds()
+        recorded = run_dir.read_json(STATUS_FILE) or {}
+        runs.append(
+            {
+                "run": run_dir.path.name,
+                "flower_run_id": ids[-1] if ids else None,
+                "flower_status": latest.get("status", "not submitted" if not ids else "unknown"),
+                "state": recorded.get("state"),
+                "reason": recorded.get("reason"),
+                "rounds_done": rounds[-1]["round"] if rounds else 0,
+                "rounds": config.train.rounds,
+                "last_metrics": _last_metrics(run_dir),
+            }
+        )
+    return {"federation": server.federation, "sites": sites, "runs": runs}
+
+
+def _site_nodes(server: ServerConfig) -> dict[str, int]:
+    path = site_nodes_file(server)
+    return {site: int(node) for site, node in json.loads(path.read_text()).items()} if path.exists() else {}
+
+
+def _last_metrics(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
+    latest: dict[str, dict[str, float]] = {}
+    for row in run_dir.read_metrics():
+        if row["phase"] == "evaluate":
+            latest[row["site"]] = {k: v for k, v in row.items() if k not in ("site", "phase", "time")}
+    return latest
