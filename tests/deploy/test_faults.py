@@ -25,7 +25,8 @@ def _receiving_train(federation: LocalFederation, site: str, *, after: int) -> b
 
 
 def test_a_site_killed_mid_round_is_dropped_and_rejoins(federation: LocalFederation) -> None:
-    config = run_config(federation, "site-crash", train={"rounds": 4}, strategy={"min_sites": 2, "round_timeout_s": 30})
+    # Six rounds: a restarted daemon takes ~20 s to connect again, several rounds without it here.
+    config = run_config(federation, "site-crash", train={"rounds": 6}, strategy={"min_sites": 2, "round_timeout_s": 30})
     log_start = len(federation.site_log("c").read_text())
     run_dir = federation.submit(config)
 

@@ -1,9 +1,11 @@
-"""Send messages and collect replies, without Flower's fixed 3 s wait between checks.
+"""Talking to the sites: send messages and collect replies, ask every site the same question, and give
+strategies one consistent list of the connected sites.
 
-Flower's deployed Grid (HttpGrid) looks for replies every 3 s, so every exchange with the sites
-costs up to 3 s on top of the work; a round under SecAgg+ makes four exchanges. Looking every
-0.1 s costs one small local request to the SuperLink each time. The in-process and Ray grids
-deliver on their own schedule and keep their `send_and_receive`.
+Replies are collected without Flower's fixed 3 s wait between checks: Flower's deployed Grid
+(HttpGrid) looks for replies every 3 s, so every exchange with the sites costs up to 3 s on top of
+the work; a round under SecAgg+ makes four exchanges. Looking every 0.1 s costs one small local
+request to the SuperLink each time. The in-process and Ray grids deliver on their own schedule and
+keep their `send_and_receive`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.superlink.grid import HttpGrid
 
 from fedmed.core.log import logger
@@ -22,6 +25,43 @@ from fedmed.flower.wire import MessageType
 from .context import RunContext
 
 REPLY_POLL_INTERVAL_S = 0.1
+
+
+class NodesAsOfNow(Grid):
+    """The grid with its connected nodes read once, for a strategy to sample from.
+
+    Flower's strategies read the node list twice while sampling, once to size the sample and once to
+    draw it; a site connecting in between made the sample one short, so at fraction_train = 1 a
+    connected site could be left out of a round. Messages go through the real grid, not this one.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._nodes = list(grid.get_node_ids())
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list[Message]:

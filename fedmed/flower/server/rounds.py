@@ -28,7 +28,7 @@ from fedmed.runs.progress import RoundProgress
 from .client_dp import client_dp_round_record
 from .context import RunContext
 from .cross_site import cross_site_evaluation
-from .exchange import send_and_receive
+from .exchange import NodesAsOfNow, send_and_receive
 from .intensity import fit_intensities
 from .secure_round import SecureRoundError, secure_train_round
 from .strategy import build_strategy, quorum, restore_strategy_state, strategy_state
@@ -131,7 +131,9 @@ def _train_round(
         round_config[CLIPPING_MODE] = config.client_dp.clipping
     if config.secagg.enabled:
         return _secure_train_round(run, strategy, arrays, server_round=server_round, round_config=round_config)
-    messages = _with_deadline(strategy.configure_train(server_round, arrays, round_config, run.grid), run.timeout)
+    messages = _with_deadline(
+        strategy.configure_train(server_round, arrays, round_config, NodesAsOfNow(run.grid)), run.timeout
+    )
     replies = send_and_receive(run.grid, messages, timeout=run.timeout)
     usable = _usable_replies(replies, phase="train", site_names=run.site_names)
     failures = _failures(messages, replies, run)
@@ -170,7 +172,9 @@ def _evaluate_round(
     run: RunContext, strategy: Strategy, arrays: ArrayRecord, *, server_round: int
 ) -> dict[str, dict[str, float]]:
     round_config = ConfigRecord(run.settings)
-    messages = _with_deadline(strategy.configure_evaluate(server_round, arrays, round_config, run.grid), run.timeout)
+    messages = _with_deadline(
+        strategy.configure_evaluate(server_round, arrays, round_config, NodesAsOfNow(run.grid)), run.timeout
+    )
     replies = send_and_receive(run.grid, messages, timeout=run.timeout)
     usable = _usable_replies(replies, phase="evaluate", site_names=run.site_names)
     for failure in _failures(messages, replies, run):

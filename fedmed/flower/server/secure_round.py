@@ -39,7 +39,7 @@ from fedmed.secagg.messages import MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
 
 from .client_dp import ClientDpStrategy, clipping_config, noise_secure_mean
 from .context import RunContext
-from .exchange import send_and_receive
+from .exchange import NodesAsOfNow, send_and_receive
 
 STAGE_MESSAGE_TYPES = {
     SETUP: SECAGG_SETUP,
@@ -124,7 +124,7 @@ def _attempt(
     config = run.config
     train_messages = {
         message.metadata.dst_node_id: message
-        for message in strategy.configure_train(server_round, arrays, round_config, run.grid)
+        for message in strategy.configure_train(server_round, arrays, round_config, NodesAsOfNow(run.grid))
     }
     global_arrays = arrays.to_numpy_ndarrays()
     client_dp = isinstance(strategy, ClientDpStrategy)
