@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, *, private: bool = True) -> Iterator[Path]:
     """A fresh temporary path beside `path` to write to; it replaces `path` only if the block succeeds.
 
-    Beside it, so the final rename stays on one file system and is atomic. The writer creates the
-    temporary file itself, so it gets the same permissions as a plain write would.
+    Beside it, so the final rename stays on one file system and is atomic. A replaced file keeps its
+    permissions (an admin's chmod 600 on a config survives); a new one is readable by its owner only,
+    or as the umask allows when `private` is false.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    existing = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666))
     try:
+        if existing is not None:
+            os.chmod(temporary, existing)
         yield temporary
         os.replace(temporary, path)
     except BaseException:
@@ -27,6 +33,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as temporary:
+def write_text_atomic(path: Path, text: str, *, private: bool = True) -> None:
+    with atomic_path(path, private=private) as temporary:
         temporary.write_text(text, encoding="utf-8")

@@ -343,7 +343,7 @@ def write_manifest(
         content["fedmed"] = fedmed
     target = site_dir / MANIFEST_NAME
     # Readers in other processes must never see a half-written manifest.
-    write_text_atomic(target, json.dumps(content, indent=2) + "\n")
+    write_text_atomic(target, json.dumps(content, indent=2) + "\n", private=False)
     return target
 
 

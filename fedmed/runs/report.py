@@ -83,7 +83,7 @@ def write_report(run_dir: RunDirectory) -> Path:
 {"".join(sections)}
 </body></html>
 """
-    write_text_atomic(run_dir.report_html, page)
+    write_text_atomic(run_dir.report_html, page, private=False)
     return run_dir.report_html
 
 

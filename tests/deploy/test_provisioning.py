@@ -127,7 +127,9 @@ def test_a_server_key_from_another_workspace_is_refused(workspace, tmp_path: Pat
 
 def test_approving_an_app_digest(workspace) -> None:
     config = workspace.kit("site-a") / "site.toml"
+    config.chmod(0o600)  # an admin's restriction survives the rewrite
     assert approve(config, "cd" * 32) == [DIGEST, "cd" * 32]
+    assert config.stat().st_mode & 0o777 == 0o600
     assert approve(config, "cd" * 32) == [DIGEST, "cd" * 32]
     assert load_site_config(config).approved_apps == [DIGEST, "cd" * 32]
     with pytest.raises(ConfigError, match="is not an app digest"):
