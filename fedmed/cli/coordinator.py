@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .common import setup_logging, user_errors
+from .status_view import run_lines
 
 server_app = typer.Typer(help="Coordinator: run the federation's server.", no_args_is_help=True)
 app_app = typer.Typer(help="The fedmed Flower App that runs carry.", no_args_is_help=True)
@@ -30,6 +31,12 @@ def provision(
     site_keys: Annotated[
         bool, typer.Option(help="Generate each site's key pair into its kit; with --no-site-keys sites make their own.")
     ] = True,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            help="Address the public port listens on (default: 127.0.0.1 if every --address is loopback, else 0.0.0.0)."
+        ),
+    ] = None,
 ) -> None:
     """Create a federation: CA, server certificate and config, and one kit per site."""
     from fedmed.deploy.workspace import provision as make_workspace
@@ -46,6 +53,7 @@ def provision(
             sites=site or [],
             site_keys=site_keys,
             app_digest=app_digest(),
+            listen=listen,
         )
     typer.echo(f"federation '{federation}' in {workspace_.root}")
     typer.echo(
@@ -75,25 +83,55 @@ def server_add_site(
     config_file: Annotated[Path, typer.Argument(help="server.toml", metavar="SERVER_CONFIG")],
     name: Annotated[str, typer.Argument(help="Site name.")],
     public_key: Annotated[Path, typer.Argument(help="The site's public key (.pub) from 'fedmed site keygen'.")],
+    csr: Annotated[
+        Path | None,
+        typer.Option("--csr", help="The site's certificate request (.csr) from 'fedmed site keygen': signed here."),
+    ] = None,
+    certificate_out: Annotated[
+        Path | None, typer.Option(help="Where to write the certificate signed from --csr (default: beside it).")
+    ] = None,
+    certificate: Annotated[
+        Path | None,
+        typer.Option(help="Enroll a client certificate this federation's CA issued before (e.g. a kit's, again)."),
+    ] = None,
 ) -> None:
-    """Allow a site's public key to connect; registers it at once if the server is running."""
+    """Allow a site to connect: register its key and enroll its client certificate (signed from --csr)."""
     from fedmed.config import load_server_config
-    from fedmed.deploy import flower_cli
-    from fedmed.deploy.pki import load_public_key_line
-    from fedmed.deploy.server import register_sites
+    from fedmed.deploy import enrollment, flower_cli
 
     setup_logging(False)
     with user_errors():
         server = load_server_config(config_file)
-        line = load_public_key_line(public_key)
-        target = server.site_keys / f"{name}.pub"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(line + "\n")
+        signed = enrollment.add_site(
+            server,
+            site=name,
+            public_key=public_key,
+            csr=csr,
+            certificate=certificate,
+            certificate_out=certificate_out,
+        )
+        if signed is not None:
+            typer.echo(f"signed the certificate request of site {name}: send {signed} back to the site's admin")
         try:
-            register_sites(server, [target])
+            enrollment.register_now(server, site=name)
             typer.echo(f"site {name} registered; it can connect now")
         except flower_cli.ControlApiError as error:
             typer.echo(f"site {name} added to {server.site_keys}; it is registered when the server starts ({error})")
+
+
+@server_app.command("remove-site")
+def server_remove_site(
+    config_file: Annotated[Path, typer.Argument(help="server.toml", metavar="SERVER_CONFIG")],
+    name: Annotated[str, typer.Argument(help="Site name.")],
+) -> None:
+    """Revoke a site: its key and certificate stop working at once (the proxy reloads, its node is unregistered)."""
+    from fedmed.config import load_server_config
+    from fedmed.deploy import enrollment
+
+    setup_logging(False)
+    with user_errors():
+        for line in enrollment.remove_site(load_server_config(config_file), site=name):
+            typer.echo(line)
 
 
 def run(
@@ -113,11 +151,16 @@ def run(
 
     setup_logging(False)
     with user_errors():
+        config = None
+        if resume is None and config_file is not None:
+            # Checked before the server config is even read: nothing is contacted or written for a bad config.
+            config = load_run_config(config_file, overrides=overrides or [])
+            deployed_run.check_deployable(config, source=str(config_file))
         server = load_server_config(server_config)
         if resume is not None:
             deployed = deployed_run.resume(server, resume)
-        elif config_file is not None:
-            deployed = deployed_run.launch(server, load_run_config(config_file, overrides=overrides or []))
+        elif config is not None:
+            deployed = deployed_run.launch(server, config)
         else:
             raise FedmedError("give a run CONFIG, or --resume RUN_DIR")
         typer.echo(f"run {deployed.run_dir.path.name} submitted (Flower run {deployed.flower_run_id})")
@@ -137,12 +180,13 @@ def status(
     server_config: ServerConfigOption = Path("server.toml"),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show the sites (connected or not) and every run's progress and latest per-site metrics."""
+    """Show the sites, and every run's state, per-round participation (trained, dropped, refused and why)
+    and latest per-site metrics (stale ones marked)."""
     from fedmed.config import load_server_config
     from fedmed.workflows import deployed_run
 
     with user_errors():
-        report = deployed_run.status(load_server_config(server_config))
+        report = deployed_run.status(load_server_config(server_config), server_file=server_config)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -152,16 +196,8 @@ def status(
         typer.echo(f"  {site['site']:<20} {site['status']:<12} node {site['node_id']}")
     typer.echo("runs:")
     for run_ in report["runs"]:
-        state = run_["flower_status"] + (f" - {run_['reason']}" if run_["reason"] else "")
-        progress = f"round {run_['rounds_done']}/{run_['rounds']}"
-        typer.echo(f"  {run_['run']:<32} {progress:<14} {state}")
-        for site, metrics in sorted(run_["last_metrics"].items()):
-            shown = ", ".join(
-                f"{k} {v:.3f}"
-                for k, v in metrics.items()
-                if isinstance(v, float) and k != "loss" and not k.endswith("_seconds")
-            )
-            typer.echo(f"      {site:<20} {shown}")
+        for line in run_lines(run_):
+            typer.echo(line)
 
 
 def stop(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from . import coordinator
 from .common import setup_logging, user_errors
 from .site import site_app
+
+if TYPE_CHECKING:
+    from fedmed.config import RunConfig
 
 app = typer.Typer(
     help="fedmed: federated learning for hospital sites (Flower + MONAI + Opacus).",
@@ -55,16 +58,28 @@ def demo(
 
 @app.command()
 def simulate(
-    config_file: Annotated[Path, typer.Argument(help="Run config (TOML).", metavar="CONFIG")],
+    config_file: Annotated[Path | None, typer.Argument(help="Run config (TOML).", metavar="CONFIG")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this interrupted run directory from its last checkpoint.")
+    ] = None,
     overrides: Overrides = None,
     verbose: Verbose = False,
 ) -> None:
     """Simulate a federation on this machine and write a run directory with a report."""
     from fedmed.config import load_run_config
+    from fedmed.core.errors import FedmedError
 
     setup_logging(verbose)
     with user_errors():
-        _simulate_and_print(load_run_config(config_file, overrides=overrides or []), verbose=verbose)
+        if resume is not None:
+            if config_file is not None or overrides:
+                raise FedmedError("--resume continues a run with its own config.toml; drop CONFIG and --set")
+            _simulate_and_print(None, verbose=verbose, resume=resume)
+        elif config_file is None:
+            raise FedmedError("give a run CONFIG, or --resume RUN_DIR")
+        else:
+            config = load_run_config(config_file, overrides=overrides or [])
+            _simulate_and_print(config, verbose=verbose, source=str(config_file))
 
 
 @app.command()
@@ -89,29 +104,44 @@ def synth(
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.", metavar="RUN")]) -> None:
-    """Re-draw a run's HTML report and print its per-site summary."""
+    """Re-draw a run's HTML report and print its per-site summary (simulated or deployed, finished or not)."""
+    from fedmed.config import load_run_config
     from fedmed.core.errors import FedmedError
     from fedmed.runs import RunDirectory
+    from fedmed.runs.outputs import write_outputs
     from fedmed.runs.report import write_report
     from fedmed.runs.run_dir import SUMMARY_FILE
     from fedmed.runs.summary import format_summary
+    from fedmed.tasks import get_task
 
     with user_errors():
         directory = RunDirectory(run_dir)
+        if not directory.config_file.is_file():
+            raise FedmedError(
+                f"{run_dir}: no config.toml; give a run directory that 'fedmed simulate' or 'fedmed run' made"
+            )
         summary = directory.read_json(SUMMARY_FILE)
         if summary is None:
-            raise FedmedError(f"{run_dir}: no {SUMMARY_FILE}; is this a finished fedmed run directory?")
-        write_report(directory)
+            # A run that stopped early (failed, interrupted) has no summary yet: make one from what it recorded.
+            task = get_task(load_run_config(directory.config_file).task)
+            summary = write_outputs(
+                directory, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better
+            )
+        else:
+            write_report(directory)
     typer.echo(format_summary(summary))
     typer.echo(f"report: {directory.report_html}")
 
 
-def _simulate_and_print(config, *, verbose: bool) -> None:
+def _simulate_and_print(
+    config: RunConfig | None, *, verbose: bool, source: str = "run config", resume: Path | None = None
+) -> None:
     from fedmed.flower.runtime.environment import set_flower_verbosity
+    from fedmed.workflows.simulate import resume_simulation
     from fedmed.workflows.simulate import simulate as run_simulation
 
     set_flower_verbosity(verbose)
-    result = run_simulation(config)
+    result = resume_simulation(resume) if config is None else run_simulation(config, source=source)
     typer.echo("")
     typer.echo(result.table())
     typer.echo(f"\nrun directory: {result.run_dir.path}\nreport: {result.run_dir.report_html}")

@@ -36,17 +36,25 @@ def keygen(
     key_dir: Annotated[Path, typer.Argument(help="Folder for the key pair.")],
     name: Annotated[str, typer.Option(help="Site name (file names).")],
 ) -> None:
-    """Make this site's node-authentication key pair; send only the .pub file to the coordinator."""
+    """Make this site's keys and certificate request; send only the .pub and .csr files to the coordinator."""
     from fedmed.deploy.pki import create_node_key_pair
+    from fedmed.deploy.site_certs import client_certificate_path, client_key_path, create_request
 
     private, public = key_dir / f"{name}.key", key_dir / f"{name}.pub"
     with user_errors():
-        if private.exists():
-            from fedmed.core.errors import FedmedError
+        for path in (private, client_key_path(key_dir, name)):
+            if path.exists():
+                from fedmed.core.errors import FedmedError
 
-            raise FedmedError(f"{private} exists; keep it, or move it away to make a new key pair")
+                raise FedmedError(f"{path} exists; keep it, or move it away to make new keys")
         create_node_key_pair(private, public)
-    typer.echo(f"private key: {private} (stays here)\npublic key:  {public} (send to the coordinator)")
+        request = create_request(key_dir, name)
+    typer.echo(
+        f"private keys: {private}, {client_key_path(key_dir, name)} (stay here)\n"
+        f"public key:   {public} (send to the coordinator)\n"
+        f"certificate request: {request} (send to the coordinator; put the certificate it sends back at "
+        f"{client_certificate_path(key_dir, name)})"
+    )
 
 
 @site_app.command("start")
@@ -89,3 +97,42 @@ def budget(
     with user_errors():
         site = load_site_config(config_file)
         typer.echo(format_budget(ledger_path(site.state_dir), policy=site.privacy, site=site.name))
+
+
+@site_app.command("audit")
+def audit(
+    config_file: Annotated[Path, typer.Argument(help="site.toml", metavar="SITE_CONFIG")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Check the hash chain; exit 1 when it is broken.")] = False,
+) -> None:
+    """List everything that left this site (and every ledger event) from its tamper-evident audit log."""
+    from fedmed.config import load_site_config
+    from fedmed.site.audit import AuditLog, audit_path
+    from fedmed.site.audit_view import format_audit, format_check
+
+    with user_errors():
+        log = AuditLog(audit_path(load_site_config(config_file).state_dir))
+        if verify:
+            check = log.verify()
+            typer.echo(format_check(log, check))
+            if not check.ok:
+                raise typer.Exit(code=1)
+            return
+        typer.echo(format_audit(log, as_json=as_json))
+
+
+@site_app.command("ledger-reset")
+def ledger_reset(
+    config_file: Annotated[Path, typer.Argument(help="site.toml", metavar="SITE_CONFIG")],
+    reason: Annotated[str, typer.Option("--reason", help="Why the budget starts over (kept in the audit log).")],
+) -> None:
+    """Start a new privacy ledger on purpose: the old one is archived and the reset is audited."""
+    from fedmed.config import load_site_config
+    from fedmed.site.ledger_guard import reset_ledger
+    from fedmed.site.privacy import ledger_path
+
+    with user_errors():
+        site = load_site_config(config_file)
+        identity, archived = reset_ledger(ledger_path(site.state_dir), reason=reason)
+    old = f"old ledger archived at {archived}" if archived else "there was no ledger file to archive"
+    typer.echo(f"site {site.name}: new privacy ledger {identity.ledger_id}; {old}; recorded in the audit log")

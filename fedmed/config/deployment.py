@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import StrictModel
 from .loader import read_toml, validate
@@ -28,11 +28,27 @@ def _digests(values: list[str]) -> list[str]:
 
 
 class SuperLinkSettings(StrictModel):
-    host: str = Field("0.0.0.0", description="address the SuperLink listens on")
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address the public proxy listens on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=1, le=65535, description="the public port: the only one a firewall opens")
+    internal_port: int | None = Field(
+        None, ge=1, le=65535, description="loopback port of the SuperLink itself (default: port + 1); never exposed"
+    )
     public_address: str = Field(description="host:port that sites connect to; must be in the certificate's SANs")
     database: Path = Path("state/superlink.db")
     log_file: Path = Path("logs/superlink.log")
+
+    @model_validator(mode="after")
+    def _internal_port(self) -> SuperLinkSettings:
+        if self.internal_port is None:
+            self.internal_port = self.port + 1 if self.port < 65535 else self.port - 1
+        if self.internal_port == self.port:
+            raise ValueError(f"superlink.internal_port must differ from superlink.port ({self.port})")
+        return self
+
+    @property
+    def internal_address(self) -> str:
+        """Where the coordinator's own tools reach the SuperLink: loopback only."""
+        return f"127.0.0.1:{self.internal_port}"
 
 
 class TlsFiles(StrictModel):
@@ -46,6 +62,12 @@ class ServerConfig(StrictModel):
     superlink: SuperLinkSettings
     tls: TlsFiles = Field(default_factory=TlsFiles)
     site_keys: Path = Field(Path("site-keys"), description="folder of <site>.pub files allowed to connect")
+    site_certificates: Path = Field(
+        Path("site-certs"), description="folder of <site>.crt client certificates the proxy lets in"
+    )
+    ca_key: Path = Field(
+        Path("../ca/ca.key"), description="the federation CA's key, needed only to sign sites' certificate requests"
+    )
     approved_apps: list[str] = Field(default_factory=list, description="app digests the coordinator will run")
     runs: Path = Path("runs")
 
@@ -59,6 +81,8 @@ class ServerConfig(StrictModel):
         resolved.tls.certificate = _under(base, self.tls.certificate)
         resolved.tls.private_key = _under(base, self.tls.private_key)
         resolved.site_keys = _under(base, self.site_keys)
+        resolved.site_certificates = _under(base, self.site_certificates)
+        resolved.ca_key = _under(base, self.ca_key)
         resolved.runs = _under(base, self.runs)
         return resolved
 
@@ -84,6 +108,8 @@ class SiteConfig(StrictModel):
     state_dir: Path = Field(Path("state"), description="site-local parameters and other state, never sent")
     server: ServerConnection
     private_key: Path = Field(description="this site's node-authentication private key (OpenSSH, EC P-384)")
+    client_certificate: Path = Field(description="this site's TLS client certificate from the federation CA")
+    client_key: Path = Field(description="the private key of client_certificate (PEM, chmod 600)")
     approved_apps: list[str] = Field(default_factory=list, description="app digests this site agrees to run")
     daemon: SiteDaemonSettings = Field(default_factory=SiteDaemonSettings)
     privacy: SitePrivacyPolicy = Field(default_factory=SitePrivacyPolicy)
@@ -96,6 +122,8 @@ class SiteConfig(StrictModel):
         resolved.state_dir = _under(base, self.state_dir)
         resolved.server.ca_certificate = _under(base, self.server.ca_certificate)
         resolved.private_key = _under(base, self.private_key)
+        resolved.client_certificate = _under(base, self.client_certificate)
+        resolved.client_key = _under(base, self.client_key)
         resolved.daemon.log_file = _under(base, self.daemon.log_file)
         return resolved
 

@@ -63,6 +63,15 @@ class SitePrivacyPolicy(StrictModel):
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Accountant = "prv"
     datasets: dict[str, PrivacyBudget] = Field(default_factory=dict, description="budgets for named datasets")
+    max_noise_multiplier: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "refuse a run whose calibrated DP-SGD noise multiplier σ would exceed this, as if the budget were "
+            "exhausted: past σ ≈ 10 the clipped gradient is buried in noise (signal-to-noise below 1/10 per step "
+            "even at batch size 100), so the site would spend its remaining ε on an update that is only noise"
+        ),
+    )
     share_personalized_model: bool = Field(
         False,
         description="let the other sites evaluate this site's personalized model (its FedBN layers leave the site)",

@@ -36,3 +36,19 @@ def atomic_path(path: Path, *, private: bool = True) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str, *, private: bool = True) -> None:
     with atomic_path(path, private=private) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why files cannot be created in `folder` (made if missing), or None when they can.
+
+    Probed by writing, not by permission bits: root, ACLs and read-only mounts make the bits lie.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".fedmed-write-probe-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None

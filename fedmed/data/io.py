@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from .sniff import NIFTI, sniff_kind
+
 if TYPE_CHECKING:
     from monai.data import MetaTensor
 
@@ -22,6 +24,10 @@ ImageFormat = Literal["nifti", "png"]
 
 class ImageReadError(Exception):
     """An image file could not be read; str() is the underlying reason, without a traceback."""
+
+
+class WrongFileTypeError(ImageReadError):
+    """The file's content is another format than its name says (e.g. a PNG named .nii.gz)."""
 
 
 def image_format(path: Path) -> ImageFormat | None:
@@ -52,6 +58,14 @@ def read_image(path: Path) -> MetaTensor:
     kind = image_format(path)
     if kind is None:
         raise ImageReadError(f"unsupported file type '{path.name}' (fedmed reads .nii, .nii.gz and .png)")
+    if kind == "nifti":
+        # Sniffed first: another reader would otherwise open a renamed file and fail later, misleadingly.
+        try:
+            kind_found = sniff_kind(path)
+        except OSError as error:
+            raise ImageReadError(_first_line(error)) from error
+        if kind_found not in (None, NIFTI):
+            raise WrongFileTypeError(f"not a NIfTI file (looks like {kind_found})")
     try:
         with warnings.catch_warnings():
             # PIL hands MONAI read-only buffers; torch warns about it on every PNG.

@@ -16,7 +16,7 @@ import numpy as np
 
 from fedmed.config.schema import TaskConfig
 
-from .io import ImageReadError, affine_of, image_format, read_image, spatial_array
+from .io import ImageReadError, WrongFileTypeError, affine_of, image_format, read_image, spatial_array
 from .manifest import SPLITS, Case, Manifest, parse_manifest
 from .npz import check_npz_site, is_npz_site, parse_npz_site
 from .preprocess import spatial_shape_of
@@ -194,6 +194,15 @@ class _CaseChecker:
             return None
         try:
             return read_image(path)
+        except WrongFileTypeError as error:
+            self.report.add(
+                DataProblem(
+                    str(path),
+                    f"{role} file is {error} ({entry})",
+                    "convert it to NIfTI (.nii.gz), or give it the extension of what it is (.png for a 2D PNG)",
+                )
+            )
+            return None
         except ImageReadError as error:
             self.report.add(
                 DataProblem(

@@ -19,10 +19,15 @@ from fedmed.core.errors import FedmedError
 from .processes import executable, flower_environment
 
 CONNECTION = "fedmed"
+UNAVAILABLE = "Connection to the SuperLink is unavailable"  # what flwr says when nothing listens
 
 
 class ControlApiError(FedmedError):
     """The SuperLink refused or failed a Control API request."""
+
+
+class ServerNotRunningError(ControlApiError):
+    """Nothing answers on the SuperLink's loopback address."""
 
 
 def flower_home(server: ServerConfig) -> Path:
@@ -36,7 +41,8 @@ def write_connection(server: ServerConfig) -> Path:
         "superlink": {
             "default": CONNECTION,
             CONNECTION: {
-                "address": f"127.0.0.1:{server.superlink.port}",
+                # The SuperLink itself, on loopback: the public port (the proxy) refuses the Control API.
+                "address": server.superlink.internal_address,
                 "root-certificates": str(server.tls.ca_certificate),
             },
         }
@@ -69,7 +75,13 @@ def flwr(server: ServerConfig, *arguments: str, timeout: float = 120.0) -> dict[
             f"{(completed.stderr or completed.stdout).strip()[-800:]}"
         )
     if not payload.get("success", False):
-        raise ControlApiError(str(payload.get("error-message", payload)).strip())
+        message = str(payload.get("error-message", payload)).strip()
+        if UNAVAILABLE in message:
+            raise ServerNotRunningError(
+                f"the coordinator's SuperLink does not answer on {server.superlink.internal_address}: start it with "
+                f"'fedmed server start' (or, if it is running, see its log {server.superlink.log_file})"
+            )
+        raise ControlApiError(message)
     return payload
 
 
@@ -107,3 +119,7 @@ def start_run(server: ServerConfig, *, app: Path, run_config_file: Path) -> dict
 
 def stop_run(server: ServerConfig, flower_run_id: int) -> None:
     flwr(server, "stop", str(flower_run_id), CONNECTION)
+
+
+def unregister_node(server: ServerConfig, node_id: int) -> None:
+    flwr(server, "supernode", "unregister", str(node_id), CONNECTION)

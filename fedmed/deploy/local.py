@@ -50,6 +50,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and everything below it: a machine losing power, as far as fedmed can tell."""
     for process in [pid, *descendants(pid)]:
@@ -123,6 +132,22 @@ class LocalFederation:
 
     def crash(self, name: str) -> None:
         kill_tree(self.daemons.pop(name).pid)
+
+    def kill_supervisor(self, name: str) -> list[int]:
+        """SIGKILL only the daemon's own process; returns the processes that were below it."""
+        daemon = self.daemons.pop(name)
+        below = descendants(daemon.pid)
+        daemon.kill()
+        daemon.wait()
+        return below
+
+    def process(self, name: str, module: str) -> int:
+        """The pid of the daemon's child running `python -m module` (e.g. its SuperNode)."""
+        for pid in descendants(self.daemons[name].pid):
+            with contextlib.suppress(OSError):
+                if module in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0"):
+                    return pid
+        raise LookupError(f"no process running {module} below {name}")
 
     def stop(self, name: str) -> None:
         daemon = self.daemons.pop(name)

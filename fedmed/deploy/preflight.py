@@ -12,7 +12,7 @@ from fedmed.config import ServerConfig, SiteConfig
 from fedmed.core.errors import FedmedError
 from fedmed.core.log import logger
 
-from . import pki
+from . import pki, site_certs
 from .processes import split_address
 
 
@@ -64,8 +64,23 @@ def check_site(site: SiteConfig) -> str:
         probe.unlink()
     except OSError as error:
         raise PreflightError(f"site {site.name}: cannot write to state_dir {site.state_dir} ({error})") from None
+    check_site_ledger(site)
     check_server_certificate(site.server.address, ca_certificate=site.server.ca_certificate)
+    # After the server check: a kit with the wrong ca.crt is reported as such, not as a foreign certificate.
+    site_certs.check_client_certificate(
+        certificate_path=site.client_certificate,
+        key_path=site.client_key,
+        ca_certificate_path=site.server.ca_certificate,
+    )
     return public_key
+
+
+def check_site_ledger(site: SiteConfig) -> None:
+    """The site's privacy ledger is the one it remembers (created on the site's first start)."""
+    from fedmed.site.ledger_guard import open_site_ledger
+    from fedmed.site.privacy import ledger_path
+
+    open_site_ledger(ledger_path(site.state_dir)).close()
 
 
 def check_server_certificate(address: str, *, ca_certificate: Path, timeout: float = 5.0, quiet: bool = False) -> bool:

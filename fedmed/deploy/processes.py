@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -34,3 +35,13 @@ def split_address(address: str) -> tuple[str, int]:
     if not separator or not port.isdigit():
         raise FedmedError(f"'{address}' is not host:port (e.g. coordinator.example.org:8000)")
     return host.strip("[]"), int(port)
+
+
+def shared_secret(path: Path) -> Path:
+    """A random secret file (0600) that lets only fedmed's executor take tasks from a runtime API."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+    return path

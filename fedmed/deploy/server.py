@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,19 +13,14 @@ from fedmed.core.files import write_text_atomic
 from fedmed.core.log import logger
 from fedmed.flower.runtime import executor
 
-from . import flower_cli, preflight
-from .processes import executable, flower_environment
+from . import flower_cli, preflight, proxy
+from .processes import executable, flower_environment, shared_secret
 from .supervisor import Child, Supervisor
 
 
 def superexec_secret(server: ServerConfig) -> Path:
     """Shared secret that lets only fedmed's executor take ServerApp tasks from the SuperLink."""
-    path = server.superlink.database.parent / "superexec.secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_bytes(secrets.token_bytes(32))
-    return path
+    return shared_secret(server.superlink.database.parent / "superexec.secret")
 
 
 def site_nodes_file(server: ServerConfig) -> Path:
@@ -48,12 +43,12 @@ def wait_until_serving(server: ServerConfig, *, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if preflight.check_server_certificate(
-            f"127.0.0.1:{server.superlink.port}", ca_certificate=server.tls.ca_certificate, timeout=1.0, quiet=True
+            server.superlink.internal_address, ca_certificate=server.tls.ca_certificate, timeout=1.0, quiet=True
         ):
             return
         time.sleep(0.5)
     raise preflight.PreflightError(
-        f"the SuperLink did not start listening on port {server.superlink.port} within "
+        f"the SuperLink did not start listening on port {server.superlink.internal_port} within "
         f"{timeout:.0f} s; see {server.superlink.log_file}"
     )
 
@@ -70,10 +65,11 @@ def superlink_command(server: ServerConfig) -> list[str]:
         "--enable-supernode-auth",
         "--database",
         str(server.superlink.database),
+        # Loopback only: the network reaches it through the front proxy (fedmed.deploy.proxy).
         "--host",
-        server.superlink.host,
+        "127.0.0.1",
         "--port",
-        str(server.superlink.port),
+        str(server.superlink.internal_port),
         "--disable-runtime-dependency-installation",
         "--isolation",
         "process",
@@ -92,7 +88,7 @@ def executor_command(server: ServerConfig, config_file: Path) -> list[str]:
         "--config",
         str(config_file),
         "--runtime-api-address",
-        f"127.0.0.1:{server.superlink.port}",
+        server.superlink.internal_address,
         "--root-certificates",
         str(server.tls.ca_certificate),
         "--secret-file",
@@ -108,20 +104,31 @@ def start(config_file: Path) -> int:
     server.superlink.database.parent.mkdir(parents=True, exist_ok=True)
     server.runs.mkdir(parents=True, exist_ok=True)
     env = flower_environment(flower_home=flower_cli.flower_home(server))
+    proxy_command = proxy.command(server)  # first: a missing nginx stops here, before anything starts
+    proxy.render_config(server)
     log = server.superlink.log_file
     supervisor = Supervisor(
         name=f"coordinator {server.federation}",
         children=[
-            Child("flower-superlink", superlink_command(server), env, log),
+            Child(
+                "flower-superlink",
+                superlink_command(server),
+                env,
+                log,
+                # Every SuperLink start, first or after a crash, re-registers the site keys.
+                after_start=lambda: _after_start(server, keys),
+            ),
             Child("ServerApp executor", executor_command(server, config_file), env, log),
+            # SIGTERM is nginx's fast shutdown: the master takes its workers (and the port) with it.
+            Child("front proxy (nginx)", proxy_command, env, log, death_signal=signal.SIGTERM),
         ],
-        after_start=lambda: _after_start(server, keys),
     )
     logger.info(
-        "coordinator %s: SuperLink on %s:%d (sites connect to %s), log %s",
+        "coordinator %s: proxy on %s:%d, SuperLink on %s (sites connect to %s), log %s",
         server.federation,
         server.superlink.host,
         server.superlink.port,
+        server.superlink.internal_address,
         server.superlink.public_address,
         log,
     )

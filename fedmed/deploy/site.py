@@ -3,24 +3,62 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-import tomli_w
+import tomlkit
 
 from fedmed.config import SiteConfig, load_site_config
 from fedmed.config.deployment import DIGEST_PATTERN
-from fedmed.config.loader import read_toml
 from fedmed.core.errors import ConfigError
 from fedmed.core.files import write_text_atomic
 from fedmed.core.log import logger
-from fedmed.flower.runtime import executor, supernode
+from fedmed.flower.runtime import client_tls, executor, supernode
 from fedmed.flower.wire import SITE_CONFIG
 
 from . import preflight
-from .processes import flower_environment
+from .processes import flower_environment, shared_secret
 from .supervisor import Child, Supervisor
 
-SUPERNODE_NOT_ACTIVATED = "Exit Code: 305"  # what Flower prints when the SuperLink refuses this node
+# What the SuperNode's log says when the coordinator refuses it. Flower sends the same public message
+# whether the key is unknown or the node is still marked online, so only persistence tells them apart.
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+TLS_REFUSED = "[SSL"  # httpx: "[SSL: CERTIFICATE_VERIFY_FAILED]", "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]", ...
+TLS_REJECTED = "400 Bad Request"  # nginx's answer to a missing, unknown or revoked client certificate
+
+
+def refusal_diagnosis(site: SiteConfig, *, public_key: str) -> Callable[[str, float], str | None]:
+    """What a failed SuperNode start means for the admin, given its output and how long it has failed."""
+    # A node killed without signing off stays online at the coordinator for two heartbeats.
+    online_window_s = 2 * supernode.HEARTBEAT_INTERVAL_S
+    unknown_key = (
+        f"the coordinator does not know this site's key. Send the public key ({public_key[:40]}...; "
+        f"'fedmed site keygen' wrote it next to {site.private_key.name}) to the coordinator, who registers it "
+        f"with 'fedmed server add-site'; this daemon keeps trying meanwhile"
+    )
+
+    def diagnose(output: str, failing_for_s: float) -> str | None:
+        if ACTIVATION_REFUSED in output:
+            if failing_for_s <= 2 * online_window_s:
+                return (
+                    "the coordinator refused to activate this site's node: it most likely still lists the site as "
+                    f"online (a SuperNode that ended without signing off stays so for up to {online_window_s:.0f} s)"
+                )
+            return f"refused for {failing_for_s:.0f} s, longer than a dead node stays online: {unknown_key}"
+        if TLS_REFUSED in output or TLS_REJECTED in output:
+            return (
+                f"the TLS connection to {site.server.address} failed: check that {site.server.ca_certificate.name} "
+                f"is the federation's CA and that this site's certificate ({site.client_certificate.name}) is the "
+                f"one the coordinator issued and has not been revoked ('fedmed server remove-site')"
+            )
+        return None
+
+    return diagnose
+
+
+def runtime_secret(site: SiteConfig) -> Path:
+    """Shared secret between this site's SuperNode and its executor: the runtime API takes no other callers."""
+    return shared_secret(site.state_dir / "runtime.secret")
 
 
 def supernode_command(site: SiteConfig, config_file: Path) -> list[str]:
@@ -35,6 +73,11 @@ def supernode_command(site: SiteConfig, config_file: Path) -> list[str]:
         str(site.server.ca_certificate),
         "--auth-supernode-private-key",
         str(site.private_key),
+        # Mutual TLS with the coordinator's proxy (fedmed.flower.runtime.client_tls): not Flower options.
+        client_tls.CERTIFICATE_OPTION,
+        str(site.client_certificate),
+        client_tls.KEY_OPTION,
+        str(site.client_key),
         "--node-config",
         f"{SITE_CONFIG}='{config_file}'",
         "--isolation",
@@ -43,6 +86,8 @@ def supernode_command(site: SiteConfig, config_file: Path) -> list[str]:
         "127.0.0.1",
         "--port",
         str(site.daemon.runtime_port),
+        "--superexec-auth-secret-file",
+        str(runtime_secret(site)),
     ]
 
 
@@ -57,21 +102,18 @@ def executor_command(site: SiteConfig, config_file: Path) -> list[str]:
         str(config_file),
         "--runtime-api-address",
         f"127.0.0.1:{site.daemon.runtime_port}",
+        "--secret-file",
+        str(runtime_secret(site)),
     ]
     return command if site.daemon.warm_start else [*command, "--cold"]
 
 
 def start(config_file: Path) -> int:
-    """Run until stopped; returns the exit code (3: refused by the server or a fatal setting)."""
+    """Run until stopped (a config fault ends it before, with exit code 2); returns 0."""
     config_file = Path(config_file).resolve()
     site = load_site_config(config_file)
     public_key = preflight.check_site(site)
     env = flower_environment(flower_home=site.state_dir / "flwr-home")
-    refused = (
-        f"the coordinator does not accept this site's key. Send the public key ({public_key[:40]}...; "
-        f"'fedmed site keygen' wrote it next to {site.private_key.name}) to the coordinator, who registers it "
-        f"with 'fedmed server add-site', then start the site again"
-    )
     supervisor = Supervisor(
         name=f"site {site.name}",
         children=[
@@ -80,7 +122,7 @@ def start(config_file: Path) -> int:
                 supernode_command(site, config_file),
                 env,
                 site.daemon.log_file,
-                fatal_markers={SUPERNODE_NOT_ACTIVATED: refused},
+                diagnose=refusal_diagnosis(site, public_key=public_key),
             ),
             # Flower's executor looks for new ClientApp work every second unless told otherwise.
             Child(
@@ -102,11 +144,12 @@ def approve(config_file: Path, digest: str) -> list[str]:
     if not DIGEST_PATTERN.match(digest):
         raise ConfigError(f"'{digest}' is not an app digest: 64 lowercase hex characters, as printed in the refusal")
     load_site_config(config_file)  # refuse to edit a config that does not load
-    raw = read_toml(config_file)
-    approved = list(raw.get("approved_apps", []))
+    # tomlkit edits the document in place: the admin's comments and layout survive.
+    document = tomlkit.parse(Path(config_file).read_text(encoding="utf-8"))
+    approved = document.setdefault("approved_apps", tomlkit.array())
     if digest not in approved:
         approved.append(digest)
-        logger.info("site %s: approved app %s", raw.get("name"), digest)
-    raw["approved_apps"] = approved
-    write_text_atomic(Path(config_file), tomli_w.dumps(raw))
-    return approved
+        approved.multiline(len(approved) > 1)
+        logger.info("site %s: approved app %s", document.get("name"), digest)
+    write_text_atomic(Path(config_file), tomlkit.dumps(document))
+    return [str(value) for value in approved]

@@ -1,27 +1,31 @@
-"""Keep a group of processes running: restart them with backoff, stop them all on SIGTERM.
+"""Keep a group of processes running: restart each one that dies, stop them all on SIGTERM.
 
 Each child starts in its own process group, so stopping it also stops what it started (Flower's
-ServerApp and ClientApp processes). A child whose last output holds a fatal marker (e.g. Flower's
-"Exit Code: 305" when the SuperLink refuses this site's key) stops the group with an explanation
-instead of a restart loop.
+ServerApp and ClientApp processes), and it asks the kernel for a signal when the supervisor dies,
+so a supervisor killed with SIGKILL leaves nothing running unsupervised. A child that exits is
+restarted on its own, with a backoff, and never given up on: a refusal from the coordinator can be
+temporary (the node still marked online, its key not yet registered), and the log says which it is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from fedmed.core.lifetime import die_with_parent
 from fedmed.core.log import logger
 
 STOP_GRACE_S = 10.0
-FATAL_STRIKES = 4
+FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 60.0
+STABLE_AFTER_S = 120.0  # a child that ran this long before dying restarts promptly again
 
 
 @dataclass
@@ -30,71 +34,79 @@ class Child:
     command: list[str]
     env: dict[str, str]
     log_file: Path
-    fatal_markers: dict[str, str] = field(default_factory=dict)  # text in the child's output -> explanation
+    # What a failed run means, from its output and how long the child has been failing in a row.
+    diagnose: Callable[[str, float], str | None] | None = None
+    after_start: Callable[[], None] | None = None  # e.g. register the site keys once the SuperLink serves
+    # Sent by the kernel if the supervisor dies. SIGKILL by default: the power-loss case that every part already
+    # survives, and immediate (Flower's processes take many seconds to shut down on SIGTERM, long enough to
+    # collide with the supervisor's successor over their ports).
+    death_signal: signal.Signals = signal.SIGKILL
     process: subprocess.Popen | None = None
     log_offset: int = 0
-    marker_strikes: int = 0
+    started_at: float = 0.0
+    backoff_s: float = FIRST_BACKOFF_S
+    restart_at: float | None = None
+    failing_since: float | None = None
 
     def output_since_start(self) -> str:
         with self.log_file.open("rb") as log:
             log.seek(self.log_offset)
             return log.read().decode("utf-8", errors="replace")
 
-
-class FatalChildError(Exception):
-    """A child exited in a way that restarting cannot fix."""
+    def diagnosis(self, now: float) -> str | None:
+        if self.diagnose is None:
+            return None
+        return self.diagnose(self.output_since_start(), now - (self.failing_since or self.started_at))
 
 
 class Supervisor:
-    def __init__(self, *, name: str, children: list[Child], after_start: Callable[[], None] | None = None) -> None:
+    def __init__(self, *, name: str, children: list[Child]) -> None:
         self.name = name
         self.children = children
-        self.after_start = after_start  # runs after every (re)start, e.g. to register site keys
         self._stopping = False
 
     def run(self) -> int:
-        """Run until SIGTERM/SIGINT (exit 0) or a fatal child exit (exit 3)."""
+        """Run until SIGTERM/SIGINT; returns 0."""
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
-        backoff = 1.0
         try:
-            self._start_all()
-            started = time.monotonic()
-            while not self._stopping:
-                time.sleep(0.5)
-                failed = [child for child in self.children if child.process and child.process.poll() is not None]
-                if not failed or self._stopping:
-                    continue
-                for child in failed:
-                    code = child.process.returncode
-                    output = child.output_since_start()
-                    marked = [text for marker, text in child.fatal_markers.items() if marker in output]
-                    child.marker_strikes = child.marker_strikes + 1 if marked else 0
-                    # A refusal can be a race (the server still registering keys): believe it on repetition.
-                    if marked and child.marker_strikes >= FATAL_STRIKES:
-                        raise FatalChildError(f"{child.name} exited ({code}): {marked[0]}")
-                    logger.warning(
-                        "%s: %s exited with code %s; restarting everything in %.0f s (log: %s)",
-                        self.name,
-                        child.name,
-                        code,
-                        backoff,
-                        child.log_file,
-                    )
-                self._stop_all()
-                if self._sleep(backoff):
-                    break
-                # A child that ran a good while before failing restarts promptly next time.
-                backoff = 1.0 if time.monotonic() - started > 5 * MAX_BACKOFF_S else min(backoff * 2, MAX_BACKOFF_S)
-                self._start_all()
-                started = time.monotonic()
-        except FatalChildError as error:
-            logger.error("%s: %s", self.name, error)
+            for child in self.children:
+                self._start(child)
+            while not self._sleep(0.5):
+                for child in self.children:
+                    self._tend(child)
+        finally:
             self._stop_all()
-            return 3
-        self._stop_all()
         logger.info("%s: stopped", self.name)
         return 0
+
+    def _tend(self, child: Child) -> None:
+        now = time.monotonic()
+        if child.restart_at is not None:
+            if now >= child.restart_at:
+                self._start(child)
+            return
+        if child.process is None or child.process.poll() is None:
+            return
+        _signal_group(child.process, signal.SIGKILL)  # what it started goes with it
+        ran_for = now - child.started_at
+        if ran_for > STABLE_AFTER_S:  # a new run of failures, if any, starts now
+            child.backoff_s, child.failing_since = FIRST_BACKOFF_S, now
+        else:
+            child.backoff_s = min(child.backoff_s * 2, MAX_BACKOFF_S)
+            child.failing_since = child.failing_since or child.started_at
+        diagnosis = child.diagnosis(now)
+        logger.warning(
+            "%s: %s exited with code %s after %.0f s%s; restarting it in %.0f s (log: %s)",
+            self.name,
+            child.name,
+            child.process.returncode,
+            ran_for,
+            f": {diagnosis}" if diagnosis else "",
+            child.backoff_s,
+            child.log_file,
+        )
+        child.restart_at = now + child.backoff_s
 
     def _request_stop(self, signum: int, _frame: object) -> None:
         logger.info("%s: received %s, stopping", self.name, signal.Signals(signum).name)
@@ -104,33 +116,35 @@ class Supervisor:
         """Sleep unless asked to stop; True when stopping."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not self._stopping:
-            time.sleep(0.2)
+            time.sleep(min(0.2, seconds))
         return self._stopping
 
-    def _start_all(self) -> None:
-        for child in self.children:
-            child.log_file.parent.mkdir(parents=True, exist_ok=True)
-            with child.log_file.open("ab") as log:
-                child.log_offset = log.tell()
-                child.process = subprocess.Popen(
-                    child.command,
-                    env=child.env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            logger.info("%s: started %s (pid %d)", self.name, child.name, child.process.pid)
-        if self.after_start is not None:
+    def _start(self, child: Child) -> None:
+        child.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with child.log_file.open("ab") as log:
+            child.log_offset = log.tell()
+            child.process = subprocess.Popen(
+                child.command,
+                env=child.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=functools.partial(die_with_parent, parent_pid=os.getpid(), signum=child.death_signal),
+            )
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        logger.info("%s: started %s (pid %d)", self.name, child.name, child.process.pid)
+        if child.after_start is not None:
             try:
-                self.after_start()
-            except Exception as error:  # reported; the processes keep running
-                logger.error("%s: %s", self.name, error)
+                child.after_start()
+            except Exception as error:  # reported; the process keeps running and is watched as usual
+                logger.error("%s: after starting %s: %s", self.name, child.name, error)
 
     def _stop_all(self) -> None:
-        for child in reversed(self.children):
-            if child.process is not None and child.process.poll() is None:
-                _signal_group(child.process, signal.SIGTERM)
+        running = [c for c in self.children if c.process is not None and c.process.poll() is None]
+        for child in reversed(running):
+            _signal_group(child.process, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         for child in self.children:
             if child.process is None:

@@ -5,8 +5,10 @@ WORKSPACE/
   server/server.toml              the coordinator's config (fedmed server start)
   server/tls/                     CA certificate, server certificate and key
   server/site-keys/<site>.pub     public keys allowed to connect (node authentication)
+  server/site-certs/<site>.crt    client certificates the front proxy lets in (mutual TLS)
   sites/<site>/                   the kit handed to each site: site.toml, ca.crt, README.md,
-                                  and keys/ unless the site makes its own key pair
+                                  and keys/ (node key, TLS key and certificate) unless the site
+                                  makes its own keys ('fedmed site keygen')
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tomli_w
 
 from fedmed.core.errors import FedmedError
 
-from . import pki
+from . import pki, site_certs
 
 DEFAULT_RUNTIME_PORT = 9094
 
@@ -52,6 +54,10 @@ class Workspace:
     def site_keys(self) -> Path:
         return self.server_dir / "site-keys"
 
+    @property
+    def site_certificates(self) -> Path:
+        return self.server_dir / "site-certs"
+
     def kit(self, site: str) -> Path:
         return self.root / "sites" / site
 
@@ -65,6 +71,7 @@ def provision(
     sites: list[str],
     site_keys: bool,
     app_digest: str,
+    listen: str | None = None,
 ) -> Workspace:
     """Create the workspace; refuses to touch an existing one (it holds the CA key)."""
     workspace = Workspace(Path(root).resolve())
@@ -95,7 +102,7 @@ def provision(
     server_config = {
         "federation": federation,
         "approved_apps": [app_digest],
-        "superlink": {"host": "0.0.0.0", "port": port, "public_address": public_address},
+        "superlink": {"host": listen or listen_address(addresses), "port": port, "public_address": public_address},
     }
     workspace.server_config.write_text(_header("coordinator", federation) + tomli_w.dumps(server_config))
     for index, site in enumerate(sites):
@@ -108,6 +115,12 @@ def provision(
             runtime_port=DEFAULT_RUNTIME_PORT + index,
         )
     return workspace
+
+
+def listen_address(addresses: list[str]) -> str:
+    """Loopback when every address sites use is loopback (a one-machine federation), else every interface."""
+    loopback = {"127.0.0.1", "localhost", "::1"}
+    return "127.0.0.1" if set(addresses) <= loopback else "0.0.0.0"
 
 
 def write_site_kit(
@@ -127,11 +140,17 @@ def write_site_kit(
     if with_keys:
         pki.create_node_key_pair(kit / "keys" / f"{site}.key", kit / "keys" / f"{site}.pub")
         register_site_key(workspace, site=site, public_key=kit / "keys" / f"{site}.pub")
+        certificate = site_certs.issue_client_certificate(
+            ca_key_path=workspace.ca_key, ca_certificate_path=workspace.ca_certificate, key_dir=kit / "keys", site=site
+        )
+        enroll_site_certificate(workspace.site_certificates, site=site, certificate=certificate)
     site_config = {
         "name": site,
         "data": f"/data/fedmed/{site}",
         "state_dir": "state",
         "private_key": f"keys/{site}.key",
+        "client_certificate": f"keys/{site}.crt",
+        "client_key": f"keys/{site}-tls.key",
         "approved_apps": [app_digest],
         "server": {"address": public_address, "ca_certificate": "ca.crt"},
         # Distinct per kit so that several sites can share one machine (a demo, a test).
@@ -151,25 +170,36 @@ def register_site_key(workspace: Workspace, *, site: str, public_key: Path) -> P
     return target
 
 
+def enroll_site_certificate(folder: Path, *, site: str, certificate: Path) -> Path:
+    """Let a site's client certificate through the front proxy (read when it starts or reloads)."""
+    target = Path(folder) / f"{site}.crt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(certificate, target)
+    return target
+
+
 def _header(kind: str, name: str) -> str:
     return f"# fedmed {kind} config for '{name}', written by 'fedmed provision'. Paths are relative to this file.\n"
 
 
 def _kit_readme(site: str, *, with_keys: bool) -> str:
     keys = (
-        f"`keys/{site}.key` is this site's private key: it authenticates the site to the coordinator. Keep it here\n"
-        f"(chmod 600) and never send it anywhere.\n"
+        f"`keys/{site}.key` (node key) and `keys/{site}-tls.key` (TLS key of the client certificate\n"
+        f"`keys/{site}.crt`) are this site's private keys: they authenticate the site to the coordinator. Keep\n"
+        f"them here (chmod 600) and never send them anywhere.\n"
         if with_keys
-        else f"Make this site's key pair here, then send ONLY the public key to the coordinator:\n\n"
+        else f"Make this site's keys here, then send ONLY the public key and the certificate request to the\n"
+        f"coordinator:\n\n"
         f"    fedmed site keygen keys --name {site}\n"
-        f"    # send keys/{site}.pub; the private key never leaves this machine\n"
+        f"    # send keys/{site}.pub and keys/{site}.csr; the private keys never leave this machine\n"
+        f"    # put the certificate the coordinator sends back at keys/{site}.crt\n"
     )
     return f"""# fedmed site kit: {site}
 
 {keys}
 1. Set `data` in `site.toml` to your data folder, then check it: `fedmed site check /path/to/data`
 2. Start the site daemon: `fedmed site start site.toml` (or install `fedmed-site.service`, see the
-   fedmed repository's `sites/RUNBOOK.md`).
+   site runbook, `sites/README.md` in the fedmed repository).
 3. The daemon runs only the app digests listed in `approved_apps`. A refused app is logged with its
    digest; approve it with `fedmed site approve site.toml DIGEST` after checking it with the coordinator.
 """

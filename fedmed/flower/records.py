@@ -27,16 +27,28 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict, User
 from fedmed.config import RunConfig, run_config_from_dict
 from fedmed.core.errors import FedmedError
 
-from .wire import RUN_CONFIG_KEY, RUN_DIR_KEY, RUN_ID_KEY, SITE, SITE_NAME, SITE_NODES_KEY
+from .wire import RUN_CONFIG_KEY, RUN_DIR_KEY, RUN_ID_KEY, SITE, SITE_NAME, SITE_NODES_KEY, SUBMISSION_KEY
 
 
 def encode_run(
-    config: RunConfig, *, run_dir: Path, run_id: str, site_nodes: dict[int, str] | None = None
+    config: RunConfig,
+    *,
+    run_id: str,
+    run_dir: Path | None = None,
+    submission: str | None = None,
+    site_nodes: dict[int, str] | None = None,
 ) -> UserConfig:
-    """The run as Flower UserConfig: the resolved config travels as one JSON string."""
+    """The run as Flower UserConfig: the resolved config travels as one JSON string.
+
+    Exactly one of `run_dir` (a simulation, in this process) and `submission` (a deployed run: a token
+    the coordinator exchanges for the directory, fedmed.runs.submissions) says where the run writes.
+    """
+    if (run_dir is None) == (submission is None):
+        raise FedmedError("encode_run needs exactly one of run_dir (simulation) and submission (deployment)")
+    where = {RUN_DIR_KEY: str(run_dir)} if run_dir is not None else {SUBMISSION_KEY: submission}
     return {
         RUN_CONFIG_KEY: config.model_dump_json(),
-        RUN_DIR_KEY: str(run_dir),
+        **where,
         RUN_ID_KEY: run_id,
         SITE_NODES_KEY: json.dumps({str(node): site for node, site in (site_nodes or {}).items()}),
     }

@@ -66,9 +66,13 @@ def model_metrics_record(model: str) -> str:
 RUN_CONFIG_KEY = "fedmed-config"
 RUN_DIR_KEY = "fedmed-run-dir"
 RUN_ID_KEY = "fedmed-run-id"
+SUBMISSION_KEY = "fedmed-submission"  # deployment: the one-use token that stands for the run directory
 SITE_NODES_KEY = "fedmed-site-nodes"  # deployment: {node id: site name}, so messages can name silent sites
 
 # A node's config: which site a ClientApp serves.
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine and by fedmed's in-process engine
 NUM_PARTITIONS = "num-partitions"
 SITE_CONFIG = "site-config"  # set by `fedmed site start` on a deployed site's SuperNode
+
+# Set by fedmed's executor for the coordinator's ServerApp: the server.toml whose state holds submissions.
+SERVER_CONFIG_ENV = "FEDMED_SERVER_CONFIG"

@@ -41,7 +41,8 @@ from fedmed.privacy.errors import (
     PrivacyLedgerError,
     budget_exhausted_message,
 )
-from fedmed.privacy.ledger_file import _RUN_COLUMNS, _create_ledger_file, _open_existing
+from fedmed.privacy.ledger_anchor import LedgerIdentity, charge_digests
+from fedmed.privacy.ledger_file import _RUN_COLUMNS, LEDGER_ID_KEY, _create_ledger_file, _open_existing
 from fedmed.privacy.ledger_records import (
     BudgetCheck,
     LedgerSummaryRow,
@@ -58,9 +59,18 @@ _PLAN_ATTEMPTS = 3
 class PrivacyLedger:
     """Append-only record of a site's DP spend per dataset (see module docstring)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        """Open the ledger at ``path``; a missing one is created unless ``create`` is false.
+
+        A site opens its ledger through fedmed.site.ledger_guard, which creates it only on a site's
+        first start and otherwise checks it against the site's anchor.
+        """
         self.path = Path(path)
         if not self.path.exists():
+            if not create:
+                raise PrivacyLedgerError(
+                    f"privacy ledger {self.path} does not exist; restore it from the site's backup"
+                )
             _create_ledger_file(self.path)
         self._connection = _open_existing(self.path)
         # One connection shared by the daemon's threads: the lock keeps one thread's reads from
@@ -76,6 +86,34 @@ class PrivacyLedger:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    # -- identity ------------------------------------------------------------------------------
+
+    @property
+    def ledger_id(self) -> str | None:
+        """The random id the ledger was created with (None: a ledger from before ids existed)."""
+        with self._lock:
+            row = self._connection.execute("SELECT value FROM meta WHERE key = ?", (LEDGER_ID_KEY,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def assign_id(self) -> str:
+        """Give a ledger from before ids existed its id (once); returns the ledger's id."""
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (LEDGER_ID_KEY,)).fetchone()
+            if row is not None:
+                return str(row[0])
+            ledger_id = uuid.uuid4().hex
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (LEDGER_ID_KEY, ledger_id))
+        return ledger_id
+
+    def charge_digests(self) -> list[str]:
+        """The running digest after each charge (fedmed.privacy.ledger_anchor); element 0 covers none."""
+        with self._lock:
+            return charge_digests(self._connection)
+
+    def identity(self) -> LedgerIdentity:
+        digests = self.charge_digests()
+        return LedgerIdentity(ledger_id=self.ledger_id or "", charges=len(digests) - 1, digest=digests[-1])
 
     # -- plans ---------------------------------------------------------------------------------
 

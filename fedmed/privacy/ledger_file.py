@@ -16,6 +16,7 @@ from fedmed.privacy.errors import PrivacyLedgerError
 
 LEDGER_FORMAT = "fedmed-privacy-ledger"
 SCHEMA_VERSION = 1
+LEDGER_ID_KEY = "ledger_id"
 _FILE_MODE = 0o600
 _BUSY_TIMEOUT_S = 30.0  # a write holds the lock for at most one ε computation (about a second)
 
@@ -60,6 +61,10 @@ CREATE TRIGGER rounds_no_update BEFORE UPDATE ON rounds
 BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 CREATE TRIGGER rounds_no_delete BEFORE DELETE ON rounds
 BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER meta_no_update BEFORE UPDATE ON meta
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER meta_no_delete BEFORE DELETE ON meta
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 INSERT INTO meta (key, value) VALUES ('format', '{LEDGER_FORMAT}'), ('schema_version', '{SCHEMA_VERSION}');
 """
 
@@ -82,7 +87,10 @@ def _create_ledger_file(path: Path) -> None:
         os.chmod(temporary, _FILE_MODE)  # the umask may have narrowed it; never widened
         connection = _connect(temporary)
         try:
-            connection.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+            # The id is born with the file: a ledger swapped for another one (or a fresh one) shows a
+            # different id from the one the site's anchor remembers.
+            identity = f"INSERT INTO meta (key, value) VALUES ('{LEDGER_ID_KEY}', '{uuid.uuid4().hex}');"
+            connection.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{identity}\nCOMMIT;")
         finally:
             connection.close()
         try:

@@ -10,7 +10,7 @@ from typing import Any
 from fedmed.core.files import write_text_atomic
 
 from . import plots
-from .run_dir import CROSS_SITE_FILE, NORMALIZATION_FILE, SUMMARY_FILE, RunDirectory
+from .run_dir import CROSS_SITE_FILE, NORMALIZATION_FILE, STATUS_FILE, SUMMARY_FILE, RunDirectory
 from .summary import COLUMNS
 
 STYLE = """
@@ -71,6 +71,7 @@ def write_report(run_dir: RunDirectory) -> Path:
             normalization,
             figure=plots.intensity_histograms(normalization, path=plot_dir / "intensity_histograms.png"),
         ),
+        _participation_section(run_dir.read_rounds(), status=_json_object(run_dir, STATUS_FILE)),
     ]
     name = html.escape(run_dir.path.name)
     page = f"""<!DOCTYPE html>
@@ -216,6 +217,32 @@ def _privacy_section(summary: dict[str, Any]) -> str:
         "<h2>Privacy spent (DP-SGD, per site)</h2><table><tr><th>site</th><th>ε spent</th><th>ε budget</th>"
         f"<th>δ</th><th>noise multiplier</th></tr>{rows}</table>\n"
     )
+
+
+# Participation -----------------------------------------------------------------------------------
+def _participation_section(rounds: list[dict[str, Any]], *, status: dict[str, Any]) -> str:
+    """The run's state and every round some site missed: dropped (no reply) or refused (with its reason)."""
+    state = html.escape(str(status.get("state") or "unknown"))
+    reason = f" ({html.escape(str(status['reason']))})" if status.get("reason") else ""
+    head = f"<h2>Participation</h2>\n<p>Run state: <b>{state}</b>{reason}; {len(rounds)} round(s) recorded.</p>\n"
+    missed = [row for row in rounds if row.get("sites_dropped") or row.get("sites_refused")]
+    if not missed:
+        return head + '<p class="muted">No site dropped out of or refused a recorded round.</p>\n'
+    body = "".join(
+        f"<tr><td>{html.escape(str(row.get('round')))}</td>"
+        f"<td>{html.escape(', '.join(row.get('sites_trained', [])))}</td>"
+        f"<td>{html.escape(', '.join(row.get('sites_dropped', [])))}</td>"
+        f"<td>{_refusals(row.get('sites_refused', {}))}</td></tr>"
+        for row in missed
+    )
+    return head + (
+        "<table><tr><th>round</th><th>trained</th><th>dropped (no reply)</th><th>refused (reason)</th></tr>"
+        f"{body}</table>\n"
+    )
+
+
+def _refusals(refused: dict[str, str]) -> str:
+    return "<br>".join(html.escape(f"{site}: {reason}") for site, reason in refused.items())
 
 
 # Intensity normalization -----------------------------------------------------------------------

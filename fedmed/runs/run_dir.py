@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from fedmed.config import RunConfig, dump_toml
+from fedmed.core.errors import FedmedError
 from fedmed.core.files import atomic_path, write_text_atomic
 
 CHECKPOINT_FORMAT = 1
 
 # The run's JSON documents.
-STATUS_FILE = "status.json"  # running / completed / failed with the reason (the ServerApp writes it)
+STATUS_FILE = "status.json"  # running / completed / failed / interrupted, with the reason
 SUMMARY_FILE = "summary.json"  # the per-site comparison (fedmed.runs.summary)
 BASELINES_FILE = "baselines.json"  # local-only and pooled scores (simulation)
 NORMALIZATION_FILE = "normalization.json"  # the sites' intensity summaries and Nyúl landmarks
@@ -113,6 +114,17 @@ class RunDirectory:
     def read_rounds(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.rounds_jsonl)
 
+    def drop_rounds_after(self, last_round: int) -> None:
+        """Forget rows of rounds after `last_round` (a resumed run re-runs them, so keeping them would
+        duplicate rows). Each file is replaced atomically: a crash leaves the old or the new one."""
+        for path in (self.rounds_jsonl, self.metrics_jsonl):
+            rows = _read_jsonl(path)
+            kept = [row for row in rows if int(row.get("round", 0)) <= last_round]
+            if len(kept) != len(rows):
+                write_text_atomic(path, "".join(json.dumps(row, allow_nan=True) + "\n" for row in kept))
+        if self.metrics_csv.exists():
+            self._write_csv(self.read_metrics())
+
     def _write_csv(self, rows: list[dict[str, Any]]) -> None:
         columns: list[str] = []
         for row in rows:
@@ -130,7 +142,12 @@ class RunDirectory:
 
     def read_json(self, name: str) -> Any:
         path = self.path / name
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        except json.JSONDecodeError as error:
+            raise RunFileError(f"{path}: not valid JSON ({error.msg}); restore it or delete the file") from None
 
     # Checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, name: str, payload: dict[str, Any]) -> Path:
@@ -147,7 +164,24 @@ class RunDirectory:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
+class RunFileError(FedmedError):
+    """A file of a run directory cannot be read."""
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RunFileError(
+                f"{path}: line {number} is not JSON ({error.msg}); restore the file from a backup or delete that line"
+            ) from None
+        if not isinstance(row, dict):
+            raise RunFileError(f"{path}: line {number} is not a JSON object; delete that line")
+        rows.append(row)
+    return rows

@@ -1,6 +1,6 @@
 """What one hospital does in a run, framework-free: its session (data, model, training, evaluation,
-personalization), its privacy policy and ledger use, its intensity normalization state and its
-site-local layers.
+personalization), its privacy policy and guarded ledger, the audit log of what left it, its
+intensity normalization state and its site-local layers.
 
 Imports fedmed.privacy, fedmed.tasks and everything below them; never flwr.
 """

@@ -12,7 +12,17 @@ from pathlib import Path
 
 from fedmed.config import RunConfig, SitePrivacyPolicy
 from fedmed.core.errors import FedmedError
-from fedmed.privacy import LEDGER_FILENAME, PrivacyLedger, RunPlan, sample_rate, steps_per_epoch
+from fedmed.privacy import (
+    LEDGER_FILENAME,
+    PrivacyBudgetExhaustedError,
+    PrivacyLedger,
+    RunPlan,
+    epsilon_spent,
+    sample_rate,
+    steps_per_epoch,
+)
+from fedmed.privacy.ledger_anchor import anchor_path
+from fedmed.site.ledger_guard import open_site_ledger, record_charge
 from fedmed.tasks import DpSgdStep
 
 
@@ -64,7 +74,7 @@ class SitePrivacy:
             )
 
     def _ledger(self) -> PrivacyLedger:
-        return PrivacyLedger(self.terms.ledger_path)
+        return open_site_ledger(self.terms.ledger_path)
 
     def step_for_round(self, *, num_examples: int) -> DpSgdStep:
         """The run's fixed DP-SGD step; raises PrivacyBudgetExhaustedError if this round would overspend."""
@@ -81,6 +91,7 @@ class SitePrivacy:
             epsilon = ledger.record_round(
                 dataset=self.dataset, run_id=self.run_id, round=server_round, plan=self._plan, steps=steps
             )
+            record_charge(ledger, run_id=self.run_id, server_round=server_round, epsilon=epsilon)
         return {
             "epsilon": epsilon,
             "delta": self._plan.delta,
@@ -101,6 +112,18 @@ class SitePrivacy:
             spent_before = ledger.spent(self.dataset, delta=budget.delta, accountant=accountant)
             # The run may add at most its own ε, and never take the dataset past the site's budget.
             target = min(budget.epsilon, spent_before + self.config.dp_sgd.epsilon)
+            rate = sample_rate(num_examples, self.config.train.batch_size)
+            steps = self.config.train.rounds * self._round_steps(num_examples)
+            ceiling = self.terms.policy.max_noise_multiplier
+            # Even the ceiling's noise cannot keep the run within what is left: refuse before planning,
+            # so that nothing is stored or charged.
+            history = ledger.history(self.dataset)
+            if (
+                spent_before < target
+                and epsilon_spent([*history, (ceiling, rate, steps)], delta=budget.delta, accountant=accountant)
+                > target
+            ):
+                self._refuse_noise(remaining=budget.epsilon - spent_before, sigma=None)
             self._plan = ledger.plan_run(
                 site=self.site,
                 dataset=self.dataset,
@@ -108,21 +131,37 @@ class SitePrivacy:
                 target_epsilon=target,
                 delta=budget.delta,
                 accountant=accountant,
-                sample_rate=sample_rate(num_examples, self.config.train.batch_size),
-                planned_steps=self.config.train.rounds * self._round_steps(num_examples),
+                sample_rate=rate,
+                planned_steps=steps,
             )
+        if self._plan.noise_multiplier > self.terms.policy.max_noise_multiplier:
+            # A plan stored before the site lowered its ceiling, or one calibrated just past it.
+            budget = self.terms.policy.budget_for(self.dataset)
+            spent = ledger.spent(self.dataset, delta=budget.delta, accountant=self.terms.policy.accountant)
+            self._refuse_noise(remaining=budget.epsilon - spent, sigma=self._plan.noise_multiplier)
         return self._plan
+
+    def _refuse_noise(self, *, remaining: float, sigma: float | None) -> None:
+        ceiling = self.terms.policy.max_noise_multiplier
+        needs = f"noise multiplier {sigma:.2f}" if sigma is not None else "a noise multiplier"
+        raise PrivacyBudgetExhaustedError(
+            f"site {self.site}: privacy budget exhausted for this run (ε {max(remaining, 0.0):.3f} left, the run "
+            f"asks ε {self.config.dp_sgd.epsilon:g}): training within it needs {needs} above the site's ceiling "
+            f"{ceiling:g} (privacy.max_noise_multiplier), where the update would be mostly noise; plan fewer rounds "
+            "or local epochs, or the site admin raises max_noise_multiplier or the budget in site.toml"
+        )
 
 
 def format_budget(ledger_path: Path, *, policy: SitePrivacyPolicy, site: str) -> str:
     """`fedmed site budget`: spent and remaining per dataset and run, against the site's policy."""
     header = f"site {site}: DP-SGD ledger {ledger_path}"
-    if not ledger_path.exists():
+    if not ledger_path.exists() and not anchor_path(ledger_path).exists():
         return (
             f"{header}\nno DP-SGD training recorded yet; budget per dataset ε {policy.epsilon:g} at "
             f"δ {policy.delta:g} ({policy.accountant})"
         )
-    with PrivacyLedger(ledger_path) as ledger:
+    # Through the guard: a missing or rolled-back ledger is reported, never shown as an unspent budget.
+    with open_site_ledger(ledger_path) as ledger:
         rows = ledger.summary()
         datasets = sorted({row.dataset for row in rows})
         spent = {

@@ -22,8 +22,9 @@ from fedmed.deploy import flower_cli
 from fedmed.deploy.server import site_nodes_file
 from fedmed.flower.records import encode_run
 from fedmed.flower.runtime.app_bundle import APP_PROJECT
-from fedmed.runs import RunDirectory
+from fedmed.runs import RunDirectory, submissions
 from fedmed.runs.run_dir import STATUS_FILE
+from fedmed.runs.status import describe_run, effective_state
 
 FLOWER_RUNS = "flower-runs.jsonl"
 FINISHED = ("finished:completed", "finished:failed", "finished:stopped")
@@ -39,8 +40,21 @@ def registered_sites(server: ServerConfig) -> list[str]:
     return sorted(path.stem for path in server.site_keys.glob("*.pub")) if server.site_keys.is_dir() else []
 
 
+def check_deployable(config: RunConfig, *, source: str) -> None:
+    """A deployed run trains on the sites' own data: a config naming data (a simulation's) is refused
+    before anything is contacted or written."""
+    sections = [name for name, present in (("[[sites]]", config.sites), ("[synth]", config.synth)) if present]
+    if sections:
+        raise ConfigError(
+            f"{source}: {' and '.join(sections)} describe a simulation's data, but a deployed run trains on the data "
+            "each site's own site.toml names. Remove those sections to run on the federation, or run this file "
+            "with 'fedmed simulate'."
+        )
+
+
 def launch(server: ServerConfig, config: RunConfig) -> DeployedRun:
     """Start a new run; the quorum defaults to every registered site."""
+    check_deployable(config, source="run config")
     if config.strategy.min_sites is None:
         sites = registered_sites(server)
         if not sites:
@@ -67,8 +81,10 @@ def resume(server: ServerConfig, run_dir: Path) -> DeployedRun:
 def _submit(server: ServerConfig, config: RunConfig, run_dir: RunDirectory, *, resume: bool) -> DeployedRun:
     run_config_file = run_dir.path / "flower-run-config.toml"
     site_nodes = {node: site for site, node in _site_nodes(server).items()}
+    # The run directory stays here: Flower carries only a one-use token the ServerApp exchanges for it.
+    token = submissions.issue(server.superlink.database.parent, run_dir.path)
     run_config_file.write_text(
-        tomli_w.dumps(encode_run(config, run_dir=run_dir.path, run_id=run_dir.path.name, site_nodes=site_nodes))
+        tomli_w.dumps(encode_run(config, submission=token, run_id=run_dir.path.name, site_nodes=site_nodes))
     )
     result = flower_cli.start_run(server, app=APP_PROJECT, run_config_file=run_config_file)
     flower_run_id = int(result["run-id"])
@@ -111,6 +127,7 @@ def wait(server: ServerConfig, run: DeployedRun, *, poll_s: float = 2.0, timeout
         reported = len(rounds)
         state = _flower_status(server, run.flower_run_id)
         if state in FINISHED:
+            _record_interruption(run.run_dir, flower_status=state)
             return state
         if deadline is not None and time.monotonic() > deadline:
             raise FedmedError(f"run {run.run_dir.path.name} still {state} after {timeout_s:.0f} s")
@@ -140,8 +157,20 @@ def stop(server: ServerConfig, run_dir_or_id: str) -> int:
     return flower_run_id
 
 
-def status(server: ServerConfig) -> dict[str, Any]:
-    """Sites (connected or not), and every run with its progress and latest per-site metrics."""
+def _record_interruption(run_dir: RunDirectory, *, flower_status: str) -> None:
+    """A ServerApp that died (killed, stopped by Flower) never wrote its end: write it for it."""
+    try:
+        recorded = run_dir.read_json(STATUS_FILE) or {}
+    except FedmedError:
+        return
+    if effective_state(recorded, flower_status=flower_status) == "interrupted" and recorded.get("state") == "running":
+        reason = f"the ServerApp ended without finishing (Flower: {flower_status})"
+        run_dir.write_json(STATUS_FILE, {"state": "interrupted", "reason": reason})
+
+
+def status(server: ServerConfig, *, server_file: Path | None = None) -> dict[str, Any]:
+    """Sites (connected or not), and every run with its state (an interrupted one with the command that
+    resumes it), per-round participation and latest per-site metrics; an unreadable run is `broken`."""
     nodes = {int(node["node-id"]): node for node in flower_cli.list_nodes(server)}
     site_nodes = _site_nodes(server)
     sites = []
@@ -152,21 +181,20 @@ def status(server: ServerConfig) -> dict[str, Any]:
     runs = []
     for path in sorted(server.runs.glob("*/config.toml")):
         run_dir = RunDirectory(path.parent)
-        config = load_run_config(run_dir.config_file)
-        ids = flower_run_ids(run_dir)
+        try:
+            ids = flower_run_ids(run_dir)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            runs.append({"run": run_dir.path.name, "state": "broken", "reason": f"{FLOWER_RUNS}: {error}"})
+            continue
         latest = flower_runs.get(ids[-1], {}) if ids else {}
-        rounds = run_dir.read_rounds()
-        recorded = run_dir.read_json(STATUS_FILE) or {}
+        flower_status = latest.get("status", "not submitted" if not ids else "unknown")
+        entry = describe_run(run_dir, flower_status=flower_status if ids else None, server_file=server_file)
         runs.append(
             {
-                "run": run_dir.path.name,
+                "run": entry.pop("run"),
                 "flower_run_id": ids[-1] if ids else None,
-                "flower_status": latest.get("status", "not submitted" if not ids else "unknown"),
-                "state": recorded.get("state"),
-                "reason": recorded.get("reason"),
-                "rounds_done": rounds[-1]["round"] if rounds else 0,
-                "rounds": config.train.rounds,
-                "last_metrics": _last_metrics(run_dir),
+                "flower_status": flower_status,
+                **entry,
             }
         )
     return {"federation": server.federation, "sites": sites, "runs": runs}
@@ -175,11 +203,3 @@ def status(server: ServerConfig) -> dict[str, Any]:
 def _site_nodes(server: ServerConfig) -> dict[str, int]:
     path = site_nodes_file(server)
     return {site: int(node) for site, node in json.loads(path.read_text()).items()} if path.exists() else {}
-
-
-def _last_metrics(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
-    latest: dict[str, dict[str, float]] = {}
-    for row in run_dir.read_metrics():
-        if row["phase"] == "evaluate":
-            latest[row["site"]] = {k: v for k, v in row.items() if k not in ("site", "phase", "time")}
-    return latest

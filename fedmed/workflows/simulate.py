@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from fedmed.config import RunConfig, SiteEntry
-from fedmed.core.errors import ConfigError
+from fedmed.config import RunConfig, SiteEntry, load_run_config
+from fedmed.core.errors import ConfigError, FedmedError
+from fedmed.core.files import unwritable_reason
 from fedmed.core.log import logger
 from fedmed.runs import RunDirectory
-from fedmed.runs.run_dir import BASELINES_FILE, SUMMARY_FILE
-from fedmed.runs.summary import build_summary, format_summary
+from fedmed.runs.outputs import write_outputs
+from fedmed.runs.run_dir import BASELINES_FILE, STATUS_FILE, SUMMARY_FILE
+from fedmed.runs.status import resume_command
+from fedmed.runs.summary import format_summary
 
 
 @dataclass
@@ -38,40 +43,97 @@ def materialize_sites(config: RunConfig) -> RunConfig:
     return resolved
 
 
-def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None) -> SimulationResult:
+def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: str = "run config") -> SimulationResult:
+    """Run the federation and its baselines; with `run_dir` (a resume) continue from its last checkpoint.
+
+    Everything that can be checked from the config and the data is checked before the run directory
+    exists, so a bad input leaves no half-made run behind."""
     from fedmed.data import load_site
     from fedmed.flower.engines import run_federation_here
     from fedmed.flower.records import encode_run
-    from fedmed.runs.report import write_report
+    from fedmed.models.memory import check_training_memory
     from fedmed.tasks import get_task
 
     if not config.sites and config.synth is None:
         raise ConfigError(
-            "a simulation needs data: add [[sites]] entries (name, path) or a [synth] section that generates them"
+            f"{source}: a simulation needs data: add [[sites]] entries (name, path) or a [synth] section that "
+            "generates them"
         )
+    if run_dir is None and (problem := unwritable_reason(config.output_dir)):
+        raise ConfigError(
+            f"{source}: cannot write to output_dir {config.output_dir} ({problem}); set output_dir to a folder you "
+            "can write (or --set output_dir=PATH), or fix that folder's permissions"
+        )
+    check_training_memory(config, source=source)
     config = materialize_sites(config)
-    run_dir = run_dir or RunDirectory.create(config.output_dir, config.name)
-    run_dir.write_config(config)
-    logger.info("run directory: %s", run_dir.path)
-
     # Load (and so validate) every site before any training: a bad site fails the run up front.
     sites = {site.name: load_site(site.path, task=config.task) for site in config.sites}
     for name, data in sites.items():
         logger.info("site %s: %d training, %d validation cases", name, len(data.train), len(data.val))
 
-    run_config = encode_run(config, run_dir=run_dir.path, run_id=run_dir.path.name)
-    run_federation_here(
-        config.engine, num_sites=len(config.sites), run_config=run_config, run_id=zlib.crc32(run_dir.path.name.encode())
-    )
+    created = run_dir is None
+    run_dir = run_dir or RunDirectory.create(config.output_dir, config.name)
+    run_dir.write_config(config)
+    logger.info("run directory: %s", run_dir.path)
 
-    if config.baselines.local_only or config.baselines.pooled:
-        _run_baselines(config, run_dir=run_dir)
+    run_config = encode_run(config, run_dir=run_dir.path, run_id=run_dir.path.name)
+    try:
+        run_federation_here(
+            config.engine,
+            num_sites=len(config.sites),
+            run_config=run_config,
+            run_id=zlib.crc32(run_dir.path.name.encode()),
+        )
+    except KeyboardInterrupt:
+        run_dir.write_json(STATUS_FILE, {"state": "interrupted", "reason": "stopped with Ctrl-C"})
+        raise RunInterruptedError(run_dir) from None
+    except BaseException:
+        if created:
+            _remove_if_empty(run_dir)
+        raise
 
     task = get_task(config.task)
-    summary = build_summary(run_dir, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better)
-    run_dir.write_json(SUMMARY_FILE, summary)
-    write_report(run_dir)
+    if config.baselines.local_only or config.baselines.pooled:
+        _run_baselines(config, run_dir=run_dir)
+        # The ServerApp wrote the outputs at its end; the baselines add columns and cross-site rows.
+        summary = write_outputs(run_dir, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better)
+    else:
+        summary = run_dir.read_json(SUMMARY_FILE) or write_outputs(
+            run_dir, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better
+        )
     return SimulationResult(run_dir=run_dir, summary=summary, config=config)
+
+
+def resume_simulation(path: Path) -> SimulationResult:
+    """Continue an interrupted simulation from its last checkpoint."""
+    run_dir = RunDirectory(Path(path))
+    if not run_dir.config_file.is_file():
+        raise FedmedError(f"{path}: no config.toml; give the run directory that 'fedmed simulate' printed")
+    if (run_dir.checkpoints / "final.pt").exists():
+        raise FedmedError(f"{path}: this run finished; start a new one with 'fedmed simulate CONFIG'")
+    checkpoint = run_dir.load_checkpoint("latest")
+    logger.info("resuming %s after round %s", run_dir.path.name, checkpoint["round"] if checkpoint else 0)
+    return simulate(load_run_config(run_dir.config_file), run_dir=run_dir, source=str(run_dir.config_file))
+
+
+class RunInterruptedError(FedmedError):
+    """The person running the simulation stopped it (Ctrl-C); the run can be resumed."""
+
+    def __init__(self, run_dir: RunDirectory) -> None:
+        rounds = run_dir.read_rounds()
+        done = f"after round {rounds[-1]['round']}" if rounds else "before its first round finished"
+        super().__init__(
+            f"run {run_dir.path.name} interrupted {done}; its status is 'interrupted'. Continue it from its last "
+            f"checkpoint with: {resume_command(run_dir.path, server_file=None)}"
+        )
+
+
+def _remove_if_empty(run_dir: RunDirectory) -> None:
+    """A run that failed before finishing a round leaves nothing worth keeping: no stub folder."""
+    if run_dir.rounds_jsonl.exists() or run_dir.checkpoints.exists():
+        return
+    shutil.rmtree(run_dir.path, ignore_errors=True)
+    logger.info("removed %s: the run failed before its first round", run_dir.path)
 
 
 def _run_baselines(config: RunConfig, *, run_dir: RunDirectory) -> None:

@@ -4,8 +4,12 @@ executors, all separate processes on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
+import subprocess
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from deploy_helpers import run_config
 
 from fedmed.config import load_site_config, run_config_from_dict
 from fedmed.config.loader import read_toml
-from fedmed.deploy.local import FEDMED, LocalFederation, cli, free_port
+from fedmed.deploy.local import FEDMED, LocalFederation, cli, free_port, wait_for
 from fedmed.workflows.simulate import simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -49,12 +53,35 @@ def test_deployed_run_matches_the_inprocess_engine(federation: LocalFederation) 
     run = next(r for r in status["runs"] if r["run"] == run_dir.name)
     assert run["flower_status"] == "finished:completed" and run["rounds_done"] == 2
     assert set(run["last_metrics"]) == {"a", "b", "c"}
+    assert run["state"] == "completed" and not any(m["stale"] for m in run["last_metrics"].values())
+
+    # The same outputs as a simulation, and `fedmed report` takes the deployed run.
+    for name in ("summary.json", "report.html", "plots/learning_curves.png"):
+        assert (run_dir / name).exists() and (simulated_run.run_dir.path / name).exists(), name
+    assert set(json.loads((run_dir / "summary.json").read_text())["sites"]) == {"a", "b", "c"}
+    (run_dir / "report.html").unlink()
+    assert "report:" in cli([FEDMED, "report", str(run_dir)]).stdout and (run_dir / "report.html").exists()
+
+
+def test_one_broken_run_folder_does_not_break_status(federation: LocalFederation) -> None:
+    broken = federation.workspace / "server" / "runs" / "broken-run"
+    broken.mkdir()
+    (broken / "config.toml").write_text("name = [unfinished")
+    try:
+        runs = {run["run"]: run for run in federation.status()["runs"]}
+        text = cli([FEDMED, "status", "--server", str(federation.server_config)]).stdout
+    finally:
+        (broken / "config.toml").unlink()
+        broken.rmdir()
+    assert runs["broken-run"]["state"] == "broken" and "not valid TOML" in runs["broken-run"]["reason"]
+    assert "broken-run" in text and "broken: " in text
 
 
 def test_the_server_speaks_only_tls(federation: LocalFederation) -> None:
     with socket.create_connection(("127.0.0.1", federation.port), timeout=5) as plain:
         plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        assert not plain.recv(64).startswith(b"HTTP/1.")  # plain HTTP gets no HTTP answer
+        # Plain HTTP gets only the front proxy's refusal, never an answer from the SuperLink.
+        assert plain.recv(64).startswith(b"HTTP/1.1 400 Bad Request\r\nServer: nginx")
     # The system CAs do not vouch for it.
     with (
         socket.create_connection(("127.0.0.1", federation.port), timeout=5) as raw,
@@ -69,21 +96,55 @@ def test_the_server_speaks_only_tls(federation: LocalFederation) -> None:
         assert tls.version() in ("TLSv1.2", "TLSv1.3")
 
 
+def test_the_site_runtime_api_takes_tasks_only_from_its_executor(federation: LocalFederation) -> None:
+    """A local process without the site's secret cannot take the ClientApp work (and its data access)."""
+    port = read_toml(federation.site_config("a"))["daemon"]["runtime_port"]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/runtime/acquire-task",
+        data=b"",
+        headers={"Content-Type": "application/protobuf"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    body = refused.value.read().decode(errors="replace")
+    assert refused.value.code == 401, body
+    assert "authentication failed" in body.lower()
+
+
 def test_an_unregistered_node_is_refused(federation: LocalFederation) -> None:
     kit = federation.workspace / "sites" / "intruder"
     kit.mkdir()
     cli([FEDMED, "site", "keygen", str(kit / "keys"), "--name", "intruder"])
     site = read_toml(federation.site_config("a"))
     site.update(name="intruder", private_key=str(kit / "keys" / "intruder.key"), state_dir=str(kit / "state"))
+    # Through the proxy with site a's certificate: the SuperLink's node authentication refuses the key.
+    for key in ("client_certificate", "client_key"):
+        site[key] = str(federation.site_config("a").parent / site[key])
     site["server"]["ca_certificate"] = str(federation.site_config("a").parent / "ca.crt")
     site["daemon"] = {"runtime_port": free_port(), "log_file": str(kit / "site.log")}
     import tomli_w
 
     (kit / "site.toml").write_text(tomli_w.dumps(site))
-    completed = cli([FEDMED, "site", "start", str(kit / "site.toml")], check=False, timeout=120)
-    assert completed.returncode == 3, completed.stderr
-    assert "the coordinator does not accept this site's key" in completed.stderr
-    assert "fedmed server add-site" in completed.stderr
+    nodes_before = {node["site"]: node["node_id"] for node in federation.status()["sites"]}
+    output = kit / "daemon.out"
+    daemon = subprocess.Popen(
+        [FEDMED, "site", "start", str(kit / "site.toml")],
+        stdout=output.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        # Refused, told why and what to do, and still trying: the coordinator may register the key later.
+        wait_for(
+            lambda: "does not know this site's key" in output.read_text(), timeout=180, what="the refusal's reason"
+        )
+        assert "fedmed server add-site" in output.read_text()
+        assert daemon.poll() is None, "a refused site keeps trying instead of exiting"
+        assert {node["site"]: node["node_id"] for node in federation.status()["sites"]} == nodes_before
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
 
 
 def test_a_site_refuses_an_app_it_has_not_approved(federation: LocalFederation) -> None:
@@ -99,6 +160,16 @@ def test_a_site_refuses_an_app_it_has_not_approved(federation: LocalFederation) 
         run_dir = next((federation.workspace / "server" / "runs").glob("refused-*"))
         rounds = (run_dir / "rounds.jsonl").read_text().splitlines()
         assert '"sites_trained": ["a", "b"]' in rounds[0]
+        # The refusal and its reason reach the round log, `fedmed status` and the report.
+        assert f"site c refused app {approved[0]}" in json.loads(rounds[0])["sites_refused"]["c"]
+        run = next(r for r in federation.status()["runs"] if r["run"] == run_dir.name)
+        assert f"refused app {approved[0]}" in run["round_history"][0]["refused"]["c"]
+        assert run["last_metrics"]["a"]["stale"] is False
+        text = cli([FEDMED, "status", "--server", str(federation.server_config)]).stdout
+        line = next((line for line in text.splitlines() if "refused by c:" in line), text)
+        assert f"refused app {approved[0]}" in line, line
+        page = (run_dir / "report.html").read_text()
+        assert "<td>c: " in page and f"refused app {approved[0]}" in page
     finally:
         cli([FEDMED, "site", "approve", str(federation.site_config("c")), approved[0]])
     assert read_toml(federation.site_config("c"))["approved_apps"] == approved
@@ -121,7 +192,7 @@ def test_bad_site_configs_are_refused_before_starting(
     site = read_toml(federation.site_config("a"))
     for key, value in change.items():
         site[key] = {**site.get(key, {}), **value} if isinstance(value, dict) else value
-    for key in ("private_key",):
+    for key in ("private_key", "client_certificate", "client_key"):
         site[key] = str(federation.site_config("a").parent / site[key])
     if "server" not in change:
         site["server"]["ca_certificate"] = str(federation.site_config("a").parent / "ca.crt")
@@ -137,7 +208,8 @@ def test_a_site_trusting_another_ca_refuses_the_server(federation: LocalFederati
 
     cli([FEDMED, "provision", str(tmp_path / "other"), "--federation", "other"])
     site = read_toml(federation.site_config("a"))
-    site["private_key"] = str(federation.site_config("a").parent / site["private_key"])
+    for key in ("private_key", "client_certificate", "client_key"):
+        site[key] = str(federation.site_config("a").parent / site[key])
     site["server"]["ca_certificate"] = str(tmp_path / "other" / "ca" / "ca.crt")
     bad = tmp_path / "site.toml"
     bad.write_text(tomli_w.dumps(site))

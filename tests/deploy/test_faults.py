@@ -1,16 +1,19 @@
-"""Faults in a real federation: a site dies mid-round and comes back; the coordinator dies and the
-run resumes from its checkpoint."""
+"""Faults in a real federation: a site daemon or its SuperNode dies and comes back by itself; the
+coordinator dies and the run resumes from its checkpoint."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from deploy_helpers import run_config
 
-from fedmed.deploy.local import LocalFederation, wait_for
+from fedmed.deploy.local import LocalFederation, alive, wait_for
+from fedmed.flower.runtime import supernode
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,12 +23,17 @@ def _rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _state(run_dir: Path) -> str | None:
+    path = run_dir / "status.json"
+    return json.loads(path.read_text()).get("state") if path.exists() else None
+
+
 def _receiving_train(federation: LocalFederation, site: str, *, after: int) -> bool:
     return "Receiving: train message" in federation.site_log(site).read_text()[after:]
 
 
-def test_a_site_killed_mid_round_is_dropped_and_rejoins(federation: LocalFederation) -> None:
-    # Six rounds: a restarted daemon takes ~20 s to connect again, several rounds without it here.
+def test_a_site_killed_mid_round_takes_its_processes_and_rejoins(federation: LocalFederation) -> None:
+    # Six rounds: the restarted daemon waits until the coordinator sees the old node offline (<= 20 s).
     config = run_config(federation, "site-crash", train={"rounds": 6}, strategy={"min_sites": 2, "round_timeout_s": 30})
     log_start = len(federation.site_log("c").read_text())
     run_dir = federation.submit(config)
@@ -35,16 +43,43 @@ def test_a_site_killed_mid_round_is_dropped_and_rejoins(federation: LocalFederat
         timeout=120,
         what="site c to receive its first training message",
     )
-    federation.crash("c")  # SIGKILL the daemon, its SuperNode and the ClientApp mid-round
-    wait_for(lambda: len(_rounds(run_dir)) >= 1, timeout=180, what="round 1 to finish without site c")
-    federation.start_site("c")
-    wait_for(lambda: (run_dir / "checkpoints" / "final.pt").exists(), timeout=300, what="the run to finish")
+    # SIGKILL the supervisor alone, mid-round: its SuperNode, executor (and ClientApp, if one is training right
+    # now) must die on their own.
+    below = federation.kill_supervisor("c")
+    try:
+        assert len(below) >= 2, f"expected at least a SuperNode and an executor below site c, found {below}"
+        wait_for(lambda: not any(alive(pid) for pid in below), timeout=15, what="site c's processes to die with it")
+        wait_for(lambda: len(_rounds(run_dir)) >= 1, timeout=180, what="round 1 to finish without site c")
+    finally:
+        federation.start_site("c")
+    # The ServerApp writes the report after the final model, then marks the run completed.
+    wait_for(lambda: _state(run_dir) == "completed", timeout=300, what="the run to complete")
 
     rounds = _rounds(run_dir)
     assert rounds[0]["sites_trained"] == ["a", "b"], "the crashed site is dropped from its round"
+    assert rounds[0]["sites_dropped"] == ["c"] and rounds[0]["sites_refused"] == {}, "dropped, not refusing"
     assert rounds[-1]["sites_trained"] == ["a", "b", "c"], "the restarted site takes part again"
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
     federation.wait_for_sites({"a", "b", "c"})
+
+
+def test_a_killed_supernode_is_restarted_and_rejoins(federation: LocalFederation) -> None:
+    superlink_log = federation.workspace / "server" / "logs" / "superlink.log"
+    activations = superlink_log.read_text().count("Activated node_id")
+    supervisor_log_start = len((federation.root / "site-a.out").read_text())
+    os.kill(federation.process("a", supernode.__name__), signal.SIGKILL)
+    # Refused while the coordinator still counts the dead node online, then in: within two heartbeats and backoff.
+    wait_for(
+        lambda: superlink_log.read_text().count("Activated node_id") > activations,
+        timeout=2 * supernode.HEARTBEAT_INTERVAL_S + 40,
+        what="site a's new SuperNode to be activated",
+    )
+    supervisor_log = (federation.root / "site-a.out").read_text()[supervisor_log_start:]
+    assert "flower-supernode exited with code -9" in supervisor_log and "restarting it in" in supervisor_log
+    assert "does not know this site's key" not in supervisor_log, "a known site is never told its key is unknown"
+
+    config = run_config(federation, "after-supernode-kill", train={"rounds": 1}, strategy={"min_sites": 3})
+    completed = federation.run(config, "--wait")
+    assert "finished:completed" in completed.stdout
 
 
 def test_a_round_below_quorum_fails_with_the_reason_in_status(federation: LocalFederation) -> None:
@@ -69,15 +104,24 @@ def test_the_coordinator_crashes_and_the_run_resumes(federation: LocalFederation
     config = run_config(federation, "server-crash", train={"rounds": 3}, strategy={"round_timeout_s": 60})
     run_dir = federation.submit(config)
     wait_for(lambda: len(_rounds(run_dir)) >= 1, timeout=180, what="round 1 to finish")
-    federation.crash("server")  # SuperLink, executor and ServerApp killed at once
+    # SIGKILL the supervisor alone: the SuperLink, the proxy, the executor and the ServerApp die with it.
+    below = federation.kill_supervisor("server")
+    wait_for(lambda: not any(alive(pid) for pid in below), timeout=15, what="the coordinator's processes to die")
     done_before = len(_rounds(run_dir))
     assert not (run_dir / "checkpoints" / "final.pt").exists()
 
     federation.start_server()
     federation.wait_for_server()
     federation.wait_for_sites({"a", "b", "c"}, timeout=120)  # the sites reconnect by themselves
+    dead = next(r for r in federation.status()["runs"] if r["run"] == run_dir.name)
+    assert dead["state"] == "interrupted", dead
+    assert dead["resume"] == f"fedmed run --resume {run_dir} --server {federation.server_config}"
     completed = federation.resume(run_dir)
     assert "finished:completed" in completed.stdout
+    assert len(_rounds(run_dir)) == len({row["round"] for row in _rounds(run_dir)}), "no round row twice"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = [(row["round"], row["site"], row["phase"]) for row in metrics]
+    assert len(keys) == len(set(keys)), "no metric row twice"
 
     rounds = [row["round"] for row in _rounds(run_dir)]
     assert rounds[-1] == 3 and rounds[:done_before] == list(range(1, done_before + 1))

@@ -13,6 +13,7 @@ from deploy_helpers import run_config
 from fedmed.config import load_site_config
 from fedmed.deploy.local import FEDMED, LocalFederation, cli
 from fedmed.privacy import PrivacyLedger
+from fedmed.site.audit import AuditLog, audit_path
 from fedmed.site.privacy import ledger_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -56,9 +57,24 @@ def test_dp_sgd_with_secure_aggregation_charges_each_sites_own_ledger(
             assert len(ledger.history(site)) == 2
         assert 3.5 < spent <= 4.0
         assert [row["epsilon"] for row in train if row["site"] == site][-1] == pytest.approx(spent)
-        budget = cli([FEDMED, "site", "budget", str(federation.site_config(site))]).stdout
+        shown = cli([FEDMED, "site", "budget", str(federation.site_config(site))])
+        assert "Warning" not in shown.stderr, shown.stderr  # Opacus' accountant warnings stay out of the admin's view
+        budget = shown.stdout
         assert re.search(rf"^{site}\s+{spent:.3f}\s+8\.000\s+{8 - spent:.3f}", budget, re.MULTILINE), budget
     assert not any(run_dir.glob("**/privacy-ledger.sqlite")), "ledgers live at the sites, never with the coordinator"
+    for site in ("a", "b", "c"):
+        # The site's audit log: under SecAgg+ only masked updates left, each after its round's charge.
+        records = AuditLog(audit_path(load_site_config(federation.site_config(site)).state_dir)).records()
+        sent = [r for r in records if r["event"] == "message-sent" and r["run_id"] == run_dir.name]
+        masked = [r for r in sent if r["kind"] == "secagg-masked-update"]
+        assert [r["round"] for r in masked] == [1, 2]
+        assert not [r for r in sent if r["kind"] in ("model-update", "refusal")]
+        assert {"secagg-public-keys", "secagg-key-shares", "secagg-unmask-shares"} <= {r["kind"] for r in sent}
+        epsilons = [row["epsilon"] for row in train if row["site"] == site]
+        assert [r["metrics"]["metrics"]["epsilon"] for r in masked] == pytest.approx(epsilons)
+        charged = [r for r in records if r["event"] == "ledger-charged" and r.get("run_id") == run_dir.name]
+        assert [r["round"] for r in charged] == [1, 2]
+        assert all(records.index(c) < records.index(m) for c, m in zip(charged, masked, strict=True))
 
 
 def test_a_deployed_site_refuses_runs_its_policy_forbids(federation: LocalFederation, private_run: Path) -> None:

@@ -125,10 +125,20 @@ def test_a_server_key_from_another_workspace_is_refused(workspace, tmp_path: Pat
         check_server(server)
 
 
+def _outside_approved_apps(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "approved_apps" not in line and line.strip()[:1] not in ('"', "]")]
+
+
 def test_approving_an_app_digest(workspace) -> None:
     config = workspace.kit("site-a") / "site.toml"
     config.chmod(0o600)  # an admin's restriction survives the rewrite
+    # So do the admin's comments and layout: approving edits one value, not the file.
+    config.write_text(config.read_text().replace('data = "', '# our PACS export, refreshed nightly\ndata = "', 1))
+    before = config.read_text()
     assert approve(config, "cd" * 32) == [DIGEST, "cd" * 32]
+    after = config.read_text()
+    assert "# our PACS export, refreshed nightly\n" in after
+    assert _outside_approved_apps(after) == _outside_approved_apps(before)
     assert config.stat().st_mode & 0o777 == 0o600
     assert approve(config, "cd" * 32) == [DIGEST, "cd" * 32]
     assert load_site_config(config).approved_apps == [DIGEST, "cd" * 32]

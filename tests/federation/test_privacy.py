@@ -89,8 +89,19 @@ def test_the_ledger_refuses_exactly_the_round_past_the_budget_across_restarts_an
     ):
         session("run-1").train(start, server_round=3, proximal_mu=0.0)  # one round more than planned
 
-    # A new run may only use what is left: the same number of steps needs far more noise.
-    _, metrics = session("run-2").train(start, server_round=1, proximal_mu=0.0)
+    # A new run may only use what is left (issue 10: ε 0.004 for a run asking ε 1): the same steps would
+    # need a noise multiplier past the site's ceiling, so the round is refused like an exhausted budget.
+    with pytest.raises(
+        PrivacyBudgetExhaustedError,
+        match=rf"^site {site.name}: privacy budget exhausted for this run \(ε 0\.0\d\d left, the run asks ε 1\): "
+        r"training within it needs a noise multiplier above the site's ceiling 10 \(privacy.max_noise_multiplier\)",
+    ):
+        session("run-2").train(start, server_round=1, proximal_mu=0.0)
+    with PrivacyLedger(terms.ledger_path) as ledger:
+        assert len(ledger.history(site.name)) == 2 and ledger.get_plan(dataset=site.name, run_id="run-2") is None
+    # A site that accepts near-pure noise raises its ceiling: far more noise for the same steps.
+    lax = SitePrivacyPolicy(epsilon=1.0, accountant="rdp", max_noise_multiplier=1000)
+    _, metrics = session("run-2", lax).train(start, server_round=1, proximal_mu=0.0)
     assert metrics["noise_multiplier"] > 5 * first_sigma and metrics["epsilon"] <= 1.0
     # The admin lowers the budget below what is spent: every new run is refused.
     with pytest.raises(PrivacyBudgetExhaustedError, match=r"privacy budget exhausted \(ε 1\.00 spent of 0\.50"):

@@ -32,6 +32,7 @@ def test_simulation_refuses_bad_data_before_training(tiny_config) -> None:
         simulate(config)
     assert victim in str(error.value) and "Fix:" in str(error.value)
     assert not list(config.output_dir.glob("*/metrics.jsonl")), "nothing was trained"
+    assert [path.name for path in config.output_dir.iterdir()] == ["data"], "no stub run folder"
 
 
 def _run_loop(config) -> RunDirectory:
@@ -58,6 +59,10 @@ def test_a_failing_site_is_dropped_while_the_quorum_holds(tiny_config, caplog) -
     ]
     assert len(dropped) == 2 and victim in dropped[0]
     assert (run_dir.checkpoints / "final.pt").exists()
+    for row in run_dir.read_rounds():  # the round log says who refused, and why
+        assert row["sites_trained"] == ["site-a", "site-c"] and row["sites_dropped"] == []
+        (reason,) = row["sites_refused"].values()  # keyed "node <id>": in simulation a site is named by its replies
+        assert victim in reason
 
 
 def test_a_round_below_quorum_fails_loudly(tiny_config) -> None:

@@ -35,11 +35,13 @@ from fedmed.runs.cross_site import personal_model_name
 from fedmed.site.session import SiteSession
 
 from . import secagg
+from .audit import audit_mod
 from .common import log_start_up, received, refuse, reply, session_for, train_round
 from .mods import client_dp_mod
 from .site_context import session_layout
 
-app = ClientApp()
+# Every reply passes the audit mod on its way out (fedmed.flower.client.audit).
+app = ClientApp(mods=[audit_mod])
 
 
 @app.train(mods=[client_dp_mod])

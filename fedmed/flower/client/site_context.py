@@ -37,6 +37,20 @@ def session_layout(session: SiteSession) -> Layout:
     return _layouts[id(session)]
 
 
+def site_state_root(context: Context) -> Path | None:
+    """The site's own state folder (its ledger and audit log), without building its session; None when
+    the node names no site."""
+    node = context.node_config
+    if SITE_CONFIG in node:
+        return load_site_config(Path(str(node[SITE_CONFIG]))).state_dir
+    if PARTITION_ID in node and RUN_DIR_KEY in context.run_config:
+        sites = decode_config(context.run_config).sites
+        index = int(node[PARTITION_ID])
+        if 0 <= index < len(sites):
+            return Path(str(context.run_config[RUN_DIR_KEY])) / "sites" / sites[index].name
+    return None
+
+
 def site_spec(context: Context, config: RunConfig) -> SiteSpec:
     node = context.node_config
     if SITE_CONFIG in node:

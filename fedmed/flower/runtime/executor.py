@@ -18,9 +18,11 @@ Run by `fedmed site start` / `fedmed server start`, not by hand:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -28,7 +30,9 @@ from pathlib import Path
 
 from fedmed.config import load_server_config, load_site_config
 from fedmed.core.errors import FedmedError
+from fedmed.core.lifetime import die_with_parent
 from fedmed.core.log import configure_console_logging, logger
+from fedmed.flower.wire import SERVER_CONFIG_ENV
 
 POLL_INTERVAL_S = "0.2"  # Flower's default is 1 s; a loopback poll is cheap and every message waits for it
 
@@ -72,6 +76,8 @@ def install_approval_guard(*, role: str, config: Path, party: str) -> None:
 def run_task(*, role: str, config: Path, party: str, argv: list[str]) -> int:
     """Run one Flower task (ClientApp or ServerApp) in this process; returns its exit code."""
     install_approval_guard(role=role, config=config, party=party)
+    if role == "server":  # the ServerApp finds the coordinator's state (where runs write) through it
+        os.environ[SERVER_CONFIG_ENV] = str(Path(config).resolve())
     sys.argv = argv
     try:
         if role == "site":
@@ -138,10 +144,13 @@ def make_executor(*, role: str, config: Path, party: str, warm: bool) -> object:
                 "%s: starting a %s for task %d", party, "ClientApp" if role == "site" else "ServerApp", spec.task_id
             )
             if warm:
+                executor_pid = os.getpid()
                 child = os.fork()
                 if child == 0:
                     code = 1
                     try:
+                        # A ClientApp whose executor died has nobody to report to: it must not linger.
+                        die_with_parent(parent_pid=executor_pid, signum=signal.SIGKILL)
                         code = run_task(role=role, config=config, party=party, argv=argv)
                     finally:
                         os._exit(code)
@@ -160,7 +169,9 @@ def make_executor(*, role: str, config: Path, party: str, warm: bool) -> object:
                 "--run-task",
                 *argv,
             ]
-            process = subprocess.Popen(command)
+            process = subprocess.Popen(
+                command, preexec_fn=functools.partial(die_with_parent, parent_pid=os.getpid(), signum=signal.SIGKILL)
+            )
             self.children.add(process.pid)
             return LaunchResult.accepted()
 

@@ -5,6 +5,10 @@ and it checks for its ClientApp's reply every 0.5 s. Every exchange of a round w
 polls, and a round is a chain of exchanges (four under SecAgg+), so the waiting, not the work,
 sets the round time. This runs Flower's own SuperNode unchanged except for those waits, capped
 by the site's `daemon.poll_interval_s`.
+
+It also declares a heartbeat interval of 10 s (Flower's minimum) instead of 30 s. The SuperLink
+keeps a node online for two intervals after its last heartbeat and refuses to activate a node it
+thinks online, so after a SuperNode is killed its restart gets in after 20 s instead of 60 s.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from __future__ import annotations
 import sys
 import time
 from typing import Any
+
+from .client_tls import present_client_certificate
+
+HEARTBEAT_INTERVAL_S = 10.0
 
 
 class _IdleWait:
@@ -28,12 +36,16 @@ class _IdleWait:
 
 
 def main() -> None:
-    from flwr.supernode import start_client_internal
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection, start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     poll_seconds = float(sys.argv[1])
-    sys.argv = ["flower-supernode", *sys.argv[2:]]
+    sys.argv = ["flower-supernode", *present_client_certificate(sys.argv[2:])]
     start_client_internal.time = _IdleWait(poll_seconds)
+    # The interval the node declares and the one it keeps must agree, or the SuperLink drops it.
+    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_INTERVAL_S
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_INTERVAL_S
     flower_supernode()
 
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedmed.config import RunConfig
+from fedmed.core.log import logger
 from fedmed.flower.records import decode_config, decode_site_nodes
-from fedmed.flower.wire import RUN_DIR_KEY
 from fedmed.runs import RunDirectory
+from fedmed.runs.outputs import write_outputs
 from fedmed.runs.run_dir import STATUS_FILE
+from fedmed.runs.status import process_identity
 
 from .rounds import run_federation
+from .run_location import resolve_run_dir
 
 app = ServerApp()
 
@@ -20,12 +22,26 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = decode_config(context.run_config)
-    run_dir = RunDirectory(Path(str(context.run_config[RUN_DIR_KEY])))
-    run_dir.write_json(STATUS_FILE, {"state": "running"})
+    run_dir = RunDirectory(resolve_run_dir(context.run_config))  # refuses others' runs before any write
+    # Who runs the run: `fedmed status` tells a dead ServerApp (coordinator crash) from a running one.
+    run_dir.write_json(STATUS_FILE, {"state": "running", **process_identity()})
     try:
         run_federation(grid, config=config, run_dir=run_dir, site_names=decode_site_nodes(context.run_config))
     except Exception as error:
         # `fedmed status` shows this reason; Flower marks the run failed from the exception.
         run_dir.write_json(STATUS_FILE, {"state": "failed", "reason": str(error)})
+        _write_outputs(run_dir, config)
         raise
+    _write_outputs(run_dir, config)
     run_dir.write_json(STATUS_FILE, {"state": "completed"})
+
+
+def _write_outputs(run_dir: RunDirectory, config: RunConfig) -> None:
+    """summary.json, report.html and plots, as a simulation writes them: the same files whatever ran the run."""
+    from fedmed.tasks import get_task
+
+    task = get_task(config.task)
+    try:
+        write_outputs(run_dir, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better)
+    except Exception:  # the model and metrics are safe already; `fedmed report RUN` redraws the report
+        logger.exception("could not write the report of %s; run 'fedmed report %s'", run_dir.path.name, run_dir.path)

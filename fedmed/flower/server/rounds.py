@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -67,6 +68,8 @@ def run_federation(
             np.random.set_state(checkpoint["numpy_random_state"])
         first_round = int(checkpoint["round"]) + 1
         logger.info("resuming %s from round %d", run_dir.path.name, first_round)
+    # Rows of rounds after the checkpoint were written by the run that died; they are re-run now.
+    run_dir.drop_rounds_after(first_round - 1)
 
     metric = get_task(config.task).primary_metric
     progress = RoundProgress(total_rounds=config.train.rounds, first_round=first_round, metric=metric)
@@ -88,16 +91,8 @@ def run_federation(
         if config.evaluation.cross_site and (last or (every and server_round % every == 0)):
             cross_site_evaluation(run, arrays, server_round=server_round, final=last)
         evaluated_at = time.perf_counter()
-        run_dir.save_checkpoint(
-            "latest",
-            {
-                "round": server_round,
-                "shared_state": layout.unpack(arrays),
-                "strategy_state": strategy_state(strategy),
-                "random_state": random.getstate(),
-                "numpy_random_state": np.random.get_state(),
-            },
-        )
+        # The round's row goes first: a crash between the two leaves a row the resume drops, never a
+        # checkpointed round without its row.
         run_dir.append_round(
             {
                 "round": server_round,
@@ -109,6 +104,16 @@ def run_federation(
                 **aggregation_record,
                 **noise_record,
             }
+        )
+        run_dir.save_checkpoint(
+            "latest",
+            {
+                "round": server_round,
+                "shared_state": layout.unpack(arrays),
+                "strategy_state": strategy_state(strategy),
+                "random_state": random.getstate(),
+                "numpy_random_state": np.random.get_state(),
+            },
         )
         progress.report(server_round, train=trained, evaluation=evaluation)
 
@@ -136,7 +141,8 @@ def _train_round(
     )
     replies = send_and_receive(run.grid, messages, timeout=run.timeout)
     usable = _usable_replies(replies, phase="train", site_names=run.site_names)
-    failures = _failures(messages, replies, run)
+    outcome = _outcome(messages, replies, run)
+    failures = outcome.describe()
     needed = quorum(config)
     if len(usable) < needed:
         raise RoundFailedError(
@@ -150,7 +156,11 @@ def _train_round(
     aggregated, _ = strategy.aggregate_train(server_round, usable)
     if aggregated is None:
         raise RoundFailedError(f"round {server_round}: the strategy produced no aggregate from {len(usable)} updates")
-    record = {"upload_bytes_per_site": max((payload_bytes(reply.content) for reply in usable), default=0)}
+    record = {
+        "upload_bytes_per_site": max((payload_bytes(reply.content) for reply in usable), default=0),
+        "sites_dropped": outcome.dropped,
+        "sites_refused": outcome.refused,
+    }
     return aggregated, _by_site(rows), record
 
 
@@ -177,7 +187,7 @@ def _evaluate_round(
     )
     replies = send_and_receive(run.grid, messages, timeout=run.timeout)
     usable = _usable_replies(replies, phase="evaluate", site_names=run.site_names)
-    for failure in _failures(messages, replies, run):
+    for failure in _outcome(messages, replies, run).describe():
         logger.warning("round %d: evaluation missing from %s", server_round, failure)
     return _by_site(_record(run.run_dir, usable, phase="evaluate", server_round=server_round))
 
@@ -227,17 +237,37 @@ def _usable_replies(replies: Iterable[Message], *, phase: str, site_names: dict[
     return sorted(usable, key=sender)
 
 
-def _failures(messages: list[Message], replies: list[Message], run: RunContext) -> list[str]:
+@dataclass
+class _Outcome:
+    """Which sites failed an exchange: refused (replied with an error: the reason they gave) or dropped
+    (no reply before the timeout)."""
+
+    refused: dict[str, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        return [
+            reason if reason.startswith(f"site {site}:") else f"{site}: {reason}"
+            for site, reason in self.refused.items()
+        ] + [f"{site}: no reply before the round timeout" for site in self.dropped]
+
+
+def _outcome(messages: list[Message], replies: list[Message], run: RunContext) -> _Outcome:
     answered = {reply.metadata.src_node_id for reply in replies}
-    failures = []
+    destinations = {message.metadata.dst_node_id for message in messages}
+    outcome = _Outcome()
     for reply in replies:
-        if reply.has_error():
-            site, reason = run.site_of(reply.metadata.src_node_id), reply.error.reason
-            failures.append(reason if reason.startswith(f"site {site}:") else f"{site}: {reason}")
-    for message in messages:
-        if message.metadata.dst_node_id not in answered:
-            failures.append(f"{run.site_of(message.metadata.dst_node_id)}: no reply before the round timeout")
-    return failures
+        # The SuperLink answers for a node that stopped sending heartbeats ("Node Unavailable"); such a
+        # site did not refuse anything: it is among the dropped, as it never replied itself.
+        if reply.has_error() and reply.metadata.src_node_id in destinations:
+            outcome.refused[run.site_of(reply.metadata.src_node_id)] = reply.error.reason
+    outcome.refused = dict(sorted(outcome.refused.items()))
+    outcome.dropped = sorted(
+        run.site_of(message.metadata.dst_node_id)
+        for message in messages
+        if message.metadata.dst_node_id not in answered
+    )
+    return outcome
 
 
 def _record(run_dir: RunDirectory, replies: list[Message], *, phase: str, server_round: int) -> list[dict]:

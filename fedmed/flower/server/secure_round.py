@@ -96,6 +96,9 @@ def secure_train_round(
                 site_errors=site_errors,
             )
             outcome.record["secagg_attempts"] = attempt
+            # A site that replied with an error refused (its reason kept); any other loss is a drop.
+            outcome.record["sites_refused"] = dict(sorted(site_errors.items()))
+            outcome.record["sites_dropped"] = sorted(set(outcome.record["secagg_dropped"]) - set(site_errors))
             return outcome
         except SecAggRoundError as error:
             failure = str(error)

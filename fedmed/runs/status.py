@@ -1,0 +1,136 @@
+"""What a run directory says about its run, told truthfully: its state (an `interrupted` run names the
+command that resumes it), per round which sites trained, dropped or refused and why, and per-site metrics
+marked stale when a site did not evaluate in the run's latest evaluation round.
+
+A run folder that cannot be read is reported as `broken` with the reason; it never stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from fedmed.config import load_run_config
+from fedmed.core.errors import FedmedError
+
+from .run_dir import STATUS_FILE, RunDirectory
+
+FINAL_STATES = ("completed", "failed", "interrupted")
+# Flower's run states that mean its ServerApp is gone: a status.json still saying `running` then is a lie.
+SERVER_APP_GONE = ("finished:failed", "finished:stopped", "finished:completed", "unknown")
+
+
+def process_identity() -> dict[str, Any]:
+    """Enough to tell later whether this process still runs (a pid alone can be reused)."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _start_ticks(os.getpid())}
+
+
+def process_alive(recorded: dict[str, Any]) -> bool | None:
+    """Whether the process that wrote `recorded` still runs; None when this machine cannot tell."""
+    pid = recorded.get("pid")
+    if not isinstance(pid, int) or recorded.get("host") != socket.gethostname():
+        return None
+    ticks = _start_ticks(pid)
+    if ticks is None:
+        return False
+    return recorded.get("process_start") in (None, ticks)
+
+
+def effective_state(recorded: dict[str, Any], *, flower_status: str | None = None) -> str:
+    """The state to show: status.json's, unless it says `running` for a ServerApp that is gone."""
+    gone = flower_status in SERVER_APP_GONE
+    if not recorded.get("state"):  # the ServerApp has not started yet, or never did
+        return "interrupted" if gone else ("submitted" if flower_status else "unknown")
+    state = str(recorded["state"])
+    if state != "running":
+        return state
+    if gone or process_alive(recorded) is False:
+        return "interrupted"
+    return state
+
+
+def resume_command(run_dir: Path, *, server_file: Path | None) -> str:
+    if server_file is None:  # a simulation
+        return f"fedmed simulate --resume {run_dir}"
+    return f"fedmed run --resume {run_dir} --server {server_file}"
+
+
+def round_history(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round: the sites that trained, dropped (no reply in time) and refused (with the reason they gave)."""
+    return [
+        {
+            "round": row.get("round"),
+            "trained": list(row.get("sites_trained", [])),
+            "dropped": list(row.get("sites_dropped", [])),
+            "refused": dict(row.get("sites_refused", {})),
+        }
+        for row in rounds
+    ]
+
+
+def latest_metrics(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each site's latest evaluation, with its round; `stale` when the site missed the run's latest
+    evaluation round (rounds without any evaluation, from eval_every, do not make metrics stale)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("phase") == "evaluate":
+            latest[row["site"]] = {k: v for k, v in row.items() if k not in ("site", "phase", "time")}
+    newest = max((int(row.get("round", 0)) for row in latest.values()), default=0)
+    for row in latest.values():
+        row["stale"] = int(row.get("round", 0)) < newest
+    return latest
+
+
+def describe_run(
+    run_dir: RunDirectory, *, flower_status: str | None = None, server_file: Path | None = None
+) -> dict[str, Any]:
+    """One run's status entry; a folder that cannot be read gives `state: broken` and the reason."""
+    try:
+        return _describe(run_dir, flower_status=flower_status, server_file=server_file)
+    except (FedmedError, OSError, ValueError, KeyError, TypeError) as error:
+        return {"run": run_dir.path.name, "state": "broken", "reason": _reason(error)}
+
+
+def _describe(run_dir: RunDirectory, *, flower_status: str | None, server_file: Path | None) -> dict[str, Any]:
+    config = load_run_config(run_dir.config_file)
+    recorded = run_dir.read_json(STATUS_FILE) or {}
+    if not isinstance(recorded, dict):
+        raise FedmedError(f"{run_dir.path / STATUS_FILE}: not a JSON object; delete it (the run's state is lost)")
+    rounds = run_dir.read_rounds()
+    state = effective_state(recorded, flower_status=flower_status)
+    finished = (run_dir.checkpoints / "final.pt").exists()
+    entry: dict[str, Any] = {
+        "run": run_dir.path.name,
+        "state": state,
+        "reason": recorded.get("reason"),
+        "rounds_done": int(rounds[-1]["round"]) if rounds else 0,
+        "rounds": config.train.rounds,
+        "round_history": round_history(rounds),
+        "last_metrics": latest_metrics(run_dir.read_metrics()),
+    }
+    if state == "interrupted" and not finished:
+        entry["resume"] = resume_command(run_dir.path, server_file=server_file)
+        if entry["reason"] is None:
+            entry["reason"] = "the process running the run ended before it finished"
+    return entry
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, FedmedError):
+        return str(error).splitlines()[0] if len(str(error)) > 300 else str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return -1
+        return -1
