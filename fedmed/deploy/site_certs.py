@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import pki
@@ -120,18 +121,23 @@ def sign_request(*, request_path: Path, site: str, ca_key_path: Path, ca_certifi
 
 
 def load_ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except FileNotFoundError:
-        raise pki.CertificateError(
-            f"{path}: the federation CA key is not here; signing a site's certificate needs it. Bring it from "
-            f"where it is kept offline, or set 'ca_key' in server.toml to its path"
-        ) from None
-    except ValueError as error:
-        raise pki.CertificateError(f"{path}: not the CA's PEM private key ({error})") from None
+    key = _load_private_key(
+        path,
+        missing="the federation CA key is not here; signing a site's certificate needs it. Bring it from where it "
+        "is kept offline, or set 'ca_key' in server.toml to its path",
+    )
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise pki.CertificateError(f"{path}: not an EC key; use the ca.key 'fedmed provision' made")
     return key
+
+
+def _load_private_key(path: Path, *, missing: str) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except FileNotFoundError:
+        raise pki.CertificateError(f"{path}: {missing}") from None
+    except (ValueError, TypeError) as error:  # TypeError: an encrypted key
+        raise pki.CertificateError(f"{path}: not an unencrypted PEM private key ({error})") from None
 
 
 def fingerprint(certificate: x509.Certificate) -> str:
@@ -143,15 +149,11 @@ def check_client_certificate(*, certificate_path: Path, key_path: Path, ca_certi
     """A site's client certificate is usable: signed by the kit's CA, valid now, for TLS clients, with its key."""
     certificate = pki.check_certificate_validity(certificate_path)
     check_issued_by(certificate, certificate_path=certificate_path, ca_certificate_path=ca_certificate_path)
-    try:
-        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
-    except FileNotFoundError:
-        raise pki.CertificateError(
-            f"{key_path}: the client certificate's private key is not here; it was made next to the certificate "
-            f"request by 'fedmed site keygen' (or is in the kit); set 'client_key' in site.toml to it"
-        ) from None
-    except ValueError as error:
-        raise pki.CertificateError(f"{key_path}: not a PEM private key ({error})") from None
+    key = _load_private_key(
+        key_path,
+        missing="the client certificate's private key is not here; it was made next to the certificate request "
+        "by 'fedmed site keygen' (or is in the kit); set 'client_key' in site.toml to it",
+    )
     if key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ) != certificate.public_key().public_bytes(

@@ -24,6 +24,7 @@ import torch
 from fedmed.config import RunConfig, dump_toml
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import atomic_path, write_text_atomic
+from fedmed.core.log import logger
 
 CHECKPOINT_FORMAT = 1
 
@@ -49,6 +50,18 @@ class RunDirectory:
             path = Path(output_dir) / f"{name}-{stamp}-{suffix}"
         path.mkdir(parents=True)
         return cls(path)
+
+    @classmethod
+    def to_resume(cls, path: Path, *, launcher: str) -> RunDirectory:
+        """An unfinished run directory; `launcher` ('fedmed run', 'fedmed simulate') names the command to use."""
+        run_dir = cls(Path(path))
+        if not run_dir.config_file.is_file():
+            raise FedmedError(f"{path}: no config.toml; give the run directory that '{launcher}' printed")
+        if (run_dir.checkpoints / "final.pt").exists():
+            raise FedmedError(f"{path}: this run finished; start a new one with '{launcher} CONFIG'")
+        checkpoint = run_dir.load_checkpoint("latest")
+        logger.info("resuming %s after round %s", run_dir.path.name, checkpoint["round"] if checkpoint else 0)
+        return run_dir
 
     # Paths -----------------------------------------------------------------------------------
     @property

@@ -68,13 +68,7 @@ def launch(server: ServerConfig, config: RunConfig) -> DeployedRun:
 
 def resume(server: ServerConfig, run_dir: Path) -> DeployedRun:
     """Continue a run from its last checkpoint (after a coordinator crash or a failed round)."""
-    directory = RunDirectory(Path(run_dir))
-    if not directory.config_file.exists():
-        raise FedmedError(f"{run_dir}: no config.toml; give the run directory that 'fedmed run' printed")
-    if (directory.checkpoints / "final.pt").exists():
-        raise FedmedError(f"{run_dir}: this run finished; start a new one with 'fedmed run CONFIG'")
-    checkpoint = directory.load_checkpoint("latest")
-    logger.info("resuming %s after round %s", directory.path.name, checkpoint["round"] if checkpoint else 0)
+    directory = RunDirectory.to_resume(run_dir, launcher="fedmed run")
     return _submit(server, load_run_config(directory.config_file), directory, resume=True)
 
 

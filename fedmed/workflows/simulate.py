@@ -106,13 +106,7 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: 
 
 def resume_simulation(path: Path) -> SimulationResult:
     """Continue an interrupted simulation from its last checkpoint."""
-    run_dir = RunDirectory(Path(path))
-    if not run_dir.config_file.is_file():
-        raise FedmedError(f"{path}: no config.toml; give the run directory that 'fedmed simulate' printed")
-    if (run_dir.checkpoints / "final.pt").exists():
-        raise FedmedError(f"{path}: this run finished; start a new one with 'fedmed simulate CONFIG'")
-    checkpoint = run_dir.load_checkpoint("latest")
-    logger.info("resuming %s after round %s", run_dir.path.name, checkpoint["round"] if checkpoint else 0)
+    run_dir = RunDirectory.to_resume(path, launcher="fedmed simulate")
     return simulate(load_run_config(run_dir.config_file), run_dir=run_dir, source=str(run_dir.config_file))
 
 
