@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmed.config import TaskConfig, apply_overrides, dump_toml, load_run_config, read_toml
+from fedmed.config import RunConfig, TaskConfig, apply_overrides, dump_toml, load_run_config, read_toml
 from fedmed.core.errors import ConfigError
 
 MINIMAL = """
@@ -121,3 +121,90 @@ def test_every_drift_experiment_arm_is_a_valid_run_config(name: str) -> None:
     for arm, changes in read_toml(REPO / "experiments" / "drift" / "arms.toml").items():
         raw = {**base, **{section: {**base.get(section, {}), **values} for section, values in changes.items()}}
         assert run_config_from_dict(raw, base=REPO).name, arm
+
+
+def synth(**changes: object) -> dict[str, object]:
+    settings: dict[str, object] = {"task": "segmentation", "spatial_dims": 3, "image_size": [24, 24, 24]}
+    settings["sites"] = [{"name": "a"}, {"name": "b"}]
+    settings.update(changes)
+    return settings
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"spacing": [1.0, 1.0]}, r"synth.spacing \[1.0, 1.0\] must be 3 positive voxel sizes"),
+        ({"spacing": [1.0, 0.0, 1.0]}, "must be 3 positive voxel sizes"),
+        (
+            {"sites": [{"name": "a", "spacing": [0.8, 3.0]}]},
+            "synth.sites a: spacing .* has 2 entries but spatial_dims is 3",
+        ),
+        ({"sites": [{"name": "a", "spacing": [1.0, -1.0, 1.0]}]}, "site a: spacing .* must list positive voxel sizes"),
+        (
+            {"sites": [{"name": "a", "spacing": [1.0, 1.0, 8.0]}]},
+            r"leaves only \[24, 24, 3\] voxels .* raise synth.image_size",
+        ),
+        ({"task": "classification", "num_classes": 3}, "only segmentation uses; classification .* set it to 2"),
+        ({"task": "enhancement", "num_classes": 4}, "only segmentation uses"),
+        ({"num_classes": 5}, "less than or equal to 4"),
+        ({"modalities": ["FLAIR", "flair"]}, "lists FLAIR, flair more than once"),
+        ({"modalities": ["FLAIR", " "]}, "has an empty name"),
+        ({"modalities": []}, "at least 1 item"),
+    ],
+)
+def test_synth_refuses_settings_that_make_no_sense(changes: dict[str, object], message: str) -> None:
+    from fedmed.config import SynthConfig, validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(SynthConfig, synth(**changes), source="synth.toml")
+
+
+def test_synth_spacing_gives_each_site_the_same_field_of_view() -> None:
+    from fedmed.config import SynthConfig
+
+    config = SynthConfig.model_validate(
+        synth(spacing=[1.0, 1.0, 1.25], sites=[{"name": "a"}, {"name": "b", "spacing": [0.8, 0.8, 3.0]}])
+    )
+    assert config.physical and config.field_of_view_mm == [24.0, 24.0, 30.0]
+    assert [config.site_shape(site) for site in config.sites] == [[24, 24, 24], [30, 30, 10]]
+    assert not SynthConfig.model_validate(synth()).physical
+
+
+RUN_WITH_SYNTH = """
+name = "t"
+[task]
+kind = "segmentation"
+spatial_dims = 3
+image_size = [16, 16, 16]
+{task}
+[synth]
+task = "segmentation"
+spatial_dims = 3
+image_size = [16, 16, 16]
+{synth}
+[[synth.sites]]
+name = "a"
+"""
+
+
+def test_run_config_and_its_synth_must_agree_on_channels_and_classes(tmp_path: Path) -> None:
+    def load(task: str, synth: str) -> RunConfig:
+        return load_run_config(write(tmp_path, RUN_WITH_SYNTH.format(task=task, synth=synth)))
+
+    with pytest.raises(
+        ConfigError, match=r"task.in_channels is 1 but synth.modalities .* gives 2 .*task.in_channels = 2"
+    ):
+        load("in_channels = 1", "modalities = ['FLAIR', 'T1']")
+    with pytest.raises(ConfigError, match=r"task.in_channels is 2 but synth.modalities"):
+        load("in_channels = 2", "")
+    with pytest.raises(
+        ConfigError, match=r"task.num_classes is 2 but synth.num_classes = 4 .* set task.num_classes = 4"
+    ):
+        load("", "num_classes = 4")
+    with pytest.raises(ConfigError, match=r"binarize_labels .* set task.num_classes = 2"):
+        load("num_classes = 4\nbinarize_labels = true", "num_classes = 4")
+    # Left unset, in_channels is taken from the data; binarized labels make a 2-class task of nested ones.
+    assert load("", "modalities = ['FLAIR', 'T1']").task.in_channels is None
+    assert load("binarize_labels = true", "num_classes = 4").task.num_classes == 2
+    agreed = load("in_channels = 2\nnum_classes = 4", "modalities = ['FLAIR', 'T1']\nnum_classes = 4")
+    assert agreed.synth is not None and agreed.synth.num_classes == agreed.task.num_classes == 4

@@ -155,3 +155,39 @@ def test_enhancement_training_beats_the_noisy_input() -> None:
     )
     metrics = task.evaluate(model, samples, device=CPU)
     assert metrics["psnr"] > metrics["psnr_input"] + 2.0
+
+
+def test_augmentations_beyond_flips_change_images_not_classes() -> None:
+    from fedmed.config import AugmentationConfig
+    from fedmed.tasks.augmentation import AugmentedSamples
+
+    config = TaskConfig(kind="classification", image_size=[224, 224])
+    samples = [{"image": torch.randn(1, 224, 224), "label": torch.tensor(index % 2)} for index in range(4)]
+    augmentation = AugmentationConfig(rotate_degrees=20, scale=0.1, gamma=0.2, probability=1.0)
+    augmented = AugmentedSamples(samples, config=config, augmentation=augmentation, seed=0)
+    first = augmented[1]
+    assert first["image"].shape == (1, 224, 224) and first["image"].dtype == torch.float32
+    assert not torch.equal(first["image"], samples[1]["image"])
+    assert first["label"].item() == 1 and first["label"].dtype == samples[1]["label"].dtype
+    again = AugmentedSamples(samples, config=config, augmentation=augmentation, seed=0)[1]
+    assert torch.equal(first["image"], again["image"]), "the same seed draws the same augmentation"
+
+
+def test_segmentation_labels_follow_rotations_as_classes() -> None:
+    from fedmed.config import AugmentationConfig
+    from fedmed.tasks.augmentation import AugmentedSamples
+
+    config = TaskConfig(kind="segmentation", image_size=[32, 32])
+    augmentation = AugmentationConfig(rotate_degrees=30, scale=0.2, probability=1.0)
+    augmented = AugmentedSamples(squares(2), config=config, augmentation=augmentation, seed=3)[0]
+    assert augmented["label"].dtype == torch.long
+    assert set(augmented["label"].unique().tolist()) <= {0, 1}, "nearest-neighbour: no invented classes"
+
+
+def test_classification_trains_at_224_with_augmentations() -> None:
+    task_config = TaskConfig(kind="classification", image_size=[224, 224])
+    train = TrainConfig(batch_size=2, augmentation={"rotate_degrees": 10, "scale": 0.1, "intensity_shift": 0.1})
+    samples = [{"image": torch.randn(1, 224, 224), "label": torch.tensor(index % 2)} for index in range(4)]
+    model = build_model(task_config, ModelConfig())
+    result = train_local(model, samples, task=get_task(task_config), train=train, epochs=1, seed=0, device=CPU)
+    assert result.steps == 2 and math.isfinite(result.loss)

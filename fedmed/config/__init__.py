@@ -15,9 +15,12 @@ from .loader import (
 )
 from .privacy import ClientDpConfig, DpSgdConfig, PrivacyBudget, SecAggConfig, SitePrivacyPolicy
 from .schema import (
+    AugmentationConfig,
     BaselinesConfig,
+    DataConfig,
     EngineConfig,
     EvaluationConfig,
+    InferenceConfig,
     ModelConfig,
     NormalizationConfig,
     RunConfig,
@@ -31,11 +34,14 @@ from .schema import (
 )
 
 __all__ = [
+    "AugmentationConfig",
     "BaselinesConfig",
     "ClientDpConfig",
+    "DataConfig",
     "DpSgdConfig",
     "EngineConfig",
     "EvaluationConfig",
+    "InferenceConfig",
     "ModelConfig",
     "NormalizationConfig",
     "PrivacyBudget",

@@ -6,6 +6,7 @@ Every section forbids unknown keys so a typo fails loudly instead of being ignor
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,24 @@ class TaskConfig(StrictModel):
     kind: TaskKind
     spatial_dims: Literal[2, 3] = 2
     num_classes: int = Field(2, ge=2, description="segmentation: classes incl. background; classification: classes")
-    image_size: list[int] = Field(default_factory=lambda: [64, 64], description="every image is resampled to this")
+    image_size: list[int] = Field(
+        default_factory=lambda: [64, 64], description="grid geometry: every image is resampled to this"
+    )
+    in_channels: int | None = Field(
+        None, ge=1, description="modalities per case; unset: taken from the sites' data (simulation) or 1"
+    )
+    class_names: list[str] | None = Field(
+        None, description="segmentation: names of the classes after background, for per-class metrics"
+    )
+    spacing: list[float] | None = Field(
+        None, description="scan geometry: resample every volume to this voxel spacing in mm (instead of image_size)"
+    )
+    orientation: str = Field("RAS", description="scan geometry: axis codes every volume is reoriented to")
+    crop_foreground: bool = Field(False, description="scan geometry: crop each volume to its non-zero bounding box")
+    regions: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="segmentation: evaluated regions, each the union of label values (e.g. whole_tumour = [1, 2, 3])",
+    )
     intensity: IntensityMode = "zscore"
     binarize_labels: bool = Field(False, description="segmentation: map every label > 0 to 1 (e.g. a brain mask)")
     enhancement: Literal["denoise", "superres"] = "denoise"
@@ -41,8 +59,58 @@ class TaskConfig(StrictModel):
             data = {**data, "intensity": "percentile" if data.get("kind") == "enhancement" else "zscore"}
         return data
 
+    @property
+    def scan_geometry(self) -> bool:
+        """Volumes at native size resampled to `spacing`, trained on patches and validated by sliding window."""
+        return self.spacing is not None
+
+    @property
+    def channels(self) -> int:
+        return self.in_channels or 1
+
+    def class_name(self, value: int) -> str:
+        if self.class_names and 1 <= value <= len(self.class_names):
+            return self.class_names[value - 1]
+        return f"class{value}"
+
+    @model_validator(mode="after")
+    def _check_scan_geometry(self) -> TaskConfig:
+        if sorted(axis for code in self.orientation for axis in ("LR", "AP", "SI") if code in axis) != [
+            "AP",
+            "LR",
+            "SI",
+        ]:
+            raise ValueError(f"task.orientation '{self.orientation}' must name each axis once, e.g. 'RAS' or 'LPS'")
+        if self.spacing is not None:
+            if self.spatial_dims != 3 or self.kind == "classification":
+                raise ValueError(
+                    "task.spacing (scan geometry) is for 3D segmentation and enhancement; 2D images and "
+                    "classification use task.image_size"
+                )
+            if len(self.spacing) != 3 or any(value <= 0 for value in self.spacing):
+                raise ValueError(f"task.spacing {self.spacing} must be 3 positive voxel sizes in mm, e.g. [1, 1, 1]")
+            if self.intensity in ("site_zscore", "site_percentile", "nyul"):
+                raise ValueError(
+                    f"task.intensity '{self.intensity}' needs every image in memory and is not available with "
+                    "task.spacing; use 'zscore' (MRI, per channel), 'percentile' or 'ct_window' (CT)"
+                )
+        if self.class_names is not None and len(self.class_names) != self.num_classes - 1:
+            raise ValueError(
+                f"task.class_names has {len(self.class_names)} names but task.num_classes = {self.num_classes} "
+                f"means {self.num_classes - 1} classes after background"
+            )
+        for region, values in self.regions.items():
+            bad = [value for value in values if not 1 <= value < self.num_classes]
+            if not values or bad:
+                raise ValueError(
+                    f"task.regions.{region} = {values}: list label values between 1 and {self.num_classes - 1}"
+                )
+        return self
+
     @model_validator(mode="after")
     def _image_size_matches_dims(self) -> TaskConfig:
+        if self.scan_geometry:
+            return self  # no fixed grid: volumes keep their size at task.spacing
         if len(self.image_size) != self.spatial_dims:
             raise ValueError(
                 f"image_size has {len(self.image_size)} entries but spatial_dims is {self.spatial_dims}; "
@@ -71,6 +139,30 @@ class ModelConfig(StrictModel):
     norm: Literal["instance", "group", "batch"] | None = None
     dropout: float | None = Field(None, ge=0, lt=1)
 
+    @property
+    def total_stride(self) -> int:
+        """How much a UNet-style network downsamples (inputs must be divisible by it); 1 for other networks."""
+        if self.name not in ("default", "unet", "residual-unet"):
+            return 1
+        strides = self.strides or [2] * (len(self.channels or [16, 32, 64]) - 1)
+        return math.prod(strides)
+
+
+class AugmentationConfig(StrictModel):
+    """Random training augmentations (MONAI dictionary transforms); each is off at 0."""
+
+    flips: bool = Field(True, description="flip along every spatial axis with probability 1/2")
+    rotate_degrees: float = Field(0.0, ge=0, le=180, description="random rotation up to this angle per axis")
+    scale: float = Field(0.0, ge=0, lt=1, description="random zoom by a factor in [1 - scale, 1 + scale]")
+    intensity_shift: float = Field(0.0, ge=0, description="add an offset up to this (normalized intensity units)")
+    intensity_scale: float = Field(0.0, ge=0, lt=1, description="multiply intensities by 1 + a factor up to this")
+    gamma: float = Field(0.0, ge=0, lt=1, description="gamma contrast in [1 - gamma, 1 + gamma]")
+    probability: float = Field(0.2, gt=0, le=1, description="chance that each spatial or intensity augmentation runs")
+
+    @property
+    def beyond_flips(self) -> bool:
+        return any((self.rotate_degrees, self.scale, self.intensity_shift, self.intensity_scale, self.gamma))
+
 
 class TrainConfig(StrictModel):
     rounds: int = Field(5, ge=1)
@@ -81,8 +173,23 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="mixed precision; used only on CUDA")
-    augment: bool = Field(True, description="random flips along every spatial axis during training")
+    augment: bool = Field(True, description="switches every augmentation in [train.augmentation] on or off")
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     eval_every: int = Field(1, ge=1, description="evaluate the global model at every site every N rounds")
+    patch_size: list[int] | None = Field(
+        None, description="scan geometry: train on random patches of this size (voxels after resampling)"
+    )
+    samples_per_volume: int = Field(1, ge=1, description="scan geometry: patches drawn from each case per epoch")
+    sampling: Literal["pos_neg", "classes", "uniform"] = Field(
+        "pos_neg", description="segmentation patches: centred on foreground/background, on each class, or anywhere"
+    )
+    positive_fraction: float = Field(0.5, ge=0, le=1, description="pos_neg: share of patches centred on foreground")
+
+    @model_validator(mode="after")
+    def _check_patch(self) -> TrainConfig:
+        if self.patch_size is not None and any(size < 8 for size in self.patch_size):
+            raise ValueError(f"train.patch_size {self.patch_size} is too small; use at least 8 voxels per axis")
+        return self
 
 
 class StrategyConfig(StrictModel):
@@ -150,6 +257,27 @@ class EvaluationConfig(StrictModel):
     )
 
 
+class DataConfig(StrictModel):
+    """How a site holds its preprocessed cases (scan geometry): memory stays bounded whatever their number."""
+
+    cache: Literal["disk", "memory", "none"] = Field(
+        "disk",
+        description="disk: every preprocessed case in the site's state folder (RAM does not grow with cases); "
+        "memory: up to max_cached_cases in RAM; none: preprocess on every read",
+    )
+    max_cached_cases: int = Field(16, ge=0, description="memory cache: at most this many preprocessed cases in RAM")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes for training patches")
+
+
+class InferenceConfig(StrictModel):
+    """Sliding-window inference on whole volumes (scan geometry): validation and prediction."""
+
+    roi_size: list[int] | None = Field(None, description="window size in voxels; default: train.patch_size")
+    overlap: float = Field(0.5, ge=0, lt=1)
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    sw_batch_size: int = Field(2, ge=1)
+
+
 class BaselinesConfig(StrictModel):
     local_only: bool = False
     pooled: bool = False
@@ -176,23 +304,116 @@ class SiteDrift(StrictModel):
     )
     train_cases: int | None = Field(None, ge=1)
     val_cases: int | None = Field(None, ge=1)
+    spacing: list[float] | None = Field(
+        None, description="native voxel size in mm of this site's scanner (default: synth.spacing), e.g. [0.8, 0.8, 3]"
+    )
+
+    @model_validator(mode="after")
+    def _check_spacing(self) -> SiteDrift:
+        if self.spacing is not None and (not self.spacing or any(value <= 0 for value in self.spacing)):
+            raise ValueError(f"site {self.name}: spacing {self.spacing} must list positive voxel sizes in mm")
+        return self
+
+
+# A site's grid needs a few voxels per axis for a phantom (and a network) to make sense of it.
+MIN_SYNTH_VOXELS = 4
 
 
 class SynthConfig(StrictModel):
     task: TaskKind
     spatial_dims: Literal[2, 3] = 2
-    image_size: list[int] = Field(default_factory=lambda: [64, 64])
+    image_size: list[int] = Field(
+        default_factory=lambda: [64, 64],
+        description="voxels per axis; with spacing (here or at a site): the field of view in voxels of synth.spacing",
+    )
     train_cases: int = Field(12, ge=1)
     val_cases: int = Field(6, ge=1)
     seed: int = 0
     sites: list[SiteDrift] = Field(min_length=1)
+    modalities: list[str] = Field(
+        default_factory=lambda: ["MRI"],
+        min_length=1,
+        description="co-registered images per case, named after their contrast (FLAIR, T1, T1Gd, T2; MRI: generic)",
+    )
+    num_classes: int = Field(
+        2, ge=2, le=4, description="segmentation: 3 or 4 give lesions nested sub-regions (oedema > core > enhancing)"
+    )
+    spacing: list[float] | None = Field(
+        None, description="reference voxel size in mm (default 1): sites write the same field of view at their spacing"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SynthConfig:
         if len(self.image_size) != self.spatial_dims:
             raise ValueError(f"image_size has {len(self.image_size)} entries but spatial_dims is {self.spatial_dims}")
         _check_unique_names([site.name for site in self.sites], "synth.sites")
+        self._check_modalities()
+        if self.num_classes > 2 and self.task != "segmentation":
+            raise ValueError(
+                f"synth.num_classes = {self.num_classes} gives lesions nested label regions, which only segmentation "
+                f"uses; {self.task} cases are generated without them: remove synth.num_classes (or set it to 2)"
+            )
+        self._check_spacing()
         return self
+
+    def _check_modalities(self) -> None:
+        if any(not name.strip() for name in self.modalities):
+            raise ValueError(f"synth.modalities {self.modalities} has an empty name; name each modality, e.g. 'FLAIR'")
+        folded = [name.strip().lower() for name in self.modalities]
+        repeated = sorted({name for name, key in zip(self.modalities, folded) if folded.count(key) > 1})
+        if repeated:
+            raise ValueError(
+                f"synth.modalities lists {', '.join(repeated)} more than once; give each modality once, "
+                "e.g. ['FLAIR', 'T1']"
+            )
+
+    def _check_spacing(self) -> None:
+        dims = self.spatial_dims
+        example = [1.0] * (dims - 1) + [3.0]
+        if self.spacing is not None and (len(self.spacing) != dims or any(value <= 0 for value in self.spacing)):
+            raise ValueError(
+                f"synth.spacing {self.spacing} must be {dims} positive voxel sizes in mm (one per spatial "
+                f"dimension), e.g. {example}"
+            )
+        for site in self.sites:
+            if site.spacing is None:
+                continue
+            if len(site.spacing) != dims:
+                raise ValueError(
+                    f"synth.sites {site.name}: spacing {site.spacing} has {len(site.spacing)} entries but "
+                    f"spatial_dims is {dims}; give one voxel size per axis, e.g. {example}"
+                )
+            shape = self.site_shape(site)
+            if min(shape) < MIN_SYNTH_VOXELS:
+                raise ValueError(
+                    f"synth.sites {site.name}: spacing {site.spacing} leaves only {shape} voxels for the "
+                    f"{self.field_of_view_mm} mm field of view; use at least {MIN_SYNTH_VOXELS} per axis: lower "
+                    "the site's spacing or raise synth.image_size"
+                )
+
+    @property
+    def physical(self) -> bool:
+        """Whether sites write at a voxel spacing of their own (any spacing set), in millimetre coordinates."""
+        return self.spacing is not None or any(site.spacing is not None for site in self.sites)
+
+    @property
+    def reference_spacing(self) -> list[float]:
+        return list(self.spacing) if self.spacing is not None else [1.0] * self.spatial_dims
+
+    @property
+    def field_of_view_mm(self) -> list[float]:
+        """The imaged region: image_size voxels at the reference spacing, the same at every site."""
+        return [size * step for size, step in zip(self.image_size, self.reference_spacing)]
+
+    def site_spacing(self, site: SiteDrift) -> list[float]:
+        return list(site.spacing) if site.spacing is not None else self.reference_spacing
+
+    def site_shape(self, site: SiteDrift) -> list[int]:
+        """Voxels per axis of a site's volumes: the field of view at the site's own spacing, rounded half up."""
+        return [
+            max(1, math.floor(extent / step + 0.5))
+            for extent, step in zip(self.field_of_view_mm, self.site_spacing(site))
+        ]
 
 
 class RunConfig(StrictModel):
@@ -207,6 +428,8 @@ class RunConfig(StrictModel):
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
     sites: list[SiteEntry] = Field(default_factory=list, description="simulation: the sites' data folders")
     synth: SynthConfig | None = Field(None, description="simulation: generate the sites")
     dp_sgd: DpSgdConfig = Field(default_factory=DpSgdConfig)
@@ -228,6 +451,7 @@ class RunConfig(StrictModel):
                     f"synth.spatial_dims {self.synth.spatial_dims} differs from task.spatial_dims "
                     f"{self.task.spatial_dims}"
                 )
+            self._check_synth_matches_task(self.synth)
         _check_unique_names(self.site_names, "sites")
         if self.site_names and self.strategy.min_sites is not None and self.strategy.min_sites > len(self.site_names):
             raise ValueError(
@@ -235,7 +459,69 @@ class RunConfig(StrictModel):
                 f"{len(self.site_names)} site(s); lower min_sites"
             )
         self._check_privacy()
+        self._check_scan_geometry()
         return self
+
+    def _check_synth_matches_task(self, synth: SynthConfig) -> None:
+        task = self.task
+        modalities = len(synth.modalities)
+        # in_channels unset is resolved from the data; set, it must be what the generated cases hold.
+        if task.in_channels is not None and task.in_channels != modalities:
+            raise ValueError(
+                f"task.in_channels is {task.in_channels} but synth.modalities {synth.modalities} gives {modalities} "
+                f"image(s) per case; set task.in_channels = {modalities} or remove it (it is then taken from the data)"
+            )
+        # binarize_labels folds every label into one class, so the task then has 2 whatever the synth writes.
+        expected = 2 if task.binarize_labels else synth.num_classes
+        if task.kind == "segmentation" and task.num_classes != expected:
+            fix = (
+                "task.binarize_labels maps every label > 0 to 1: set task.num_classes = 2"
+                if task.binarize_labels
+                else f"set task.num_classes = {synth.num_classes}, or synth.num_classes = {task.num_classes}"
+            )
+            raise ValueError(
+                f"task.num_classes is {task.num_classes} but synth.num_classes = {synth.num_classes} writes label "
+                f"maps with {synth.num_classes} classes (background included); {fix}"
+            )
+
+    def _check_scan_geometry(self) -> None:
+        task, train = self.task, self.train
+        if not task.scan_geometry:
+            if train.patch_size is not None:
+                raise ValueError(
+                    "train.patch_size needs task.spacing (scan geometry); set task.spacing, e.g. [1, 1, 1]"
+                )
+            return
+        if train.patch_size is None:
+            raise ValueError(
+                "task.spacing trains on patches: set train.patch_size (voxels after resampling), e.g. [64, 64, 64]"
+            )
+        if len(train.patch_size) != 3:
+            raise ValueError(f"train.patch_size {train.patch_size} needs 3 entries for 3D volumes")
+        roi = self.inference.roi_size
+        if roi is not None and len(roi) != 3:
+            raise ValueError(f"inference.roi_size {roi} needs 3 entries for 3D volumes")
+        superres = task.kind == "enhancement" and task.enhancement == "superres"
+        if superres and any(size % task.superres_factor for size in train.patch_size):
+            raise ValueError(
+                f"train.patch_size {train.patch_size} must be divisible by superres_factor {task.superres_factor}"
+            )
+        divisor = self.model.total_stride
+        if divisor > 1 and any(size % divisor for size in [*train.patch_size, *(roi or [])]):
+            raise ValueError(
+                f"train.patch_size {train.patch_size} (and inference.roi_size) must be divisible by the UNet's total "
+                f"stride {divisor}; change the patch size or model.strides"
+            )
+        if self.dp_sgd.enabled and train.samples_per_volume > 1:
+            raise ValueError(
+                "dp_sgd protects each case: with train.samples_per_volume > 1 one patient would count several "
+                "times per step; set train.samples_per_volume = 1"
+            )
+
+    @property
+    def roi_size(self) -> list[int]:
+        """The sliding window's size: inference.roi_size, else the training patch."""
+        return list(self.inference.roi_size or self.train.patch_size or self.task.image_size)
 
     def _check_privacy(self) -> None:
         if self.secagg.enabled and self.strategy.name not in ("fedavg", "fedprox"):

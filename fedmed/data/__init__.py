@@ -5,7 +5,7 @@ so importing this package stays cheap.
 """
 
 from .drift import apply_drift
-from .federate import cases_from_folder_pairs, split_into_sites
+from .federate import cases_from_folder_pairs, cases_from_subfolders, split_into_sites
 from .loading import Sample, SiteData, clear_site_cache, load_site
 from .manifest import Case, Manifest, read_manifest, write_manifest
 from .npz import NpzSite, read_npz_site
@@ -25,6 +25,7 @@ __all__ = [
     "ValidationReport",
     "apply_drift",
     "cases_from_folder_pairs",
+    "cases_from_subfolders",
     "check_site",
     "clear_site_cache",
     "load_site",

@@ -53,7 +53,9 @@ def bias_field(shape: tuple[int, ...], *, amplitude: float, rng: np.random.Gener
     A random polynomial of degree 2 in the normalised coordinates: low-frequency like a receive-coil
     sensitivity profile, and cheap at any image size.
     """
-    axes = np.meshgrid(*[np.linspace(-1.0, 1.0, size) for size in shape], indexing="ij")
+    # Open grids: each term is only as big as the axes it involves, so a large volume holds a few full-size
+    # arrays instead of one per term (same values, element by element).
+    axes = np.meshgrid(*[np.linspace(-1.0, 1.0, size) for size in shape], indexing="ij", sparse=True)
     terms = [np.ones(shape), *axes]
     terms += [first * second for first, second in itertools.combinations_with_replacement(axes, 2)]
     coefficients = rng.normal(0.0, 1.0, size=len(terms))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -96,6 +97,22 @@ def _first_line(error: BaseException) -> str:
 def spatial_array(image: MetaTensor) -> np.ndarray:
     """The first channel as a NumPy array (no channel axis)."""
     return np.asarray(image.detach().cpu().numpy()[0])
+
+
+def stack_modalities(images: Sequence[MetaTensor]) -> MetaTensor:
+    """A case's modalities as the channels of one image, in order, with the first one's affine and metadata.
+
+    The caller has checked that they share one grid; trailing singleton axes (a 2D slice stored as
+    (H, W, 1)) may still differ, so each is laid out like the first before concatenating.
+    """
+    import torch
+
+    first = images[0]
+    if len(images) == 1:
+        return first
+    others = [image.reshape(image.shape[0], *first.shape[1:]) for image in images[1:]]
+    # torch.cat keeps the first MetaTensor's metadata (affine included), which the RAS reorientation reads.
+    return torch.cat([first, *others], dim=0)
 
 
 def affine_of(image: MetaTensor) -> np.ndarray:

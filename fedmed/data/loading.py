@@ -118,6 +118,8 @@ def per_image_intensity(task: TaskConfig) -> str:
 
 
 def preprocess_case(checked: CheckedCase, *, task: TaskConfig) -> Sample:
+    """A checked case on the task's grid; a multi-modal image stays C-channel (reoriented, resized and
+    normalized per channel, all channels on one grid)."""
     image: Any = checked.image.float()
     label: Any = checked.label
     is_label_map = task.kind == "segmentation"

@@ -44,10 +44,19 @@ ManifestKind = Literal["segmentation", "classification", "enhancement", "mixed"]
 
 @dataclass(frozen=True)
 class Case:
-    """One image; `label` is a label-map path (segmentation), a class index, or None (enhancement)."""
+    """One case; `label` is a label-map path (segmentation), a class index, or None (enhancement).
+
+    A multi-modal case (MSD: `"image": [flair, t1]`) keeps its first modality in `image` and the others,
+    co-registered with it, in `other_modalities`; together they are the network's input channels.
+    """
 
     image: Path
     label: Path | int | None = None
+    other_modalities: tuple[Path, ...] = ()
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        return (self.image, *self.other_modalities)
 
 
 @dataclass(frozen=True)
@@ -234,12 +243,17 @@ def _cases(value: Any, *, key: str, where: str, site_dir: Path, problems: list[D
         at = f"{key}[{position}]"
         if isinstance(entry, str):
             entry = {"image": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"]:
+        images = entry.get("image") if isinstance(entry, dict) else None
+        if isinstance(images, str):
+            images = [images]
+        if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
             problems.append(
                 DataProblem(
                     where,
-                    f"{at} must be an object with an 'image' path string, got {json.dumps(entry)[:80]}",
-                    f'write {at} as {{"image": "./imagesTr/x.nii.gz", "label": ...}}',
+                    f"{at} must be an object with an 'image' path string (or a list of them, one per modality), "
+                    f"got {json.dumps(entry)[:80]}",
+                    f'write {at} as {{"image": "./imagesTr/x.nii.gz", "label": ...}} or '
+                    f'{{"image": ["./flair.nii.gz", "./t1.nii.gz"], ...}}',
                 )
             )
             continue
@@ -260,7 +274,8 @@ def _cases(value: Any, *, key: str, where: str, site_dir: Path, problems: list[D
             parsed = label
         else:
             parsed = _resolve(site_dir, label)
-        cases.append(Case(image=_resolve(site_dir, entry["image"]), label=parsed))
+        paths = [_resolve(site_dir, text) for text in images]
+        cases.append(Case(image=paths[0], label=parsed, other_modalities=tuple(paths[1:])))
     return cases
 
 
@@ -291,6 +306,15 @@ def _cross_checks(
             )
         )
     overlap = {case.image for case in splits["training"]} & {case.image for case in splits["validation"]}
+    modalities = sorted({len(case.images) for case in cases})
+    if len(modalities) > 1:
+        problems.append(
+            DataProblem(
+                where,
+                f"cases list different numbers of modality files ({', '.join(map(str, modalities))})",
+                "give every case the same modalities in the same order (the 'modality' key names them)",
+            )
+        )
     if overlap:
         problems.append(
             DataProblem(
@@ -348,7 +372,8 @@ def write_manifest(
 
 
 def _case_entry(case: Case, site_dir: Path) -> dict[str, Any]:
-    entry: dict[str, Any] = {"image": _relative(case.image, site_dir)}
+    images = [_relative(path, site_dir) for path in case.images]
+    entry: dict[str, Any] = {"image": images if len(images) > 1 else images[0]}
     if isinstance(case.label, Path):
         entry["label"] = _relative(case.label, site_dir)
     elif case.label is not None:

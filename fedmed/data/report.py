@@ -22,6 +22,8 @@ class ValidationReport:
     intensity_min: float | None = None
     intensity_max: float | None = None
     label_counts: dict[int, int] = field(default_factory=dict)
+    # Channels per case (modalities, or channels of a 4D file); None until a case was read.
+    channels: int | None = None
 
     @property
     def errors(self) -> list[DataProblem]:
@@ -59,6 +61,8 @@ class ValidationReport:
         lines = [f"{self.path} ({self.kind or 'unknown kind'}): {counts}"]
         if shapes:
             lines.append(f"  image shapes: {shapes}")
+        if self.channels is not None:
+            lines.append(f"  channels per case: {self.channels}")
         if self.intensity_min is not None:
             lines.append(f"  intensity range: {self.intensity_min:.4g} .. {self.intensity_max:.4g}")
         if self.label_counts:

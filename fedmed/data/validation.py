@@ -1,13 +1,14 @@
 """Check a site's data before anything trains on it; every problem names the file and the fix.
 
 Each file is read once. The loader reuses the same scan (`iter_site_cases`), so loading a site validates
-it without reading any file twice, and validation never writes anything.
+it without reading any file twice, and validation never writes anything. A case's modalities (an MSD
+"image" list, or the channels of a 4D NIfTI) must share one voxel grid and become the channels of one image.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,15 @@ import numpy as np
 
 from fedmed.config.schema import TaskConfig
 
-from .io import ImageReadError, WrongFileTypeError, affine_of, image_format, read_image, spatial_array
+from .io import (
+    ImageReadError,
+    WrongFileTypeError,
+    affine_of,
+    image_format,
+    read_image,
+    spatial_array,
+    stack_modalities,
+)
 from .manifest import SPLITS, Case, Manifest, parse_manifest
 from .npz import check_npz_site, is_npz_site, parse_npz_site
 from .preprocess import spatial_shape_of
@@ -35,16 +44,19 @@ __all__ = [
     "check_npz_site",
     "check_site",
     "iter_site_cases",
+    "modality_grid_problems",
     "raise_if_errors",
     "validate_site",
 ]
 
 AFFINE_TOLERANCE_MM = 1e-3
+# One statistic (or one landmark set) per site: these modes have no notion of channels.
+SINGLE_CHANNEL_INTENSITY_MODES = ("site_zscore", "site_percentile", "nyul")
 
 
 @dataclass
 class CheckedCase:
-    """A case whose files were read and passed every check."""
+    """A case whose files were read and passed every check; `image` holds every modality as a channel."""
 
     split: str
     index: int
@@ -62,6 +74,7 @@ def validate_site(path: Path, *, task: TaskConfig | None = None) -> ValidationRe
         report.problems.extend(problems)
         if site is not None:
             check_npz_site(site, task=task, report=report)
+            report.channels = 1  # an .npz site stacks single-channel images (its check refuses anything else)
         return report
     manifest, problems = parse_manifest(path)
     report.problems.extend(problems)
@@ -141,22 +154,40 @@ class _CaseChecker:
         self.report = report
         self.declared = set(manifest.labels)
         self.dims_seen: Counter[int] = Counter()
+        # The first case read sets the site's channel count; every other case must match it.
+        self.channels: int | None = None
+        self.channels_entry = ""
         # An enhancement task never looks at labels, so it need not read them.
         self.read_labels = task is None or task.kind != "enhancement"
 
     def check(self, *, split: str, index: int, case: Case) -> CheckedCase | None:
         entry = f"dataset.json {split}[{index}]"
         before = len(errors_in(self.report.problems))
-        image = self._read(case.image, role="image", entry=entry)
+        paths = case.images
+        parts = [
+            self._read(path, role="image", entry=entry if len(paths) == 1 else f"{entry}, modality {position}")
+            for position, path in enumerate(paths)
+        ]
         label: Any = None
         if self.read_labels and isinstance(case.label, Path):
             label = self._read(case.label, role="label", entry=entry)
         elif self.read_labels and isinstance(case.label, int):
             label = self._check_class(case.label, entry=entry)
+        image: MetaTensor | None = None
+        if all(part is not None for part in parts):
+            read = [part for part in parts if part is not None]
+            for part, path in zip(read, paths):
+                self._check_finite(part, path=path, entry=entry)
+            grid = modality_grid_problems(read, paths=paths, entry=entry)
+            self.report.problems.extend(grid)
+            if not grid:
+                image = stack_modalities(read)
         if image is not None:
             self._check_image(image, path=case.image, entry=entry)
-        if image is not None and label is not None and isinstance(case.label, Path):
-            self._check_label_map(label, image=image, path=case.label, image_path=case.image, entry=entry)
+        first = parts[0]
+        # Label maps are drawn on the first modality; the others were just checked against it.
+        if first is not None and label is not None and isinstance(case.label, Path):
+            self._check_label_map(label, image=first, path=case.label, image_path=case.image, entry=entry)
         if len(errors_in(self.report.problems)) > before or image is None:
             return None
         return CheckedCase(split=split, index=index, case=case, image=image, label=label)
@@ -216,38 +247,85 @@ class _CaseChecker:
 
     def _check_image(self, image: MetaTensor, *, path: Path, entry: str) -> None:
         where = str(path)
-        if image.shape[0] != 1:
-            self.report.add(
-                DataProblem(
-                    where,
-                    f"image has {image.shape[0]} channels ({entry})",
-                    "fedmed models take single-channel images: keep one modality per file or convert to grayscale",
-                )
-            )
-            return
-        values = spatial_array(image)
-        shape = spatial_shape_of(values.shape)
+        shape = spatial_shape_of(image.shape[1:])
         self.dims_seen[len(shape)] += 1
-        self.report.record_image(shape, values)
+        self.report.record_image(shape, spatial_array(image))
         if self.task is not None and len(shape) != self.task.spatial_dims:
             self.report.add(
                 DataProblem(
                     where,
-                    f"image is {len(shape)}D (shape {tuple(values.shape)}) but task.spatial_dims is "
+                    f"image is {len(shape)}D (shape {tuple(image.shape[1:])}) but task.spatial_dims is "
                     f"{self.task.spatial_dims} ({entry})",
                     f"set task.spatial_dims = {len(shape)} with a matching image_size, or use "
                     f"{self.task.spatial_dims}D images",
                 )
             )
+        self._check_channels(int(image.shape[0]), path=path, entry=entry)
+
+    def _check_finite(self, image: MetaTensor, *, path: Path, entry: str) -> None:
+        """Every channel of one file: the problem names the file that holds the bad voxels."""
+        values = image.detach().cpu().numpy()
         bad = int(values.size - np.count_nonzero(np.isfinite(values))) if values.dtype.kind == "f" else 0
         if bad:
             self.report.add(
                 DataProblem(
-                    where,
+                    str(path),
                     f"image has {bad} NaN/Inf voxel(s) ({entry})",
                     "re-export the image, or replace non-finite voxels (e.g. numpy.nan_to_num) before training",
                 )
             )
+
+    def _check_channels(self, channels: int, *, path: Path, entry: str) -> None:
+        if self.channels is None:
+            self.channels, self.channels_entry = channels, entry
+            self.report.channels = channels
+            self.report.problems.extend(self._channel_fit(channels, path=path, entry=entry))
+        elif channels != self.channels:
+            self.report.add(
+                DataProblem(
+                    str(path),
+                    f"image has {channels} channel(s) but {self.channels_entry} has {self.channels} ({entry})",
+                    "give every case the same modalities in the same order (as many channels each), or remove "
+                    f"this case from {self.manifest.source.name}",
+                )
+            )
+
+    def _channel_fit(self, channels: int, *, path: Path, entry: str) -> list[DataProblem]:
+        """The site's channel count against the manifest's modality names and the task; checked once."""
+        problems: list[DataProblem] = []
+        declared = self.manifest.modality
+        if declared and len(declared) != channels:
+            names = ", ".join(declared[key] for key in sorted(declared))
+            example = ", ".join(f'"{i}": "{declared.get(i, f"modality{i}")}"' for i in range(channels))
+            problems.append(
+                DataProblem(
+                    str(self.manifest.source),
+                    f"'modality' names {len(declared)} channel(s) ({names}) but the images have {channels} "
+                    f"(first case read: {entry})",
+                    f'name one modality per image channel in {self.manifest.source.name}, e.g. "modality": '
+                    f"{{{example}}}, or list the missing modality files",
+                )
+            )
+        if self.task is None:
+            return problems
+        if self.task.in_channels is not None and self.task.in_channels != channels:
+            problems.append(
+                DataProblem(
+                    str(path),
+                    f"image has {channels} channel(s) but task.in_channels is {self.task.in_channels} ({entry})",
+                    f"set task.in_channels = {channels}, or give every case {self.task.in_channels} channel(s)",
+                )
+            )
+        if channels > 1 and self.task.intensity in SINGLE_CHANNEL_INTENSITY_MODES:
+            problems.append(
+                DataProblem(
+                    str(self.manifest.source),
+                    f"task.intensity '{self.task.intensity}' fits one intensity scale per site for single-channel "
+                    f"images, but these cases have {channels} channels",
+                    "set task.intensity = 'zscore' or 'percentile' (normalized per image and per channel)",
+                )
+            )
+        return problems
 
     def _check_label_map(
         self, label: MetaTensor, *, image: MetaTensor, path: Path, image_path: Path, entry: str
@@ -270,7 +348,7 @@ class _CaseChecker:
                 )
             )
             return
-        difference = float(np.max(np.abs(affine_of(label) - affine_of(image))))
+        difference = _affine_difference(affine_of(label), affine_of(image))
         if difference > AFFINE_TOLERANCE_MM:
             self.report.add(
                 DataProblem(
@@ -341,6 +419,49 @@ class _CaseChecker:
             return None
         self.report.record_labels({value: 1})
         return value
+
+
+def modality_grid_problems(images: Sequence[MetaTensor], *, paths: Sequence[Path], entry: str) -> list[DataProblem]:
+    """Every further modality of a case must lie on the first one's voxel grid: same shape and affine.
+
+    A network sees the modalities as channels of one voxel, so a shifted or resampled modality would
+    silently pair each voxel with another place in the body.
+    """
+    problems: list[DataProblem] = []
+    first, first_path = images[0], Path(paths[0])
+    shape = spatial_shape_of(first.shape[1:])
+    for position, (image, path) in enumerate(zip(images[1:], paths[1:]), start=1):
+        other = spatial_shape_of(image.shape[1:])
+        where = f"{entry}, modality {position}"
+        if other != shape:
+            problems.append(
+                DataProblem(
+                    str(path),
+                    f"modality shape {other} differs from shape {shape} of {first_path.name} ({where})",
+                    f"resample every modality onto the grid of {first_path.name} (co-register them), or list the "
+                    "right files in the case's 'image' list",
+                )
+            )
+            continue
+        difference = _affine_difference(affine_of(image), affine_of(first))
+        if difference > AFFINE_TOLERANCE_MM:
+            problems.append(
+                DataProblem(
+                    str(path),
+                    f"modality affine differs from the affine of {first_path.name} by up to {difference:.4g} mm "
+                    f"({where})",
+                    f"co-register the modalities and write each with the affine of {first_path.name} (copy the "
+                    "header), or list the right files in the case's 'image' list",
+                )
+            )
+    return problems
+
+
+def _affine_difference(left: np.ndarray, right: np.ndarray) -> float:
+    # A 2D PNG and a NIfTI carry affines of different sizes: they cannot share a grid.
+    if left.shape != right.shape:
+        return float("inf")
+    return float(np.max(np.abs(left - right)))
 
 
 def _short(values: list[int], limit: int = 8) -> str:

@@ -13,11 +13,11 @@ class ResidualEnhancer(nn.Module):
     degraded input's quality instead of below it.
     """
 
-    def __init__(self, body: nn.Module, *, spatial_dims: int, body_channels: int) -> None:
+    def __init__(self, body: nn.Module, *, spatial_dims: int, body_channels: int, channels: int = 1) -> None:
         super().__init__()
         self.body = body
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
-        self.head = conv(body_channels, 1, kernel_size=1)
+        self.head = conv(body_channels, channels, kernel_size=1)  # one correction per input modality
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 

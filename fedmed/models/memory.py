@@ -52,7 +52,7 @@ def estimate_training_memory(config: RunConfig) -> MemoryEstimate | None:
         with torch.device("meta"):
             model = build_model(config.task, config.model)
         parameters = sum(parameter.numel() for parameter in model.parameters())
-        activations = _activation_elements(model, image_size=config.task.image_size)
+        activations = _activation_elements(model, image_size=_input_size(config))
     except ConfigError:
         raise
     except Exception as error:  # an estimate is a courtesy: a network the tracer cannot run is not refused
@@ -81,12 +81,13 @@ def check_training_memory(config: RunConfig, *, source: str) -> None:
     if estimate is None or available is None:
         return
     limit, where = available
+    size_key = "train.patch_size" if config.task.scan_geometry else "task.image_size"
     logger.debug("training memory estimate %s, %s %s", _gib(estimate.bytes), where, _gib(limit))
     if estimate.bytes > limit:
         raise TrainingMemoryError(
-            f"{source}: training needs about {_gib(estimate.bytes)} (task.image_size = {config.task.image_size}, "
+            f"{source}: training needs about {_gib(estimate.bytes)} ({size_key} = {_input_size(config)}, "
             f"train.batch_size = {config.train.batch_size}, {estimate.parameters:,} parameters) but this machine "
-            f"has {_gib(limit)} of {where}. Lower task.image_size (e.g. {_smaller(config.task.image_size)}) "
+            f"has {_gib(limit)} of {where}. Lower {size_key} (e.g. {_smaller(_input_size(config))}) "
             "or train.batch_size, or use fewer model.channels."
         )
 
@@ -110,6 +111,11 @@ def _activation_elements(model: nn.Module, *, image_size: list[int]) -> int:
         for hook in hooks:
             hook.remove()
     return total
+
+
+def _input_size(config: RunConfig) -> list[int]:
+    """What one training sample measures: a patch in scan geometry, else the fixed grid."""
+    return list(config.train.patch_size or config.task.image_size)
 
 
 def _gib(count: int) -> str:

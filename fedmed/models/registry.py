@@ -56,14 +56,15 @@ def _unet(task: TaskConfig, model: ModelConfig, *, out_channels: int) -> nn.Modu
     divisor = 1
     for stride in strides:
         divisor *= stride
-    if any(size % divisor for size in task.image_size):
+    # Scan geometry: RunConfig checks the patch size; sliding windows of that size cover any volume.
+    if not task.scan_geometry and any(size % divisor for size in task.image_size):
         raise ConfigError(
             f"task.image_size {task.image_size} must be divisible by the UNet's total stride {divisor}; "
             f"change image_size or model.strides"
         )
     return UNet(
         spatial_dims=task.spatial_dims,
-        in_channels=1,
+        in_channels=task.channels,
         out_channels=out_channels,
         channels=channels,
         strides=strides,
@@ -84,7 +85,7 @@ def _segresnet(task: TaskConfig, model: ModelConfig) -> nn.Module:
     init_filters = (model.channels or [8])[0]
     return SegResNet(
         spatial_dims=task.spatial_dims,
-        in_channels=1,
+        in_channels=task.channels,
         out_channels=task.num_classes,
         init_filters=init_filters,
         blocks_down=(1, 2, 2),
@@ -101,7 +102,7 @@ def _densenet(task: TaskConfig, model: ModelConfig, *, small: bool) -> nn.Module
     init_features, growth_rate, blocks = (16, 8, (2, 4, 4)) if small else (64, 32, (6, 12, 24, 16))
     return DenseNet(
         spatial_dims=task.spatial_dims,
-        in_channels=1,
+        in_channels=task.channels,
         out_channels=task.num_classes,
         init_features=init_features,
         growth_rate=growth_rate,
@@ -117,7 +118,10 @@ def _residual_enhancer(task: TaskConfig, model: ModelConfig) -> nn.Module:
 
     body_channels = (model.channels or [16])[0]
     return ResidualEnhancer(
-        _unet(task, model, out_channels=body_channels), spatial_dims=task.spatial_dims, body_channels=body_channels
+        _unet(task, model, out_channels=body_channels),
+        spatial_dims=task.spatial_dims,
+        body_channels=body_channels,
+        channels=task.channels,
     )
 
 

@@ -111,6 +111,29 @@ def _summary_section(summary: dict[str, Any], *, bar_chart: Path | None) -> str:
     return (
         f"<h2>{html.escape(title[:1].upper() + title[1:])} ({html.escape(metric)})</h2>\n"
         f"{_summary_table(summary)}\n{_image(bar_chart, alt=f'final {metric} per site')}\n"
+        f"{_metrics_table(summary)}"
+    )
+
+
+# Shown only when a task reports more than its primary metric and loss (per class, per region, in mm).
+BOOKKEEPING = {"round", "num-examples", "eval_seconds", "loss"}
+
+
+def _metrics_table(summary: dict[str, Any]) -> str:
+    table: dict[str, Any] = summary.get("sites") or {}
+    rows = {site: (row or {}).get("federated") or {} for site, row in table.items()}
+    keys = sorted({key for metrics in rows.values() for key in metrics} - BOOKKEEPING)
+    if len(keys) <= 2:
+        return ""
+    head = "".join(f"<th>{html.escape(key)}</th>" for key in keys)
+    body = "".join(
+        f"<tr><td>{html.escape(str(site))}</td>{''.join(_cell(metrics.get(key)) for key in keys)}</tr>"
+        for site, metrics in rows.items()
+    )
+    return (
+        '<h3>Federated model, every metric</h3>\n<p class="muted">Scan geometry: computed on each case\'s own grid '
+        "after inverting the preprocessing; hd95 and msd in millimetres.</p>\n"
+        f"<table><tr><th>site</th>{head}</tr>{body}</table>\n"
     )
 
 

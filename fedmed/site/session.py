@@ -19,6 +19,7 @@ from torch import nn
 
 from fedmed.config import RunConfig
 from fedmed.core.errors import FedmedError
+from fedmed.core.files import write_text_atomic
 from fedmed.models import shared_keys
 from fedmed.site.local_layers import PERSONALIZED_FILE, LocalParameterStore
 from fedmed.site.normalization import SiteNormalization
@@ -26,10 +27,19 @@ from fedmed.site.privacy import SitePrivacy, SitePrivacyTerms
 
 if TYPE_CHECKING:
     from fedmed.data import SiteData  # imported when first used: loading pulls in MONAI
+    from fedmed.data.scan_site import ScanSite
 
 StateDict = dict[str, torch.Tensor]
 
 NUM_EXAMPLES = "num-examples"  # the metric that weighs a site's update or score (Flower's key)
+# Per-case metrics of the latest evaluation (scan geometry); case names never leave the site.
+EVALUATION_DIR = "evaluation"
+GLOBAL_CASES_FILE = "global-cases.csv"
+PERSONALIZED_CASES_FILE = "personalized-cases.csv"
+
+
+class DataChannelsError(FedmedError):
+    """The site's cases have another number of modalities than the run's network takes."""
 
 
 class ModelMismatchError(FedmedError):
@@ -44,11 +54,29 @@ class SiteSpec:
     threads: int | None = None  # torch CPU threads, when the site caps them
     run_id: str = ""
     privacy: SitePrivacyTerms | None = None  # None: no DP policy binds this site (e.g. a baseline)
+    cache_dir: Path | None = None  # preprocessed cases kept across runs (scan geometry, data.cache = "disk")
+
+    @property
+    def preprocessed_dir(self) -> Path:
+        return self.cache_dir or self.state_dir / "preprocessed"
 
 
 def site_seed(base_seed: int, site_name: str, server_round: int) -> int:
     """A per-site, per-round seed that is the same in every engine and process."""
     return (base_seed * 1_000_003 + zlib.crc32(site_name.encode()) + server_round * 7_919) % (2**31 - 1)
+
+
+def write_case_metrics(path: Path, rows: list[dict]) -> None:
+    """One CSV row per validation case, replacing the previous evaluation's file whole."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, buffer.getvalue())
 
 
 class SiteSession:
@@ -82,13 +110,33 @@ class SiteSession:
         return load_site(self.spec.data_path, task=task)
 
     @cached_property
-    def data(self) -> SiteData:
-        """The site's data as the model sees it (normalized per image or with the site's statistics)."""
+    def data(self) -> SiteData | ScanSite:
+        """The site's data as the model sees it (normalized per image or with the site's statistics); in scan
+        geometry, datasets that preprocess cases when first read and cache them within data.max_cached_cases."""
         from fedmed.data import load_site
 
-        if self.normalization.site_level:
-            return self.normalization.apply(self.raw_data)
-        return load_site(self.spec.data_path, task=self.config.task)
+        if self.config.task.scan_geometry:
+            from fedmed.data.scan_site import open_scan_site
+
+            data = open_scan_site(self.spec.data_path, config=self.config, cache_dir=self.spec.preprocessed_dir)
+        elif self.normalization.site_level:
+            data = self.normalization.apply(self.raw_data)
+        else:
+            data = load_site(self.spec.data_path, task=self.config.task)
+        self._check_channels(data)
+        return data
+
+    def _check_channels(self, data: SiteData | ScanSite) -> None:
+        """The run's network takes task.channels inputs; a site with other modalities must not train on it."""
+        found = getattr(data, "channels", None)
+        if found is None and data.train:
+            found = int(data.train[0]["image"].shape[0])
+        if found is not None and found != self.config.task.channels:
+            raise DataChannelsError(
+                f"site {self.spec.name}: its images have {found} channel(s) (modalities) but the run's network takes "
+                f"{self.config.task.channels}; the coordinator sets task.in_channels = {found} in the run config, or "
+                f"this site lists the run's modalities in {self.spec.data_path}"
+            )
 
     def describe_intensities(self) -> dict:
         """Fit the site's normalization; what it shares: image count, histograms, Nyúl landmarks."""
@@ -185,6 +233,7 @@ class SiteSession:
             proximal_mu=proximal_mu,
             proximal_keys=set(global_state),
             dp=dp_step,
+            workers=self.config.data.workers,
         )
         metrics = {
             NUM_EXAMPLES: result.num_examples,
@@ -203,10 +252,12 @@ class SiteSession:
     def evaluate(self, global_state: StateDict) -> dict:
         started = time.perf_counter()
         model, _ = self._model_with(global_state)
-        return self._evaluate(model, started=started)
+        return self._evaluate(model, started=started, cases_file=GLOBAL_CASES_FILE)
 
-    def _evaluate(self, model: nn.Module, *, started: float) -> dict:
-        metrics = self.task.evaluate(model, self.data.val, device=self.device)
+    def _evaluate(self, model: nn.Module, *, started: float, cases_file: str | None = None) -> dict:
+        metrics, rows = self.task.evaluate_cases(model, self.data.val, device=self.device)
+        if rows and cases_file:
+            write_case_metrics(self.spec.state_dir / EVALUATION_DIR / cases_file, rows)
         return {NUM_EXAMPLES: len(self.data.val), **metrics, "eval_seconds": time.perf_counter() - started}
 
     @property
@@ -247,7 +298,8 @@ class SiteSession:
         state = model.state_dict()
         LocalParameterStore(self.spec.state_dir, file_name=PERSONALIZED_FILE).save(state)
         personal = {key: state[key].detach().cpu().clone() for key in self.personal_keys(final=final)}
-        return personal, {**self._evaluate(model, started=time.perf_counter()), **tuned}
+        metrics = self._evaluate(model, started=time.perf_counter(), cases_file=PERSONALIZED_CASES_FILE)
+        return personal, {**metrics, **tuned}
 
     def evaluate_models(self, global_state: StateDict, personal: dict[str, StateDict]) -> dict[str, dict]:
         """The global model (with this site's own local layers, as in every round) and each other site's

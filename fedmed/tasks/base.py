@@ -30,6 +30,12 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, samples: Sequence[Sample], *, device: torch.device) -> dict[str, float]:
         """The task's metrics over `samples` (deterministic for a given model)."""
 
+    def evaluate_cases(
+        self, model: nn.Module, samples: Sequence[Sample], *, device: torch.device
+    ) -> tuple[dict[str, float], list[dict]]:
+        """The metrics and, for whole volumes in scan geometry, one row per case (they stay at the site)."""
+        return self.evaluate(model, samples, device=device), []
+
 
 def batches(samples: Sequence[Sample], *, batch_size: int, device: torch.device) -> list[Sample]:
     """Consecutive evaluation batches moved to `device`."""

@@ -6,6 +6,7 @@ and SSIM use a data range of 1.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,16 +33,42 @@ class EnhancementTask(Task):
             noise = torch.randn(clean.shape, generator=generator, device=generator.device)
             return clean + self.config.noise_std * noise.to(clean.device)
         factor = self.config.superres_factor
-        pool = nn.functional.avg_pool3d if self.config.spatial_dims == 3 else nn.functional.avg_pool2d
-        low = pool(clean, kernel_size=factor)
+        if any(size % factor for size in clean.shape[2:]):
+            # A whole volume of any size (scan geometry): area averaging is the pooling, rounded up.
+            size = [math.ceil(size / factor) for size in clean.shape[2:]]
+            low = nn.functional.interpolate(clean, size=size, mode="area")
+        else:
+            pool = nn.functional.avg_pool3d if self.config.spatial_dims == 3 else nn.functional.avg_pool2d
+            low = pool(clean, kernel_size=factor)
         return nn.functional.interpolate(low, size=clean.shape[2:], mode=self._mode, align_corners=False)
 
     def loss(self, model: nn.Module, batch: Sample, *, generator: torch.Generator) -> torch.Tensor:
         clean = batch["image"]
         return nn.functional.l1_loss(model(self.degrade(clean, generator=generator)), clean)
 
+    def evaluate_cases(
+        self, model: nn.Module, samples: Sequence[Sample], *, device: torch.device
+    ) -> tuple[dict[str, float], list[dict]]:
+        from fedmed.data.scan_site import VolumeCases
+
+        if isinstance(samples, VolumeCases):
+            from .volumes import evaluate_enhancement_volumes
+
+            return evaluate_enhancement_volumes(
+                model,
+                samples,
+                degrade=lambda clean, generator: self.degrade(clean, generator=generator),
+                seed=EVAL_NOISE_SEED,
+                device=device,
+            )
+        return self.evaluate(model, samples, device=device), []
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, samples: Sequence[Sample], *, device: torch.device) -> dict[str, float]:
+        from fedmed.data.scan_site import VolumeCases
+
+        if isinstance(samples, VolumeCases):
+            return self.evaluate_cases(model, samples, device=device)[0]
         from monai.metrics import PSNRMetric, SSIMMetric
 
         dims = self.config.spatial_dims

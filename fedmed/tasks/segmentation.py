@@ -28,8 +28,25 @@ class SegmentationTask(Task):
     def loss(self, model: nn.Module, batch: Sample, *, generator: torch.Generator) -> torch.Tensor:
         return self._loss(model(batch["image"]), batch["label"])
 
+    def evaluate_cases(
+        self, model: nn.Module, samples: Sequence[Sample], *, device: torch.device
+    ) -> tuple[dict[str, float], list[dict]]:
+        from fedmed.data.scan_site import VolumeCases
+
+        if isinstance(samples, VolumeCases):
+            from .volumes import evaluate_segmentation_volumes
+
+            return evaluate_segmentation_volumes(model, samples, task=self.config, device=device)
+        return self.evaluate(model, samples, device=device), []
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, samples: Sequence[Sample], *, device: torch.device) -> dict[str, float]:
+        """Dice and HD95 (voxels of the resampled grid) on image_size samples; whole volumes in scan geometry
+        are scored in the original image space (HD95 in mm)."""
+        from fedmed.data.scan_site import VolumeCases
+
+        if isinstance(samples, VolumeCases):
+            return self.evaluate_cases(model, samples, device=device)[0]
         from monai.metrics import DiceMetric, HausdorffDistanceMetric
         from monai.networks.utils import one_hot
 

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from fedmed.config import TrainConfig
 
+from .augmentation import AugmentedSamples
 from .base import Sample, Task
 from .dp_sgd import DpSgdStep, privatized, proximal_step
 
@@ -44,8 +45,12 @@ def train_local(
     proximal_mu: float = 0.0,
     proximal_keys: Collection[str] = (),
     dp: DpSgdStep | None = None,
+    workers: int = 0,
 ) -> TrainResult:
     """Train `model` in place for `epochs` over `samples`, shuffled in an order fixed by `seed`.
+
+    `samples` is a list of preprocessed samples (grid geometry) or a dataset drawing random patches
+    (scan geometry), read by `workers` DataLoader processes.
 
     With proximal_mu > 0 (FedProx) the weights named in `proximal_keys` (the shared weights as
     received from the server) are pulled towards their starting values with strength mu. With `dp`
@@ -56,12 +61,23 @@ def train_local(
         raise ValueError("no training samples: the site's training split is empty")
     torch.manual_seed(seed)
     model.to(device).train()
+    if hasattr(samples, "set_random_state"):
+        samples.set_random_state(seed)  # patches and augmentations drawn the same way in every engine
+    elif train.augment and train.augmentation.beyond_flips:
+        samples = AugmentedSamples(samples, config=task.config, augmentation=train.augmentation, seed=seed)
     keys = list(samples[0])
     # Tuples, not dicts: Opacus builds empty Poisson batches from the structure of a sample.
-    rows = [tuple(sample[key] for key in keys) for sample in samples]
+    rows = Columns(samples, keys)
     loader = DataLoader(
-        rows, batch_size=min(train.batch_size, len(rows)), shuffle=True, generator=torch.Generator().manual_seed(seed)
+        rows,
+        batch_size=min(train.batch_size, len(rows)),
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=workers,
+        worker_init_fn=_seed_worker if workers else None,
+        persistent_workers=False,
     )
+    flip_batches = train.augment and train.augmentation.flips and not task.config.scan_geometry
     optimizer = make_optimizer(model, train)
     anchors = proximal_anchors(model, proximal_keys) if proximal_mu > 0 else {}
     use_amp = train.amp and device.type == "cuda" and dp is None
@@ -77,7 +93,7 @@ def train_local(
                 if len(columns[0]) == 0:
                     continue  # an empty Poisson draw: nothing to learn from, still a step
                 batch = {key: value.to(device, non_blocking=True) for key, value in zip(keys, columns, strict=True)}
-                if train.augment:
+                if flip_batches:
                     batch = random_flips(batch, generator=generator)
                 optimizer.zero_grad(set_to_none=True)
                 autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
@@ -100,6 +116,29 @@ def train_local(
         steps=steps,
         seconds=time.perf_counter() - started,
     )
+
+
+class Columns(Dataset):
+    """Samples as tuples in a fixed key order, read lazily (a patch dataset draws on every read)."""
+
+    def __init__(self, samples: Sequence[Sample], keys: list[str]) -> None:
+        self.samples = samples
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        sample = self.samples[index]
+        return tuple(sample[key] for key in self.keys)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker reseeds the dataset's MONAI transforms from its own torch seed, else every worker
+    # would draw the same patches.
+    from monai.data.utils import worker_init_fn
+
+    worker_init_fn(worker_id)
 
 
 def random_flips(batch: dict[str, torch.Tensor], *, generator: torch.Generator) -> dict[str, torch.Tensor]:

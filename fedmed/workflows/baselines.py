@@ -13,6 +13,7 @@ import torch
 
 from fedmed.config import RunConfig
 from fedmed.core.log import logger
+from fedmed.data.scan_site import pooled_training_set
 from fedmed.models import build_model
 from fedmed.site.session import NUM_EXAMPLES, site_seed
 from fedmed.tasks import get_task, select_device, train_local
@@ -61,7 +62,7 @@ def score_everywhere(config: RunConfig, model: torch.nn.Module, sites: dict) -> 
 def pooled(config: RunConfig, sites: dict) -> tuple[Scores, torch.nn.Module]:
     task, device = get_task(config.task), select_device(config.train.device)
     model = _fresh_model(config)
-    samples = [sample for data in sites.values() for sample in data.train]
+    samples = pooled_training_set([data.train for data in sites.values()])
     train_local(
         model,
         samples,

@@ -48,7 +48,6 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: 
 
     Everything that can be checked from the config and the data is checked before the run directory
     exists, so a bad input leaves no half-made run behind."""
-    from fedmed.data import load_site
     from fedmed.flower.engines import run_federation_here
     from fedmed.flower.records import encode_run
     from fedmed.models.memory import check_training_memory
@@ -67,9 +66,10 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: 
     check_training_memory(config, source=source)
     config = materialize_sites(config)
     # Load (and so validate) every site before any training: a bad site fails the run up front.
-    sites = {site.name: load_site(site.path, task=config.task) for site in config.sites}
+    sites = {site.name: _open_site(site.path, config=config) for site in config.sites}
     for name, data in sites.items():
-        logger.info("site %s: %d training, %d validation cases", name, len(data.train), len(data.val))
+        logger.info("site %s: %d training, %d validation cases", name, data.num_train, data.num_val)
+    config = resolve_from_data(config, channels={name: _channels(data) for name, data in sites.items()}, source=source)
 
     created = run_dir is None
     run_dir = run_dir or RunDirectory.create(config.output_dir, config.name)
@@ -102,6 +102,52 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: 
             run_dir, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better
         )
     return SimulationResult(run_dir=run_dir, summary=summary, config=config)
+
+
+def _open_site(path: Path, *, config: RunConfig) -> Any:
+    if config.task.scan_geometry:
+        from fedmed.data.scan_site import open_scan_site
+
+        # Validation only: the sites' sessions open their own datasets and caches.
+        unused = config.model_copy(update={"data": config.data.model_copy(update={"cache": "none"})})
+        return open_scan_site(path, config=unused, cache_dir=None)
+    from fedmed.data import load_site
+
+    return load_site(path, task=config.task)
+
+
+def _channels(data: Any) -> int:
+    return int(getattr(data, "channels", 0) or (data.train[0]["image"].shape[0] if data.train else 1))
+
+
+def resolve_from_data(config: RunConfig, *, channels: dict[str, int], source: str) -> RunConfig:
+    """Fill what the config leaves to the data: the network's input channels (one per modality) and, for
+    multi-class segmentation, the class names of the first site's dataset.json."""
+    from fedmed.data import read_manifest
+    from fedmed.data.npz import is_npz_site
+
+    counts = sorted(set(channels.values()))
+    if len(counts) > 1:
+        listing = ", ".join(f"{name}: {count}" for name, count in channels.items())
+        raise ConfigError(
+            f"{source}: the sites' images have different numbers of channels ({listing}); every site must give the "
+            "same modalities in the same order"
+        )
+    task = config.task
+    update: dict[str, Any] = {}
+    if task.in_channels is None and counts:
+        update["in_channels"] = counts[0]
+    first = config.sites[0].path if config.sites else None
+    named = task.kind != "segmentation" or task.num_classes == 2 or task.class_names is not None
+    if not named and first is not None and not is_npz_site(first):
+        labels = read_manifest(first).labels
+        names = [labels.get(value, f"class{value}") for value in range(1, task.num_classes)]
+        update["class_names"] = [name.strip().replace(" ", "_").lower() for name in names]
+    if not update:
+        return config
+    resolved = config.model_copy(deep=True)
+    resolved.task = task.model_copy(update=update)
+    return resolved
 
 
 def resume_simulation(path: Path) -> SimulationResult:

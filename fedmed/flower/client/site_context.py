@@ -66,6 +66,7 @@ def site_spec(context: Context, config: RunConfig) -> SiteSpec:
             threads=site.daemon.torch_threads,
             run_id=run_id,
             privacy=terms,
+            cache_dir=site.state_dir / "preprocessed",  # shared by the site's runs, keyed by the preprocessing
         )
     if PARTITION_ID in node:
         index = int(node[PARTITION_ID])

@@ -31,6 +31,9 @@ def fit_intensities(run: RunContext) -> list[float] | None:
     from fedmed.data.normalization import average_landmarks
 
     config = run.config
+    if config.task.scan_geometry:
+        # Per-image normalization inside each site's pipeline; histograms would mean reading every case once more.
+        return None
     summaries = _ask(run, message_type=INTENSITY_FIT, extra={})
     standard = None
     if config.task.intensity == "nyul":

@@ -1,0 +1,231 @@
+"""A site's cases in scan geometry: validated once, preprocessed lazily, cached within a bound.
+
+Nothing here holds a whole site in memory. Training draws random patches from a MONAI dataset whose
+cache keeps at most `data.max_cached_cases` preprocessed cases in RAM (`data.cache = "memory"`), or
+all of them on disk in the site's own folder (`"disk"`), or none. Validation cases are whole volumes
+that keep the record of their preprocessing, so predictions can be inverted onto the original grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from fedmed.config.schema import InferenceConfig, RunConfig
+from fedmed.core.log import logger
+
+from .manifest import MANIFEST_NAME, Case, parse_manifest
+from .problems import DataValidationError
+from .report import ValidationReport, raise_if_errors
+from .validation import iter_site_cases
+
+Record = dict[str, Any]
+
+
+def case_record(case: Case) -> Record:
+    """What MONAI's LoadImaged reads: one path per modality (stacked as channels) and the label path."""
+    images = [str(path) for path in case.images]
+    record: Record = {"image": images if len(images) > 1 else images[0], "case": case.image.name}
+    if isinstance(case.label, Path):
+        record["label"] = str(case.label)
+    # Part of the disk cache's key: a file replaced under the same name is preprocessed again.
+    files = [*case.images, *([case.label] if isinstance(case.label, Path) else [])]
+    record["stamp"] = [f"{stat.st_size}-{stat.st_mtime_ns}" for stat in (Path(path).stat() for path in files)]
+    return record
+
+
+def preprocessing_fingerprint(config: RunConfig) -> str:
+    """Changes whenever the deterministic preprocessing would; names the disk cache folder."""
+    task = config.task
+    relevant = {
+        "spacing": task.spacing,
+        "orientation": task.orientation,
+        "crop_foreground": task.crop_foreground,
+        "intensity": task.intensity,
+        "binarize_labels": task.binarize_labels,
+        "normalization": config.normalization.model_dump(mode="json"),
+        "kind": task.kind,
+        "version": 1,
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class PatchDataset(Dataset):
+    """Random training patches: item i is one patch of case i // samples_per_volume, as (image, label) tensors
+    (image only for enhancement). One patch per item keeps DP-SGD's unit one case per draw."""
+
+    def __init__(self, source: Dataset, *, num_cases: int, samples_per_volume: int, labelled: bool) -> None:
+        self.source = source
+        self.num_cases = num_cases
+        self.samples_per_volume = samples_per_volume
+        self.labelled = labelled
+
+    def __len__(self) -> int:
+        return self.num_cases * self.samples_per_volume
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        drawn = self.source[index // self.samples_per_volume]
+        patch = drawn[0] if isinstance(drawn, list) else drawn
+        sample = {"image": _plain(patch["image"]).float().contiguous()}
+        if self.labelled:
+            sample["label"] = _plain(patch["label"]).to(torch.int64).contiguous()
+        return sample
+
+    def set_random_state(self, seed: int) -> None:
+        """Reproducible patches and augmentations for a given round (and each DataLoader worker)."""
+        transform = getattr(self.source, "transform", None)
+        if transform is not None and hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed=seed % (2**32))
+
+
+class PooledPatches(ConcatDataset):
+    """Several sites' patch datasets as one (the pooled baseline)."""
+
+    def set_random_state(self, seed: int) -> None:
+        for offset, dataset in enumerate(self.datasets):
+            dataset.set_random_state(seed + offset)
+
+
+def pooled_training_set(sets: list[Any]) -> Any:
+    """One training set over several sites: a list of samples (grid geometry) or pooled patch datasets."""
+    if all(isinstance(dataset, PatchDataset) for dataset in sets):
+        return PooledPatches(sets)
+    return [sample for dataset in sets for sample in dataset]
+
+
+@dataclass
+class VolumeCases:
+    """Whole validation volumes, preprocessed, each with the record of how (for inverting predictions)."""
+
+    dataset: Dataset
+    records: list[Record]
+    preprocessing: Any  # the Compose that produced them; Invertd undoes its geometric steps
+    reference_intensity: list[Any]  # enhancement: the same normalization applied on the original grid
+    roi_size: list[int]
+    inference: InferenceConfig
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Record:
+        return self.dataset[index]
+
+
+@dataclass
+class ScanSite:
+    """A site's data in scan geometry; `train` yields patches, `val` whole preprocessed volumes."""
+
+    name: str
+    train: PatchDataset
+    val: VolumeCases
+    source: Path
+    channels: int
+
+    @property
+    def num_train(self) -> int:
+        return self.train.num_cases
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val)
+
+
+def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None) -> ScanSite:
+    """Validate every case (each file read once), then build lazily preprocessing datasets."""
+    from .scans import intensity_transform, preprocessing, training_transform
+
+    path = Path(path)
+    if path.name == MANIFEST_NAME:
+        path = path.parent
+    manifest, problems = parse_manifest(path)
+    report = ValidationReport(path=path, problems=list(problems))
+    if manifest is None:
+        raise DataValidationError(report.problems, context=f"site data at {path}")
+    splits: dict[str, list[Record]] = {"training": [], "validation": []}
+    channels = 0
+    for checked in iter_site_cases(manifest, task=config.task, report=report):
+        channels = int(checked.image.shape[0])
+        splits[checked.split].append(case_record(checked.case))
+    raise_if_errors(report, context=f"site '{manifest.name}' at {path}")
+    task, data = config.task, config.data
+    labelled = task.kind == "segmentation"
+    train_records, val_records = splits["training"], splits["validation"]
+    budget = data.max_cached_cases
+    train_source = _dataset(
+        train_records,
+        transform=training_transform(task, config.train, config.normalization),
+        cache=data.cache,
+        cache_num=min(len(train_records), budget),
+        cache_dir=cache_dir,
+        fingerprint=preprocessing_fingerprint(config),
+        workers=config.data.workers,
+    )
+    val_preprocessing = preprocessing(task, config.normalization, with_label=False)
+    val_dataset = _dataset(
+        val_records,
+        transform=val_preprocessing,
+        cache=data.cache,
+        cache_num=max(0, min(len(val_records), budget - len(train_records))),
+        cache_dir=cache_dir,
+        fingerprint=preprocessing_fingerprint(config) + "-val",
+        workers=0,  # validation reads in the site's own process
+    )
+    logger.info(
+        "site '%s': %d training and %d validation cases (%d channels), cache %s",
+        manifest.name,
+        len(train_records),
+        len(val_records),
+        channels,
+        data.cache,
+    )
+    train = PatchDataset(
+        train_source,
+        num_cases=len(train_records),
+        samples_per_volume=config.train.samples_per_volume,
+        labelled=labelled,
+    )
+    val = VolumeCases(
+        dataset=val_dataset,
+        records=val_records,
+        preprocessing=val_preprocessing,
+        reference_intensity=intensity_transform(task, config.normalization),
+        roi_size=config.roi_size,
+        inference=config.inference,
+    )
+    return ScanSite(name=manifest.name, train=train, val=val, source=path, channels=channels)
+
+
+def _dataset(
+    records: list[Record],
+    *,
+    transform: Any,
+    cache: str,
+    cache_num: int,
+    cache_dir: Path | None,
+    fingerprint: str,
+    workers: int,
+) -> Dataset:
+    from monai.data import CacheDataset, PersistentDataset
+    from monai.data import Dataset as MonaiDataset
+
+    if cache == "disk" and cache_dir is not None:
+        folder = Path(cache_dir) / fingerprint
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return PersistentDataset(records, transform=transform, cache_dir=folder)
+    if cache == "memory" and cache_num > 0:
+        # Filled on first use of each case, so opening a site costs nothing up front; DataLoader workers
+        # would each fill (and drop) a copy of their own, so with workers the cache is filled here.
+        return CacheDataset(
+            records, transform=transform, cache_num=cache_num, progress=False, runtime_cache=workers == 0
+        )
+    return MonaiDataset(records, transform=transform)
+
+
+def _plain(tensor: Any) -> torch.Tensor:
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
