@@ -175,6 +175,7 @@ def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None) -> 
         cache_dir=cache_dir,
         fingerprint=preprocessing_fingerprint(config) + "-val",
         workers=0,  # validation reads in the site's own process
+        keep_meta=True,  # Invertd needs each volume's record of its preprocessing
     )
     logger.info(
         "site '%s': %d training and %d validation cases (%d channels), cache %s",
@@ -210,6 +211,7 @@ def _dataset(
     cache_dir: Path | None,
     fingerprint: str,
     workers: int,
+    keep_meta: bool = False,
 ) -> Dataset:
     from monai.data import CacheDataset, PersistentDataset
     from monai.data import Dataset as MonaiDataset
@@ -217,7 +219,10 @@ def _dataset(
     if cache == "disk" and cache_dir is not None:
         folder = Path(cache_dir) / fingerprint
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return PersistentDataset(records, transform=transform, cache_dir=folder)
+        # MONAI drops MetaTensor metadata from the disk cache unless asked; the files are this site's own.
+        return PersistentDataset(
+            records, transform=transform, cache_dir=folder, track_meta=keep_meta, weights_only=not keep_meta
+        )
     if cache == "memory" and cache_num > 0:
         # Filled on first use of each case, so opening a site costs nothing up front; DataLoader workers
         # would each fill (and drop) a copy of their own, so with workers the cache is filled here.

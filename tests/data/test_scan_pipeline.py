@@ -143,6 +143,10 @@ def test_disk_cache_lives_in_the_site_folder_given(scan_site: Path, tmp_path: Pa
     site.train[0]
     written = list(cache.rglob("*.pt"))
     assert written, "the preprocessed case was not written to the site's cache folder"
+    for _ in range(2):  # preprocessed and cached, then read back from the cache
+        volume = site.val[0]["image"]
+        back = to_original_grid(volume.as_tensor(), image=volume, preprocessing=site.val.preprocessing)
+        assert tuple(back.shape[1:]) == SHAPE, "a cached validation volume must still invert"
 
 
 def test_augmented_patches_differ_between_seeds_and_repeat_with_the_same_seed(scan_site: Path, tmp_path: Path) -> None:
