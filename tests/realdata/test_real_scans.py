@@ -35,6 +35,7 @@ HIPPOCAMPUS_SCANNERS = [
 ]
 HIPPOCAMPUS_LABELS = {0: "background", 1: "anterior", 2: "posterior"}
 # Every hippocampus crop (at most 43 x 59 x 47 voxels) fits one window: validation is one forward pass per case.
+# Quick, and enough for the path; for accuracy a window of the patch's size is better (see bench_real_scans.py).
 HIPPOCAMPUS_WINDOW = [48, 64, 48]
 
 
