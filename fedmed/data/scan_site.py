@@ -57,7 +57,7 @@ def preprocessing_fingerprint(config: RunConfig) -> str:
 
 
 class PatchDataset(Dataset):
-    """Random training patches: item i is one patch of case i // samples_per_volume, as (image, label) tensors
+    """Random training patches: item i is one patch of case i // samples_per_volume, a dict of image (and label) tensors
     (image only for enhancement). One patch per item keeps DP-SGD's unit one case per draw."""
 
     def __init__(self, source: Dataset, *, num_cases: int, samples_per_volume: int, labelled: bool) -> None:
@@ -137,7 +137,7 @@ class ScanSite:
 
 
 def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None) -> ScanSite:
-    """Validate every case (each file read once), then build lazily preprocessing datasets."""
+    """Validate every case (each file read once), then build datasets that preprocess each case when first read."""
     from .scans import intensity_transform, preprocessing, training_transform
 
     path = Path(path)
@@ -217,8 +217,11 @@ def _dataset(
     from monai.data import Dataset as MonaiDataset
 
     if cache == "disk" and cache_dir is not None:
+        # Preprocessed patient images: readable by the site's own account only, like the images' state folder.
         folder = Path(cache_dir) / fingerprint
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for level in (Path(cache_dir), folder):
+            level.mkdir(parents=True, exist_ok=True, mode=0o700)
+            level.chmod(0o700)
         # MONAI drops MetaTensor metadata from the disk cache unless asked; the files are this site's own.
         return PersistentDataset(
             records, transform=transform, cache_dir=folder, track_meta=keep_meta, weights_only=not keep_meta

@@ -75,7 +75,6 @@ def train_local(
         generator=torch.Generator().manual_seed(seed),
         num_workers=workers,
         worker_init_fn=_seed_worker if workers else None,
-        persistent_workers=False,
     )
     flip_batches = train.augment and train.augmentation.flips and not task.config.scan_geometry
     optimizer = make_optimizer(model, train)

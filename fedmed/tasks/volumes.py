@@ -13,7 +13,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -62,11 +61,6 @@ def read_label(path: str, *, binarize: bool) -> Any:
     return ((label > 0) if binarize else torch.round(label)).to(torch.int64)
 
 
-def voxel_spacing(affine: Any) -> list[float]:
-    matrix = np.asarray(affine.detach().cpu().numpy() if hasattr(affine, "detach") else affine, dtype=np.float64)
-    return [float(value) for value in np.linalg.norm(matrix[:3, :3], axis=0)]
-
-
 def segmentation_case_metrics(
     labelmap: torch.Tensor, truth: torch.Tensor, *, task: TaskConfig, spacing: list[float]
 ) -> dict[str, float]:
@@ -96,6 +90,12 @@ def segmentation_case_metrics(
     row["hd95"] = _finite_mean(torch.tensor(hd95, dtype=torch.float64))
     row["msd"] = _finite_mean(torch.tensor(msd, dtype=torch.float64))
     return row
+
+
+def _spacing(affine: Any) -> list[float]:
+    from monai.data.utils import affine_to_spacing
+
+    return [float(value) for value in affine_to_spacing(affine, r=3)]
 
 
 def _regions(labelmap: torch.Tensor, regions: dict[str, list[int]]) -> torch.Tensor:
@@ -132,7 +132,7 @@ def evaluate_segmentation_volumes(
                 f"{tuple(labelmap.shape[1:])} but the label has {tuple(truth.shape[1:])}; the preprocessing "
                 "could not be inverted"
             )
-        row = segmentation_case_metrics(labelmap, truth.as_tensor(), task=task, spacing=voxel_spacing(truth.affine))
+        row = segmentation_case_metrics(labelmap, truth.as_tensor(), task=task, spacing=_spacing(truth.affine))
         rows.append({"case": record["case"], **row})
         if on_case is not None:
             on_case(record)

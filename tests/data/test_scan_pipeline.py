@@ -143,6 +143,9 @@ def test_disk_cache_lives_in_the_site_folder_given(scan_site: Path, tmp_path: Pa
     site.train[0]
     written = list(cache.rglob("*.pt"))
     assert written, "the preprocessed case was not written to the site's cache folder"
+    # Another account on the site's machine must not read the preprocessed patient images.
+    for folder in (cache, *[path for path in cache.rglob("*") if path.is_dir()]):
+        assert folder.stat().st_mode & 0o077 == 0, f"{folder} is open to other accounts"
     for _ in range(2):  # preprocessed and cached, then read back from the cache
         volume = site.val[0]["image"]
         back = to_original_grid(volume.as_tensor(), image=volume, preprocessing=site.val.preprocessing)
