@@ -22,5 +22,7 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(code=2) from None
 
 
-def setup_logging(verbose: bool) -> None:
-    configure_console_logging(logging.DEBUG if verbose else logging.INFO)
+def setup_logging(verbose: bool, *, live: bool = False) -> None:
+    """`live`: a command a person runs in the foreground, which may draw a progress bar when stderr is a
+    terminal (plain lines otherwise)."""
+    configure_console_logging(logging.DEBUG if verbose else logging.INFO, live=live)

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
+from . import status_view
 from .common import setup_logging, user_errors
-from .status_view import run_lines
 
 server_app = typer.Typer(help="Coordinator: run the federation's server.", no_args_is_help=True)
 app_app = typer.Typer(help="The fedmed Flower App that runs carry.", no_args_is_help=True)
@@ -179,25 +179,35 @@ def run(
 def status(
     server_config: ServerConfigOption = Path("server.toml"),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Show it again every --interval seconds until no run is running.")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between two looks with --watch.", min=0.5)] = 5.0,
 ) -> None:
     """Show the sites, and every run's state, per-round participation (trained, dropped, refused and why)
     and latest per-site metrics (stale ones marked)."""
     from fedmed.config import load_server_config
+    from fedmed.core.errors import FedmedError
     from fedmed.workflows import deployed_run
 
+    def fetch() -> dict:
+        return deployed_run.status(load_server_config(server_config), server_file=server_config)
+
     with user_errors():
-        report = deployed_run.status(load_server_config(server_config), server_file=server_config)
+        if watch and as_json:
+            raise FedmedError("--watch redraws a report for a person; drop --json, or poll 'fedmed status --json'")
+        if watch:
+            try:
+                status_view.watch(fetch, interval=interval, echo=typer.echo)
+            except KeyboardInterrupt:
+                typer.echo("stopped watching (Ctrl-C); the runs go on")
+            return
+        report = fetch()
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo(f"federation {report['federation']}")
-    typer.echo("sites:")
-    for site in report["sites"]:
-        typer.echo(f"  {site['site']:<20} {site['status']:<12} node {site['node_id']}")
-    typer.echo("runs:")
-    for run_ in report["runs"]:
-        for line in run_lines(run_):
-            typer.echo(line)
+    for line in status_view.report_lines(report):
+        typer.echo(line)
 
 
 def stop(

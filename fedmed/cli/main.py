@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from . import coordinator
+from . import coordinator, model
 from .common import setup_logging, user_errors
 from .site import site_app
 
@@ -27,6 +27,8 @@ app.command()(coordinator.provision)
 app.command()(coordinator.run)
 app.command()(coordinator.status)
 app.command()(coordinator.stop)
+app.command()(model.predict)
+app.command()(model.export)
 
 Overrides = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config value, e.g. --set train.rounds=3 (repeatable).")
@@ -48,7 +50,7 @@ def demo(
 
     from fedmed.config import load_run_config
 
-    setup_logging(verbose)
+    setup_logging(verbose, live=True)
     with user_errors():
         demo_config = Path(str(files("fedmed.resources").joinpath("demo.toml")))
         config = load_run_config(demo_config, overrides=[f"engine.name={engine}", *(overrides or [])])
@@ -69,7 +71,7 @@ def simulate(
     from fedmed.config import load_run_config
     from fedmed.core.errors import FedmedError
 
-    setup_logging(verbose)
+    setup_logging(verbose, live=True)
     with user_errors():
         if resume is not None:
             if config_file is not None or overrides:
@@ -145,6 +147,12 @@ def _simulate_and_print(
     typer.echo("")
     typer.echo(result.table())
     typer.echo(f"\nrun directory: {result.run_dir.path}\nreport: {result.run_dir.report_html}")
+    if result.config.sites:
+        # The first site's own cases stand in for new scans: a command the reader can paste as it is.
+        site = result.config.sites[0]
+        personal = f" --site {site.name}" if result.config.strategy.fedbn else ""
+        out = result.run_dir.path / "predictions"
+        typer.echo(f"apply the model: fedmed predict {result.run_dir.path} {site.path}{personal} --out {out}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,103 @@
-"""How `fedmed status` prints one run: state, resume command, rounds with their refusals, metrics."""
+"""How `fedmed status` prints the federation: sites, and per run its state, resume command, rounds with
+their refusals and metrics; with --watch, again every few seconds while a run is running."""
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
+from fedmed.core.errors import FedmedError
+from fedmed.core.terminal import is_terminal
+
 ROUNDS_SHOWN = 10
+# A run in these states may still change: --watch goes on while one is.
+ACTIVE_STATES = ("running", "submitted")
+
+Report = dict[str, Any]
+
+
+def report_lines(report: Report) -> list[str]:
+    lines = [f"federation {report['federation']}", "sites:"]
+    lines += [f"  {site['site']:<20} {site['status']:<12} node {site['node_id']}" for site in report["sites"]]
+    lines.append("runs:")
+    for run in report["runs"]:
+        lines += run_lines(run)
+    return lines
+
+
+def active(report: Report) -> bool:
+    return any(run.get("state") in ACTIVE_STATES for run in report["runs"])
+
+
+def watch(
+    fetch: Callable[[], Report],
+    *,
+    interval: float,
+    echo: Callable[[str], None],
+    live: bool | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Report:
+    """Show `fetch()`'s report every `interval` seconds until no run is running; returns the last report.
+
+    In a terminal (`live`, default: stdout is one) the report is redrawn in place; otherwise it is printed
+    again only when it changed, so a log of the output holds each state once. A failed fetch after the first
+    (the server restarting) is shown and retried; the first one's error goes to the caller. Ctrl-C raises
+    KeyboardInterrupt to the caller, which ends the watch."""
+    report = fetch()
+    if live is None:
+        live = is_terminal(sys.stdout)
+    screen = _LiveScreen() if live else None
+    shown, problem = None, None
+    try:
+        while True:
+            text = "\n".join(report_lines(report))
+            if screen is not None:
+                screen.show(text, footer=problem or _footer(interval, report))
+            elif text != shown:
+                echo(f"[{time.strftime('%H:%M:%S')}]\n{text}")
+            shown = text
+            if not active(report):
+                break
+            sleep(interval)
+            try:
+                report, problem = fetch(), None
+            except FedmedError as error:  # the last report stays shown, with the reason it is not newer
+                problem = f"status unavailable at {time.strftime('%H:%M:%S')} ({error}); retrying every {interval:g} s"
+                if screen is None:
+                    echo(problem)
+    finally:
+        if screen is not None:
+            screen.close()
+    echo("no run is running; stopped watching")
+    return report
+
+
+def _footer(interval: float, report: Report) -> str:
+    running = sum(run.get("state") in ACTIVE_STATES for run in report["runs"])
+    return f"updated {time.strftime('%H:%M:%S')}, again every {interval:g} s while {running} run(s) go on; Ctrl-C stops"
+
+
+class _LiveScreen:
+    """The report redrawn in place (rich Live); what is on screen at the end stays there."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self._live = Live(console=Console(), auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
+        self._live.start()
+
+    def show(self, text: str, *, footer: str) -> None:
+        from rich.console import Group
+        from rich.text import Text
+
+        # Text, not markup: run and site names are shown as written.
+        self._live.update(Group(Text(text), Text(footer, style="dim")), refresh=True)
+
+    def close(self) -> None:
+        self._live.stop()
 
 
 def run_lines(run: dict[str, Any]) -> list[str]:

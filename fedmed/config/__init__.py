@@ -30,6 +30,7 @@ from .schema import (
     SynthConfig,
     TaskConfig,
     TaskKind,
+    TrackingConfig,
     TrainConfig,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "SynthConfig",
     "TaskConfig",
     "TaskKind",
+    "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
     "dump_toml",

@@ -82,6 +82,8 @@ def resolve_paths(config: RunConfig, *, base: Path) -> RunConfig:
     for site in config.sites:
         if not site.path.is_absolute():
             site.path = base / site.path
+    if config.model.init is not None and not config.model.init.is_absolute():
+        config.model.init = base / config.model.init
     return config
 
 

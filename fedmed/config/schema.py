@@ -138,6 +138,37 @@ class ModelConfig(StrictModel):
     num_res_units: int | None = Field(None, ge=0)
     norm: Literal["instance", "group", "batch"] | None = None
     dropout: float | None = Field(None, ge=0, lt=1)
+    init: Path | None = Field(
+        None,
+        description="start from these weights (the global model at round 0): a run directory, its "
+        "checkpoints/final.pt, a torch state dict file or a MONAI bundle folder (models/model.pt); never downloaded",
+    )
+    init_exclude: list[str] = Field(
+        default_factory=list,
+        description="module prefixes (e.g. 'class_layers') that keep their random init instead of model.init's "
+        "weights: a new head for another task; every other key must match model.init exactly",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="module prefixes (e.g. 'features.conv0') whose parameters are not trained and not sent: "
+        "every site and the coordinator keep their starting values",
+    )
+
+    @model_validator(mode="after")
+    def _check_prefixes(self) -> ModelConfig:
+        for field, prefixes in (("init_exclude", self.init_exclude), ("freeze", self.freeze)):
+            if any(not prefix.strip(" .") for prefix in prefixes):
+                raise ValueError(f"model.{field} {prefixes} has an empty prefix; name modules, e.g. ['features.conv0']")
+        if self.init_exclude and self.init is None:
+            raise ValueError("model.init_exclude needs model.init (the weights it excludes keys from); set model.init")
+        return self
+
+    @property
+    def sends_held_values(self) -> bool:
+        """Whether the coordinator sends the sites the values the shared weights leave out (frozen parameters;
+        with model.init, the site-local layers' starting values): a site cannot read model.init, a path on the
+        coordinator's disk, and must freeze exactly the coordinator's values."""
+        return self.init is not None or bool(self.freeze)
 
     @property
     def total_stride(self) -> int:
@@ -281,6 +312,13 @@ class InferenceConfig(StrictModel):
 class BaselinesConfig(StrictModel):
     local_only: bool = False
     pooled: bool = False
+
+
+class TrackingConfig(StrictModel):
+    """Where the per-round metrics go besides metrics.jsonl: TensorBoard event files in the run directory's
+    tensorboard/ always; an MLflow file store in its mlruns/ when asked (the mlflow extra; no server)."""
+
+    mlflow: bool = Field(False, description="also log to an MLflow store in the run directory (fedmed[mlflow])")
 
 
 class SiteEntry(StrictModel):
@@ -435,6 +473,7 @@ class RunConfig(StrictModel):
     dp_sgd: DpSgdConfig = Field(default_factory=DpSgdConfig)
     client_dp: ClientDpConfig = Field(default_factory=ClientDpConfig)
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

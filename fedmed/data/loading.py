@@ -17,6 +17,7 @@ import torch
 from fedmed.config.schema import TaskConfig
 from fedmed.core.log import logger
 
+from .fixed_grid import to_model_grid
 from .manifest import MANIFEST_NAME, parse_manifest
 from .npz import NPZ_SPLITS, check_npz_site, is_npz_site, parse_npz_site
 from .preprocess import (
@@ -120,17 +121,14 @@ def per_image_intensity(task: TaskConfig) -> str:
 def preprocess_case(checked: CheckedCase, *, task: TaskConfig) -> Sample:
     """A checked case on the task's grid; a multi-modal image stays C-channel (reoriented, resized and
     normalized per channel, all channels on one grid)."""
-    image: Any = checked.image.float()
+    # The image goes the way `fedmed predict` and exported bundles send new images (fedmed.data.fixed_grid).
+    image, _ = to_model_grid(
+        checked.image, spatial_dims=task.spatial_dims, image_size=task.image_size, intensity=per_image_intensity(task)
+    )
     label: Any = checked.label
-    is_label_map = task.kind == "segmentation"
-    if task.spatial_dims == 3:
-        image = to_ras(image)
-        label = to_ras(label) if is_label_map else label
-    else:
-        image = squeeze_spatial(image, spatial_dims=2)
-        label = squeeze_spatial(label, spatial_dims=2) if is_label_map else label
-    image = normalize_intensity(_plain(resize_image(image, task.image_size)), mode=per_image_intensity(task))
-    sample: Sample = {"image": image.contiguous()}
+    if task.kind == "segmentation":
+        label = to_ras(label) if task.spatial_dims == 3 else squeeze_spatial(label, spatial_dims=2)
+    sample: Sample = {"image": image}
     if task.kind == "segmentation":
         mapped = map_labels(_plain(label), binarize=task.binarize_labels)
         sample["label"] = _plain(resize_label(mapped, task.image_size)).to(torch.int64).contiguous()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 IntensityMode = Literal["zscore", "percentile", "minmax", "none"]
+AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel's convention: RAS+ world axes
 PER_IMAGE_MODES = ("zscore", "percentile", "minmax", "none")
 _EPS = 1e-8
 
@@ -37,7 +38,7 @@ def spatial_shape_of(shape: Sequence[int]) -> tuple[int, ...]:
 def _orientation() -> Any:
     from monai.transforms import Orientation
 
-    return Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
+    return Orientation(axcodes="RAS", labels=AXIS_LABELS)
 
 
 def to_ras(image: Any) -> Any:

@@ -17,7 +17,7 @@ from monai.transforms import MapTransform
 
 from fedmed.config.schema import AugmentationConfig, NormalizationConfig, TaskConfig, TrainConfig
 
-AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+from .preprocess import AXIS_LABELS
 
 
 def _transforms() -> Any:

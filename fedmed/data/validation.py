@@ -41,6 +41,7 @@ __all__ = [
     "DataProblem",
     "DataValidationError",
     "ValidationReport",
+    "check_case_images",
     "check_npz_site",
     "check_site",
     "iter_site_cases",
@@ -147,6 +148,18 @@ def _task_fit(manifest: Manifest, *, task: TaskConfig | None) -> list[DataProble
     return problems
 
 
+def check_case_images(case: Case, *, task: TaskConfig, entry: str) -> tuple[MetaTensor | None, list[DataProblem]]:
+    """Read and check one unlabelled case's images the way `fedmed site check` does (unreadable or corrupt
+    files, NaNs, modalities on different grids, wrong dimensionality): its image, or None and the problems."""
+    manifest = Manifest(name="", labels={}, modality={}, training=[], validation=[], source=Path(entry))
+    report = ValidationReport(path=Path(entry))
+    # The channel count is the caller's to judge: the model's, not the first case's.
+    checker = _CaseChecker(manifest=manifest, task=task.model_copy(update={"in_channels": None}), report=report)
+    unlabelled = Case(image=case.image, other_modalities=case.other_modalities)
+    checked = checker.check(split="input", index=0, case=unlabelled, entry=entry)
+    return (None if checked is None else checked.image), report.problems
+
+
 class _CaseChecker:
     def __init__(self, *, manifest: Manifest, task: TaskConfig | None, report: ValidationReport) -> None:
         self.manifest = manifest
@@ -160,8 +173,8 @@ class _CaseChecker:
         # An enhancement task never looks at labels, so it need not read them.
         self.read_labels = task is None or task.kind != "enhancement"
 
-    def check(self, *, split: str, index: int, case: Case) -> CheckedCase | None:
-        entry = f"dataset.json {split}[{index}]"
+    def check(self, *, split: str, index: int, case: Case, entry: str | None = None) -> CheckedCase | None:
+        entry = entry or f"dataset.json {split}[{index}]"
         before = len(errors_in(self.report.problems))
         paths = case.images
         parts = [

@@ -31,6 +31,7 @@ SECAGG_UNMASK = MessageType("train", "secagg_unmask")
 
 # Records of a message's RecordDict.
 ARRAYS = "arrays"  # ArrayRecord: model parameters, packed (fedmed.flower.records.Layout)
+HELD = "held"  # ArrayRecord: frozen parameters and site-local starting values the coordinator holds, packed
 CONFIG = "config"  # ConfigRecord: the round's settings
 METRICS = "metrics"  # MetricRecord: a site's metrics
 SITE = "site"  # ConfigRecord {SITE_NAME: name}: who replied

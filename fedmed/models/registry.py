@@ -62,7 +62,8 @@ def _unet(task: TaskConfig, model: ModelConfig, *, out_channels: int) -> nn.Modu
             f"task.image_size {task.image_size} must be divisible by the UNet's total stride {divisor}; "
             f"change image_size or model.strides"
         )
-    return UNet(
+    return _construct(
+        UNet,
         spatial_dims=task.spatial_dims,
         in_channels=task.channels,
         out_channels=out_channels,
@@ -75,6 +76,14 @@ def _unet(task: TaskConfig, model: ModelConfig, *, out_channels: int) -> nn.Modu
     )
 
 
+def _construct(cls: type[nn.Module], **arguments: object) -> nn.Module:
+    """Build a MONAI network and keep its constructor call (MONAI's ConfigParser form), which an exported
+    bundle's `network_def` repeats."""
+    network = cls(**arguments)
+    network.constructor_config = {"_target_": f"{cls.__module__}.{cls.__name__}", **arguments}  # type: ignore[assignment]
+    return network
+
+
 def _segmentation_unet(task: TaskConfig, model: ModelConfig) -> nn.Module:
     return _unet(task, model, out_channels=task.num_classes)
 
@@ -83,7 +92,8 @@ def _segresnet(task: TaskConfig, model: ModelConfig) -> nn.Module:
     from monai.networks.nets import SegResNet
 
     init_filters = (model.channels or [8])[0]
-    return SegResNet(
+    return _construct(
+        SegResNet,
         spatial_dims=task.spatial_dims,
         in_channels=task.channels,
         out_channels=task.num_classes,
@@ -100,7 +110,8 @@ def _densenet(task: TaskConfig, model: ModelConfig, *, small: bool) -> nn.Module
     from monai.networks.nets import DenseNet
 
     init_features, growth_rate, blocks = (16, 8, (2, 4, 4)) if small else (64, 32, (6, 12, 24, 16))
-    return DenseNet(
+    return _construct(
+        DenseNet,
         spatial_dims=task.spatial_dims,
         in_channels=task.channels,
         out_channels=task.num_classes,

@@ -11,7 +11,7 @@ from fedmed.core.files import write_text_atomic
 
 from . import plots
 from .run_dir import CROSS_SITE_FILE, NORMALIZATION_FILE, STATUS_FILE, SUMMARY_FILE, RunDirectory
-from .summary import COLUMNS
+from .summary import COLUMNS, describe_starting_point
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 960px; color: #222; padding: 0 1rem; }
@@ -81,11 +81,17 @@ def write_report(run_dir: RunDirectory) -> Path:
 <h1>fedmed run <code>{name}</code></h1>
 <p class="muted">Configuration: <a href="config.toml">config.toml</a> · metrics:
 <a href="metrics.csv">metrics.csv</a> · final model: <code>checkpoints/final.pt</code></p>
+{_starting_point(summary)}
 {"".join(sections)}
 </body></html>
 """
     write_text_atomic(run_dir.report_html, page, private=False)
     return run_dir.report_html
+
+
+def _starting_point(summary: dict[str, Any]) -> str:
+    line = describe_starting_point(summary.get("starting_point"))
+    return f'<p class="muted">{html.escape(line[0].upper() + line[1:])}</p>' if line else ""
 
 
 def _json_object(run_dir: RunDirectory, name: str) -> dict[str, Any]:

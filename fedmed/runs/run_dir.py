@@ -8,7 +8,10 @@ Layout:
     checkpoints/final.pt       the final global model
     sites/<site>/              site-local parameters (simulation)
     status.json, normalization.json, cross_site.json, baselines.json, summary.json
+    starting_point.json        model.init's file and sha256, model.freeze (when the config sets them)
     report.html, plots/
+    tensorboard/               per-round scalars as TensorBoard event files (fedmed.runs.tracking)
+    mlruns/                    the same in an MLflow file store, when [tracking] mlflow = true
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ SUMMARY_FILE = "summary.json"  # the per-site comparison (fedmed.runs.summary)
 BASELINES_FILE = "baselines.json"  # local-only and pooled scores (simulation)
 NORMALIZATION_FILE = "normalization.json"  # the sites' intensity summaries and Nyúl landmarks
 CROSS_SITE_FILE = "cross_site.json"  # models x sites scores (fedmed.runs.cross_site)
+FLOWER_RUNS = "flower-runs.jsonl"  # deployed runs: each Flower run submitted for it, with the app's FAB hash
+STARTING_POINT_FILE = "starting_point.json"  # model.init's file and sha256, model.freeze's keys (when set)
 
 
 class RunDirectory:

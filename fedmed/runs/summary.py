@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .cross_site import final_evaluation, personal_model_name
-from .run_dir import BASELINES_FILE, RunDirectory
+from .run_dir import BASELINES_FILE, STARTING_POINT_FILE, RunDirectory
 
 COLUMNS = ("federated", "personalized", "local_only", "pooled")
 
@@ -62,6 +62,8 @@ def build_summary(run_dir: RunDirectory, *, primary_metric: str, higher_is_bette
     summary = {"primary_metric": primary_metric, "higher_is_better": higher_is_better, "sites": table}
     if privacy := privacy_spent(run_dir):
         summary["privacy"] = privacy
+    if starting_point := run_dir.read_json(STARTING_POINT_FILE):
+        summary["starting_point"] = starting_point
     for column in COLUMNS:
         values = [table[site][column][primary_metric] for site in sites if table[site].get(column)]
         finite = [value for value in values if not math.isnan(value)]
@@ -82,12 +84,32 @@ def format_summary(summary: dict[str, Any]) -> str:
     for label in ("mean", "worst_site"):
         cells = "".join(f"{_number(summary.get(column, {}).get(label)):>22}" for column in columns)
         lines.append(f"{label.replace('_', ' '):<16}{cells}")
+    if line := describe_starting_point(summary.get("starting_point")):
+        lines.append(line)
     for site, spent in summary.get("privacy", {}).items():
         lines.append(
             f"{site:<16}DP-SGD ε {spent['epsilon']:.2f} of {spent.get('epsilon_budget', float('nan')):.2f} "
             f"(δ {spent.get('delta', float('nan')):.0e})"
         )
     return "\n".join(lines)
+
+
+def describe_starting_point(starting_point: dict[str, Any] | None) -> str:
+    """One line naming the weights the run started from (model.init, with its sha256) and what it froze."""
+    if not starting_point:
+        return ""
+    init = starting_point.get("init")
+    line = (
+        f"started from {init['path']} (sha256 {str(init['sha256'])[:16]})"
+        if init
+        else "started from random weights (seed)"
+    )
+    if starting_point.get("freeze"):
+        line += (
+            f"; frozen: {', '.join(starting_point['freeze'])} ({starting_point.get('frozen_parameters', 0)} "
+            f"parameters, {starting_point.get('frozen_values', 0):,} values never trained or sent)"
+        )
+    return line
 
 
 def _cell(metrics: dict[str, float] | None, metric: str) -> str:

@@ -7,6 +7,7 @@ deployment.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fedmed.config import RunConfig
+from fedmed.config import RunConfig, dump_toml
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
-from fedmed.models import shared_keys
+from fedmed.models import KeyPartition
 from fedmed.site.local_layers import PERSONALIZED_FILE, LocalParameterStore
 from fedmed.site.normalization import SiteNormalization
 from fedmed.site.privacy import SitePrivacy, SitePrivacyTerms
+from fedmed.site.step_watch import TrainingWatch, watch_training, watch_validation
 
 if TYPE_CHECKING:
     from fedmed.data import SiteData  # imported when first used: loading pulls in MONAI
@@ -36,6 +38,7 @@ NUM_EXAMPLES = "num-examples"  # the metric that weighs a site's update or score
 EVALUATION_DIR = "evaluation"
 GLOBAL_CASES_FILE = "global-cases.csv"
 PERSONALIZED_CASES_FILE = "personalized-cases.csv"
+RUN_CONFIG_FILE = "config.toml"  # beside the personalized model
 
 
 class DataChannelsError(FedmedError):
@@ -93,6 +96,7 @@ class SiteSession:
         self.device = select_device(config.train.device)
         self.local_store = LocalParameterStore(spec.state_dir)
         self._landmarks_in_use: list[float] | None = None
+        self._held: StateDict | None = None
 
     @cached_property
     def normalization(self) -> SiteNormalization:
@@ -156,37 +160,58 @@ class SiteSession:
     def harmonized_histogram(self) -> dict:
         return self.normalization.histogram(self.raw_data, self.data)
 
-    def build_model(self) -> tuple[nn.Module, list[str], list[str]]:
-        """A fresh model plus its shared and site-local key lists."""
-        from fedmed.models import build_model, site_local_keys
+    def build_model(self) -> tuple[nn.Module, KeyPartition]:
+        """A fresh model (model.freeze applied) and its keys: shared, site-local, frozen. model.init is not read
+        here: it is a path on the coordinator's disk, whose values arrive with the round (use_held)."""
+        from fedmed.models import partition_keys, starting_model
 
-        model = build_model(self.config.task, self.config.model)
-        local = site_local_keys(model) if self.config.strategy.fedbn else []
-        return model, shared_keys(model.state_dict(), local), local
+        start = starting_model(self.config.task, self.config.model, load_init=False)
+        return start.network, partition_keys(start.network, fedbn=self.config.strategy.fedbn, frozen=start.frozen)
 
     @cached_property
-    def _model_and_keys(self) -> tuple[nn.Module, list[str], list[str], StateDict]:
+    def _model_and_keys(self) -> tuple[nn.Module, KeyPartition, StateDict]:
         """The session's model (reused: every round overwrites all its parameters and buffers), its
-        shared and site-local keys, and the site-local parameters' initial values."""
-        model, shared, local = self.build_model()
+        keys, and the site-local parameters' initial values."""
+        model, keys = self.build_model()
         state = model.state_dict()
-        initial_local = {key: state[key].detach().clone() for key in local}
-        return model.to(self.device), shared, local, initial_local
+        initial_local = {key: state[key].detach().clone() for key in keys.local}
+        return model.to(self.device), keys, initial_local
 
     def shared_template(self) -> StateDict:
         """The shared parameters in state-dict order (initial values): what travels each round."""
-        model, shared, _, _ = self._model_and_keys
+        model, keys, _ = self._model_and_keys
         state = model.state_dict()
-        return {key: state[key] for key in shared}
+        return {key: state[key] for key in keys.shared}
+
+    def held_template(self) -> StateDict:
+        """The site-local and frozen entries (initial values), in the order the coordinator sends their values."""
+        model, keys, _ = self._model_and_keys
+        state = model.state_dict()
+        return {key: state[key] for key in keys.held}
+
+    def use_held(self, held: StateDict) -> None:
+        """The coordinator's values for the keys the shared weights leave out, sent with every round when the run
+        sets model.init or model.freeze: frozen parameters, and the site-local layers' starting values."""
+        self._held = held
 
     def _model_with(self, global_state: StateDict) -> tuple[nn.Module, list[str]]:
-        """The model with the global shared parameters and this site's local ones.
+        """The model with the global shared parameters, the coordinator's frozen ones and this site's local ones.
 
         The caller has checked that `global_state` fits the model (fedmed.flower.records.Layout);
         load_state_dict still refuses anything missing or misshapen.
         """
-        model, _, local, initial_local = self._model_and_keys
+        model, keys, initial_local = self._model_and_keys
+        local = keys.local
         state = dict(global_state)
+        if self.config.model.sends_held_values and keys.held:
+            if self._held is None:
+                raise ModelMismatchError(
+                    f"site {self.spec.name}: the run sets model.init or model.freeze but the coordinator sent no "
+                    "values for the frozen and site-local parameters; coordinator and site must run the same fedmed "
+                    "version"
+                )
+            state.update({key: self._held[key] for key in keys.frozen})
+            initial_local = {key: self._held[key] for key in local}
         if local:
             stored = self.local_store.load()
             if stored is not None and set(stored) != set(local):
@@ -211,6 +236,13 @@ class SiteSession:
             config=self.config,
         )
 
+    def _watch_training(self, what: str, *, epochs: int) -> contextlib.AbstractContextManager[TrainingWatch]:
+        """Slow local epochs shown live or logged (fedmed.site.step_watch); quick ones stay quiet."""
+        from fedmed.privacy import steps_per_epoch
+
+        batches = steps_per_epoch(len(self.data.train), self.config.train.batch_size)
+        return watch_training(label=f"site {self.spec.name}: {what}", epochs=epochs, batches_per_epoch=batches)
+
     def train(self, global_state: StateDict, *, server_round: int, proximal_mu: float) -> tuple[StateDict, dict]:
         """Train from the global weights; with DP-SGD the ledger is charged before the update is returned."""
         from fedmed.tasks import check_private_model, train_local
@@ -222,19 +254,22 @@ class SiteSession:
         if private:  # refuse an unfit model before anything reaches the ledger
             check_private_model(model, model_name=self.config.model.name)
         dp_step = self.privacy.step_for_round(num_examples=len(self.data.train)) if private else None
-        result = train_local(
-            model,
-            self.data.train,
-            task=self.task,
-            train=self.config.train,
-            epochs=self.config.train.local_epochs,
-            seed=site_seed(self.config.seed, self.spec.name, server_round),
-            device=self.device,
-            proximal_mu=proximal_mu,
-            proximal_keys=set(global_state),
-            dp=dp_step,
-            workers=self.config.data.workers,
-        )
+        epochs = self.config.train.local_epochs
+        with self._watch_training(f"round {server_round}", epochs=epochs) as watch:
+            result = train_local(
+                model,
+                self.data.train,
+                task=self.task,
+                train=self.config.train,
+                epochs=epochs,
+                seed=site_seed(self.config.seed, self.spec.name, server_round),
+                device=self.device,
+                proximal_mu=proximal_mu,
+                proximal_keys=set(global_state),
+                dp=dp_step,
+                workers=self.config.data.workers,
+                on_step=watch.step,
+            )
         metrics = {
             NUM_EXAMPLES: result.num_examples,
             "train_loss": result.loss,
@@ -255,7 +290,8 @@ class SiteSession:
         return self._evaluate(model, started=started, cases_file=GLOBAL_CASES_FILE)
 
     def _evaluate(self, model: nn.Module, *, started: float, cases_file: str | None = None) -> dict:
-        metrics, rows = self.task.evaluate_cases(model, self.data.val, device=self.device)
+        with watch_validation(label=f"site {self.spec.name}", cases=len(self.data.val)):
+            metrics, rows = self.task.evaluate_cases(model, self.data.val, device=self.device)
         if rows and cases_file:
             write_case_metrics(self.spec.state_dir / EVALUATION_DIR / cases_file, rows)
         return {NUM_EXAMPLES: len(self.data.val), **metrics, "eval_seconds": time.perf_counter() - started}
@@ -270,10 +306,12 @@ class SiteSession:
         return self._model_and_keys[0].state_dict()
 
     def personal_keys(self, *, final: bool) -> list[str]:
-        """The parameters in which this site's personalized model differs from the global model: all of them
-        once fine-tuned (at the end of the run, if asked), else its site-local layers."""
-        model, _, local, _ = self._model_and_keys
-        return list(model.state_dict()) if final and self.config.evaluation.finetune_epochs else list(local)
+        """The parameters in which this site's personalized model differs from the global model: all but the
+        frozen ones once fine-tuned (at the end of the run, if asked), else its site-local layers."""
+        model, keys, _ = self._model_and_keys
+        if final and self.config.evaluation.finetune_epochs:
+            return [key for key in model.state_dict() if key not in keys.frozen]
+        return list(keys.local)
 
     def personalize(self, global_state: StateDict, *, server_round: int, final: bool) -> tuple[StateDict, dict]:
         """Global weights + this site's local layers, fine-tuned on its own data at the end of the run if asked;
@@ -285,18 +323,22 @@ class SiteSession:
         epochs = self.config.evaluation.finetune_epochs if final else 0
         tuned = {}
         if epochs:
-            result = train_local(
-                model,
-                self.data.train,
-                task=self.task,
-                train=self.config.train,
-                epochs=epochs,
-                seed=site_seed(self.config.seed, self.spec.name, -server_round),
-                device=self.device,
-            )
+            with self._watch_training("fine-tuning", epochs=epochs) as watch:
+                result = train_local(
+                    model,
+                    self.data.train,
+                    task=self.task,
+                    train=self.config.train,
+                    epochs=epochs,
+                    seed=site_seed(self.config.seed, self.spec.name, -server_round),
+                    device=self.device,
+                    on_step=watch.step,
+                )
             tuned = {"finetune_loss": result.loss, "finetune_seconds": result.seconds}
         state = model.state_dict()
         LocalParameterStore(self.spec.state_dir, file_name=PERSONALIZED_FILE).save(state)
+        # With the run's config beside it, the site applies its own model (fedmed predict) without the coordinator.
+        write_text_atomic(self.spec.state_dir / RUN_CONFIG_FILE, dump_toml(self.config))
         personal = {key: state[key].detach().cpu().clone() for key in self.personal_keys(final=final)}
         metrics = self._evaluate(model, started=time.perf_counter(), cases_file=PERSONALIZED_CASES_FILE)
         return personal, {**metrics, **tuned}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,7 @@ def train_local(
     proximal_keys: Collection[str] = (),
     dp: DpSgdStep | None = None,
     workers: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place for `epochs` over `samples`, shuffled in an order fixed by `seed`.
 
@@ -55,7 +56,8 @@ def train_local(
     With proximal_mu > 0 (FedProx) the weights named in `proximal_keys` (the shared weights as
     received from the server) are pulled towards their starting values with strength mu. With `dp`
     the steps are DP-SGD (Opacus: Poisson sampling, per-sample clipping, Gaussian noise); the caller
-    fixes the noise and charges the ledger. The model is left unwrapped either way.
+    fixes the noise and charges the ledger. The model is left unwrapped either way. `on_step(epoch, batch)`
+    is called (0-based) before each step, an empty Poisson draw included: progress displays use it.
     """
     if not samples:
         raise ValueError("no training samples: the site's training split is empty")
@@ -85,10 +87,12 @@ def train_local(
     started = time.perf_counter()
     steps, epoch_loss, epoch_examples = 0, 0.0, 0
     with privatized(model, optimizer, loader, dp=dp, seed=seed, device=device) as (network, optimizer, loader):
-        for _ in range(epochs):
+        for epoch in range(epochs):
             epoch_loss, epoch_examples = 0.0, 0
-            for columns in loader:
+            for batch_index, columns in enumerate(loader):
                 steps += 1
+                if on_step is not None:
+                    on_step(epoch, batch_index)
                 if len(columns[0]) == 0:
                     continue  # an empty Poisson draw: nothing to learn from, still a step
                 batch = {key: value.to(device, non_blocking=True) for key, value in zip(keys, columns, strict=True)}

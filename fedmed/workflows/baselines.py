@@ -14,14 +14,15 @@ import torch
 from fedmed.config import RunConfig
 from fedmed.core.log import logger
 from fedmed.data.scan_site import pooled_training_set
-from fedmed.models import build_model
+from fedmed.models import starting_model
 from fedmed.site.session import NUM_EXAMPLES, site_seed
 from fedmed.tasks import get_task, select_device, train_local
 
 
 def _fresh_model(config: RunConfig) -> torch.nn.Module:
     torch.manual_seed(config.seed)  # the federation's global model starts from this same init
-    return build_model(config.task, config.model)
+    # model.init and model.freeze too: a baseline starts from the federation's round-0 model, trained the same way.
+    return starting_model(config.task, config.model).network
 
 
 Models = dict[str, torch.nn.Module]

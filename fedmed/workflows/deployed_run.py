@@ -22,11 +22,13 @@ from fedmed.deploy import flower_cli
 from fedmed.deploy.server import site_nodes_file
 from fedmed.flower.records import encode_run
 from fedmed.flower.runtime.app_bundle import APP_PROJECT
+from fedmed.models import check_starting_model
 from fedmed.runs import RunDirectory, submissions
-from fedmed.runs.run_dir import STATUS_FILE
+from fedmed.runs.progress import round_line
+from fedmed.runs.run_dir import FLOWER_RUNS, STATUS_FILE
 from fedmed.runs.status import describe_run, effective_state
+from fedmed.runs.tracking import check_tracking
 
-FLOWER_RUNS = "flower-runs.jsonl"
 FINISHED = ("finished:completed", "finished:failed", "finished:stopped")
 
 
@@ -41,8 +43,8 @@ def registered_sites(server: ServerConfig) -> list[str]:
 
 
 def check_deployable(config: RunConfig, *, source: str) -> None:
-    """A deployed run trains on the sites' own data: a config naming data (a simulation's) is refused
-    before anything is contacted or written."""
+    """A deployed run trains on the sites' own data: a config naming data (a simulation's), or asking for
+    MLflow where it is not installed, is refused before anything is contacted or written."""
     sections = [name for name, present in (("[[sites]]", config.sites), ("[synth]", config.synth)) if present]
     if sections:
         raise ConfigError(
@@ -50,11 +52,13 @@ def check_deployable(config: RunConfig, *, source: str) -> None:
             "each site's own site.toml names. Remove those sections to run on the federation, or run this file "
             "with 'fedmed simulate'."
         )
+    check_tracking(config, source=source)  # the ServerApp runs here, on the coordinator: MLflow must be here
 
 
 def launch(server: ServerConfig, config: RunConfig) -> DeployedRun:
     """Start a new run; the quorum defaults to every registered site."""
     check_deployable(config, source="run config")
+    check_starting_model(config.task, config.model)
     if config.strategy.min_sites is None:
         sites = registered_sites(server)
         if not sites:
@@ -110,14 +114,8 @@ def wait(server: ServerConfig, run: DeployedRun, *, poll_s: float = 2.0, timeout
     reported = 0
     while True:
         rounds = run.run_dir.read_rounds()
-        for row in rounds[reported:]:
-            logger.info(
-                "%s: round %d done in %.1f s, trained: %s",
-                run.run_dir.path.name,
-                row["round"],
-                row["seconds"],
-                ", ".join(row["sites_trained"]) or "none",
-            )
+        if len(rounds) > reported:
+            _log_rounds(run.run_dir, rounds, new=rounds[reported:])
         reported = len(rounds)
         state = _flower_status(server, run.flower_run_id)
         if state in FINISHED:
@@ -126,6 +124,32 @@ def wait(server: ServerConfig, run: DeployedRun, *, poll_s: float = 2.0, timeout
         if deadline is not None and time.monotonic() > deadline:
             raise FedmedError(f"run {run.run_dir.path.name} still {state} after {timeout_s:.0f} s")
         time.sleep(poll_s)
+
+
+def _log_rounds(run_dir: RunDirectory, rounds: list[dict[str, Any]], *, new: list[dict[str, Any]]) -> None:
+    """The same line per round as a simulation prints (fedmed.runs.progress), from the run directory."""
+    from fedmed.tasks import get_task
+
+    config = load_run_config(run_dir.config_file)
+    metric = get_task(config.task).primary_metric
+    metrics = run_dir.read_metrics()
+    per_round = sum(float(row.get("seconds", 0.0)) for row in rounds) / len(rounds)
+    for row in new:
+        number = int(row["round"])
+        phases = {
+            phase: {m["site"]: m for m in metrics if m.get("round") == number and m.get("phase") == phase}
+            for phase in ("train", "evaluate")
+        }
+        line = round_line(
+            number,
+            config.train.rounds,
+            metric=metric,
+            train=phases["train"],
+            evaluation=phases["evaluate"],
+            per_round=per_round,
+            eta=per_round * (config.train.rounds - number),
+        )
+        logger.info("%s: %s", run_dir.path.name, line)
 
 
 def _flower_status(server: ServerConfig, flower_run_id: int) -> str:

@@ -17,6 +17,7 @@ from fedmed.runs.outputs import write_outputs
 from fedmed.runs.run_dir import BASELINES_FILE, STATUS_FILE, SUMMARY_FILE
 from fedmed.runs.status import resume_command
 from fedmed.runs.summary import format_summary
+from fedmed.runs.tracking import check_tracking
 
 
 @dataclass
@@ -50,6 +51,7 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: 
     exists, so a bad input leaves no half-made run behind."""
     from fedmed.flower.engines import run_federation_here
     from fedmed.flower.records import encode_run
+    from fedmed.models import check_starting_model
     from fedmed.models.memory import check_training_memory
     from fedmed.tasks import get_task
 
@@ -64,12 +66,14 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: 
             "can write (or --set output_dir=PATH), or fix that folder's permissions"
         )
     check_training_memory(config, source=source)
+    check_tracking(config, source=source)
     config = materialize_sites(config)
     # Load (and so validate) every site before any training: a bad site fails the run up front.
     sites = {site.name: _open_site(site.path, config=config) for site in config.sites}
     for name, data in sites.items():
         logger.info("site %s: %d training, %d validation cases", name, data.num_train, data.num_val)
     config = resolve_from_data(config, channels={name: _channels(data) for name, data in sites.items()}, source=source)
+    check_starting_model(config.task, config.model)
 
     created = run_dir is None
     run_dir = run_dir or RunDirectory.create(config.output_dir, config.name)

@@ -29,3 +29,11 @@ def test_demo_federation_beats_local_only_at_every_site(tmp_path: Path) -> None:
         assert 0.5 < float(pooled) <= 1.0
     assert "round 40/40" in completed.stderr
     assert (next(tmp_path.glob("demo-*")) / "report.html").exists()
+
+    # The closing message names a command that applies the demo's model; it runs as printed.
+    (command,) = re.findall(r"^apply the model: (fedmed predict .+)$", completed.stdout, re.MULTILINE)
+    arguments = command.split()
+    predicted = subprocess.run([str(fedmed), *arguments[1:]], capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    out = Path(arguments[arguments.index("--out") + 1])
+    assert len(list(out.glob("*_seg.nii.gz"))) == 22  # hospital-a: 6 training and 16 validation cases

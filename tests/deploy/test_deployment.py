@@ -59,6 +59,7 @@ def test_deployed_run_matches_the_inprocess_engine(federation: LocalFederation) 
     for name in ("summary.json", "report.html", "plots/learning_curves.png"):
         assert (run_dir / name).exists() and (simulated_run.run_dir.path / name).exists(), name
     assert set(json.loads((run_dir / "summary.json").read_text())["sites"]) == {"a", "b", "c"}
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "the ServerApp writes TensorBoard events"
     (run_dir / "report.html").unlink()
     assert "report:" in cli([FEDMED, "report", str(run_dir)]).stdout and (run_dir / "report.html").exists()
 

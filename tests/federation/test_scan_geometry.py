@@ -3,61 +3,21 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
+from scan_sites import SITES, write_scan_site
 
 from fedmed.config import run_config_from_dict
 from fedmed.workflows.simulate import simulate
-
-# Each site stores its volumes differently: spacing, orientation and size all differ.
-SITES = {
-    "site-a": (np.diag([1.0, 1.0, 1.0, 1.0]), (28, 28, 24)),
-    "site-b": (np.diag([-0.8, -0.8, 2.0, 1.0]), (34, 34, 12)),
-}
-
-
-def _write_site(root: Path, name: str, *, cases: int, seed: int) -> Path:
-    affine, shape = SITES[name]
-    site = root / name
-    (site / "images").mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    entries = []
-    for number in range(cases):
-        centre = [rng.integers(size // 3, 2 * size // 3) for size in shape]
-        grid = np.meshgrid(*[np.arange(size) for size in shape], indexing="ij")
-        spacing = np.abs(np.diag(affine)[:3])
-        distance = np.sqrt(sum(((axis - c) * s) ** 2 for axis, c, s in zip(grid, centre, spacing, strict=True)))
-        label = ((distance < 7).astype(np.uint8) + (distance < 3.5).astype(np.uint8)).astype(np.uint8)
-        flair = (50 + 60 * (label > 0) + rng.normal(0, 4, shape)).astype(np.float32)
-        t1 = (200 - 80 * (label == 2) + rng.normal(0, 4, shape)).astype(np.float32)
-        paths = []
-        for modality, array in (("flair", flair), ("t1", t1)):
-            path = site / "images" / f"{name}_{number}_{modality}.nii.gz"
-            nib.save(nib.Nifti1Image(array, affine), str(path))
-            paths.append(f"./images/{path.name}")
-        label_path = site / "images" / f"{name}_{number}_label.nii.gz"
-        nib.save(nib.Nifti1Image(label, affine), str(label_path))
-        entries.append({"image": paths, "label": f"./images/{label_path.name}"})
-    manifest = {
-        "name": name,
-        "modality": {"0": "FLAIR", "1": "T1"},
-        "labels": {"0": "background", "1": "Oedema", "2": "Core"},
-        "training": entries[2:],
-        "validation": entries[:2],
-    }
-    (site / "dataset.json").write_text(json.dumps(manifest))
-    return site
 
 
 @pytest.fixture(scope="module")
 def scan_sites(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
     root = tmp_path_factory.mktemp("scan-sites")
-    return [{"name": name, "path": str(_write_site(root, name, cases=6, seed=i))} for i, name in enumerate(SITES)]
+    return [{"name": name, "path": str(write_scan_site(root, name, cases=6, seed=i))} for i, name in enumerate(SITES)]
 
 
 def _config(tmp_path: Path, sites: list[dict[str, str]], **sections: dict) -> object:

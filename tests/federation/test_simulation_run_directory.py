@@ -116,4 +116,4 @@ def test_progress_is_logged_per_round(tiny_config, caplog) -> None:
     simulate(tiny_config())
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round ")]
     assert len(lines) == 2
-    assert lines[0].startswith("round 1/2") and "site-a dice" in lines[0] and "ETA" in lines[0]
+    assert lines[0].startswith("round 1/2  dice mean ") and "site-a 0." in lines[0] and "ETA" in lines[0]

@@ -19,12 +19,13 @@ import torch
 
 from fedmed.config import RunConfig, SiteDrift, run_config_from_dict
 from fedmed.data import Case, cases_from_folder_pairs, cases_from_subfolders, split_into_sites, write_manifest
-from fedmed.data.io import write_nifti
 from fedmed.data.scan_site import ScanSite, open_scan_site
 from fedmed.models import build_model
 from fedmed.tasks import get_task, train_local
 from fedmed.tasks.volumes import evaluate_segmentation_volumes, predict_labelmap, sliding_window_inferer
+from fedmed.workflows.predict import predict_cases
 from fedmed.workflows.simulate import simulate
+from fedmed.workflows.trained_model import load_trained_model
 
 CPU = torch.device("cpu")
 # Simulated scanners: the MSD hippocampus crops all come from one centre.
@@ -128,22 +129,32 @@ def test_hippocampus_federation_scores_per_class_in_original_space(shared_data: 
         for key in ("dice", "dice_anterior", "dice_posterior", "dice_hippocampus"):
             assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0, f"{site}: {key} = {metrics.get(key)}"
 
-    # Done when: the final global model, applied outside the run, gives the site's own per-case Dice.
+    # Done when: `fedmed predict` with the run's final global model gives, for a validation case, a label map
+    # on the source's grid whose Dice is the value the site reported for that case.
     site = sites[0]
     rows = list(csv.DictReader((result.run_dir.path / "sites" / site.name / "evaluation" / "global-cases.csv").open()))
-    checkpoint = torch.load(result.run_dir.path / "checkpoints" / "final.pt", map_location="cpu", weights_only=False)
-    assert checkpoint["site_local_keys"] == []  # FedBN off: the global model is the one every site evaluated
-    model = build_model(result.config.task, result.config.model)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.eval()
-    scan_site = open_scan_site(site.path, config=result.config, cache_dir=None)
-    record = scan_site.val.records[0]
-    inferer = sliding_window_inferer(roi_size=scan_site.val.roi_size, inference=scan_site.val.inference, device=CPU)
-    labelmap = predict_labelmap(model, scan_site.val, 0, inferer=inferer, device=CPU)
-    _assert_on_source_grid(labelmap, _first_image(record))
+    record = open_scan_site(site.path, config=result.config, cache_dir=None).val.records[0]
+    written = _predict_with_cli_path(result.run_dir.path, record, out_dir=tmp_path / "predicted")
+    _assert_written_on_source_grid(written, _first_image(record))
     (row,) = [row for row in rows if row["case"] == record["case"]]
-    dice = _dice(labelmap.as_tensor(), record["label"], num_classes=3)
+    dice = _dice(torch.from_numpy(np.asarray(nibabel.load(str(written)).dataobj))[None], record["label"], num_classes=3)
     assert dice == pytest.approx(float(row["dice"]), abs=1e-5)
+
+
+def _predict_with_cli_path(model: Path, record: dict[str, Any], *, out_dir: Path) -> Path:
+    """What `fedmed predict MODEL IMAGE --out DIR` does, for one validation case of a run."""
+    images = record["image"] if isinstance(record["image"], list) else [record["image"]]
+    case = Case(image=Path(images[0]), other_modalities=tuple(Path(path) for path in images[1:]))
+    (outcome,) = list(predict_cases(load_trained_model(model), [case], out_dir=out_dir, device=CPU))
+    assert outcome.ok, outcome.error
+    return Path(outcome.output)
+
+
+def _assert_written_on_source_grid(written: Path, source: str | Path) -> None:
+    shape, affine = _header(written)
+    source_shape, source_affine = _header(source)
+    assert shape == source_shape
+    np.testing.assert_allclose(affine, source_affine, atol=1e-4)
 
 
 def _brats_site_cases(root: Path) -> dict[str, list[Case]]:
@@ -259,22 +270,22 @@ def test_spleen_ct_window_prediction_written_on_the_original_grid(shared_data: P
             "task": {"kind": "segmentation", "spatial_dims": 3, "spacing": [3, 3, 6], "intensity": "ct_window"},
             "normalization": {"window_level": 40, "window_width": 400},
             "model": {"channels": [8, 16, 32]},
-            "train": {"batch_size": 2, "patch_size": [64, 64, 32], "samples_per_volume": 4},
+            "train": {"rounds": 1, "batch_size": 2, "patch_size": [64, 64, 32], "samples_per_volume": 4},
             "inference": {"overlap": 0.25},
+            "evaluation": {"cross_site": False},
+            "sites": [{"name": "spleen", "path": str(folder)}],
         },
     )
     site = open_scan_site(folder, config=config, cache_dir=None)
     patch = site.train[0]["image"]
     assert patch.shape == (1, 64, 64, 32) and float(patch.min()) >= 0.0 and float(patch.max()) <= 1.0  # HU window
 
-    model = _train_one_epoch(site, config)
-
-    inferer = sliding_window_inferer(roi_size=site.val.roi_size, inference=site.val.inference, device=CPU)
-    labelmap = predict_labelmap(model, site.val, 0, inferer=inferer, device=CPU)
-    written = tmp_path / "prediction" / "spleen_8.nii.gz"
-    written.parent.mkdir()
-    write_nifti(written, labelmap.as_tensor()[0].numpy().astype(np.uint8), affine=np.asarray(labelmap.affine))
+    result = simulate(config)
+    written = _predict_with_cli_path(result.run_dir.path, {"image": str(case.image)}, out_dir=tmp_path / "predicted")
     shape, affine = _header(written)
     source_shape, source_affine = _header(case.image)
     assert shape == source_shape == (512, 512, 32)
     np.testing.assert_allclose(affine, source_affine, atol=1e-4)
+    rows = list(csv.DictReader((result.run_dir.path / "sites" / "spleen" / "evaluation" / "global-cases.csv").open()))
+    dice = _dice(torch.from_numpy(np.asarray(nibabel.load(str(written)).dataobj))[None], str(case.label), num_classes=2)
+    assert dice == pytest.approx(float(rows[0]["dice"]), abs=1e-5)

@@ -52,7 +52,8 @@ def train(msg: Message, context: Context) -> Message:
         session, layout, server_round, update, metrics = train_round(msg, context)
     except FedmedError as error:
         return refuse(msg, error)
-    logger.info(
+    # Per site and round: the round's own line (fedmed.runs.progress) says enough without -v.
+    logger.debug(
         "site %s: round %s trained in %.2f s (training %.2f s)",
         session.spec.name,
         server_round,

@@ -13,10 +13,19 @@ from flwr.common.constant import ErrorCode
 from fedmed.core.errors import FedmedError
 from fedmed.core.log import logger
 from fedmed.flower.records import Layout, LayoutMismatchError, site_record
-from fedmed.flower.wire import ARRAYS, CONFIG, LAYOUT_DIGEST, PROXIMAL_MU, SERVER_ROUND, SITE, STANDARD_LANDMARKS
+from fedmed.flower.wire import (
+    ARRAYS,
+    CONFIG,
+    HELD,
+    LAYOUT_DIGEST,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    SITE,
+    STANDARD_LANDMARKS,
+)
 from fedmed.site.session import SiteSession
 
-from .site_context import session_layout, site_session
+from .site_context import session_held_layout, session_layout, site_session
 
 _loaded_at = time.time()
 _first_message = True
@@ -41,10 +50,13 @@ def process_age() -> float:
 
 
 def session_for(msg: Message, context: Context) -> SiteSession:
-    """The site's session, mapping its intensities onto the federation's landmarks when the round sends them."""
+    """The site's session, mapping its intensities onto the federation's landmarks and taking the coordinator's
+    frozen and site-local starting values when the round sends them."""
     session = site_session(context)
     if STANDARD_LANDMARKS in msg.content[CONFIG]:
         session.use_standard_landmarks([float(value) for value in msg.content[CONFIG][STANDARD_LANDMARKS]])
+    if HELD in msg.content:
+        session.use_held(session_held_layout(session).unpack(msg.content[HELD]))
     return session
 
 

@@ -64,7 +64,7 @@ def mask(msg: Message, context: Context) -> Message:
             session.spec.name,
             client.last_clipped_values,
         )
-    logger.info(
+    logger.debug(  # per site and round: shown with -v
         "site %s: round %d trained and masked in %.2f s", session.spec.name, server_round, time.perf_counter() - started
     )
     return reply(

@@ -17,6 +17,7 @@ from fedmed.site.session import SiteSession, SiteSpec
 
 _sessions: dict[tuple[str, str, str], SiteSession] = {}
 _layouts: dict[int, Layout] = {}
+_held_layouts: dict[int, Layout] = {}
 
 
 def site_session(context: Context) -> SiteSession:
@@ -35,6 +36,14 @@ def session_layout(session: SiteSession) -> Layout:
         template = session.shared_template()
         _layouts[id(session)] = Layout.of(template, template)
     return _layouts[id(session)]
+
+
+def session_held_layout(session: SiteSession) -> Layout:
+    """How the coordinator packs the values of the session's site-local and frozen keys (fedmed.flower.server.start)."""
+    if id(session) not in _held_layouts:
+        template = session.held_template()
+        _held_layouts[id(session)] = Layout.of(template, template)
+    return _held_layouts[id(session)]
 
 
 def site_state_root(context: Context) -> Path | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from fedmed.config import RunConfig
@@ -19,6 +20,7 @@ class RunContext:
     run_dir: RunDirectory
     site_names: dict[int, str]  # node id -> site; replies fill in what deployment did not tell
     settings: dict[str, Any] = field(default_factory=dict)  # the layout digest and, with Nyúl, the landmarks
+    held: ArrayRecord | None = None  # frozen and site-local starting values (model.freeze, model.init), packed
 
     @property
     def timeout(self) -> float:

@@ -20,7 +20,7 @@ from flwr.superlink.grid import HttpGrid
 
 from fedmed.core.log import logger
 from fedmed.flower.records import sender
-from fedmed.flower.wire import MessageType
+from fedmed.flower.wire import ARRAYS, HELD, MessageType
 
 from .context import RunContext
 
@@ -64,8 +64,19 @@ class NodesAsOfNow(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list[Message]:
-    """Push `messages`, then collect their replies until all arrived or `timeout` seconds passed."""
+def send_and_receive(run: RunContext, messages: Iterable[Message], *, timeout: float) -> list[Message]:
+    """Push `messages`, then collect their replies until all arrived or `timeout` seconds passed.
+
+    A message carrying the global weights also carries the values the coordinator holds for the keys
+    those weights leave out (frozen parameters, site-local starting values), when the run has any: a
+    site builds its network itself and cannot read model.init, a path on the coordinator's disk.
+    """
+    grid = run.grid
+    messages = list(messages)
+    if run.held is not None:
+        for message in messages:
+            if message.has_content() and ARRAYS in message.content:
+                message.content[HELD] = run.held
     if not isinstance(grid, HttpGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     waiting = set(grid.push_messages(messages))
@@ -92,7 +103,7 @@ def ask_every_site(
         message.metadata.ttl = run.timeout
         messages.append(message)
     by_site: dict[str, RecordDict] = {}
-    for reply in send_and_receive(run.grid, messages, timeout=run.timeout):
+    for reply in send_and_receive(run, messages, timeout=run.timeout):
         if reply.has_error():
             logger.warning("%s: %s: %s", purpose, run.site_of(reply.metadata.src_node_id), reply.error.reason)
             continue

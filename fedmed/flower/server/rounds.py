@@ -21,10 +21,11 @@ from flwr.serverapp.strategy import Strategy
 from fedmed.config import RunConfig
 from fedmed.core.errors import FedmedError
 from fedmed.core.log import logger
-from fedmed.flower.records import Layout, payload_bytes, sender
+from fedmed.flower.records import payload_bytes, sender
 from fedmed.flower.wire import ARRAYS, CLIPPING_MODE, LAYOUT_DIGEST, MASKED, METRICS, STANDARD_LANDMARKS
 from fedmed.runs import RunDirectory
 from fedmed.runs.progress import RoundProgress
+from fedmed.runs.tracking import RunTracker
 
 from .client_dp import client_dp_round_record
 from .context import RunContext
@@ -32,6 +33,7 @@ from .cross_site import cross_site_evaluation
 from .exchange import NodesAsOfNow, send_and_receive
 from .intensity import fit_intensities
 from .secure_round import SecureRoundError, secure_train_round
+from .start import check_resumed_start, global_start, record_start
 from .strategy import build_strategy, quorum, restore_strategy_state, strategy_state
 
 
@@ -43,24 +45,21 @@ def run_federation(
     grid: Grid, *, config: RunConfig, run_dir: RunDirectory, site_names: dict[int, str] | None = None
 ) -> None:
     """Run (or resume, if the run directory holds a checkpoint) the configured federation."""
-    from fedmed.models import build_model, shared_keys, site_local_keys
     from fedmed.tasks import get_task
 
     # Flower samples nodes with the global `random` module: seed it for reproducible rounds.
     random.seed(config.seed)
     np.random.seed(config.seed % 2**32)  # Flower's DP wrappers draw their noise from numpy's global generator
     torch.manual_seed(config.seed)
-    model = build_model(config.task, config.model)
-    full_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    local = site_local_keys(model) if config.strategy.fedbn else []
-    shared = shared_keys(full_state, local)
+    start = global_start(config)  # model.init loaded, model.freeze applied
+    full_state, local, layout = start.state, start.keys.local, start.layout
     strategy = build_strategy(config)
-    layout = Layout.of(full_state, shared)
     arrays = layout.pack(full_state)
 
     first_round = 1
     checkpoint = run_dir.load_checkpoint("latest")
     if checkpoint is not None:
+        check_resumed_start(checkpoint, start, run_dir=run_dir)
         arrays = layout.pack(checkpoint["shared_state"])
         restore_strategy_state(strategy, checkpoint["strategy_state"])
         random.setstate(checkpoint["random_state"])
@@ -72,29 +71,34 @@ def run_federation(
     run_dir.drop_rounds_after(first_round - 1)
 
     metric = get_task(config.task).primary_metric
+    run = RunContext(grid=grid, config=config, run_dir=run_dir, site_names=dict(site_names or {}), held=start.held)
+    start_fields = record_start(run_dir, start)
     progress = RoundProgress(total_rounds=config.train.rounds, first_round=first_round, metric=metric)
-    run = RunContext(grid=grid, config=config, run_dir=run_dir, site_names=dict(site_names or {}))
-    # Repeated on resume: sites refit from the same images, so the statistics and landmarks come out the same.
-    _wait_for_quorum(run, server_round=first_round)
-    landmarks = fit_intensities(run)
-    run.settings = {LAYOUT_DIGEST: layout.digest} | ({STANDARD_LANDMARKS: landmarks} if landmarks else {})
-    for server_round in range(first_round, config.train.rounds + 1):
-        round_started = time.perf_counter()
-        arrays, trained, aggregation_record = _train_round(run, strategy, arrays, server_round=server_round)
-        noise_record = client_dp_round_record(strategy)  # the noise this round's aggregate received
-        trained_at = time.perf_counter()
-        evaluation: dict[str, dict[str, float]] = {}
-        last = server_round == config.train.rounds
-        if server_round % config.train.eval_every == 0 or last:
-            evaluation = _evaluate_round(run, strategy, arrays, server_round=server_round)
-        every = config.evaluation.cross_site_every
-        if config.evaluation.cross_site and (last or (every and server_round % every == 0)):
-            cross_site_evaluation(run, arrays, server_round=server_round, final=last)
-        evaluated_at = time.perf_counter()
-        # The round's row goes first: a crash between the two leaves a row the resume drops, never a
-        # checkpointed round without its row.
-        run_dir.append_round(
-            {
+    # The live bar (a terminal only) and the tracker's files are closed however the loop ends.
+    with progress, RunTracker.open(run_dir, config=config, first_round=first_round) as tracker:
+        # Repeated on resume: sites refit from the same images, so the statistics and landmarks come out the same.
+        _wait_for_quorum(run, server_round=first_round)
+        landmarks = fit_intensities(run)
+        run.settings = {LAYOUT_DIGEST: layout.digest} | ({STANDARD_LANDMARKS: landmarks} if landmarks else {})
+        for server_round in range(first_round, config.train.rounds + 1):
+            round_started = time.perf_counter()
+            progress.start_round(server_round)
+            arrays, trained, aggregation_record = _train_round(run, strategy, arrays, server_round=server_round)
+            noise_record = client_dp_round_record(strategy)  # the noise this round's aggregate received
+            trained_at = time.perf_counter()
+            evaluation: dict[str, dict[str, float]] = {}
+            last = server_round == config.train.rounds
+            if server_round % config.train.eval_every == 0 or last:
+                progress.phase(server_round, "evaluating")
+                evaluation = _evaluate_round(run, strategy, arrays, server_round=server_round)
+            every = config.evaluation.cross_site_every
+            if config.evaluation.cross_site and (last or (every and server_round % every == 0)):
+                progress.phase(server_round, "cross-site evaluation")
+                cross_site_evaluation(run, arrays, server_round=server_round, final=last)
+            evaluated_at = time.perf_counter()
+            # The round's row goes first: a crash between the two leaves a row the resume drops, never a
+            # checkpointed round without its row.
+            round_row = {
                 "round": server_round,
                 "seconds": round(time.perf_counter() - round_started, 4),
                 "train_phase_s": round(trained_at - round_started, 4),
@@ -104,18 +108,21 @@ def run_federation(
                 **aggregation_record,
                 **noise_record,
             }
-        )
-        run_dir.save_checkpoint(
-            "latest",
-            {
-                "round": server_round,
-                "shared_state": layout.unpack(arrays),
-                "strategy_state": strategy_state(strategy),
-                "random_state": random.getstate(),
-                "numpy_random_state": np.random.get_state(),
-            },
-        )
-        progress.report(server_round, train=trained, evaluation=evaluation)
+            run_dir.append_round(round_row)
+            run_dir.save_checkpoint(
+                "latest",
+                {
+                    "round": server_round,
+                    "shared_state": layout.unpack(arrays),
+                    "strategy_state": strategy_state(strategy),
+                    "random_state": random.getstate(),
+                    "numpy_random_state": np.random.get_state(),
+                    **start_fields,
+                },
+            )
+            # Tracked once the round is committed: a resumed run never re-runs a round TensorBoard or MLflow holds.
+            tracker.log_round(server_round, train=trained, evaluation=evaluation, round_row=round_row)
+            progress.report(server_round, train=trained, evaluation=evaluation)
 
     full_state.update(layout.unpack(arrays))
     run_dir.save_checkpoint(
@@ -139,7 +146,7 @@ def _train_round(
     messages = _with_deadline(
         strategy.configure_train(server_round, arrays, round_config, NodesAsOfNow(run.grid)), run.timeout
     )
-    replies = send_and_receive(run.grid, messages, timeout=run.timeout)
+    replies = send_and_receive(run, messages, timeout=run.timeout)
     usable = _usable_replies(replies, phase="train", site_names=run.site_names)
     outcome = _outcome(messages, replies, run)
     failures = outcome.describe()
@@ -185,7 +192,7 @@ def _evaluate_round(
     messages = _with_deadline(
         strategy.configure_evaluate(server_round, arrays, round_config, NodesAsOfNow(run.grid)), run.timeout
     )
-    replies = send_and_receive(run.grid, messages, timeout=run.timeout)
+    replies = send_and_receive(run, messages, timeout=run.timeout)
     usable = _usable_replies(replies, phase="evaluate", site_names=run.site_names)
     for failure in _outcome(messages, replies, run).describe():
         logger.warning("round %d: evaluation missing from %s", server_round, failure)

@@ -233,7 +233,7 @@ class _Exchange:
         answered: dict[int, Message] = {}
         replied = set()
         site_of = self.run.site_of
-        for reply in send_and_receive(self.run.grid, messages, timeout=timeout):
+        for reply in send_and_receive(self.run, messages, timeout=timeout):
             node = reply.metadata.src_node_id
             replied.add(node)
             if reply.has_error():

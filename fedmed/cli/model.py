@@ -1,0 +1,85 @@
+"""Commands on a trained model: apply it to new scans, hand it over in a format other tools load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import setup_logging, user_errors
+
+ModelArgument = Annotated[
+    Path,
+    typer.Argument(
+        help="A run directory (its global model), a checkpoint, a site's run folder or an exported bundle.",
+        metavar="MODEL",
+    ),
+]
+SiteOption = Annotated[
+    str | None, typer.Option("--site", help="Use this site's personalized model from the run directory.")
+]
+
+
+def predict(
+    model: ModelArgument,
+    images: Annotated[
+        list[Path], typer.Argument(help="NIfTI files, folders of them, or a dataset.json.", metavar="IMAGES...")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the outputs and cases.csv.")],
+    site: SiteOption = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Apply a trained model to new scans: label maps / restored images on each scan's own grid, or class
+    probabilities in predictions.csv. A bad case is listed in cases.csv; the others still complete."""
+    from rich.progress import track
+
+    from fedmed.core.log import logger
+    from fedmed.tasks import select_device
+    from fedmed.workflows.predict import input_cases, predict_cases
+    from fedmed.workflows.trained_model import load_trained_model
+
+    setup_logging(verbose)
+    with user_errors():
+        trained = load_trained_model(model, site=site)
+        cases = input_cases(images)
+        logger.info("applying the %s to %d case(s)", trained.description, len(cases))
+        outcomes = predict_cases(trained, cases, out_dir=out, device=select_device(device))
+        failed = []
+        for outcome in track(outcomes, total=len(cases), description="predicting", transient=True):
+            if outcome.ok:
+                logger.info("%s: %s", outcome.case, outcome.output or "probabilities in predictions.csv")
+            else:
+                failed.append(outcome)
+                logger.error("%s", outcome.error)
+    typer.echo(f"{len(cases) - len(failed)} of {len(cases)} case(s) predicted into {out} (cases.csv lists each)")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def export(
+    model: ModelArgument,
+    out: Annotated[Path, typer.Option("--out", help="New folder (bundle) or file (torchscript).")],
+    output_format: Annotated[str, typer.Option("--format", help="bundle (MONAI Bundle) or torchscript.")] = "bundle",
+    site: SiteOption = None,
+) -> None:
+    """Hand a trained model over: a MONAI Bundle that MONAI's bundle runner applies without fedmed, or one
+    TorchScript file."""
+    from fedmed.core.errors import FedmedError
+    from fedmed.workflows.trained_model import load_trained_model
+
+    with user_errors():
+        trained = load_trained_model(model, site=site)
+        if output_format == "bundle":
+            from fedmed.workflows.export import write_bundle
+
+            written = write_bundle(trained, out_dir=out)
+            typer.echo(f"MONAI bundle: {written}  (run it: see {written / 'README.md'})")
+        elif output_format == "torchscript":
+            from fedmed.workflows.export import write_torchscript
+
+            written = write_torchscript(trained, path=out)
+            typer.echo(f"TorchScript: {written}")
+        else:
+            raise FedmedError(f"--format '{output_format}' is not known; use bundle or torchscript")

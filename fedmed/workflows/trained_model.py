@@ -1,0 +1,162 @@
+"""A trained model and the run config that made it, from wherever it was left.
+
+`fedmed predict` and `fedmed export` accept a run directory (its global model, or with `site` a site's
+personalized model), a checkpoint inside one, a site's own run folder (a deployed site's personalized
+model, without the coordinator) or a bundle that `fedmed export` wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedmed.config import RunConfig, load_run_config
+from fedmed.core.errors import FedmedError
+from fedmed.runs import RunDirectory
+from fedmed.site.local_layers import PERSONALIZED_FILE
+
+BUNDLE_RUN_CONFIG = "configs/fedmed_run.toml"
+BUNDLE_WEIGHTS = "models/model.pt"
+
+
+class ModelSourceError(FedmedError):
+    """The given path holds no model fedmed can apply."""
+
+
+@dataclass
+class TrainedModel:
+    config: RunConfig
+    state_dict: dict[str, torch.Tensor]
+    description: str  # "global model of run X after N rounds", for logs and provenance
+    run_dir: RunDirectory | None = None
+    site: str | None = None  # set for a site's personalized model
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, *, device: torch.device) -> nn.Module:
+        """The network with these weights, in eval mode, on `device`."""
+        from fedmed.models import build_model
+
+        model = build_model(self.config.task, self.config.model)
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as error:
+            raise ModelSourceError(
+                f"{self.description}: the weights do not fit the network its config describes ({_first_line(error)}); "
+                "the config or the weights file was changed after training"
+            ) from None
+        return model.to(device).eval()
+
+
+def load_trained_model(path: Path, *, site: str | None = None) -> TrainedModel:
+    path = Path(path)
+    if not path.exists():
+        raise ModelSourceError(f"{path}: not found; give a run directory, a checkpoint (.pt) or an exported bundle")
+    if path.is_file():
+        return _from_checkpoint_file(path, site=site)
+    if (path / BUNDLE_RUN_CONFIG).is_file():
+        return _from_bundle(path)
+    if (path / "checkpoints").is_dir() and (path / "config.toml").is_file():
+        return _from_run_dir(RunDirectory(path), site=site)
+    if (path / PERSONALIZED_FILE).is_file() and (path / "config.toml").is_file():
+        return _personalized(path, config_file=path / "config.toml", name=site or path.name)
+    raise ModelSourceError(
+        f"{path}: holds no trained model; give a run directory ('fedmed simulate' or 'fedmed run' printed it), "
+        f"a site's run folder (<site state>/runs/<run>, holding {PERSONALIZED_FILE}) or a bundle from 'fedmed export'"
+    )
+
+
+def _from_run_dir(run_dir: RunDirectory, *, site: str | None) -> TrainedModel:
+    if site is not None:
+        folder = run_dir.site_dir(site)
+        if not (folder / PERSONALIZED_FILE).is_file():
+            sites = sorted(p.parent.name for p in (run_dir.path / "sites").glob(f"*/{PERSONALIZED_FILE}"))
+            raise ModelSourceError(
+                f"{run_dir.path}: no personalized model for site '{site}' "
+                f"({'sites with one: ' + ', '.join(sites) if sites else 'this run kept none at the coordinator'}); "
+                "a deployed site applies its own from its state folder: fedmed predict <state>/runs/<run> ..."
+            )
+        return _personalized(folder, config_file=run_dir.config_file, name=site, run_dir=run_dir)
+    final = run_dir.checkpoints / "final.pt"
+    if not final.is_file():
+        raise ModelSourceError(
+            f"{run_dir.path}: the run has not finished (no checkpoints/final.pt); resume it, or give "
+            f"--site NAME for a site's personalized model"
+        )
+    return _global(final, run_dir=run_dir)
+
+
+def _from_checkpoint_file(path: Path, *, site: str | None) -> TrainedModel:
+    if path.name == PERSONALIZED_FILE:
+        config_file = path.parent / "config.toml"
+        if not config_file.is_file():
+            config_file = path.parent.parent.parent / "config.toml"  # a simulation's sites/<site>/
+        return _personalized(path.parent, config_file=config_file, name=site or path.parent.name)
+    run_dir = RunDirectory(path.parent.parent)  # <run>/checkpoints/<name>.pt
+    if not run_dir.config_file.is_file():
+        raise ModelSourceError(
+            f"{path}: no config.toml in {run_dir.path}, so the network and preprocessing are unknown; give the "
+            "run directory the checkpoint came from, or an exported bundle"
+        )
+    return _global(path, run_dir=run_dir)
+
+
+def _global(checkpoint_file: Path, *, run_dir: RunDirectory) -> TrainedModel:
+    try:  # tensors and plain values only: a model file is never a way to run code here
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        checkpoint = {}  # objects beyond tensors: latest.pt (random-number state for resuming) or a foreign file
+    if "state_dict" not in checkpoint:
+        raise ModelSourceError(
+            f"{checkpoint_file}: not a model checkpoint (a resume checkpoint holds the shared parameters only, and "
+            "nothing but tensors and plain values is read); give checkpoints/final.pt of a finished run"
+        )
+    local = checkpoint.get("site_local_keys") or []
+    if local:
+        raise ModelSourceError(
+            f"{run_dir.path}: trained with FedBN, so the global model's {len(local)} normalization parameters never "
+            "left the sites and were never trained; apply a site's personalized model with --site NAME"
+        )
+    config = load_run_config(run_dir.config_file)
+    rounds = checkpoint.get("round", config.train.rounds)
+    return TrainedModel(
+        config=config,
+        state_dict=checkpoint["state_dict"],
+        description=f"global model of run {run_dir.path.name} after {rounds} round(s)",
+        run_dir=run_dir,
+        provenance={"model": "global", "rounds": rounds},
+    )
+
+
+def _personalized(folder: Path, *, config_file: Path, name: str, run_dir: RunDirectory | None = None) -> TrainedModel:
+    if not config_file.is_file():
+        raise ModelSourceError(f"{folder}: no config.toml beside {PERSONALIZED_FILE}; give the run directory")
+    state = torch.load(folder / PERSONALIZED_FILE, map_location="cpu", weights_only=True)
+    return TrainedModel(
+        config=load_run_config(config_file),
+        state_dict=state,
+        description=f"personalized model of site {name} ({folder})",
+        run_dir=run_dir,
+        site=name,
+        provenance={"model": f"personalized:{name}"},
+    )
+
+
+def _from_bundle(path: Path) -> TrainedModel:
+    metadata_file = path / "configs" / "metadata.json"
+    metadata = json.loads(metadata_file.read_text(encoding="utf-8")) if metadata_file.is_file() else {}
+    return TrainedModel(
+        config=load_run_config(path / BUNDLE_RUN_CONFIG),
+        state_dict=torch.load(path / BUNDLE_WEIGHTS, map_location="cpu", weights_only=True),
+        description=f"bundle {path.name}",
+        provenance=metadata.get("fedmed", {}),
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,324 @@
+"""Apply and hand over a trained model: `fedmed predict` on new files, `fedmed export` to a MONAI bundle that
+MONAI's own runner applies in a virtual environment without fedmed, and TorchScript."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scan_sites import write_scan_site
+from typer.testing import CliRunner
+
+from fedmed.cli.main import app
+from fedmed.config import load_run_config, run_config_from_dict
+from fedmed.data import Case
+from fedmed.workflows.export import write_bundle, write_torchscript
+from fedmed.workflows.predict import input_cases, predict_cases
+from fedmed.workflows.simulate import simulate
+from fedmed.workflows.trained_model import ModelSourceError, load_trained_model
+
+CPU = torch.device("cpu")
+# CI builds this interpreter's environment with only torch, monai and nibabel (see .ci/run).
+BUNDLE_PYTHON = os.environ.get("FEDMED_BUNDLE_PYTHON")
+
+
+@pytest.fixture(scope="module")
+def scan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-round federation of two-modality volumes at native spacing (scan geometry)."""
+    root = tmp_path_factory.mktemp("scan-run")
+    sites = [
+        {"name": name, "path": str(write_scan_site(root, name, cases=4, seed=i))}
+        for i, name in enumerate(("site-a", "site-b"))
+    ]
+    config = run_config_from_dict(
+        {
+            "name": "scan",
+            "output_dir": str(root / "runs"),
+            "task": {"kind": "segmentation", "spatial_dims": 3, "num_classes": 3, "spacing": [1.2, 1.2, 1.2]},
+            "model": {"channels": [8, 16, 32]},
+            "train": {"rounds": 1, "batch_size": 2, "learning_rate": 0.01, "patch_size": [16, 16, 16]},
+            "sites": sites,
+            "evaluation": {"cross_site": False},
+        },
+        base=root,
+    )
+    return simulate(config).run_dir.path
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-round 2D fixed-grid segmentation federation; site-c stores half-resolution images."""
+    root = tmp_path_factory.mktemp("grid-run")
+    config = run_config_from_dict(
+        {
+            "name": "grid",
+            "seed": 0,
+            "output_dir": str(root / "runs"),
+            "task": {"kind": "segmentation", "spatial_dims": 2, "image_size": [32, 32]},
+            "model": {"channels": [8, 16]},
+            "train": {"rounds": 1, "batch_size": 4},
+            "evaluation": {"finetune_epochs": 1},
+            "synth": {
+                "task": "segmentation",
+                "spatial_dims": 2,
+                "image_size": [32, 32],
+                "train_cases": 4,
+                "val_cases": 2,
+                "seed": 1,
+                "sites": [{"name": "site-a"}, {"name": "site-c", "downsample": 2, "gamma": 1.3}],
+            },
+        },
+        base=root,
+    )
+    return simulate(config).run_dir.path
+
+
+def _site_manifest(run_dir: Path, site: str) -> Path:
+    (manifest,) = (run_dir.parent / "data").glob(f"*/{site}/dataset.json")
+    return manifest
+
+
+def _validation_files(manifest: Path) -> list[list[Path]]:
+    entries = json.loads(manifest.read_text())["validation"]
+    images = [entry["image"] if isinstance(entry["image"], list) else [entry["image"]] for entry in entries]
+    return [[(manifest.parent / path).resolve() for path in files] for files in images]
+
+
+def _array(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def _assert_on_grid_of(written: Path, source: Path) -> None:
+    out, src = nib.load(str(written)), nib.load(str(source))
+    assert out.shape == src.shape[:3] if len(src.shape) > 3 else out.shape == src.shape
+    np.testing.assert_allclose(out.affine, src.affine, atol=1e-5)
+
+
+def _dice(prediction: np.ndarray, truth: np.ndarray, *, num_classes: int) -> float:
+    scores = []
+    for value in range(1, num_classes):
+        a, b = prediction == value, truth == value
+        if a.any() or b.any():
+            scores.append(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+    return float(np.mean(scores))
+
+
+@pytest.mark.slow
+def test_predict_scan_geometry_lands_on_each_source_grid_and_reproduces_the_reported_dice(
+    scan_run: Path, tmp_path: Path
+) -> None:
+    manifest = _site_manifest_scan(scan_run, "site-b")  # stored LPS at 0.8 x 0.8 x 2 mm, trained at 1.2 mm
+    out = tmp_path / "predicted"
+    outcomes = list(predict_cases(load_trained_model(scan_run), input_cases([manifest]), out_dir=out, device=CPU))
+    assert all(outcome.ok for outcome in outcomes), [outcome.error for outcome in outcomes]
+    rows = {
+        row["case"]: row
+        for row in csv.DictReader((scan_run / "sites" / "site-b" / "evaluation" / "global-cases.csv").open())
+    }
+    entries = json.loads(manifest.read_text())["validation"]
+    for entry in entries:
+        flair = manifest.parent / entry["image"][0]
+        written = out / f"{flair.name.removesuffix('.nii.gz')}_seg.nii.gz"
+        _assert_on_grid_of(written, flair)
+        truth = _array(manifest.parent / entry["label"])
+        assert _dice(_array(written), truth, num_classes=3) == pytest.approx(float(rows[flair.name]["dice"]), abs=1e-5)
+
+
+def _site_manifest_scan(run_dir: Path, site: str) -> Path:
+    (entry,) = [entry for entry in load_run_config(run_dir / "config.toml").sites if entry.name == site]
+    return Path(entry.path) / "dataset.json"
+
+
+@pytest.mark.slow
+def test_bad_cases_are_reported_with_the_fix_and_the_others_complete(scan_run: Path, tmp_path: Path) -> None:
+    manifest = _site_manifest_scan(scan_run, "site-a")
+    good = _validation_files(manifest)[0]
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(gzip.compress(b"not a nifti at all"))
+    listing = tmp_path / "dataset.json"
+    listing.write_text(
+        json.dumps(
+            {
+                "test": [
+                    [str(path) for path in good],
+                    [str(good[0])],  # one modality of the two the model takes
+                    [str(corrupt), str(good[1])],
+                    [str(tmp_path / "missing.nii.gz"), str(good[1])],
+                ]
+            }
+        )
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", str(scan_run), str(listing), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "1 of 4 case(s) predicted" in result.output
+    rows = list(csv.DictReader((tmp_path / "out" / "cases.csv").open()))
+    assert [row["status"] for row in rows] == ["ok", "failed", "failed", "failed"]
+    assert "has 1 channel(s) but the model takes 2" in rows[1]["error"]
+    assert "corrupt" in rows[2]["error"] and "re-export or re-copy the file" in rows[2]["error"]
+    assert "not found" in rows[3]["error"]
+    assert Path(rows[0]["output"]).is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cases.csv", Path(rows[0]["output"]).name]
+
+
+def test_fixed_grid_prediction_goes_back_to_the_stored_grid(grid_run: Path, tmp_path: Path) -> None:
+    manifest = _site_manifest(grid_run, "site-c")  # half-resolution images: the model grid is larger
+    files = [paths[0] for paths in _validation_files(manifest)]
+    outcomes = list(predict_cases(load_trained_model(grid_run), input_cases(files), out_dir=tmp_path, device=CPU))
+    assert all(outcome.ok for outcome in outcomes)
+    for source in files:
+        written = tmp_path / f"{source.name.removesuffix('.nii.gz')}_seg.nii.gz"
+        _assert_on_grid_of(written, source)
+        assert _array(written).dtype == np.uint8 and set(np.unique(_array(written))) <= {0, 1}
+
+
+def test_a_sites_personalized_model_is_applied_without_the_coordinator(grid_run: Path, tmp_path: Path) -> None:
+    global_model = load_trained_model(grid_run)
+    personal = load_trained_model(grid_run, site="site-a")
+    assert personal.site == "site-a" and "personalized" in personal.description
+    changed = [
+        key for key in personal.state_dict if not torch.equal(personal.state_dict[key], global_model.state_dict[key])
+    ]
+    assert changed  # fine-tuned at the site (evaluation.finetune_epochs = 1)
+    # The site's own folder holds the model and the run's config: enough for predict on its own.
+    site_folder = load_trained_model(grid_run / "sites" / "site-a")
+    assert site_folder.state_dict.keys() == personal.state_dict.keys()
+    with pytest.raises(ModelSourceError, match="no personalized model for site 'site-x'"):
+        load_trained_model(grid_run, site="site-x")
+
+
+class _Payload:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("touch pwned",))
+
+
+def test_model_files_are_read_as_tensors_only(grid_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ModelSourceError, match="not a model checkpoint"):
+        load_trained_model(grid_run / "checkpoints" / "latest.pt")
+    hostile = tmp_path / "run" / "checkpoints" / "final.pt"
+    hostile.parent.mkdir(parents=True)
+    (tmp_path / "run" / "config.toml").write_bytes((grid_run / "config.toml").read_bytes())
+    torch.save({"state_dict": _Payload()}, hostile)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelSourceError, match="not a model checkpoint"):
+        load_trained_model(hostile)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_torchscript_export_gives_the_models_output(grid_run: Path, tmp_path: Path) -> None:
+    trained = load_trained_model(grid_run)
+    path = write_torchscript(trained, path=tmp_path / "model.ts")
+    loaded = torch.jit.load(str(path), _extra_files={"fedmed.json": ""})
+    image = torch.randn(2, 1, 48, 48)
+    torch.testing.assert_close(loaded(image), trained.build(device=CPU)(image))
+
+
+def _run_bundle(bundle: Path, *, images: Path, out: Path) -> None:
+    if BUNDLE_PYTHON is None:
+        if os.environ.get("FEDMED_REQUIRE_BUNDLE_PYTHON"):
+            pytest.fail("FEDMED_BUNDLE_PYTHON is not set; .ci/run builds that environment")
+        pytest.skip("set FEDMED_BUNDLE_PYTHON to a Python with only torch, monai and nibabel (.ci/run builds one)")
+    probe = subprocess.run([BUNDLE_PYTHON, "-c", "import fedmed"], cwd=bundle, capture_output=True)
+    assert probe.returncode != 0, "the bundle's environment must not have fedmed"
+    code = (
+        "from monai.bundle import run; run(config_file='configs/inference.json', meta_file='configs/metadata.json', "
+        f"bundle_root='.', dataset_dir={str(images)!r}, output_dir={str(out)!r})"
+    )
+    done = subprocess.run([BUNDLE_PYTHON, "-c", code], cwd=bundle, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run_name", ["scan_run", "grid_run"])
+def test_monai_runs_the_exported_bundle_without_fedmed_and_agrees_with_predict(
+    run_name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    run_dir: Path = request.getfixturevalue(run_name)
+    trained = load_trained_model(run_dir)
+    bundle = write_bundle(trained, out_dir=tmp_path / "bundle")
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert metadata["fedmed"]["run_id"] == run_dir.name and metadata["fedmed"]["rounds"] == 1
+    assert metadata["fedmed"]["sites"] and "path" not in (bundle / "configs" / "fedmed_run.toml").read_text()
+    reloaded = load_trained_model(bundle)  # fedmed predict and [model] init take the bundle too
+    assert all(torch.equal(reloaded.state_dict[key], value) for key, value in trained.state_dict.items())
+    assert reloaded.config.task == trained.config.task
+    images = tmp_path / "images"
+    images.mkdir()
+    if run_name == "scan_run":
+        # Single-file cases for MONAI's default datalist: the two modalities as one 4D NIfTI (channels last).
+        for paths in _validation_files(_site_manifest_scan(run_dir, "site-b")):
+            first = nib.load(str(paths[0]))
+            stacked = np.stack([np.asarray(nib.load(str(p)).dataobj) for p in paths], axis=-1)
+            nib.save(nib.Nifti1Image(stacked, first.affine), str(images / paths[0].name.replace("_flair", "")))
+    else:
+        for paths in _validation_files(_site_manifest(run_dir, "site-c")):
+            (images / paths[0].name).write_bytes(paths[0].read_bytes())
+    predicted = tmp_path / "predicted"
+    outcomes = list(predict_cases(trained, input_cases([images]), out_dir=predicted, device=CPU))
+    assert all(outcome.ok for outcome in outcomes), [outcome.error for outcome in outcomes]
+
+    _run_bundle(bundle, images=images, out=tmp_path / "bundle-out")
+
+    for outcome in outcomes:
+        ours = Path(outcome.output)
+        theirs = tmp_path / "bundle-out" / ours.name
+        assert theirs.is_file(), sorted(p.name for p in (tmp_path / "bundle-out").iterdir())
+        np.testing.assert_allclose(nib.load(str(theirs)).affine, nib.load(str(ours)).affine, atol=1e-5)
+        np.testing.assert_array_equal(_array(theirs).reshape(_array(ours).shape), _array(ours))
+
+
+def test_input_cases_read_files_folders_and_manifests(grid_run: Path, tmp_path: Path) -> None:
+    manifest = _site_manifest(grid_run, "site-a")
+    from_manifest = input_cases([manifest])
+    assert len(from_manifest) == 6 and all(isinstance(case, Case) for case in from_manifest)
+    assert len(input_cases([manifest.parent / "imagesTr"])) == len(
+        list((manifest.parent / "imagesTr").glob("*.nii.gz"))
+    )
+    with pytest.raises(Exception, match="no NIfTI files"):
+        input_cases([tmp_path])
+
+
+@pytest.mark.parametrize("kind", ["classification", "enhancement"])
+def test_classification_and_enhancement_outputs(kind: str, tiny_config, tmp_path: Path) -> None:
+    config = tiny_config(kind=kind, train={"rounds": 1}, evaluation={"cross_site": False})
+    run_dir = simulate(config).run_dir.path
+    manifest = _site_manifest(run_dir, "site-c")
+    files = [paths[0] for paths in _validation_files(manifest)]
+    out = tmp_path / "out"
+    trained = load_trained_model(run_dir)
+    outcomes = list(predict_cases(trained, input_cases(files), out_dir=out, device=CPU))
+    assert all(outcome.ok for outcome in outcomes), [outcome.error for outcome in outcomes]
+    if kind == "classification":
+        rows = list(csv.DictReader((out / "predictions.csv").open()))
+        assert [row["case"] for row in rows] == [source.name.removesuffix(".nii.gz") for source in files]
+        for row in rows:
+            probabilities = [float(row[key]) for key in row if key.startswith("p_")]
+            assert len(probabilities) == 2 and sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+        bundle = write_bundle(trained, out_dir=tmp_path / "bundle")
+        images = tmp_path / "images"
+        images.mkdir()
+        for source in files:
+            (images / source.name).write_bytes(source.read_bytes())
+        _run_bundle(bundle, images=images, out=tmp_path / "bundle-out")
+        theirs = list(csv.DictReader((tmp_path / "bundle-out" / "predictions.csv").open()))
+        assert [row["case"] for row in theirs] == [row["case"] for row in rows]
+        for ours, their in zip(rows, theirs, strict=True):
+            for key in their:
+                if key.startswith("p_"):
+                    assert float(their[key]) == pytest.approx(float(ours[key]), abs=1e-5)
+    else:
+        for source in files:
+            written = out / f"{source.name.removesuffix('.nii.gz')}_enhanced.nii.gz"
+            _assert_on_grid_of(written, source)
+            restored, original = _array(written), np.asarray(nib.load(str(source)).dataobj, dtype=np.float32)
+            # Back in the scanner's units: the restored image spans the input's intensity range, not [0, 1].
+            assert restored.dtype == np.float32 and np.corrcoef(restored.ravel(), original.ravel())[0, 1] > 0.5
+            assert abs(float(restored.mean()) - float(original.mean())) < 0.25 * float(original.std()) + 1e-3
