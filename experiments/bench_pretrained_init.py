@@ -15,6 +15,7 @@ run. Needs ../shared/data/medmnist (or FEDMED_SHARED_DATA); skips with a message
 
     python experiments/bench_pretrained_init.py [--rounds 10] [--pretrain-epochs 3] [--seeds 0 1 2]
         [--train-per-site N]   # few labels per site: where a pretrained start is expected to matter most
+        [--pretrain-on breastmnist --finetune-on pneumoniamnist]   # the other direction
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ SITES = ("hospital-a", "hospital-b", "hospital-c")
 TASK = {"kind": "classification", "spatial_dims": 2, "num_classes": 2, "image_size": [28, 28], "in_channels": 1}
 FREEZE = ["features.conv0", "features.norm0", "features.denseblock1"]
 HEAD = ["class_layers"]
+MEDMNIST = ("pneumoniamnist", "breastmnist")
 PRETRAIN_SEED = 1000  # another init than the federations' random starts
 
 Run = dict[str, Any]
@@ -51,12 +53,14 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--pretrain-epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pretrain-on", default="pneumoniamnist", choices=MEDMNIST)
+    parser.add_argument("--finetune-on", default="breastmnist", choices=MEDMNIST)
     parser.add_argument(
         "--train-per-site", type=int, default=None, help="keep this many training images per site (few labels)"
     )
     args = parser.parse_args()
     data = Path(os.environ.get("FEDMED_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")) / "medmnist"
-    if not (data / "pneumoniamnist.npz").is_file() or not (data / "breastmnist.npz").is_file():
+    if not all((data / f"{name}.npz").is_file() for name in MEDMNIST):
         print(f"skipped: MedMNIST files not found in {data} (set FEDMED_SHARED_DATA to the shared data folder)")
         return
     logging.getLogger("fedmed").setLevel(logging.WARNING)
@@ -68,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         weights, pretraining = pretrain(
-            data / "pneumoniamnist.npz", out=scratch / "pneumonia.pt", epochs=args.pretrain_epochs
+            data / f"{args.pretrain_on}.npz", out=scratch / "pretrained.pt", epochs=args.pretrain_epochs
         )
         starts = {
             "random init": ModelConfig(),
@@ -78,7 +82,10 @@ def main() -> None:
         results: dict[str, list[Run]] = {label: [] for label in starts}
         for seed in args.seeds:
             sites = split_sites(
-                data / "breastmnist.npz", out=scratch / f"breast-{seed}", seed=seed, train_per_site=args.train_per_site
+                data / f"{args.finetune_on}.npz",
+                out=scratch / f"sites-{seed}",
+                seed=seed,
+                train_per_site=args.train_per_site,
             )
             described = sites_summary(sites)
             for label, model in starts.items():
@@ -199,7 +206,7 @@ def print_table(results: dict[str, list[Run]], *, pretraining: dict[str, Any], s
     rounds = sorted({1, max(1, args.rounds // 2), args.rounds})
     seeds = " ".join(str(seed) for seed in args.seeds)
     print(
-        f"\nPretrained start vs random init: BreastMNIST split into 3 sites ({sites} images), FedAvg, "
+        f"\nPretrained start vs random init: {args.finetune_on} split into 3 sites ({sites} images), FedAvg, "
         f"{args.rounds} rounds x {args.local_epochs} local epoch(s), seeds {seeds} (mean ± sd over seeds), CPU.\n"
         f"Pre-trained centrally on {pretraining['source']} ({pretraining['images']} images, {args.pretrain_epochs} "
         f"epochs, its val AUC {pretraining['auc']:.3f}, {pretraining['seconds']:.0f} s). Frozen: {', '.join(FREEZE)}."
