@@ -213,6 +213,7 @@ def test_model_files_are_read_as_tensors_only(grid_run: Path, tmp_path: Path, mo
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_torchscript_export_gives_the_models_output(grid_run: Path, tmp_path: Path) -> None:
     trained = load_trained_model(grid_run)
     path = write_torchscript(trained, path=tmp_path / "model.ts")
