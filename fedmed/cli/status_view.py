@@ -10,6 +10,7 @@ from typing import Any
 
 from fedmed.core.errors import FedmedError
 from fedmed.core.terminal import is_terminal
+from fedmed.runs.summary import describe_client_privacy
 
 ROUNDS_SHOWN = 10
 # A run in these states may still change: --watch goes on while one is.
@@ -118,6 +119,8 @@ def run_lines(run: dict[str, Any]) -> list[str]:
             parts.append(f"dropped {', '.join(row['dropped'])} (no reply)")
         parts += [f"refused by {site}: {reason}" for site, reason in row["refused"].items()]
         lines.append(f"      round {row['round']}: " + "; ".join(parts))
+    if run.get("client_privacy"):
+        lines.append(f"      {describe_client_privacy(run['client_privacy'])}")
     for site, metrics in sorted(run.get("last_metrics", {}).items()):
         shown = ", ".join(
             f"{key} {value:.3f}"

@@ -35,6 +35,8 @@ class ClientDpConfig(StrictModel):
     target_clipped_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: fraction of updates left unclipped")
     clip_norm_lr: float = Field(0.2, gt=0, description="adaptive: step size of the clipping-norm update")
     clipped_count_stddev: float | None = Field(None, ge=0, description="adaptive: noise on the unclipped count")
+    delta: float = Field(1e-5, gt=0, lt=1, description="participant-level δ of the (ε, δ) the run reports")
+    accountant: Accountant = "rdp"
 
 
 class SecAggConfig(StrictModel):

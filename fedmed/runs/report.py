@@ -11,7 +11,7 @@ from fedmed.core.files import write_text_atomic
 
 from . import plots
 from .run_dir import CROSS_SITE_FILE, NORMALIZATION_FILE, STATUS_FILE, SUMMARY_FILE, RunDirectory
-from .summary import COLUMNS, describe_starting_point
+from .summary import COLUMNS, describe_client_privacy, describe_starting_point
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 960px; color: #222; padding: 0 1rem; }
@@ -232,6 +232,12 @@ def _learning_curves_section(curves: list[Path | None]) -> str:
 
 
 def _privacy_section(summary: dict[str, Any]) -> str:
+    client = summary.get("client_privacy")
+    client_line = f"<h2>Client-level DP</h2>\n<p>{html.escape(describe_client_privacy(client))}</p>\n" if client else ""
+    return client_line + _dp_sgd_section(summary)
+
+
+def _dp_sgd_section(summary: dict[str, Any]) -> str:
     privacy: dict[str, Any] = summary.get("privacy") or {}
     if not privacy:
         # "Privacy spent" is kept for runs that reported a spend, so the heading alone says DP-SGD was on.

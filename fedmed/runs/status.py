@@ -16,6 +16,7 @@ from fedmed.config import load_run_config
 from fedmed.core.errors import FedmedError
 
 from .run_dir import STATUS_FILE, RunDirectory
+from .summary import client_level_privacy
 
 FINAL_STATES = ("completed", "failed", "interrupted")
 # Flower's run states that mean its ServerApp is gone: a status.json still saying `running` then is a lie.
@@ -110,6 +111,8 @@ def _describe(run_dir: RunDirectory, *, flower_status: str | None, server_file: 
         "round_history": round_history(rounds),
         "last_metrics": latest_metrics(run_dir.read_metrics()),
     }
+    if client_dp := client_level_privacy(run_dir):
+        entry["client_privacy"] = client_dp
     if state == "interrupted" and not finished:
         entry["resume"] = resume_command(run_dir.path, server_file=server_file)
         if entry["reason"] is None:

@@ -45,6 +45,21 @@ def privacy_spent(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
     return spent
 
 
+def client_level_privacy(run_dir: RunDirectory) -> dict[str, float]:
+    """Client-level DP: the participant-level (ε, δ) after the last recorded round, its sampling rate and noise."""
+    rows = [row for row in run_dir.read_rounds() if "client_dp_epsilon" in row]
+    if not rows:
+        return {}
+    last = rows[-1]
+    return {
+        "epsilon": last["client_dp_epsilon"],
+        "delta": last["client_dp_delta"],
+        "rounds": last["round"],
+        "sample_rate": last["client_dp_sample_rate"],
+        "noise_multiplier": last.get("client_dp_noise_multiplier", math.nan),
+    }
+
+
 def build_summary(run_dir: RunDirectory, *, primary_metric: str, higher_is_better: bool) -> dict[str, Any]:
     baselines = run_dir.read_json(BASELINES_FILE) or {}
     federated = final_federated_metrics(run_dir)
@@ -62,6 +77,8 @@ def build_summary(run_dir: RunDirectory, *, primary_metric: str, higher_is_bette
     summary = {"primary_metric": primary_metric, "higher_is_better": higher_is_better, "sites": table}
     if privacy := privacy_spent(run_dir):
         summary["privacy"] = privacy
+    if client_level := client_level_privacy(run_dir):
+        summary["client_privacy"] = client_level
     if starting_point := run_dir.read_json(STARTING_POINT_FILE):
         summary["starting_point"] = starting_point
     for column in COLUMNS:
@@ -91,7 +108,17 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{site:<16}DP-SGD ε {spent['epsilon']:.2f} of {spent.get('epsilon_budget', float('nan')):.2f} "
             f"(δ {spent.get('delta', float('nan')):.0e})"
         )
+    if client := summary.get("client_privacy"):
+        lines.append(describe_client_privacy(client))
     return "\n".join(lines)
+
+
+def describe_client_privacy(client: dict[str, Any]) -> str:
+    """One line: what client-level DP gave each participating site, as an (ε, δ) over the whole run."""
+    return (
+        f"client-level DP: ε {client['epsilon']:.2f} per site (δ {client['delta']:.0e}) after {client['rounds']} "
+        f"round(s), sampling rate {client['sample_rate']:.2f}"
+    )
 
 
 def describe_starting_point(starting_point: dict[str, Any] | None) -> str:

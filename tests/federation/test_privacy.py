@@ -11,6 +11,7 @@ import torch
 from fedmed.config import SitePrivacyPolicy
 from fedmed.flower.server.rounds import RoundFailedError
 from fedmed.privacy import LEDGER_FILENAME, PrivacyBudgetExhaustedError, PrivacyLedger, epsilon_spent
+from fedmed.runs.status import describe_run
 from fedmed.site.privacy import DpRequiredError, SitePrivacyTerms, ledger_path
 from fedmed.site.session import SiteSession, SiteSpec
 from fedmed.workflows.simulate import materialize_sites, simulate
@@ -148,6 +149,29 @@ def test_client_level_dp_noise_is_recorded_per_round(tiny_config, clipping: str,
     plain = simulate(tiny_config(train={"rounds": 2}, secagg={"enabled": secure}))
     moved = max(float((a - b).abs().max()) for a, b in zip(_final_state(run).values(), _final_state(plain).values()))
     assert moved > 1e-3, "clipping and noise change the model"
+
+
+def test_client_level_dp_reports_the_participant_epsilon_opacus_gives(tiny_config) -> None:
+    from opacus.accountants import RDPAccountant
+
+    config = tiny_config(
+        train={"rounds": 3},
+        strategy={"fraction_train": 0.67},  # 2 of the 3 sites each round
+        client_dp={"enabled": True, "clipping_norm": 0.05, "noise_multiplier": 1.5, "delta": 1e-4},
+    )
+    run = simulate(config)
+    rounds = _rounds(run)
+    for row in rounds:
+        accountant = RDPAccountant()
+        accountant.history = [(1.5, 2 / 3, row["round"])]  # the sampled Gaussian mechanism, once per round
+        assert row["client_dp_sample_rate"] == pytest.approx(2 / 3)
+        assert row["client_dp_epsilon"] == pytest.approx(accountant.get_epsilon(delta=1e-4), rel=1e-9)
+    assert [row["client_dp_epsilon"] for row in rounds] == sorted(row["client_dp_epsilon"] for row in rounds)
+    client = run.summary["client_privacy"]
+    assert client["epsilon"] == rounds[-1]["client_dp_epsilon"] and client["rounds"] == 3 and client["delta"] == 1e-4
+    assert f"client-level DP: ε {client['epsilon']:.2f} per site (δ 1e-04) after 3 round(s)" in run.table()
+    assert "Client-level DP" in run.run_dir.report_html.read_text()
+    assert describe_run(run.run_dir)["client_privacy"] == client  # what `fedmed status` shows the coordinator
 
 
 @pytest.mark.parametrize("kind", ["classification", "enhancement"])

@@ -8,6 +8,8 @@ securely summed norm bits) on the unmasked mean.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
@@ -67,6 +69,26 @@ def client_dp_round_record(strategy: Strategy) -> dict[str, float]:
             strategy.noise_multiplier, strategy.clipping_norm, strategy.num_sampled_clients
         ),
     }
+
+
+def client_level_privacy(strategy: Strategy, config: RunConfig, *, rounds: int, sites: int) -> dict[str, float]:
+    """The participant-level (ε, δ) after `rounds` rounds of client-level DP among `sites` sites.
+
+    Each round is the sampled Gaussian mechanism on the sum of the sampled sites' clipped updates, with
+    the configured noise multiplier (under adaptive clipping the update's and the clipped count's noise
+    together amount to it, Andrew et al. 2021) at sampling rate sampled / sites, accounted with Opacus'
+    accountants. Flower samples a fixed number of sites per round; accounting it as Poisson sampling at
+    that rate is the usual approximation for DP-FedAvg (McMahan et al. 2018)."""
+    if not isinstance(strategy, ClientDpStrategy):
+        return {}
+    from fedmed.privacy import epsilon_spent
+
+    settings = config.client_dp
+    rate = min(1.0, strategy.num_sampled_clients / max(sites, 1))
+    sigma = settings.noise_multiplier
+    history = [(sigma, rate, rounds)]
+    epsilon = math.inf if sigma == 0 else epsilon_spent(history, delta=settings.delta, accountant=settings.accountant)
+    return {"client_dp_epsilon": epsilon, "client_dp_delta": settings.delta, "client_dp_sample_rate": rate}
 
 
 def noise_secure_mean(strategy: Strategy, mean_update: list[np.ndarray], *, clipped_count: int, sites: int) -> None:

@@ -27,7 +27,7 @@ from fedmed.runs import RunDirectory
 from fedmed.runs.progress import RoundProgress
 from fedmed.runs.tracking import RunTracker
 
-from .client_dp import client_dp_round_record
+from .client_dp import client_dp_round_record, client_level_privacy
 from .context import RunContext
 from .cross_site import cross_site_evaluation
 from .exchange import NodesAsOfNow, send_and_receive
@@ -85,6 +85,9 @@ def run_federation(
             progress.start_round(server_round)
             arrays, trained, aggregation_record = _train_round(run, strategy, arrays, server_round=server_round)
             noise_record = client_dp_round_record(strategy)  # the noise this round's aggregate received
+            noise_record |= client_level_privacy(
+                strategy, config, rounds=server_round, sites=max(len(config.site_names), len(run.site_names))
+            )
             trained_at = time.perf_counter()
             evaluation: dict[str, dict[str, float]] = {}
             last = server_round == config.train.rounds
