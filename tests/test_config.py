@@ -208,3 +208,33 @@ def test_run_config_and_its_synth_must_agree_on_channels_and_classes(tmp_path: P
     assert load("binarize_labels = true", "num_classes = 4").task.num_classes == 2
     agreed = load("in_channels = 2\nnum_classes = 4", "modalities = ['FLAIR', 'T1']\nnum_classes = 4")
     assert agreed.synth is not None and agreed.synth.num_classes == agreed.task.num_classes == 4
+
+
+PRETRAIN_SYNTH = """
+[synth]
+task = "segmentation"
+seed = 4
+[[synth.sites]]
+name = "a"
+"""
+
+
+def test_pretrain_and_model_init_together_are_refused(tmp_path: Path) -> None:
+    text = MINIMAL + '[model]\ninit = "weights.pt"\n[pretrain]\nenabled = true\n'
+    with pytest.raises(ConfigError, match=r"pretrain\.enabled = true and model\.init both set the run's starting"):
+        load_run_config(write(tmp_path, text))
+    assert load_run_config(write(tmp_path, text.replace("enabled = true", "enabled = false"))).model.init is not None
+
+
+def test_pretrain_settings_are_checked(tmp_path: Path) -> None:
+    base = MINIMAL.split("[[sites]]")[0] + PRETRAIN_SYNTH
+    with pytest.raises(ConfigError) as error:
+        load_run_config(write(tmp_path, base + "[pretrain]\nenabled = true\ncases = 0\nepochs = -1\nseed = -2\n"))
+    message = str(error.value)
+    assert "'pretrain.cases'" in message and "'pretrain.epochs'" in message and "'pretrain.seed'" in message
+    with pytest.raises(ConfigError, match=r"pretrain\.seed 4 is synth\.seed: the phantoms would repeat"):
+        load_run_config(write(tmp_path, base + "[pretrain]\nenabled = true\nseed = 4\n"))
+    three_classes = '[task]\nkind = "classification"\nnum_classes = 3\n[pretrain]\nenabled = true\n'
+    with pytest.raises(ConfigError, match=r"pretrain\.enabled: the phantoms are binary .*init_exclude"):
+        load_run_config(write(tmp_path, three_classes))
+    assert load_run_config(write(tmp_path, base + "[pretrain]\nenabled = true\n")).pretrain_seed == 5

@@ -13,6 +13,7 @@ from .loader import (
     run_config_from_dict,
     validate,
 )
+from .pretrain import PretrainConfig
 from .privacy import ClientDpConfig, DpSgdConfig, PrivacyBudget, SecAggConfig, SitePrivacyPolicy
 from .schema import (
     AugmentationConfig,
@@ -32,6 +33,7 @@ from .schema import (
     TaskKind,
     TrackingConfig,
     TrainConfig,
+    pretraining_unsupported,
 )
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "InferenceConfig",
     "ModelConfig",
     "NormalizationConfig",
+    "PretrainConfig",
     "PrivacyBudget",
     "RunConfig",
     "SecAggConfig",
@@ -65,6 +68,7 @@ __all__ = [
     "load_server_config",
     "load_site_config",
     "load_synth_config",
+    "pretraining_unsupported",
     "read_toml",
     "run_config_from_dict",
     "validate",

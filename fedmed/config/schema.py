@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import StrictModel
+from .pretrain import PretrainConfig
 from .privacy import ClientDpConfig, DpSgdConfig, SecAggConfig
 
 TaskKind = Literal["segmentation", "classification", "enhancement"]
@@ -474,6 +475,7 @@ class RunConfig(StrictModel):
     client_dp: ClientDpConfig = Field(default_factory=ClientDpConfig)
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -499,7 +501,38 @@ class RunConfig(StrictModel):
             )
         self._check_privacy()
         self._check_scan_geometry()
+        self._check_pretrain()
         return self
+
+    def _check_pretrain(self) -> None:
+        if not self.pretrain.enabled:
+            return
+        if self.model.init is not None:
+            raise ValueError(
+                "pretrain.enabled = true and model.init both set the run's starting weights; keep one: remove "
+                "model.init to start from synthetic pretraining, or set pretrain.enabled = false to start from "
+                f"model.init ({self.model.init})"
+            )
+        if self.synth is not None and self.pretrain.seed == self.synth.seed:
+            raise ValueError(
+                f"pretrain.seed {self.pretrain.seed} is synth.seed: the phantoms would repeat the simulated sites' own "
+                "cases, validation included; choose another pretrain.seed or remove it (default: synth.seed + 1)"
+            )
+        if problem := pretraining_unsupported(self.task):
+            raise ValueError(f"pretrain.enabled: {problem}")
+
+    @property
+    def pretrain_seed(self) -> int:
+        """The phantoms' and the pretraining's seed: pretrain.seed, else one past the sites' synth seed."""
+        if self.pretrain.seed is not None:
+            return self.pretrain.seed
+        return abs(self.synth.seed if self.synth is not None else self.seed) + 1
+
+    @property
+    def sends_held_values(self) -> bool:
+        """Whether the coordinator sends the sites the values the shared weights leave out: with model.init,
+        model.freeze or [pretrain] the starting point is the coordinator's (ModelConfig.sends_held_values)."""
+        return self.model.sends_held_values or self.pretrain.enabled
 
     def _check_synth_matches_task(self, synth: SynthConfig) -> None:
         task = self.task
@@ -583,6 +616,26 @@ class RunConfig(StrictModel):
         if self.sites:
             return [site.name for site in self.sites]
         return [site.name for site in self.synth.sites] if self.synth else []
+
+
+# Label classes the phantoms can draw: segmentation lesions nest up to 4 classes; classification is lesion or not.
+MAX_PHANTOM_SEGMENTATION_CLASSES = 4
+
+
+def pretraining_unsupported(task: TaskConfig) -> str | None:
+    """Why synthetic phantoms cannot pre-train this task's network, or None when they can."""
+    if task.kind == "classification" and task.num_classes != 2:
+        return (
+            f"the phantoms are binary (lesion or not) but task.num_classes = {task.num_classes}; pre-train a 2-class "
+            "copy of this config with `fedmed pretrain` and start from it with model.init and "
+            "model.init_exclude = ['class_layers'] (a new head)"
+        )
+    if task.kind == "segmentation" and not task.binarize_labels and task.num_classes > MAX_PHANTOM_SEGMENTATION_CLASSES:
+        return (
+            f"the phantoms draw at most {MAX_PHANTOM_SEGMENTATION_CLASSES} label classes (background, oedema, core, "
+            f"enhancing) but task.num_classes = {task.num_classes}; set pretrain.enabled = false"
+        )
+    return None
 
 
 def _check_unique_names(names: list[str], where: str) -> None:

@@ -69,12 +69,14 @@ def clear_site_cache() -> None:
         _cache.clear()
 
 
-def load_site(path: Path, *, task: TaskConfig) -> SiteData:
-    """Load a site folder (dataset.json) or an .npz site; raises DataValidationError listing every problem."""
+def load_site(path: Path, *, task: TaskConfig, cache: bool = True) -> SiteData:
+    """Load a site folder (dataset.json) or an .npz site; raises DataValidationError listing every problem.
+
+    `cache=False`: neither read from nor kept in the process cache (data read once, e.g. pretraining phantoms)."""
     path = Path(path)
     if path.name == MANIFEST_NAME:
         path = path.parent
-    key = _cache_key(path, task)
+    key = _cache_key(path, task) if cache else None
     if key is not None:
         with _cache_lock:
             cached = _cache.get(key)

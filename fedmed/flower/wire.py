@@ -23,6 +23,7 @@ INTENSITY_FIT = MessageType("query", "intensity_fit")  # fit site normalization,
 INTENSITY_APPLY = MessageType("query", "intensity_apply")  # map onto the federation's Nyúl landmarks
 PERSONALIZE = MessageType("query", "personalize")  # build, score (and lend) the personalized model
 CROSS_EVALUATE = MessageType("query", "cross_evaluate")  # score the other sites' models here
+DP_PLAN = MessageType("query", "dp_plan")  # [dp_sgd]: each site's planned σ, sampling and steps, before round 1
 # SecAgg+'s four exchanges; "train" so that Flower treats them as training work.
 SECAGG_SETUP = MessageType("train", "secagg_setup")
 SECAGG_SHARE_KEYS = MessageType("train", "secagg_share")
@@ -37,6 +38,7 @@ METRICS = "metrics"  # MetricRecord: a site's metrics
 SITE = "site"  # ConfigRecord {SITE_NAME: name}: who replied
 SUMMARY = "intensity"  # ConfigRecord: a site's intensity summaries
 PERSONAL = "personal"  # ArrayRecord: a site's personal parameters, packed in its personal layout
+PLAN = "dp-plan"  # MetricRecord: a site's DP-SGD plan (fedmed.site.privacy.DpPlanPreview), numbers only
 SECAGG = "secagg"  # ConfigRecord: one SecAgg+ protocol message
 MASKED = "masked"  # ArrayRecord {VECTOR: the masked uint32 vector}
 VECTOR = "vector"

@@ -66,14 +66,17 @@ class StartingModel:
     init: InitialWeights | None
 
 
-def starting_model(task: TaskConfig, config: ModelConfig, *, load_init: bool = True) -> StartingModel:
+def starting_model(
+    task: TaskConfig, config: ModelConfig, *, load_init: bool = True, init: InitialWeights | None = None
+) -> StartingModel:
     """Build the configured network (random init from the current torch seed), load model.init into it and
     freeze model.freeze. Sites pass load_init=False: model.init is a path on the coordinator's disk, and the
-    values a site does not train arrive with every round's message instead."""
+    values a site does not train arrive with every round's message instead. `init`: weights already read (the
+    run's synthetic pretraining, [pretrain]), loaded instead of model.init."""
     network = build_model(task, config)
-    init = None
-    if load_init and config.init is not None:
+    if init is None and load_init and config.init is not None:
         init = load_initial_weights(config.init)
+    if init is not None:
         apply_initial_weights(network, init, exclude=config.init_exclude)
     frozen = freeze_parameters(network, config.freeze)
     return StartingModel(network=network, frozen=frozen, init=init)

@@ -90,7 +90,7 @@ def write_report(run_dir: RunDirectory) -> Path:
 
 
 def _starting_point(summary: dict[str, Any]) -> str:
-    line = describe_starting_point(summary.get("starting_point"))
+    line = describe_starting_point(summary.get("starting_point"), start=summary.get("start"))
     return f'<p class="muted">{html.escape(line[0].upper() + line[1:])}</p>' if line else ""
 
 

@@ -8,7 +8,9 @@ Layout:
     checkpoints/final.pt       the final global model
     sites/<site>/              site-local parameters (simulation)
     status.json, normalization.json, cross_site.json, baselines.json, summary.json
-    starting_point.json        model.init's file and sha256, model.freeze (when the config sets them)
+    dp_plan.json               [dp_sgd]: each site's DP-SGD plan, asked before round 1 (fedmed.flower.server.dp_plan)
+    starting_point.json        where the run started (random, [pretrain], model.init's file and sha256), model.freeze
+    pretrain/                  [pretrain]: pretrained.pt (the starting weights) and pretrain.json (settings, metric)
     report.html, plots/
     tensorboard/               per-round scalars as TensorBoard event files (fedmed.runs.tracking)
     mlruns/                    the same in an MLflow file store, when [tracking] mlflow = true
@@ -37,8 +39,10 @@ SUMMARY_FILE = "summary.json"  # the per-site comparison (fedmed.runs.summary)
 BASELINES_FILE = "baselines.json"  # local-only and pooled scores (simulation)
 NORMALIZATION_FILE = "normalization.json"  # the sites' intensity summaries and Nyúl landmarks
 CROSS_SITE_FILE = "cross_site.json"  # models x sites scores (fedmed.runs.cross_site)
+DP_PLAN_FILE = "dp_plan.json"  # [dp_sgd]: each site's planned σ, sampling and steps, and the verdict on them
 FLOWER_RUNS = "flower-runs.jsonl"  # deployed runs: each Flower run submitted for it, with the app's FAB hash
-STARTING_POINT_FILE = "starting_point.json"  # model.init's file and sha256, model.freeze's keys (when set)
+STARTING_POINT_FILE = "starting_point.json"  # start kind; model.init's file and sha256; model.freeze's keys
+PRETRAIN_DIR = "pretrain"  # [pretrain]: the pretrained starting weights and their record (fedmed.tasks.pretrain)
 
 
 class RunDirectory:

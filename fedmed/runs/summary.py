@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .cross_site import final_evaluation, personal_model_name
-from .run_dir import BASELINES_FILE, STARTING_POINT_FILE, RunDirectory
+from .run_dir import BASELINES_FILE, DP_PLAN_FILE, STARTING_POINT_FILE, RunDirectory
 
 COLUMNS = ("federated", "personalized", "local_only", "pooled")
 
@@ -79,8 +79,12 @@ def build_summary(run_dir: RunDirectory, *, primary_metric: str, higher_is_bette
         summary["privacy"] = privacy
     if client_level := client_level_privacy(run_dir):
         summary["client_privacy"] = client_level
-    if starting_point := run_dir.read_json(STARTING_POINT_FILE):
+    if dp_plan := run_dir.read_json(DP_PLAN_FILE):
+        summary["dp_plan"] = dp_plan
+    starting_point = run_dir.read_json(STARTING_POINT_FILE)
+    if starting_point:
         summary["starting_point"] = starting_point
+    summary["start"] = run_start(starting_point)
     for column in COLUMNS:
         values = [table[site][column][primary_metric] for site in sites if table[site].get(column)]
         finite = [value for value in values if not math.isnan(value)]
@@ -101,7 +105,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     for label in ("mean", "worst_site"):
         cells = "".join(f"{_number(summary.get(column, {}).get(label)):>22}" for column in columns)
         lines.append(f"{label.replace('_', ' '):<16}{cells}")
-    if line := describe_starting_point(summary.get("starting_point")):
+    if line := describe_starting_point(summary.get("starting_point"), start=summary.get("start")):
         lines.append(line)
     for site, spent in summary.get("privacy", {}).items():
         lines.append(
@@ -110,7 +114,26 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     if client := summary.get("client_privacy"):
         lines.append(describe_client_privacy(client))
+    lines += describe_dp_plan(summary.get("dp_plan"))
     return "\n".join(lines)
+
+
+def describe_dp_plan(dp_plan: dict[str, Any] | None) -> list[str]:
+    """One line per site: its DP-SGD plan (σ, expected batch, steps, effective noise) and the verdict on it, or its
+    refusal (dp_plan.json, written before round 1)."""
+    if not dp_plan:
+        return []
+    lines = []
+    for site, plan in dp_plan.get("sites", {}).items():
+        if "noise_multiplier" not in plan:
+            lines.append(f"{site:<16}DP-SGD plan {plan.get('verdict', 'refused')}: {plan.get('reason', '')}")
+            continue
+        lines.append(
+            f"{site:<16}DP-SGD plan σ {plan['noise_multiplier']:.2f}, expected batch {plan['expected_batch']:.1f}, "
+            f"{plan['planned_steps']} step(s), effective noise {plan['effective_noise']:.2f} "
+            f"(max {dp_plan.get('max_effective_noise', float('nan')):g}): {plan.get('verdict', '-')}"
+        )
+    return lines
 
 
 def describe_client_privacy(client: dict[str, Any]) -> str:
@@ -121,16 +144,41 @@ def describe_client_privacy(client: dict[str, Any]) -> str:
     )
 
 
-def describe_starting_point(starting_point: dict[str, Any] | None) -> str:
-    """One line naming the weights the run started from (model.init, with its sha256) and what it froze."""
-    if not starting_point:
-        return ""
-    init = starting_point.get("init")
-    line = (
-        f"started from {init['path']} (sha256 {str(init['sha256'])[:16]})"
-        if init
-        else "started from random weights (seed)"
-    )
+START_KINDS = ("random", "synthetic pretraining", "weights file")
+
+
+def run_start(starting_point: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's starting point for summary.json: {"kind": one of START_KINDS, ...}: the pretraining's cases,
+    epochs, seed and held-out metric with its weights file and sha256, or model.init's file and sha256. A run
+    directory without starting_point.json (made before fedmed recorded random starts) started at random."""
+    starting_point = starting_point or {}
+    if pretraining := starting_point.get("pretraining"):
+        return {"kind": "synthetic pretraining", **pretraining}
+    if init := starting_point.get("init"):
+        return {"kind": "weights file", "path": init.get("path"), "sha256": init.get("sha256")}
+    start: dict[str, Any] = {"kind": "random"}
+    if starting_point.get("seed") is not None:
+        start["seed"] = starting_point["seed"]
+    return start
+
+
+def describe_starting_point(starting_point: dict[str, Any] | None, *, start: dict[str, Any] | None = None) -> str:
+    """One line naming where the run started (random weights, synthetic pretraining with its held-out metric, or
+    model.init's file with its sha256) and what it froze."""
+    start = start or run_start(starting_point)
+    starting_point = starting_point or {}
+    if start["kind"] == "synthetic pretraining":
+        line = (
+            f"started from synthetic pretraining: {start.get('cases')} phantom cases × {start.get('epochs')} epoch(s) "
+            f"(seed {start.get('seed')}), {start.get('metric')} {_number(start.get('value'))} on "
+            f"{start.get('val_cases')} held-out phantoms (random init {_number(start.get('random_value'))}); "
+            f"weights {start.get('file')} (sha256 {str(start.get('sha256'))[:16]})"
+        )
+    elif start["kind"] == "weights file":
+        line = f"started from {start['path']} (sha256 {str(start['sha256'])[:16]})"
+    else:
+        seed = f"seed {start['seed']}" if start.get("seed") is not None else "seed"
+        line = f"started from random weights ({seed})"
     if starting_point.get("freeze"):
         line += (
             f"; frozen: {', '.join(starting_point['freeze'])} ({starting_point.get('frozen_parameters', 0)} "

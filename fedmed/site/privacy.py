@@ -53,6 +53,24 @@ def simulated_policy(config: RunConfig) -> SitePrivacyPolicy:
     )
 
 
+@dataclass(frozen=True)
+class DpPlanPreview:
+    """A site's DP-SGD plan for a run, known before it spends anything."""
+
+    noise_multiplier: float
+    sample_rate: float
+    expected_batch: float
+    steps_per_round: int
+    planned_steps: int
+    target_epsilon: float
+    delta: float
+
+    @property
+    def effective_noise(self) -> float:
+        """σ / expected batch: the noise std on each step's mean clipped gradient, in units of the clip norm."""
+        return self.noise_multiplier / self.expected_batch
+
+
 class SitePrivacy:
     def __init__(self, *, site: str, run_id: str, dataset: str, terms: SitePrivacyTerms, config: RunConfig) -> None:
         self.site = site
@@ -80,10 +98,32 @@ class SitePrivacy:
         """The run's fixed DP-SGD step; raises PrivacyBudgetExhaustedError if this round would overspend."""
         with self._ledger() as ledger:
             plan = self._run_plan(ledger, num_examples=num_examples)
-            ledger.check_round(
-                site=self.site, dataset=self.dataset, plan=plan, steps=self._round_steps(num_examples)
-            ).raise_if_refused()
-        return DpSgdStep(noise_multiplier=plan.noise_multiplier, max_grad_norm=self.config.dp_sgd.max_grad_norm)
+            steps = self._round_steps(num_examples)
+            ledger.check_round(site=self.site, dataset=self.dataset, plan=plan, steps=steps).raise_if_refused()
+        dp = self.config.dp_sgd
+        return DpSgdStep(
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            logical_batch_size=self._logical_batch(num_examples),
+            physical_batch_size=dp.physical_batch_size,
+            steps=steps if dp.steps == "budget" else None,
+            augmentation_multiplicity=dp.augmentation_multiplicity,
+            ema_decay=dp.ema_decay,
+        )
+
+    def preview(self, *, num_examples: int) -> DpPlanPreview:
+        """The run's plan before any round: σ, sampling and steps, fixed in the ledger but nothing charged."""
+        with self._ledger() as ledger:
+            plan = self._run_plan(ledger, num_examples=num_examples)
+        return DpPlanPreview(
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            expected_batch=plan.sample_rate * num_examples,
+            steps_per_round=self._round_steps(num_examples),
+            planned_steps=plan.planned_steps,
+            target_epsilon=plan.target_epsilon,
+            delta=plan.delta,
+        )
 
     def charge(self, *, server_round: int, steps: int) -> dict[str, float]:
         """Record the round's spend before its update leaves the site; the ε spent goes into the metrics."""
@@ -99,8 +139,43 @@ class SitePrivacy:
             "epsilon_budget": self._plan.target_epsilon,
         }
 
+    def _logical_batch(self, num_examples: int) -> int:
+        dp = self.config.dp_sgd
+        if dp.steps == "epochs":
+            return dp.batch_size or self.config.train.batch_size
+        return dp.logical_batch_size(num_examples)
+
+    def _epoch_steps(self, num_examples: int) -> int:
+        """What train.local_epochs would take per round: the most a round does in either mode."""
+        return self.config.train.local_epochs * steps_per_epoch(num_examples, self._logical_batch(num_examples))
+
     def _round_steps(self, num_examples: int) -> int:
-        return self.config.train.local_epochs * steps_per_epoch(num_examples, self.config.train.batch_size)
+        if self.config.dp_sgd.steps == "epochs":
+            return self._epoch_steps(num_examples)
+        # The plan fixed the run's steps; a restarted site divides the same stored number.
+        return self._plan.planned_steps // self.config.train.rounds
+
+    def _budget_steps(self, history: list, *, target: float, delta: float, rate: float, num_examples: int) -> int:
+        """The run's steps: as many as the budget pays for at [dp_sgd] noise_multiplier, a whole number per
+        round, at least one per round (the plan's σ then rises, which preview() makes visible) and at most
+        [dp_sgd] max_epochs_per_round passes (a large site then gets less noise instead of more work)."""
+        rounds = self.config.train.rounds
+        dp = self.config.dp_sgd
+        most = dp.max_epochs_per_round * steps_per_epoch(num_examples, self._logical_batch(num_examples))
+        sigma = dp.noise_multiplier
+
+        def fits(per_round: int) -> bool:
+            # RDP's bound is the looser one: steps that fit it fit either accountant, whose σ the ledger calibrates.
+            entry = (sigma, rate, per_round * rounds)
+            return epsilon_spent([*history, entry], delta=delta, accountant="rdp") <= target
+
+        low, high = 1, most
+        if fits(high):
+            return high * rounds
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return low * rounds
 
     def _run_plan(self, ledger: PrivacyLedger, *, num_examples: int) -> RunPlan:
         if self._plan is None:
@@ -112,12 +187,17 @@ class SitePrivacy:
             spent_before = ledger.spent(self.dataset, delta=budget.delta, accountant=accountant)
             # The run may add at most its own ε, and never take the dataset past the site's budget.
             target = min(budget.epsilon, spent_before + self.config.dp_sgd.epsilon)
-            rate = sample_rate(num_examples, self.config.train.batch_size)
-            steps = self.config.train.rounds * self._round_steps(num_examples)
+            rate = sample_rate(num_examples, self._logical_batch(num_examples))
+            history = ledger.history(self.dataset)
+            if self.config.dp_sgd.steps == "budget":
+                steps = self._budget_steps(
+                    history, target=target, delta=budget.delta, rate=rate, num_examples=num_examples
+                )
+            else:
+                steps = self.config.train.rounds * self._epoch_steps(num_examples)
             ceiling = self.terms.policy.max_noise_multiplier
             # Even the ceiling's noise cannot keep the run within what is left: refuse before planning,
             # so that nothing is stored or charged.
-            history = ledger.history(self.dataset)
             if (
                 spent_before < target
                 and epsilon_spent([*history, (ceiling, rate, steps)], delta=budget.delta, accountant=accountant)
@@ -181,3 +261,17 @@ def format_budget(ledger_path: Path, *, policy: SitePrivacyPolicy, site: str) ->
             f"{budget.delta:>9.0e}  {policy.accountant}"
         )
     return "\n".join(lines)
+
+
+def plan_numbers(preview: DpPlanPreview) -> dict[str, float]:
+    """What a site tells the coordinator about its plan: numbers only, effective noise included."""
+    return {
+        "noise_multiplier": preview.noise_multiplier,
+        "sample_rate": preview.sample_rate,
+        "expected_batch": preview.expected_batch,
+        "steps_per_round": preview.steps_per_round,
+        "planned_steps": preview.planned_steps,
+        "target_epsilon": preview.target_epsilon,
+        "delta": preview.delta,
+        "effective_noise": preview.effective_noise,
+    }

@@ -24,12 +24,13 @@ from fedmed.core.files import write_text_atomic
 from fedmed.models import KeyPartition
 from fedmed.site.local_layers import PERSONALIZED_FILE, LocalParameterStore
 from fedmed.site.normalization import SiteNormalization
-from fedmed.site.privacy import SitePrivacy, SitePrivacyTerms
+from fedmed.site.privacy import DpPlanPreview, SitePrivacy, SitePrivacyTerms
 from fedmed.site.step_watch import TrainingWatch, watch_training, watch_validation
 
 if TYPE_CHECKING:
     from fedmed.data import SiteData  # imported when first used: loading pulls in MONAI
     from fedmed.data.scan_site import ScanSite
+    from fedmed.tasks import DpSgdStep
 
 StateDict = dict[str, torch.Tensor]
 
@@ -191,7 +192,7 @@ class SiteSession:
 
     def use_held(self, held: StateDict) -> None:
         """The coordinator's values for the keys the shared weights leave out, sent with every round when the run
-        sets model.init or model.freeze: frozen parameters, and the site-local layers' starting values."""
+        sets model.init, model.freeze or [pretrain]: frozen parameters, and the site-local layers' starting values."""
         self._held = held
 
     def _model_with(self, global_state: StateDict) -> tuple[nn.Module, list[str]]:
@@ -203,12 +204,12 @@ class SiteSession:
         model, keys, initial_local = self._model_and_keys
         local = keys.local
         state = dict(global_state)
-        if self.config.model.sends_held_values and keys.held:
+        if self.config.sends_held_values and keys.held:
             if self._held is None:
                 raise ModelMismatchError(
-                    f"site {self.spec.name}: the run sets model.init or model.freeze but the coordinator sent no "
-                    "values for the frozen and site-local parameters; coordinator and site must run the same fedmed "
-                    "version"
+                    f"site {self.spec.name}: the run sets model.init, model.freeze or [pretrain] but the coordinator "
+                    "sent no values for the frozen and site-local parameters; coordinator and site must run the same "
+                    "fedmed version"
                 )
             state.update({key: self._held[key] for key in keys.frozen})
             initial_local = {key: self._held[key] for key in local}
@@ -236,11 +237,27 @@ class SiteSession:
             config=self.config,
         )
 
-    def _watch_training(self, what: str, *, epochs: int) -> contextlib.AbstractContextManager[TrainingWatch]:
+    def dp_plan(self) -> DpPlanPreview:
+        """[dp_sgd]: the run's plan before its first round (σ, sampling rate, steps), fixed in the ledger as the
+        first round would fix it, nothing charged. Refuses as training would: a model DP-SGD cannot train (before
+        the ledger is touched), an exhausted budget, a σ past the site's ceiling."""
+        from fedmed.tasks import check_private_model
+
+        if self.privacy is None or not self.privacy.enabled:
+            raise FedmedError(f"site {self.spec.name}: the coordinator asks for a DP-SGD plan but [dp_sgd] is off")
+        check_private_model(self._model_and_keys[0], model_name=self.config.model.name)
+        return self.privacy.preview(num_examples=len(self.data.train))
+
+    def _watch_training(
+        self, what: str, *, epochs: int, dp: DpSgdStep | None = None
+    ) -> contextlib.AbstractContextManager[TrainingWatch]:
         """Slow local epochs shown live or logged (fedmed.site.step_watch); quick ones stay quiet."""
         from fedmed.privacy import steps_per_epoch
 
-        batches = steps_per_epoch(len(self.data.train), self.config.train.batch_size)
+        batch = (dp and dp.logical_batch_size) or self.config.train.batch_size
+        batches = steps_per_epoch(len(self.data.train), batch)
+        if dp is not None and dp.steps is not None:  # DP-SGD's steps for the budget: passes as they fall
+            epochs = -(-dp.steps // batches)
         return watch_training(label=f"site {self.spec.name}: {what}", epochs=epochs, batches_per_epoch=batches)
 
     def train(self, global_state: StateDict, *, server_round: int, proximal_mu: float) -> tuple[StateDict, dict]:
@@ -255,7 +272,7 @@ class SiteSession:
             check_private_model(model, model_name=self.config.model.name)
         dp_step = self.privacy.step_for_round(num_examples=len(self.data.train)) if private else None
         epochs = self.config.train.local_epochs
-        with self._watch_training(f"round {server_round}", epochs=epochs) as watch:
+        with self._watch_training(f"round {server_round}", epochs=epochs, dp=dp_step) as watch:
             result = train_local(
                 model,
                 self.data.train,

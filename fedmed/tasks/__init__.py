@@ -1,4 +1,5 @@
-"""Segmentation, classification and enhancement: one training loop (plain or DP-SGD), evaluation, metrics.
+"""Segmentation, classification and enhancement: one training loop (plain or DP-SGD), evaluation, metrics;
+pre-training on synthetic phantoms (pretrain.py).
 
 No federation here. Imports fedmed.models, fedmed.data, fedmed.config and fedmed.core.
 """

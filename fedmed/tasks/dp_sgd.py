@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 from fedmed.core.errors import FedmedError
 from fedmed.core.opacus import import_opacus
 
+from .dp_layers import register_convolution_samplers
+
 
 class PrivateModelError(FedmedError):
     """The model has layers DP-SGD cannot train (e.g. BatchNorm mixes samples in a batch)."""
@@ -27,8 +29,53 @@ class PrivateModelError(FedmedError):
 
 @dataclass(frozen=True)
 class DpSgdStep:
+    """One round of DP-SGD at a site: the run's fixed noise and the recipe's choices ([dp_sgd])."""
+
     noise_multiplier: float
     max_grad_norm: float
+    logical_batch_size: int | None = None  # expected Poisson batch per step; None: train.batch_size
+    physical_batch_size: int | None = None  # pieces a logical batch is processed in; None: train.batch_size
+    steps: int | None = None  # logical steps this round; None: train_local's epochs
+    augmentation_multiplicity: int = 1
+    ema_decay: float = 0.0
+
+
+class WeightAverage:
+    """Exponential moving average of the trainable weights with De et al.'s (2022) warm-up.
+
+    The decay at update t is min(decay, (1 + t) / (10 + t)), so a round of a few steps still moves
+    away from its starting point. Only DP outputs enter it: post-processing, no privacy cost.
+    """
+
+    def __init__(self, model: nn.Module, *, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.parameters], 1 - decay)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for parameter, average in zip(self.parameters, self.average, strict=True):
+            parameter.copy_(average)
+
+
+def average_views(optimizer: torch.optim.Optimizer, *, views: int) -> None:
+    """Augmentation multiplicity (De et al. 2022): average each sample's per-view gradients before clipping.
+
+    The physical batch holds `views` consecutive copies of every sample; Opacus' per-sample gradients
+    of the mean loss are each view's own gradient, so their mean is the gradient of the sample's mean
+    loss over its views, and clipping then bounds each sample's contribution exactly as without views.
+    """
+    for parameter in optimizer.params:
+        grad_sample = parameter.grad_sample
+        if grad_sample is not None:
+            parameter.grad_sample = grad_sample.view(-1, views, *grad_sample.shape[1:]).mean(dim=1)
 
 
 def check_private_model(model: nn.Module, *, model_name: str) -> None:
@@ -55,15 +102,17 @@ def privatized(
     dp: DpSgdStep | None,
     seed: int,
     device: torch.device,
-) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, DataLoader]]:
-    """Opacus' model, optimizer and Poisson loader for the block (the inputs unchanged without `dp`).
+) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, DataLoader, object | None]]:
+    """Opacus' model, optimizer, Poisson loader and accountant for the block (the inputs unchanged and no
+    accountant without `dp`). The accountant only counts the noised steps, as a check on the ledger.
 
     On exit the model is unwrapped: the session reuses it next round without Opacus' hooks.
     """
     if dp is None:
-        yield model, optimizer, loader
+        yield model, optimizer, loader, None
         return
     privacy_engine = import_opacus().PrivacyEngine
+    register_convolution_samplers()
     with warnings.catch_warnings():
         # Opacus' reminder about its (slower) cryptographically secure RNG; fedmed seeds for reproducibility.
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -82,7 +131,7 @@ def privatized(
         with warnings.catch_warnings():
             # The first layer's input needs no gradient, which torch reports for Opacus' backward hooks.
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-            yield private_model, private_optimizer, private_loader
+            yield private_model, private_optimizer, private_loader, engine.accountant
     finally:
         private_model._close()
         for parameter in model.parameters():

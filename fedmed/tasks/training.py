@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +15,7 @@ from fedmed.config import TrainConfig
 
 from .augmentation import AugmentedSamples
 from .base import Sample, Task
-from .dp_sgd import DpSgdStep, privatized, proximal_step
+from .dp_sgd import DpSgdStep, WeightAverage, average_views, privatized, proximal_step
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class TrainResult:
     num_examples: int
     steps: int  # batches drawn, an empty Poisson draw included (DP-SGD charges it)
     seconds: float
+    noised: list[tuple[float, float, int]] | None = None  # DP-SGD: Opacus' own (σ, q, steps) of the noised steps
 
 
 def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -55,8 +56,10 @@ def train_local(
 
     With proximal_mu > 0 (FedProx) the weights named in `proximal_keys` (the shared weights as
     received from the server) are pulled towards their starting values with strength mu. With `dp`
-    the steps are DP-SGD (Opacus: Poisson sampling, per-sample clipping, Gaussian noise); the caller
-    fixes the noise and charges the ledger. The model is left unwrapped either way. `on_step(epoch, batch)`
+    the steps are DP-SGD (Opacus: Poisson sampling, per-sample clipping, Gaussian noise) with the
+    recipe `dp` names: logical batches processed in physical pieces, `dp.steps` draws instead of
+    `epochs` when set, augmentation multiplicity and a weight average; the caller fixes the noise
+    and charges the ledger. The model is left unwrapped either way. `on_step(epoch, batch)`
     is called (0-based) before each step, an empty Poisson draw included: progress displays use it.
     """
     if not samples:
@@ -72,7 +75,7 @@ def train_local(
     rows = Columns(samples, keys)
     loader = DataLoader(
         rows,
-        batch_size=min(train.batch_size, len(rows)),
+        batch_size=min((dp and dp.logical_batch_size) or train.batch_size, len(rows)),
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
         num_workers=workers,
@@ -86,39 +89,84 @@ def train_local(
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     started = time.perf_counter()
     steps, epoch_loss, epoch_examples = 0, 0.0, 0
-    with privatized(model, optimizer, loader, dp=dp, seed=seed, device=device) as (network, optimizer, loader):
-        for epoch in range(epochs):
-            epoch_loss, epoch_examples = 0.0, 0
-            for batch_index, columns in enumerate(loader):
-                steps += 1
-                if on_step is not None:
-                    on_step(epoch, batch_index)
-                if len(columns[0]) == 0:
-                    continue  # an empty Poisson draw: nothing to learn from, still a step
-                batch = {key: value.to(device, non_blocking=True) for key, value in zip(keys, columns, strict=True)}
-                if flip_batches:
-                    batch = random_flips(batch, generator=generator)
+    private = privatized(model, optimizer, loader, dp=dp, seed=seed, device=device)
+    with private as (network, optimizer, loader, accountant):
+        average = WeightAverage(model, decay=dp.ema_decay) if dp is not None and dp.ema_decay > 0 else None
+        pieces = (dp.physical_batch_size if dp is not None else None) or train.batch_size
+        views = dp.augmentation_multiplicity if dp is not None else 1
+        for epoch, batch_index, columns in draws(loader, epochs=epochs, steps=dp.steps if dp is not None else None):
+            if batch_index == 0:
+                epoch_loss, epoch_examples = 0.0, 0
+            steps += 1
+            if on_step is not None:
+                on_step(epoch, batch_index)
+            if len(columns[0]) == 0:
+                continue  # an empty Poisson draw: nothing to learn from, still a step
+            batch = {key: value.to(device, non_blocking=True) for key, value in zip(keys, columns, strict=True)}
+            chunks = split_batch(batch, size=pieces) if dp is not None else [batch]
+            for index, chunk in enumerate(chunks):
+                if views > 1:
+                    chunk = {key: value.repeat_interleave(views, dim=0) for key, value in chunk.items()}
+                    chunk = random_flips(chunk, generator=generator)
+                elif flip_batches:
+                    chunk = random_flips(chunk, generator=generator)
                 optimizer.zero_grad(set_to_none=True)
                 autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
                 with autocast:
-                    loss = task.loss(network, batch, generator=generator)
+                    loss = task.loss(network, chunk, generator=generator)
                 if anchors and dp is None:
                     loss = loss + proximal_term(model, anchors, mu=proximal_mu)
                 scaler.scale(loss).backward()
+                if dp is not None:
+                    if views > 1:
+                        average_views(optimizer, views=views)
+                    # Opacus' BatchMemoryManager protocol: clip and sum each piece, step after the last.
+                    optimizer.signal_skip_step(do_skip=index < len(chunks) - 1)
                 scaler.step(optimizer)
                 scaler.update()
-                if anchors and dp is not None:
-                    # DP-SGD replaces every gradient, so the proximal pull is a step of its own.
-                    proximal_step(model, anchors, step=train.learning_rate * proximal_mu)
-                size = len(batch[keys[0]])
+                size = len(chunk[keys[0]]) // views
                 epoch_loss += float(loss.detach()) * size
                 epoch_examples += size
+            if anchors and dp is not None:
+                # DP-SGD replaces every gradient, so the proximal pull is a step of its own.
+                proximal_step(model, anchors, step=train.learning_rate * proximal_mu)
+            if average is not None:
+                average.update()
+        if average is not None:
+            average.copy_to_model()
+        noised = list(accountant.history) if accountant is not None else None
     return TrainResult(
         loss=epoch_loss / max(epoch_examples, 1),
         num_examples=len(samples),
         steps=steps,
         seconds=time.perf_counter() - started,
+        noised=noised,
     )
+
+
+def draws(loader: DataLoader, *, epochs: int, steps: int | None) -> Iterator[tuple[int, int, tuple]]:
+    """(epoch, batch index, batch) for `epochs` passes, or for exactly `steps` draws across passes."""
+    if steps is None:
+        for epoch in range(epochs):
+            for batch_index, columns in enumerate(loader):
+                yield epoch, batch_index, columns
+        return
+    drawn, epoch = 0, 0
+    while drawn < steps:
+        for batch_index, columns in enumerate(loader):
+            if drawn == steps:
+                return
+            drawn += 1
+            yield epoch, batch_index, columns
+        epoch += 1
+
+
+def split_batch(batch: dict[str, torch.Tensor], *, size: int) -> list[dict[str, torch.Tensor]]:
+    """A logical batch in physical pieces of at most `size` samples, as even as possible (Opacus' split)."""
+    total = len(next(iter(batch.values())))
+    count = max(1, -(-total // size))
+    pieces = [dict(zip(batch, values, strict=True)) for values in zip(*(v.tensor_split(count) for v in batch.values()))]
+    return [piece for piece in pieces if len(next(iter(piece.values())))]
 
 
 class Columns(Dataset):

@@ -14,28 +14,30 @@ import torch
 from fedmed.config import RunConfig
 from fedmed.core.log import logger
 from fedmed.data.scan_site import pooled_training_set
-from fedmed.models import starting_model
+from fedmed.models import InitialWeights, starting_model
 from fedmed.site.session import NUM_EXAMPLES, site_seed
 from fedmed.tasks import get_task, select_device, train_local
 
 
-def _fresh_model(config: RunConfig) -> torch.nn.Module:
+def _fresh_model(config: RunConfig, init: InitialWeights | None = None) -> torch.nn.Module:
     torch.manual_seed(config.seed)  # the federation's global model starts from this same init
-    # model.init and model.freeze too: a baseline starts from the federation's round-0 model, trained the same way.
-    return starting_model(config.task, config.model).network
+    # model.init (or the run's pretrained weights, `init`) and model.freeze too: a baseline starts from the
+    # federation's round-0 model, trained the same way.
+    return starting_model(config.task, config.model, init=init).network
 
 
 Models = dict[str, torch.nn.Module]
 Scores = dict[str, dict[str, float]]
 
 
-def local_only(config: RunConfig, sites: dict) -> tuple[Scores, Models]:
-    """sites: name -> fedmed.data.SiteData, normalized as the site's federated training saw it."""
+def local_only(config: RunConfig, sites: dict, *, init: InitialWeights | None = None) -> tuple[Scores, Models]:
+    """sites: name -> fedmed.data.SiteData, normalized as the site's federated training saw it; `init`: the run's
+    pretrained starting weights ([pretrain])."""
     task, device = get_task(config.task), select_device(config.train.device)
     epochs = config.train.rounds * config.train.local_epochs
     results, models = {}, {}
     for name, data in sites.items():
-        model = _fresh_model(config)
+        model = _fresh_model(config, init)
         train_local(
             model,
             data.train,
@@ -60,9 +62,9 @@ def score_everywhere(config: RunConfig, model: torch.nn.Module, sites: dict) -> 
     }
 
 
-def pooled(config: RunConfig, sites: dict) -> tuple[Scores, torch.nn.Module]:
+def pooled(config: RunConfig, sites: dict, *, init: InitialWeights | None = None) -> tuple[Scores, torch.nn.Module]:
     task, device = get_task(config.task), select_device(config.train.device)
-    model = _fresh_model(config)
+    model = _fresh_model(config, init)
     samples = pooled_training_set([data.train for data in sites.values()])
     train_local(
         model,

@@ -14,7 +14,7 @@ from fedmed.core.files import unwritable_reason
 from fedmed.core.log import logger
 from fedmed.runs import RunDirectory
 from fedmed.runs.outputs import write_outputs
-from fedmed.runs.run_dir import BASELINES_FILE, STATUS_FILE, SUMMARY_FILE
+from fedmed.runs.run_dir import BASELINES_FILE, DP_PLAN_FILE, PRETRAIN_DIR, STATUS_FILE, SUMMARY_FILE
 from fedmed.runs.status import resume_command
 from fedmed.runs.summary import format_summary
 from fedmed.runs.tracking import check_tracking
@@ -173,8 +173,10 @@ class RunInterruptedError(FedmedError):
 
 
 def _remove_if_empty(run_dir: RunDirectory) -> None:
-    """A run that failed before finishing a round leaves nothing worth keeping: no stub folder."""
-    if run_dir.rounds_jsonl.exists() or run_dir.checkpoints.exists():
+    """A run that failed before finishing a round leaves nothing worth keeping: no stub folder. One the sites'
+    DP-SGD plans stopped is kept: its dp_plan.json, status and summary say why, and its sites' ledgers hold the
+    plans."""
+    if run_dir.rounds_jsonl.exists() or run_dir.checkpoints.exists() or (run_dir.path / DP_PLAN_FILE).exists():
         return
     shutil.rmtree(run_dir.path, ignore_errors=True)
     logger.info("removed %s: the run failed before its first round", run_dir.path)
@@ -195,13 +197,18 @@ def _run_baselines(config: RunConfig, *, run_dir: RunDirectory) -> None:
         ).data
         for site in config.sites
     }
+    init = None
+    if config.pretrain.enabled:  # the weights the federation started from, kept in the run directory
+        from fedmed.tasks.pretrain import pretrained_start
+
+        init, _ = pretrained_start(config, folder=run_dir.path / PRETRAIN_DIR)
     results, cross = {}, {}
     if config.baselines.local_only:
-        results["local_only"], models = baselines.local_only(config, sites)
+        results["local_only"], models = baselines.local_only(config, sites, init=init)
         for name, model in models.items():
             cross[local_only_model_name(name)] = baselines.score_everywhere(config, model, sites)
     if config.baselines.pooled:
-        results["pooled"], _ = baselines.pooled(config, sites)
+        results["pooled"], _ = baselines.pooled(config, sites, init=init)
         cross["pooled"] = results["pooled"]
     run_dir.write_json(BASELINES_FILE, results)
     final = final_evaluation(run_dir)

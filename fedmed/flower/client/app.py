@@ -15,6 +15,7 @@ from fedmed.flower.wire import (
     ARRAYS,
     CONFIG,
     CROSS_EVALUATE,
+    DP_PLAN,
     FINAL,
     INTENSITY_APPLY,
     INTENSITY_FIT,
@@ -22,6 +23,7 @@ from fedmed.flower.wire import (
     MODELS,
     PERSONAL,
     PERSONALIZE,
+    PLAN,
     SECAGG_MASK,
     SECAGG_SETUP,
     SECAGG_SHARE_KEYS,
@@ -32,6 +34,7 @@ from fedmed.flower.wire import (
     personal_record,
 )
 from fedmed.runs.cross_site import personal_model_name
+from fedmed.site.privacy import plan_numbers
 from fedmed.site.session import SiteSession
 
 from . import secagg
@@ -80,6 +83,13 @@ def intensity_fit(msg: Message, context: Context) -> Message:
 def intensity_apply(msg: Message, context: Context) -> Message:
     """Map onto the federation's Nyúl landmarks; share the histogram of the result."""
     return _answer(msg, context, lambda session: {SUMMARY: encode_summary({"after": session.harmonized_histogram()})})
+
+
+@app.query(DP_PLAN.action)
+def dp_plan(msg: Message, context: Context) -> Message:
+    """[dp_sgd]: the site's plan for the run (σ, sampling rate, steps; fixed in its ledger, nothing charged), or
+    its refusal; numbers only, nothing about its data beyond what the plan's rate and batch imply."""
+    return _answer(msg, context, lambda session: {PLAN: MetricRecord(plan_numbers(session.dp_plan()))})
 
 
 @app.query(PERSONALIZE.action)

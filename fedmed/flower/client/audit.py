@@ -23,6 +23,7 @@ from fedmed.flower.records import payload_bytes
 from fedmed.flower.wire import (
     CONFIG,
     CROSS_EVALUATE,
+    DP_PLAN,
     INTENSITY_APPLY,
     INTENSITY_FIT,
     PERSONAL,
@@ -49,6 +50,7 @@ _KINDS = {
     str(INTENSITY_APPLY): "normalization-statistics",
     str(PERSONALIZE): "metrics",  # "personalized-model" when the site lends its model
     str(CROSS_EVALUATE): "metrics",
+    str(DP_PLAN): "metrics",  # the site's DP-SGD plan: σ, sampling rate, steps, ε target
     str(SECAGG_SETUP): "secagg-public-keys",
     str(SECAGG_SHARE_KEYS): "secagg-key-shares",
     str(SECAGG_MASK): "secagg-masked-update",

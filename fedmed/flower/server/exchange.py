@@ -93,10 +93,16 @@ def send_and_receive(run: RunContext, messages: Iterable[Message], *, timeout: f
 
 
 def ask_every_site(
-    run: RunContext, content: RecordDict, *, message_type: MessageType, purpose: str
+    run: RunContext,
+    content: RecordDict,
+    *,
+    message_type: MessageType,
+    purpose: str,
+    refused: dict[str, str] | None = None,
 ) -> dict[str, RecordDict]:
     """Send the same content to every connected site; its replies by site name. A site that fails is logged
-    with `purpose` and left out: these exchanges inform the run, they do not decide a round."""
+    with `purpose` and left out: these exchanges inform the run, they do not decide a round. `refused`, when
+    given, receives each failing site's reason."""
     messages = []
     for node in run.grid.get_node_ids():
         message = Message(content, dst_node_id=node, message_type=str(message_type))
@@ -106,6 +112,8 @@ def ask_every_site(
     for reply in send_and_receive(run, messages, timeout=run.timeout):
         if reply.has_error():
             logger.warning("%s: %s: %s", purpose, run.site_of(reply.metadata.src_node_id), reply.error.reason)
+            if refused is not None:
+                refused[run.site_of(reply.metadata.src_node_id)] = reply.error.reason
             continue
         site = sender(reply)
         run.site_names[reply.metadata.src_node_id] = site

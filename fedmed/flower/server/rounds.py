@@ -30,6 +30,7 @@ from fedmed.runs.tracking import RunTracker
 from .client_dp import client_dp_round_record, client_level_privacy
 from .context import RunContext
 from .cross_site import cross_site_evaluation
+from .dp_plan import DpPlans, ask_dp_plans, stop_if_mostly_noise
 from .exchange import NodesAsOfNow, send_and_receive
 from .intensity import fit_intensities
 from .secure_round import SecureRoundError, secure_train_round
@@ -51,7 +52,7 @@ def run_federation(
     random.seed(config.seed)
     np.random.seed(config.seed % 2**32)  # Flower's DP wrappers draw their noise from numpy's global generator
     torch.manual_seed(config.seed)
-    start = global_start(config)  # model.init loaded, model.freeze applied
+    start = global_start(config, run_dir=run_dir)  # model.init or [pretrain] loaded, model.freeze applied
     full_state, local, layout = start.state, start.keys.local, start.layout
     strategy = build_strategy(config)
     arrays = layout.pack(full_state)
@@ -80,6 +81,12 @@ def run_federation(
         _wait_for_quorum(run, server_round=first_round)
         landmarks = fit_intensities(run)
         run.settings = {LAYOUT_DIGEST: layout.digest} | ({STANDARD_LANDMARKS: landmarks} if landmarks else {})
+        if config.dp_sgd.enabled:
+            # Before any site trains: a plan too few sites can follow, or one whose updates would be mostly
+            # noise, stops the run with nothing charged.
+            plans = ask_dp_plans(run)
+            _check_private_quorum(run, plans, server_round=first_round)
+            stop_if_mostly_noise(plans, run=run, server_round=first_round)
         for server_round in range(first_round, config.train.rounds + 1):
             round_started = time.perf_counter()
             progress.start_round(server_round)
@@ -223,6 +230,19 @@ def _wait_for_quorum(run: RunContext, *, server_round: int) -> None:
             logger.info("round %d: waiting for sites, %d of %d connected", server_round, len(connected), needed)
             logged = True
         time.sleep(1.0)
+
+
+def _check_private_quorum(run: RunContext, plans: DpPlans, *, server_round: int) -> None:
+    """Fewer sites with a DP-SGD plan than the quorum: the round would fail after the others had spent ε."""
+    needed = quorum(run.config)
+    if len(plans.plans) >= needed:
+        return
+    refusals = _Outcome(refused=plans.refused).describe()
+    raise RoundFailedError(
+        f"round {server_round}: {len(plans.plans)} site(s) can train with DP-SGD, quorum is {needed}. "
+        f"{'; '.join(refusals) or 'No site replied.'} The run stops before any site trains, so none is charged "
+        f"for it. Fix the refusing sites or lower strategy.min_sites."
+    )
 
 
 def _with_deadline(messages: Iterable[Message], timeout: float) -> list[Message]:

@@ -1,5 +1,6 @@
-"""The global model at round 0: the configured network from the run's seed, model.init's weights loaded,
-model.freeze applied; which keys travel, and what the coordinator holds for the rest.
+"""The global model at round 0: the configured network from the run's seed, model.init's weights (or, with
+[pretrain], the run's synthetic pretraining) loaded, model.freeze applied; which keys travel, and what the
+coordinator holds for the rest.
 
 Sites build the same network but cannot read model.init (a path on the coordinator's disk), so the
 values of the keys the shared update leaves out (frozen parameters; with model.init, the site-local
@@ -20,7 +21,7 @@ from fedmed.core.errors import FedmedError
 from fedmed.flower.records import Layout
 from fedmed.models import InitialWeights, KeyPartition
 from fedmed.runs import RunDirectory
-from fedmed.runs.run_dir import STARTING_POINT_FILE
+from fedmed.runs.run_dir import PRETRAIN_DIR, STARTING_POINT_FILE
 
 INIT_DIGEST = "init_sha256"  # in checkpoints/latest.pt: a resumed run must start from the same weights
 
@@ -31,13 +32,28 @@ class GlobalStart:
     keys: KeyPartition
     layout: Layout  # the shared keys: what travels both ways and is aggregated
     held: ArrayRecord | None  # site-local and frozen values, sent down only (None: sites build them alike)
-    init: InitialWeights | None
+    init: InitialWeights | None  # model.init's weights, or the pretraining's
     freeze: list[str]
+    pretraining: dict[str, Any] | None = None  # [pretrain]: what made `init` (fedmed.tasks.pretrain)
+    seed: int | None = None  # the run's seed (the random init's)
+
+    @property
+    def kind(self) -> str:
+        """Where the run starts: "random", "synthetic pretraining" or "weights file" (model.init)."""
+        if self.pretraining is not None:
+            return "synthetic pretraining"
+        return "weights file" if self.init is not None else "random"
 
     def describe(self) -> dict[str, Any]:
         """What the run directory records about its starting point (STARTING_POINT_FILE)."""
+        pretraining = None
+        if self.pretraining is not None:
+            pretraining = {key: value for key, value in self.pretraining.items() if key not in ("kind", "settings")}
         return {
-            "init": self.init.describe() if self.init is not None else None,
+            "kind": self.kind,
+            "seed": self.seed,
+            "init": self.init.describe() if self.init is not None and self.pretraining is None else None,
+            "pretraining": pretraining,
             "freeze": list(self.freeze),
             "frozen_parameters": len(self.keys.frozen),
             "frozen_values": sum(self.state[key].numel() for key in self.keys.frozen),
@@ -45,15 +61,25 @@ class GlobalStart:
         }
 
 
-def global_start(config: RunConfig) -> GlobalStart:
-    """The round-0 global model (random init from the current torch seed, then model.init and model.freeze)."""
+def global_start(config: RunConfig, *, run_dir: RunDirectory | None = None) -> GlobalStart:
+    """The round-0 global model (random init from the current torch seed, then model.init or the run's
+    pretraining, and model.freeze). With [pretrain] the pretraining runs here, before the first round, at the
+    coordinator (or the simulation's ServerApp), its weights kept in the run directory's pretrain/ folder and
+    reused when the run resumes."""
     from fedmed.models import partition_keys, starting_model
 
-    start = starting_model(config.task, config.model)
+    init, pretraining = None, None
+    if config.pretrain.enabled:
+        from fedmed.tasks.pretrain import pretrained_start
+
+        if run_dir is None:
+            raise FedmedError("[pretrain] needs the run directory to keep its weights in; pass run_dir")
+        init, pretraining = pretrained_start(config, folder=run_dir.path / PRETRAIN_DIR)
+    start = starting_model(config.task, config.model, init=init)
     state = {key: value.detach().clone() for key, value in start.network.state_dict().items()}
     keys = partition_keys(start.network, fedbn=config.strategy.fedbn, frozen=start.frozen)
     held = None
-    if config.model.sends_held_values and keys.held:
+    if config.sends_held_values and keys.held:
         held = Layout.of(state, keys.held).pack(state)
     return GlobalStart(
         state=state,
@@ -62,24 +88,29 @@ def global_start(config: RunConfig) -> GlobalStart:
         held=held,
         init=start.init,
         freeze=list(config.model.freeze),
+        pretraining=pretraining,
+        seed=config.seed,
     )
 
 
 def record_start(run_dir: RunDirectory, start: GlobalStart) -> dict[str, Any]:
-    """Fields for checkpoints/latest.pt; the run directory notes model.init's digest and the frozen keys."""
+    """Fields for checkpoints/latest.pt; the run directory notes where the run started (random, pretraining or
+    model.init with its digest) and the frozen keys."""
+    run_dir.write_json(STARTING_POINT_FILE, start.describe())
     if start.init is None and not start.freeze:
         return {}
-    run_dir.write_json(STARTING_POINT_FILE, start.describe())
     return {INIT_DIGEST: start.init.sha256 if start.init is not None else None}
 
 
 def check_resumed_start(checkpoint: dict[str, Any], start: GlobalStart, *, run_dir: RunDirectory) -> None:
-    """A resumed run keeps its starting point: frozen values and site-local starts come from model.init again."""
+    """A resumed run keeps its starting point: frozen values and site-local starts come from model.init (or the
+    run's pretrained weights) again."""
     before = checkpoint.get(INIT_DIGEST)
     now = start.init.sha256 if start.init is not None else None
     if before != now and (before is not None or now is not None):
         path = start.init.path if start.init is not None else "(none)"
+        what = "the run's pretrained weights" if start.pretraining is not None else "model.init"
         raise FedmedError(
-            f"{run_dir.path.name}: model.init {path} has changed since the run started (sha256 {str(before)[:12]} "
+            f"{run_dir.path.name}: {what} {path} has changed since the run started (sha256 {str(before)[:12]} "
             f"then, {str(now)[:12]} now); restore the original weights file to resume, or start a new run"
         )
