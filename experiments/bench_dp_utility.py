@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from medmnist_sites import split_npz
 
 from fedmed.config import RunConfig, SiteEntry, TaskConfig, load_run_config, run_config_from_dict
 from fedmed.core.errors import FedmedError
@@ -139,7 +140,9 @@ def pneumoniamnist_bench(args: argparse.Namespace, scratch: Path) -> Bench | str
     if not source.is_file():
         return f"{source} not found"
     names = ["hospital-a", "hospital-b", "hospital-c"]
-    sites = split_npz(source, out=scratch / "pneumoniamnist", names=names, train_per_site=64 if args.quick else None)
+    sites = split_npz(
+        source, out=scratch / "pneumoniamnist", names=names, seed=0, train_per_site=64 if args.quick else None
+    )
     config = mnist_config(sites, name="dp-pneumoniamnist", scratch=scratch)
     set_schedule(config, args, rounds=2 if args.quick else 10, local_epochs=1)
     sizes = npz_train_sizes(sites)
@@ -210,7 +213,9 @@ def clientdp50_bench(args: argparse.Namespace, scratch: Path) -> Bench | str:
     if not source.is_file():
         return f"{source} not found"
     names = [f"site-{number:02d}" for number in range(50)]
-    sites = split_npz(source, out=scratch / "clientdp50", names=names, train_per_site=16 if args.quick else None)
+    sites = split_npz(
+        source, out=scratch / "clientdp50", names=names, seed=0, train_per_site=16 if args.quick else None
+    )
     config = mnist_config(sites, name="clientdp50", scratch=scratch)
     set_schedule(config, args, rounds=2 if args.quick else 20, local_epochs=1)
     config.client_dp = config.client_dp.model_validate(
@@ -283,49 +288,6 @@ def mnist_config(sites: dict[str, Path], *, name: str, scratch: Path) -> RunConf
         train={"batch_size": 16, "learning_rate": 1e-3},
         sites=[SiteEntry(name=site, path=path) for site, path in sites.items()],
     )
-
-
-def split_npz(
-    source: Path, *, out: Path, names: list[str], train_per_site: int | None, seed: int = 0
-) -> dict[str, Path]:
-    """One MedMNIST-style .npz site per name: the training images dealt out stratified by class, the validation
-    and test images likewise for evaluation (as bench_pretrained_init.py splits them into thirds)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with np.load(source) as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    rng = np.random.default_rng(seed)
-    train = _stratified_parts(arrays["train_images"], arrays["train_labels"].reshape(-1), len(names), rng)
-    if train_per_site is not None:
-        train = [(images[:train_per_site], labels[:train_per_site]) for images, labels in train]  # already shuffled
-    evaluation = _stratified_parts(
-        np.concatenate([arrays["val_images"], arrays["test_images"]]),
-        np.concatenate([arrays["val_labels"].reshape(-1), arrays["test_labels"].reshape(-1)]),
-        len(names),
-        rng,
-    )
-    paths = {}
-    for index, name in enumerate(names):
-        paths[name] = out / f"{name}.npz"
-        np.savez(
-            paths[name],
-            train_images=train[index][0],
-            train_labels=train[index][1],
-            val_images=evaluation[index][0],
-            val_labels=evaluation[index][1],
-        )
-    return paths
-
-
-def _stratified_parts(
-    images: np.ndarray, labels: np.ndarray, parts: int, rng: np.random.Generator
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`parts` disjoint parts with each class spread evenly; each part in random order."""
-    members: list[list[int]] = [[] for _ in range(parts)]
-    for value in np.unique(labels):
-        for index, chunk in enumerate(np.array_split(rng.permutation(np.flatnonzero(labels == value)), parts)):
-            members[index] += chunk.tolist()
-    shuffled = [rng.permutation(np.asarray(part, dtype=int)) for part in members]
-    return [(images[part], labels[part]) for part in shuffled]
 
 
 def npz_train_sizes(sites: dict[str, Path]) -> dict[str, int]:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from medmnist_sites import split_npz
 
 from fedmed.config import ModelConfig, RunConfig, SiteEntry, TaskConfig, TrainConfig
 from fedmed.flower.runtime.environment import set_flower_verbosity
@@ -81,9 +82,10 @@ def main() -> None:
         }
         results: dict[str, list[Run]] = {label: [] for label in starts}
         for seed in args.seeds:
-            sites = split_sites(
+            sites = split_npz(
                 data / f"{args.finetune_on}.npz",
                 out=scratch / f"sites-{seed}",
+                names=SITES,
                 seed=seed,
                 train_per_site=args.train_per_site,
             )
@@ -124,54 +126,6 @@ def pretrain(source: Path, *, out: Path, epochs: int) -> tuple[Path, dict[str, A
     torch.save(model.state_dict(), out)
     print(f"pre-trained on {source.name}: val AUC {metrics['auc']:.3f} in {seconds:.0f} s", file=sys.stderr)
     return out, {"images": data.num_train, "auc": metrics["auc"], "seconds": seconds, "source": source.stem}
-
-
-def split_sites(source: Path, *, out: Path, seed: int, train_per_site: int | None = None) -> dict[str, Path]:
-    """Three sites from one data set: training images split by class, evaluation on val + test, each a third;
-    with `train_per_site`, each site keeps that many of its training images (a random, class-stratified subset)."""
-    out.mkdir(parents=True)
-    with np.load(source) as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    rng = np.random.default_rng(seed)
-    train = _thirds(arrays["train_images"], arrays["train_labels"].reshape(-1), rng)
-    if train_per_site is not None:
-        train = [_subset(images, labels, size=train_per_site, rng=rng) for images, labels in train]
-    evaluation = _thirds(
-        np.concatenate([arrays["val_images"], arrays["test_images"]]),
-        np.concatenate([arrays["val_labels"].reshape(-1), arrays["test_labels"].reshape(-1)]),
-        rng,
-    )
-    paths = {}
-    for index, name in enumerate(SITES):
-        paths[name] = out / f"{name}.npz"
-        np.savez_compressed(
-            paths[name],
-            train_images=train[index][0],
-            train_labels=train[index][1],
-            val_images=evaluation[index][0],
-            val_labels=evaluation[index][1],
-        )
-    return paths
-
-
-def _thirds(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
-    parts: list[list[int]] = [[], [], []]
-    for value in np.unique(labels):
-        chosen = rng.permutation(np.flatnonzero(labels == value))
-        for index, part in enumerate(np.array_split(chosen, 3)):
-            parts[index] += part.tolist()
-    return [(images[sorted(part)], labels[sorted(part)]) for part in parts]
-
-
-def _subset(
-    images: np.ndarray, labels: np.ndarray, *, size: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    keep: list[int] = []
-    for value in np.unique(labels):
-        members = np.flatnonzero(labels == value)
-        share = max(1, round(size * len(members) / len(labels)))
-        keep += rng.choice(members, size=min(share, len(members)), replace=False).tolist()
-    return images[sorted(keep)], labels[sorted(keep)]
 
 
 def sites_summary(sites: dict[str, Path]) -> str:
