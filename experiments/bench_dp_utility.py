@@ -19,6 +19,8 @@ Data sets (`--data`, several at once or `all`; default `demo`):
 
 `--dp KEY=VALUE` sets any [dp_sgd] field on the DP-SGD arms (values parsed as JSON where they parse, then
 validated by the config model, so new fields need no change here); `--client-dp KEY=VALUE` likewise [client_dp].
+`--dp-train KEY=VALUE` sets a [train] field on the DP-SGD arms only (e.g. optimizer=sgd).
+`--pretrain` starts every arm, the non-private one too, from `[pretrain]` (synthetic phantoms of the task).
 
 Each DP-SGD site calibrates one noise multiplier for the whole run from its own ledger; ε, σ and δ in the
 tables come from the run's summary (the sites' ledgers; client-level DP: the server's accountant). A site
@@ -308,6 +310,7 @@ def describe_sizes(sizes: dict[str, int]) -> str:
 def arm_config(bench: Bench, arm: Arm, *, seed: int, args: argparse.Namespace) -> RunConfig:
     config = bench.config.model_copy(deep=True)
     config.seed = seed
+    config.pretrain.enabled = args.pretrain  # every arm, non-private included: the same start
     if arm.epsilon is not None:
         settings = {
             **config.dp_sgd.model_dump(),
@@ -319,6 +322,7 @@ def arm_config(bench: Bench, arm: Arm, *, seed: int, args: argparse.Namespace) -
             **args.dp,  # e.g. fields another recipe adds to [dp_sgd]; pydantic coerces the strings
         }
         config.dp_sgd = config.dp_sgd.model_validate(settings)
+        config.train = config.train.model_validate({**config.train.model_dump(), **args.dp_train})
     if arm.client_noise is not None:
         settings = {
             **config.client_dp.model_dump(),
@@ -399,7 +403,9 @@ def print_table(bench: Bench, results: dict[str, list[Outcome]], args: argparse.
         f"δ = {bench.delta:g} = min(1e-5, 1/n), n = {bench.delta_n} "
         f"({'the largest site' if dp_sgd else 'the number of participants'})"
         + (f"; DP-SGD: {args.accountant.upper()} accountant, clip {args.max_grad_norm:g}" if dp_sgd else "")
-        + (f"; --dp {recipe}" if recipe else ""),
+        + (f"; --dp {recipe}" if recipe else "")
+        + (f"; DP arms' [train]: {args.dp_train}" if dp_sgd and args.dp_train else ""),
+        *(["every arm starts from [pretrain] (synthetic phantoms, no privacy cost)"] if args.pretrain else []),
         *bench.notes,
     ]
     columns = sites if per_site else ["best", "median"]
@@ -475,23 +481,32 @@ def parse_args() -> argparse.Namespace:
         "--dp", action="append", default=[], metavar="KEY=VALUE", help="extra [dp_sgd] field on the DP-SGD arms"
     )
     parser.add_argument(
+        "--dp-train", action="append", default=[], metavar="KEY=VALUE", help="[train] field on the DP-SGD arms only"
+    )
+    parser.add_argument(
         "--client-dp", action="append", default=[], metavar="KEY=VALUE", help="[client_dp] field (clientdp50)"
     )
     parser.add_argument("--train-cases", type=int, help="demo / synthetic64: training cases at every site")
     parser.add_argument("--rounds", type=int, help="rounds (default: per data set)")
     parser.add_argument("--local-epochs", type=int, help="local epochs per round (default: per data set)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="run seeds (the data split stays fixed)")
+    parser.add_argument(
+        "--pretrain", action="store_true", help="every arm starts from [pretrain] (synthetic phantoms, no privacy cost)"
+    )
     parser.add_argument("--quick", action="store_true", help="every arm tiny (2 rounds, few cases): checks the script")
     args = parser.parse_args()
     args.data = list(DATASETS) if "all" in args.data else list(dict.fromkeys(args.data))
     args.dp = key_values(args.dp, flag="--dp")
     args.client_dp = key_values(args.client_dp, flag="--client-dp")
-    # Fail before the first run on a field [dp_sgd] / [client_dp] does not have or a value it refuses.
+    args.dp_train = key_values(args.dp_train, flag="--dp-train")
+    # Fail before the first run on a field [dp_sgd] / [client_dp] / [train] does not have or a value it refuses.
+    from fedmed.config import TrainConfig
     from fedmed.config.privacy import ClientDpConfig, DpSgdConfig
 
     try:
         DpSgdConfig.model_validate(args.dp)
         ClientDpConfig.model_validate(args.client_dp)
+        TrainConfig.model_validate(args.dp_train)
     except ValueError as error:
         parser.error(str(error))
     return args

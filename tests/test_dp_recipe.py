@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedmed.config import ModelConfig, TaskConfig, TrainConfig
+from fedmed.config.privacy import DpSgdConfig
 from fedmed.models import build_model
 from fedmed.privacy import epsilon_spent
 from fedmed.tasks import DpSgdStep, get_task, train_local
@@ -152,3 +153,9 @@ def test_augmentation_multiplicity_averages_views_before_clipping() -> None:
     optimizer.step()
     step = before - layer.weight.detach()
     torch.testing.assert_close(step.norm(), torch.tensor(0.1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("cases", "batch"), [(4, 4), (20, 16), (64, 16), (100, 25), (810, 32), (100_000, 32)])
+def test_the_default_logical_batch_is_a_quarter_of_the_cases_between_16_and_the_cap(cases: int, batch: int) -> None:
+    assert DpSgdConfig().logical_batch_size(cases) == batch
+    assert DpSgdConfig(batch_size=8).logical_batch_size(cases) == min(8, cases)
