@@ -27,7 +27,17 @@ def test_minimal_config_resolves_paths_relative_to_the_file(tmp_path: Path) -> N
     config = load_run_config(write(tmp_path, MINIMAL))
     assert config.sites[0].path == tmp_path / "data" / "a"
     assert config.output_dir == tmp_path / "runs"
-    assert config.strategy.name == "fedavg" and config.engine.name == "inprocess"
+    assert config.strategy.name == "fedavgm" and config.strategy.server_momentum == 0.5
+    assert config.engine.name == "inprocess"
+
+
+@pytest.mark.parametrize("private", ["secagg", "client_dp"])
+def test_a_private_aggregate_defaults_to_fedavg_and_an_explicit_strategy_stays(tmp_path: Path, private: str) -> None:
+    two_sites = MINIMAL + '[[sites]]\nname = "b"\npath = "data/b"\n'
+    config = load_run_config(write(tmp_path, two_sites + f"\n[{private}]\nenabled = true\n"))
+    assert config.strategy.name == "fedavg"  # FedAvgM's server state would bypass the masked or noised aggregate
+    explicit = load_run_config(write(tmp_path, MINIMAL + '\n[strategy]\nname = "fedprox"\nproximal_mu = 0.1\n'))
+    assert explicit.strategy.name == "fedprox"
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
@@ -116,9 +126,24 @@ def test_every_drift_experiment_arm_is_a_valid_run_config(name: str) -> None:
 
     base = read_toml(REPO / "experiments" / "drift" / f"{name}.toml")
     base.pop("scanners", None)  # the IXI scanners feed fedmed.data.split_into_sites, not the run config
+    base.pop("quick", None)  # the benchmark's smoke-test changes, applied like an arm's
     if "synth" not in base:
         base["sites"] = [{"name": "a", "path": "a"}]
     for arm, changes in read_toml(REPO / "experiments" / "drift" / "arms.toml").items():
+        raw = {**base, **{section: {**base.get(section, {}), **values} for section, values in changes.items()}}
+        assert run_config_from_dict(raw, base=REPO).name, arm
+
+
+@pytest.mark.parametrize("name", ["synthetic", "ixi"])
+def test_every_personalization_benchmark_arm_is_a_valid_run_config(name: str) -> None:
+    from fedmed.config import run_config_from_dict
+
+    base = read_toml(REPO / "experiments" / "drift" / f"{name}.toml")
+    for key in ("scanners", "quick"):
+        base.pop(key, None)
+    if "synth" not in base:
+        base["sites"] = [{"name": "a", "path": "a"}, {"name": "b", "path": "b"}]
+    for arm, changes in read_toml(REPO / "experiments" / "personalization" / "arms.toml").items():
         raw = {**base, **{section: {**base.get(section, {}), **values} for section, values in changes.items()}}
         assert run_config_from_dict(raw, base=REPO).name, arm
 

@@ -138,6 +138,17 @@ class SitePrivacyPolicy(StrictModel):
         False,
         description="let the other sites evaluate this site's personalized model (its FedBN layers leave the site)",
     )
+    train_local_baseline: bool = Field(
+        True,
+        description="train a local-only model on this site's compute when a run asks ([evaluation] local_baseline); "
+        "the model never leaves the site",
+    )
+    share_local_baseline: list[str] | Literal["all"] = Field(
+        default_factory=list,
+        description="metrics of that local-only model (on this site's validation data) this site reports to the "
+        "coordinator, e.g. ['dice']; the others stay in its own comparison.json. Never any under DP-SGD: the "
+        "local-only model trains without it",
+    )
 
     def budget_for(self, dataset: str) -> PrivacyBudget:
         return self.datasets.get(dataset, PrivacyBudget(epsilon=self.epsilon, delta=self.delta))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from fedmed.config.schema import InferenceConfig, RunConfig
 from fedmed.core.log import logger
@@ -23,6 +23,7 @@ from fedmed.core.log import logger
 from .manifest import MANIFEST_NAME, Case, parse_manifest
 from .problems import DataValidationError
 from .report import ValidationReport, raise_if_errors
+from .tuning import tuning_split
 from .validation import iter_site_cases
 
 Record = dict[str, Any]
@@ -79,7 +80,8 @@ class PatchDataset(Dataset):
 
     def set_random_state(self, seed: int) -> None:
         """Reproducible patches and augmentations for a given round (and each DataLoader worker)."""
-        transform = getattr(self.source, "transform", None)
+        source = self.source.dataset if isinstance(self.source, Subset) else self.source  # a tuning split's rest
+        transform = getattr(source, "transform", None)
         if transform is not None and hasattr(transform, "set_random_state"):
             transform.set_random_state(seed=seed % (2**32))
 
@@ -126,6 +128,10 @@ class ScanSite:
     val: VolumeCases
     source: Path
     channels: int
+    # With fine-tuning or Ditto: the site's own model trains on personal_train, and tune (the rest of the training
+    # cases) stops the fine-tune and chooses the delivered model; the federation trains on every training case.
+    personal_train: PatchDataset | None = None
+    tune: VolumeCases | None = None
 
     @property
     def num_train(self) -> int:
@@ -191,15 +197,51 @@ def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None) -> 
         samples_per_volume=config.train.samples_per_volume,
         labelled=labelled,
     )
-    val = VolumeCases(
-        dataset=val_dataset,
-        records=val_records,
-        preprocessing=val_preprocessing,
-        reference_intensity=intensity_transform(task, config.normalization),
-        roi_size=config.roi_size,
-        inference=config.inference,
+    personal_train, tune = None, None
+    if config.evaluation.personal_training:
+        kept, held = tuning_split(
+            len(train_records), fraction=config.evaluation.tuning_fraction, seed=config.seed, site=manifest.name
+        )
+        personal_train = PatchDataset(
+            Subset(train_source, kept),
+            num_cases=len(kept),
+            samples_per_volume=config.train.samples_per_volume,
+            labelled=labelled,
+        )
+        tune_records = [train_records[i] for i in held]
+        tune_dataset = _dataset(
+            tune_records,
+            transform=val_preprocessing,
+            cache=data.cache,
+            cache_num=0,
+            cache_dir=cache_dir,
+            fingerprint=preprocessing_fingerprint(config) + "-val",
+            workers=0,
+            keep_meta=True,
+        )
+
+    def volumes(records: list[Record], dataset: Dataset) -> VolumeCases:
+        return VolumeCases(
+            dataset=dataset,
+            records=records,
+            preprocessing=val_preprocessing,
+            reference_intensity=intensity_transform(task, config.normalization),
+            roi_size=config.roi_size,
+            inference=config.inference,
+        )
+
+    if personal_train is not None:
+        tune = volumes(tune_records, tune_dataset)
+    val = volumes(val_records, val_dataset)
+    return ScanSite(
+        name=manifest.name,
+        train=train,
+        val=val,
+        source=path,
+        channels=channels,
+        personal_train=personal_train,
+        tune=tune,
     )
-    return ScanSite(name=manifest.name, train=train, val=val, source=path, channels=channels)
 
 
 def _dataset(

@@ -38,6 +38,7 @@ METRICS = "metrics"  # MetricRecord: a site's metrics
 SITE = "site"  # ConfigRecord {SITE_NAME: name}: who replied
 SUMMARY = "intensity"  # ConfigRecord: a site's intensity summaries
 PERSONAL = "personal"  # ArrayRecord: a site's personal parameters, packed in its personal layout
+LOCAL_BASELINE = "local-baseline"  # MetricRecord: a site's local-only model on its data, as far as its policy shares
 PLAN = "dp-plan"  # MetricRecord: a site's DP-SGD plan (fedmed.site.privacy.DpPlanPreview), numbers only
 SECAGG = "secagg"  # ConfigRecord: one SecAgg+ protocol message
 MASKED = "masked"  # ArrayRecord {VECTOR: the masked uint32 vector}

@@ -11,7 +11,7 @@ from fedmed.core.files import write_text_atomic
 
 from . import plots
 from .run_dir import CROSS_SITE_FILE, NORMALIZATION_FILE, STATUS_FILE, SUMMARY_FILE, RunDirectory
-from .summary import COLUMNS, describe_client_privacy, describe_starting_point
+from .summary import COLUMNS, describe_client_privacy, describe_gains, describe_starting_point
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 960px; color: #222; padding: 0 1rem; }
@@ -114,9 +114,12 @@ def _column_label(column: str) -> str:
 def _summary_section(summary: dict[str, Any], *, bar_chart: Path | None) -> str:
     metric = str(summary.get("primary_metric", "loss"))
     title = " vs ".join(_column_label(column) for column in COLUMNS)
+    # The answer each site asks first: did joining beat training alone?
+    gains = "".join(f"<li>{html.escape(line)}</li>" for line in describe_gains(summary))
     return (
         f"<h2>{html.escape(title[:1].upper() + title[1:])} ({html.escape(metric)})</h2>\n"
-        f"{_summary_table(summary)}\n{_image(bar_chart, alt=f'final {metric} per site')}\n"
+        + (f"<ul>{gains}</ul>\n" if gains else "")
+        + f"{_summary_table(summary)}\n{_image(bar_chart, alt=f'final {metric} per site')}\n"
         f"{_metrics_table(summary)}"
     )
 
@@ -149,12 +152,17 @@ def _summary_table(summary: dict[str, Any]) -> str:
         return "<p>No evaluation results.</p>"
     metric = summary.get("primary_metric", "loss")
     head = "".join(f"<th>{html.escape(_column_label(column))}</th>" for column in COLUMNS)
+    # Which model each site delivers: chosen on its tuning split, never on the validation data scored here.
+    chooses = any((row or {}).get("delivered_model") for row in table.values())
+    head += "<th>delivered model</th>" if chooses else ""
     body = []
     for site, row in table.items():
         cells = "".join(_cell(((row or {}).get(column) or {}).get(metric)) for column in COLUMNS)
+        cells += f"<td>{html.escape(str((row or {}).get('delivered_model') or '-'))}</td>" if chooses else ""
         body.append(f"<tr><td>{html.escape(str(site))}</td>{cells}</tr>")
     for label in ("mean", "worst_site"):
         cells = "".join(_cell((summary.get(column) or {}).get(label)) for column in COLUMNS)
+        cells += "<td></td>" if chooses else ""
         body.append(f"<tr><td><b>{label.replace('_', ' ')}</b></td>{cells}</tr>")
     return f"<table><tr><th>site</th>{head}</tr>{''.join(body)}</table>"
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .cross_site import final_evaluation, personal_model_name
+from .cross_site import final_evaluation, local_only_model_name, personal_model_name
 from .run_dir import BASELINES_FILE, DP_PLAN_FILE, STARTING_POINT_FILE, RunDirectory
 
-COLUMNS = ("federated", "personalized", "local_only", "pooled")
+COLUMNS = ("federated", "personalized", "delivered", "local_only", "pooled")
+# Set by a site that trained a model of its own (fine-tune or Ditto): 1 when its personalized model beat the global one
+# on its tuning split and is the model it delivers, 0 when it delivers the global one.
+DELIVERED_PERSONALIZED = "delivered_personalized"
 
 
 def final_federated_metrics(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
@@ -32,6 +35,57 @@ def personalized_metrics(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
         for site in final["sites"]
         if site in metrics.get(personal_model_name(site), {})
     }
+
+
+def delivered_model(federated: dict[str, float], personalized: dict[str, float] | None) -> dict[str, Any]:
+    """The model a site delivers and its scores, when the site chose between global and personalized (on its tuning
+    split, never on the validation data these scores come from); empty otherwise."""
+    if not personalized or DELIVERED_PERSONALIZED not in personalized:
+        return {}
+    if personalized[DELIVERED_PERSONALIZED]:
+        return {"delivered": personalized, "delivered_model": "personalized"}
+    return {"delivered": federated, "delivered_model": "global"}
+
+
+def site_local_baselines(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
+    """Local-only models the sites trained themselves ([evaluation] local_baseline), as far as each site's policy
+    shares their metrics, from the final cross-site evaluation."""
+    final = final_evaluation(run_dir)
+    if final is None:
+        return {}
+    metrics = final["metrics"]
+    homes = {site: metrics.get(local_only_model_name(site), {}) for site in final["sites"]}
+    return {site: home[site] for site, home in homes.items() if site in home}
+
+
+def federation_gains(
+    table: dict[str, dict[str, Any]], *, primary_metric: str, higher_is_better: bool
+) -> dict[str, float]:
+    """Per site: what it delivers (or the global model) minus its local-only model, oriented so > 0 means
+    federation helped; only where both scores are known."""
+    gains = {}
+    for site, row in table.items():
+        ours = (row.get("delivered") or row.get("federated") or {}).get(primary_metric)
+        alone = (row.get("local_only") or {}).get(primary_metric)
+        if ours is not None and alone is not None and not math.isnan(ours) and not math.isnan(alone):
+            gains[site] = (ours - alone) if higher_is_better else (alone - ours)
+    return gains
+
+
+def describe_gains(summary: dict[str, Any]) -> list[str]:
+    """The answer a site asks first: did joining beat training alone?"""
+    lines = []
+    metric = summary.get("primary_metric", "")
+    for site, gain in summary.get("gain_over_local_only", {}).items():
+        row = summary["sites"][site]
+        model = row.get("delivered_model", "global")
+        ours = (row.get("delivered") or row["federated"])[metric]
+        verdict = "helped" if gain >= 0 else "did not help"
+        lines.append(
+            f"{site:<16}federation {verdict}: delivered {model} model {metric} {ours:.3f} vs local-only "
+            f"{row['local_only'][metric]:.3f} ({gain:+.3f})"
+        )
+    return lines
 
 
 def privacy_spent(run_dir: RunDirectory) -> dict[str, dict[str, float]]:
@@ -65,16 +119,20 @@ def build_summary(run_dir: RunDirectory, *, primary_metric: str, higher_is_bette
     federated = final_federated_metrics(run_dir)
     personalized = personalized_metrics(run_dir)
     sites = sorted(federated)
+    local_only = baselines.get("local_only") or site_local_baselines(run_dir)
     table = {
         site: {
             "federated": federated.get(site, {}),
             "personalized": personalized.get(site),
-            "local_only": baselines.get("local_only", {}).get(site),
+            **delivered_model(federated.get(site, {}), personalized.get(site)),
+            "local_only": local_only.get(site),
             "pooled": baselines.get("pooled", {}).get(site),
         }
         for site in sites
     }
     summary = {"primary_metric": primary_metric, "higher_is_better": higher_is_better, "sites": table}
+    if gains := federation_gains(table, primary_metric=primary_metric, higher_is_better=higher_is_better):
+        summary["gain_over_local_only"] = gains
     if privacy := privacy_spent(run_dir):
         summary["privacy"] = privacy
     if client_level := client_level_privacy(run_dir):
@@ -98,13 +156,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     metric = summary["primary_metric"]
     columns = [column for column in COLUMNS if any(row.get(column) for row in summary["sites"].values())]
     header = f"{'site':<16}" + "".join(f"{column.replace('_', '-') + ' ' + metric:>22}" for column in columns)
-    lines = [header, "-" * len(header)]
+    lines = describe_gains(summary)
+    lines += [header, "-" * len(header)]
     for site, row in summary["sites"].items():
         cells = "".join(f"{_cell(row.get(column), metric):>22}" for column in columns)
         lines.append(f"{site:<16}{cells}")
     for label in ("mean", "worst_site"):
         cells = "".join(f"{_number(summary.get(column, {}).get(label)):>22}" for column in columns)
         lines.append(f"{label.replace('_', ' '):<16}{cells}")
+    if line := describe_delivered(summary["sites"]):
+        lines.append(line)
     if line := describe_starting_point(summary.get("starting_point"), start=summary.get("start")):
         lines.append(line)
     for site, spent in summary.get("privacy", {}).items():
@@ -116,6 +177,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(describe_client_privacy(client))
     lines += describe_dp_plan(summary.get("dp_plan"))
     return "\n".join(lines)
+
+
+def describe_delivered(sites: dict[str, dict[str, Any]]) -> str:
+    """Which model each site delivers, chosen on its tuning split."""
+    chosen = [f"{site} {row['delivered_model']}" for site, row in sites.items() if row.get("delivered_model")]
+    if not chosen:
+        return ""
+    return "delivered (better on each site's tuning split, not its validation data): " + ", ".join(chosen)
 
 
 def describe_dp_plan(dp_plan: dict[str, Any] | None) -> list[str]:

@@ -1,6 +1,7 @@
-"""A site's own layers: FedBN's normalization parameters and its personalized model, on its disk.
+"""What a site keeps of its own between rounds: FedBN's normalization parameters, its optimizer's state, Ditto's
+personal model, and its personalized and delivered models at the end of the run, on its disk.
 
-They never leave the site (fedmed.models says which keys they are). Kept on disk so they survive
+None of it leaves the site (fedmed.models says which keys are site-local). Kept on disk so it survives
 rounds, process restarts (Flower starts a fresh ClientApp process per message in deployment) and
 daemon restarts.
 """
@@ -8,13 +9,20 @@ daemon restarts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedmed.core.files import atomic_path
 
 LOCAL_FILE = "local_parameters.pt"
+OPTIMIZER_FILE = "optimizer_state.pt"  # train.keep_optimizer_state: the optimizer's moments after the last round
+DITTO_FILE = "ditto_model.pt"  # evaluation.ditto_lambda: the personal model, trained every round, never sent
+DITTO_OPTIMIZER_FILE = "ditto_optimizer_state.pt"
 PERSONALIZED_FILE = "personalized_model.pt"  # the site's model at the end of the run (global + local, fine-tuned)
+DELIVERED_FILE = "delivered_model.pt"  # the better of global and personalized on the site's tuning split
+START_FILE = "start_model.pt"  # evaluation.local_baseline: the first global model the site received
+LOCAL_ONLY_FILE = "local_only_model.pt"  # evaluation.local_baseline: trained on this site's data alone
 
 
 class LocalParameterStore:
@@ -32,3 +40,19 @@ class LocalParameterStore:
         cpu = {key: value.detach().cpu().clone() for key, value in parameters.items()}
         with atomic_path(self.path) as temporary:
             torch.save(cpu, temporary)
+
+
+class OptimizerStateStore:
+    """An optimizer's state_dict (nested numbers and tensors), written atomically."""
+
+    def __init__(self, directory: Path, *, file_name: str = OPTIMIZER_FILE) -> None:
+        self.path = Path(directory) / file_name
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def save(self, state: dict[str, Any]) -> None:
+        with atomic_path(self.path) as temporary:
+            torch.save(state, temporary)

@@ -50,6 +50,7 @@ def simulated_policy(config: RunConfig) -> SitePrivacyPolicy:
         delta=config.dp_sgd.delta,
         accountant=config.dp_sgd.accountant,
         share_personalized_model=True,
+        share_local_baseline="all",
     )
 
 

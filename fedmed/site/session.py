@@ -8,8 +8,10 @@ deployment.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,11 +20,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fedmed.config import RunConfig, dump_toml
+from fedmed.config import RunConfig, TrainConfig, dump_toml
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
 from fedmed.models import KeyPartition
-from fedmed.site.local_layers import PERSONALIZED_FILE, LocalParameterStore
+from fedmed.site.local_layers import (
+    DELIVERED_FILE,
+    PERSONALIZED_FILE,
+    START_FILE,
+    LocalParameterStore,
+    OptimizerStateStore,
+)
 from fedmed.site.normalization import SiteNormalization
 from fedmed.site.privacy import DpPlanPreview, SitePrivacy, SitePrivacyTerms
 from fedmed.site.step_watch import TrainingWatch, watch_training, watch_validation
@@ -68,6 +76,14 @@ class SiteSpec:
 def site_seed(base_seed: int, site_name: str, server_round: int) -> int:
     """A per-site, per-round seed that is the same in every engine and process."""
     return (base_seed * 1_000_003 + zlib.crc32(site_name.encode()) + server_round * 7_919) % (2**31 - 1)
+
+
+def round_learning_rate(train: TrainConfig, *, server_round: int, rounds: int) -> float:
+    """train.lr_schedule at this round: constant, or a cosine from the learning rate down to a tenth of it."""
+    if train.lr_schedule == "constant" or rounds <= 1:
+        return train.learning_rate
+    progress = (server_round - 1) / (rounds - 1)
+    return train.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))))
 
 
 def write_case_metrics(path: Path, rows: list[dict]) -> None:
@@ -131,6 +147,37 @@ class SiteSession:
         self._check_channels(data)
         return data
 
+    @cached_property
+    def _split(self) -> tuple[Sequence, Sequence | None]:
+        """With fine-tuning or Ditto: the training cases the site's own model trains on, and its tuning split, the
+        rest (scan geometry splits on opening). The federated training uses every training case: holding a fifth
+        of a small site's cases out of it cost the global model more than the choice gained (README)."""
+        data = self.data
+        if hasattr(data, "tune"):
+            return data.personal_train, data.tune
+        if not self.config.evaluation.personal_training:
+            return data.train, None
+        from fedmed.data.tuning import tuning_split
+
+        kept, held = tuning_split(
+            len(data.train), fraction=self.config.evaluation.tuning_fraction, seed=self.config.seed, site=self.spec.name
+        )
+        return [data.train[i] for i in kept], [data.train[i] for i in held]
+
+    @property
+    def training_cases(self) -> Sequence:
+        """What the site trains on for the federation (and its local-only baseline): every training case."""
+        return self.data.train
+
+    @property
+    def personal_training_cases(self) -> Sequence:
+        """What the site's own model (fine-tune, Ditto) trains on: its training cases but the tuning split."""
+        return self._split[0]
+
+    @property
+    def tuning_cases(self) -> Sequence | None:
+        return self._split[1]
+
     def _check_channels(self, data: SiteData | ScanSite) -> None:
         """The run's network takes task.channels inputs; a site with other modalities must not train on it."""
         found = getattr(data, "channels", None)
@@ -146,7 +193,7 @@ class SiteSession:
     def describe_intensities(self) -> dict:
         """Fit the site's normalization; what it shares: image count, histograms, Nyúl landmarks."""
         shared = self.normalization.fit(self.raw_data)
-        self.__dict__.pop("data", None)  # refitted statistics: normalize again
+        self._forget_data()  # refitted statistics: normalize again
         if self.config.task.intensity != "nyul":  # Nyúl's result needs the federation's landmarks first
             shared["after"] = self.normalization.histogram(self.raw_data, self.data)
         return shared
@@ -156,7 +203,11 @@ class SiteSession:
         self.normalization.set_standard_landmarks(landmarks)
         if landmarks != self._landmarks_in_use:
             self._landmarks_in_use = list(landmarks)
-            self.__dict__.pop("data", None)
+            self._forget_data()
+
+    def _forget_data(self) -> None:
+        for name in ("data", "_split"):
+            self.__dict__.pop(name, None)
 
     def harmonized_histogram(self) -> dict:
         return self.normalization.histogram(self.raw_data, self.data)
@@ -246,22 +297,47 @@ class SiteSession:
         if self.privacy is None or not self.privacy.enabled:
             raise FedmedError(f"site {self.spec.name}: the coordinator asks for a DP-SGD plan but [dp_sgd] is off")
         check_private_model(self._model_and_keys[0], model_name=self.config.model.name)
-        return self.privacy.preview(num_examples=len(self.data.train))
+        return self.privacy.preview(num_examples=len(self.training_cases))
 
-    def _watch_training(
+    def watch_steps(
         self, what: str, *, epochs: int, dp: DpSgdStep | None = None
     ) -> contextlib.AbstractContextManager[TrainingWatch]:
         """Slow local epochs shown live or logged (fedmed.site.step_watch); quick ones stay quiet."""
         from fedmed.privacy import steps_per_epoch
 
         batch = (dp and dp.logical_batch_size) or self.config.train.batch_size
-        batches = steps_per_epoch(len(self.data.train), batch)
-        if dp is not None and dp.steps is not None:  # DP-SGD's steps for the budget: passes as they fall
-            epochs = -(-dp.steps // batches)
+        batches = steps_per_epoch(len(self.training_cases), batch)
+        steps = dp.steps if dp is not None else self.config.train.local_steps
+        if steps is not None:  # a step budget (DP-SGD's or train.local_steps): passes as they fall
+            epochs = -(-steps // batches)
         return watch_training(label=f"site {self.spec.name}: {what}", epochs=epochs, batches_per_epoch=batches)
 
+    def round_train_config(self, server_round: int) -> TrainConfig:
+        train = self.config.train
+        learning_rate = round_learning_rate(train, server_round=server_round, rounds=train.rounds)
+        return train.model_copy(update={"learning_rate": learning_rate})
+
+    def kept_optimizer(self, file_name: str) -> OptimizerStateStore | None:
+        """Where the optimizer's state waits for the next round (train.keep_optimizer_state), else None."""
+        if not self.config.train.keep_optimizer_state:
+            return None
+        return OptimizerStateStore(self.spec.state_dir, file_name=file_name)
+
+    def load_optimizer_state(self, store: OptimizerStateStore | None) -> dict | None:
+        state = store.load() if store is not None else None
+        if state is not None and len(state.get("param_groups", [{}])[0].get("params", [])) != sum(
+            1 for p in self._model_and_keys[0].parameters() if p.requires_grad
+        ):
+            raise ModelMismatchError(
+                f"site {self.spec.name}: {store.path} holds the optimizer state of a different model; move it aside "
+                "to restart this site's optimizer from scratch"
+            )
+        return state
+
     def train(self, global_state: StateDict, *, server_round: int, proximal_mu: float) -> tuple[StateDict, dict]:
-        """Train from the global weights; with DP-SGD the ledger is charged before the update is returned."""
+        """Train from the global weights; with DP-SGD the ledger is charged before the update is returned. What the
+        site keeps (its local layers, its optimizer's state, Ditto's personal model) stays in its state folder."""
+        from fedmed.site.local_layers import OPTIMIZER_FILE
         from fedmed.tasks import check_private_model, train_local
 
         if self.privacy is not None:
@@ -270,19 +346,31 @@ class SiteSession:
         model, local = self._model_with(global_state)
         if private:  # refuse an unfit model before anything reaches the ledger
             check_private_model(model, model_name=self.config.model.name)
-        dp_step = self.privacy.step_for_round(num_examples=len(self.data.train)) if private else None
+        if self.config.evaluation.local_baseline:
+            start = LocalParameterStore(self.spec.state_dir, file_name=START_FILE)
+            if not start.path.exists():  # the local-only baseline starts where the federation did
+                start.save(model.state_dict())
+        metrics: dict[str, float] = {}
+        if self.config.evaluation.ditto_lambda > 0:  # before training: it starts from the model as received
+            from fedmed.site import personal as personal_models
+
+            metrics |= personal_models.train_ditto(self, model, global_state, server_round=server_round)
+        dp_step = self.privacy.step_for_round(num_examples=len(self.training_cases)) if private else None
         epochs = self.config.train.local_epochs
-        with self._watch_training(f"round {server_round}", epochs=epochs, dp=dp_step) as watch:
+        kept = self.kept_optimizer(OPTIMIZER_FILE)
+        with self.watch_steps(f"round {server_round}", epochs=epochs, dp=dp_step) as watch:
             result = train_local(
                 model,
-                self.data.train,
+                self.training_cases,
                 task=self.task,
-                train=self.config.train,
+                train=self.round_train_config(server_round),
                 epochs=epochs,
+                steps=self.config.train.local_steps,
                 seed=site_seed(self.config.seed, self.spec.name, server_round),
                 device=self.device,
                 proximal_mu=proximal_mu,
                 proximal_keys=set(global_state),
+                optimizer_state=self.load_optimizer_state(kept),
                 dp=dp_step,
                 workers=self.config.data.workers,
                 on_step=watch.step,
@@ -292,30 +380,40 @@ class SiteSession:
             "train_loss": result.loss,
             "train_steps": result.steps,
             "train_seconds": result.seconds,
+            **metrics,
         }
         if dp_step is not None:
             metrics |= self.privacy.charge(server_round=server_round, steps=result.steps)
+        if kept is not None:
+            kept.save(result.optimizer_state)
         trained = model.state_dict()
         if local:
             self.local_store.save({key: trained[key] for key in local})
         update = {key: trained[key].detach().cpu() for key in global_state}
         return update, metrics
 
+    @cached_property
+    def personal_network(self) -> nn.Module:
+        """A second network for the site's own model (Ditto, fine-tuning), so the global one stays as received."""
+        return self.build_model()[0].to(self.device)
+
     def evaluate(self, global_state: StateDict) -> dict:
         started = time.perf_counter()
         model, _ = self._model_with(global_state)
-        return self._evaluate(model, started=started, cases_file=GLOBAL_CASES_FILE)
+        return self.score(model, started=started, cases_file=GLOBAL_CASES_FILE)
 
-    def _evaluate(self, model: nn.Module, *, started: float, cases_file: str | None = None) -> dict:
+    def score(self, model: nn.Module, *, started: float, cases_file: str | None = None) -> dict:
         with watch_validation(label=f"site {self.spec.name}", cases=len(self.data.val)):
             metrics, rows = self.task.evaluate_cases(model, self.data.val, device=self.device)
         if rows and cases_file:
             write_case_metrics(self.spec.state_dir / EVALUATION_DIR / cases_file, rows)
         return {NUM_EXAMPLES: len(self.data.val), **metrics, "eval_seconds": time.perf_counter() - started}
 
-    @property
-    def shares_personalized_model(self) -> bool:
-        """Whether this site lets the other sites evaluate its personalized model (its own policy decides)."""
+    def lends_personalized_model(self, *, final: bool) -> bool:
+        """Whether the other sites may evaluate this site's personalized model: its own policy decides, and Ditto's
+        personal model never leaves the site."""
+        if final and self.config.evaluation.ditto_lambda > 0:
+            return False
         return self.spec.privacy is None or self.spec.privacy.policy.share_personalized_model
 
     def full_template(self) -> StateDict:
@@ -324,41 +422,34 @@ class SiteSession:
 
     def personal_keys(self, *, final: bool) -> list[str]:
         """The parameters in which this site's personalized model differs from the global model: all but the
-        frozen ones once fine-tuned (at the end of the run, if asked), else its site-local layers."""
+        frozen ones once trained at the site (fine-tune or Ditto, at the end of the run), else its site-local
+        layers."""
         model, keys, _ = self._model_and_keys
-        if final and self.config.evaluation.finetune_epochs:
+        if final and self.config.evaluation.personal_training:
             return [key for key in model.state_dict() if key not in keys.frozen]
         return list(keys.local)
 
     def personalize(self, global_state: StateDict, *, server_round: int, final: bool) -> tuple[StateDict, dict]:
-        """Global weights + this site's local layers, fine-tuned on its own data at the end of the run if asked;
-        kept in the site's state folder. Returns the personal parameters and the model's metrics on this site's
-        data."""
-        from fedmed.tasks import train_local
-
+        """Global weights + this site's local layers; at the end of the run, with fine-tuning or Ditto, the site's own
+        model instead, and the delivered model: the better of the two on the site's tuning split. Both are kept in the
+        site's state folder. Returns the personal parameters and the personalized model's metrics on this site's
+        validation data (with the tuning scores and the choice)."""
         model, _ = self._model_with(global_state)
-        epochs = self.config.evaluation.finetune_epochs if final else 0
-        tuned = {}
-        if epochs:
-            with self._watch_training("fine-tuning", epochs=epochs) as watch:
-                result = train_local(
-                    model,
-                    self.data.train,
-                    task=self.task,
-                    train=self.config.train,
-                    epochs=epochs,
-                    seed=site_seed(self.config.seed, self.spec.name, -server_round),
-                    device=self.device,
-                    on_step=watch.step,
-                )
-            tuned = {"finetune_loss": result.loss, "finetune_seconds": result.seconds}
+        choice: dict[str, float] = {}
+        if final and self.config.evaluation.personal_training:
+            global_model = model
+            from fedmed.site import personal as personal_models
+
+            model, choice = personal_models.personal_candidate(self, global_model, server_round=server_round)
+            delivered = model if choice["delivered_personalized"] else global_model
+            LocalParameterStore(self.spec.state_dir, file_name=DELIVERED_FILE).save(delivered.state_dict())
         state = model.state_dict()
         LocalParameterStore(self.spec.state_dir, file_name=PERSONALIZED_FILE).save(state)
         # With the run's config beside it, the site applies its own model (fedmed predict) without the coordinator.
         write_text_atomic(self.spec.state_dir / RUN_CONFIG_FILE, dump_toml(self.config))
         personal = {key: state[key].detach().cpu().clone() for key in self.personal_keys(final=final)}
-        metrics = self._evaluate(model, started=time.perf_counter(), cases_file=PERSONALIZED_CASES_FILE)
-        return personal, {**metrics, **tuned}
+        metrics = self.score(model, started=time.perf_counter(), cases_file=PERSONALIZED_CASES_FILE)
+        return personal, {**metrics, **choice}
 
     def evaluate_models(self, global_state: StateDict, personal: dict[str, StateDict]) -> dict[str, dict]:
         """The global model (with this site's own local layers, as in every round) and each other site's
@@ -374,5 +465,5 @@ class SiteSession:
                     f"{sorted(unknown)[:3]}; coordinator and sites must run the same model"
                 )
             model.load_state_dict(parameters, strict=False)
-            results[name] = self._evaluate(model, started=started)
+            results[name] = self.score(model, started=started)
         return results

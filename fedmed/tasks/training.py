@@ -25,6 +25,7 @@ class TrainResult:
     steps: int  # batches drawn, an empty Poisson draw included (DP-SGD charges it)
     seconds: float
     noised: list[tuple[float, float, int]] | None = None  # DP-SGD: Opacus' own (σ, q, steps) of the noised steps
+    optimizer_state: dict | None = None  # the optimizer's state after the last step (a site may keep it)
 
 
 def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -43,8 +44,11 @@ def train_local(
     epochs: int,
     seed: int,
     device: torch.device,
+    steps: int | None = None,
     proximal_mu: float = 0.0,
     proximal_keys: Collection[str] = (),
+    proximal_anchors: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
     dp: DpSgdStep | None = None,
     workers: int = 0,
     on_step: Callable[[int, int], None] | None = None,
@@ -54,8 +58,12 @@ def train_local(
     `samples` is a list of preprocessed samples (grid geometry) or a dataset drawing random patches
     (scan geometry), read by `workers` DataLoader processes.
 
+    `steps` draws instead of `epochs` passes when set (a step budget).
     With proximal_mu > 0 (FedProx) the weights named in `proximal_keys` (the shared weights as
-    received from the server) are pulled towards their starting values with strength mu. With `dp`
+    received from the server) are pulled towards their starting values with strength mu, or
+    towards `proximal_anchors` when given (Ditto: a personal model pulled towards the global one).
+    `optimizer_state` (an earlier TrainResult's) resumes the optimizer where it stopped, at this
+    call's learning rate. With `dp`
     the steps are DP-SGD (Opacus: Poisson sampling, per-sample clipping, Gaussian noise) with the
     recipe `dp` names: logical batches processed in physical pieces, `dp.steps` draws instead of
     `epochs` when set, augmentation multiplicity and a weight average; the caller fixes the noise
@@ -82,19 +90,25 @@ def train_local(
         worker_init_fn=_seed_worker if workers else None,
     )
     flip_batches = train.augment and train.augmentation.flips and not task.config.scan_geometry
-    optimizer = make_optimizer(model, train)
-    anchors = proximal_anchors(model, proximal_keys) if proximal_mu > 0 else {}
+    optimizer = base_optimizer = make_optimizer(model, train)
+    if optimizer_state is not None:
+        resume_optimizer(optimizer, optimizer_state, learning_rate=train.learning_rate)
+    anchors = {}
+    if proximal_mu > 0:
+        anchors = snapshot_anchors(model, proximal_keys) if proximal_anchors is None else proximal_anchors
+        anchors = {name: value.to(device) for name, value in anchors.items()}
     use_amp = train.amp and device.type == "cuda" and dp is None
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     started = time.perf_counter()
+    budget = dp.steps if dp is not None else steps
     steps, epoch_loss, epoch_examples = 0, 0.0, 0
     private = privatized(model, optimizer, loader, dp=dp, seed=seed, device=device)
     with private as (network, optimizer, loader, accountant):
         average = WeightAverage(model, decay=dp.ema_decay) if dp is not None and dp.ema_decay > 0 else None
         pieces = (dp.physical_batch_size if dp is not None else None) or train.batch_size
         views = dp.augmentation_multiplicity if dp is not None else 1
-        for epoch, batch_index, columns in draws(loader, epochs=epochs, steps=dp.steps if dp is not None else None):
+        for epoch, batch_index, columns in draws(loader, epochs=epochs, steps=budget):
             if batch_index == 0:
                 epoch_loss, epoch_examples = 0.0, 0
             steps += 1
@@ -141,7 +155,15 @@ def train_local(
         steps=steps,
         seconds=time.perf_counter() - started,
         noised=noised,
+        optimizer_state=base_optimizer.state_dict(),
     )
+
+
+def resume_optimizer(optimizer: torch.optim.Optimizer, state: dict, *, learning_rate: float) -> None:
+    """Load a kept optimizer state; the learning rate is this round's (a schedule may have moved it)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
 
 
 def draws(loader: DataLoader, *, epochs: int, steps: int | None) -> Iterator[tuple[int, int, tuple]]:
@@ -212,6 +234,6 @@ def proximal_term(model: nn.Module, anchors: dict[str, torch.Tensor], *, mu: flo
     return 0.5 * mu * squared
 
 
-def proximal_anchors(model: nn.Module, keys: Collection[str]) -> dict[str, torch.Tensor]:
+def snapshot_anchors(model: nn.Module, keys: Collection[str]) -> dict[str, torch.Tensor]:
     wanted = set(keys)
     return {name: p.detach().clone() for name, p in model.named_parameters() if name in wanted and p.requires_grad}

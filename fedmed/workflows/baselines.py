@@ -1,9 +1,10 @@
 """Baselines on the same data and budget as the federation.
 
-local-only: each site trains alone for rounds x local_epochs epochs (the steps it takes in the
-federation) and is scored on its own validation split.
-pooled: one model trains on all sites' training data together for rounds x local_epochs epochs
-(the samples the whole federation processes) and is scored on every site's validation split.
+local-only: each site trains alone for rounds x local_epochs epochs, or rounds x local_steps steps under a
+step budget (the steps it takes in the federation), and is scored on its own validation split.
+pooled: one model trains on all sites' training data together for rounds x local_epochs epochs, or
+rounds x local_steps x sites steps (the samples the whole federation processes), and is scored on every
+site's validation split.
 Both return their models too, so the cross-site evaluation can score them on every site.
 """
 
@@ -35,6 +36,7 @@ def local_only(config: RunConfig, sites: dict, *, init: InitialWeights | None = 
     pretrained starting weights ([pretrain])."""
     task, device = get_task(config.task), select_device(config.train.device)
     epochs = config.train.rounds * config.train.local_epochs
+    steps = config.train.rounds * config.train.local_steps if config.train.local_steps else None
     results, models = {}, {}
     for name, data in sites.items():
         model = _fresh_model(config, init)
@@ -44,6 +46,7 @@ def local_only(config: RunConfig, sites: dict, *, init: InitialWeights | None = 
             task=task,
             train=config.train,
             epochs=epochs,
+            steps=steps,
             seed=site_seed(config.seed, name, 0),
             device=device,
         )
@@ -72,6 +75,7 @@ def pooled(config: RunConfig, sites: dict, *, init: InitialWeights | None = None
         task=task,
         train=config.train,
         epochs=config.train.rounds * config.train.local_epochs,
+        steps=config.train.rounds * config.train.local_steps * len(sites) if config.train.local_steps else None,
         seed=site_seed(config.seed, "pooled", 0),
         device=device,
     )

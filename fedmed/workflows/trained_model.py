@@ -19,7 +19,7 @@ from torch import nn
 from fedmed.config import RunConfig, load_run_config
 from fedmed.core.errors import FedmedError
 from fedmed.runs import RunDirectory
-from fedmed.site.local_layers import PERSONALIZED_FILE
+from fedmed.site.local_layers import DELIVERED_FILE, PERSONALIZED_FILE
 
 BUNDLE_RUN_CONFIG = "configs/fedmed_run.toml"
 BUNDLE_WEIGHTS = "models/model.pt"
@@ -136,14 +136,19 @@ def _global(checkpoint_file: Path, *, run_dir: RunDirectory) -> TrainedModel:
 def _personalized(folder: Path, *, config_file: Path, name: str, run_dir: RunDirectory | None = None) -> TrainedModel:
     if not config_file.is_file():
         raise ModelSourceError(f"{folder}: no config.toml beside {PERSONALIZED_FILE}; give the run directory")
-    state = torch.load(folder / PERSONALIZED_FILE, map_location="cpu", weights_only=True)
+    if (folder / DELIVERED_FILE).is_file():  # the site chose between global and personalized on its tuning split
+        state = torch.load(folder / DELIVERED_FILE, map_location="cpu", weights_only=True)
+        description, model = f"delivered model of site {name} ({folder})", f"delivered:{name}"
+    else:
+        state = torch.load(folder / PERSONALIZED_FILE, map_location="cpu", weights_only=True)
+        description, model = f"personalized model of site {name} ({folder})", f"personalized:{name}"
     return TrainedModel(
         config=load_run_config(config_file),
         state_dict=state,
-        description=f"personalized model of site {name} ({folder})",
+        description=description,
         run_dir=run_dir,
         site=name,
-        provenance={"model": f"personalized:{name}"},
+        provenance={"model": model},
     )
 
 

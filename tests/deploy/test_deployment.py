@@ -220,8 +220,10 @@ def test_a_site_trusting_another_ca_refuses_the_server(federation: LocalFederati
 
 
 def test_deployed_harmonization_personalization_and_cross_site_evaluation(federation: LocalFederation) -> None:
-    """Nyúl landmarks reach every site's own state; only a site whose policy allows it lends its personalized model."""
-    federation.edit_site("a", privacy={"share_personalized_model": True})
+    """Nyúl landmarks reach every site's own state; only a site whose policy allows it lends its personalized model.
+    Each site trains its local-only baseline if its policy allows, and reports only the metrics its policy shares."""
+    federation.edit_site("a", privacy={"share_personalized_model": True, "share_local_baseline": ["dice"]})
+    federation.edit_site("b", privacy={"train_local_baseline": False})
     try:
         config_file = run_config(
             federation,
@@ -229,10 +231,12 @@ def test_deployed_harmonization_personalization_and_cross_site_evaluation(federa
             train={"rounds": 1},
             task={"intensity": "nyul"},
             strategy={"fedbn": True, "round_timeout_s": 60},
+            evaluation={"local_baseline": True},
         )
         completed = federation.run(config_file, "--wait")
     finally:
-        federation.edit_site("a", privacy={"share_personalized_model": False})
+        federation.edit_site("a", privacy={"share_personalized_model": False, "share_local_baseline": []})
+        federation.edit_site("b", privacy={"train_local_baseline": True})
     assert "finished:completed" in completed.stdout, completed.stdout
     run_name = completed.stdout.split("run directory: ")[1].split()[0].rstrip("/").split("/")[-1]
     run_dir = federation.workspace / "server" / "runs" / run_name
@@ -250,3 +254,23 @@ def test_deployed_harmonization_personalization_and_cross_site_evaluation(federa
     assert set(final["metrics"]["personalized:a"]) == {"a", "b", "c"}  # a lends its model
     assert set(final["metrics"]["personalized:b"]) == {"b"}  # b's layers never left b
     assert set(final["metrics"]["personalized:c"]) == {"c"}
+
+    # a shares its local-only Dice and nothing else; c trains one and keeps every value; b's policy refuses to train.
+    comparisons = {
+        site: json.loads(
+            (
+                load_site_config(federation.site_config(site)).state_dir / "runs" / run_name / "comparison.json"
+            ).read_text()
+        )
+        for site in ("a", "b", "c")
+    }
+    assert comparisons["b"]["local_only"] is None
+    for site in ("a", "c"):
+        assert {"dice", "num-examples"} <= set(comparisons[site]["local_only"]), site
+        assert comparisons[site]["answer"].startswith("federation "), site
+    assert final["metrics"]["local-only:a"] == {"a": {"dice": comparisons["a"]["local_only"]["dice"]}}
+    assert "local-only:b" not in final["metrics"] and "local-only:c" not in final["metrics"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sites"]["a"]["local_only"] == {"dice": comparisons["a"]["local_only"]["dice"]}
+    assert summary["sites"]["b"]["local_only"] is None and summary["sites"]["c"]["local_only"] is None
+    assert set(summary["gain_over_local_only"]) == {"a"}

@@ -100,3 +100,22 @@ def test_denoising_is_scored_on_the_whole_volume_in_original_space(
         # The untrained residual network starts as the identity; one round must not make it worse than its input.
         assert metrics["psnr"] > metrics["psnr_input"] - 1.0
         assert 0 < metrics["ssim"] <= 1
+
+
+@pytest.mark.slow
+def test_fine_tuning_in_scan_geometry_holds_out_whole_volumes_and_chooses_on_them(
+    scan_sites: list[dict[str, str]], tmp_path: Path
+) -> None:
+    config = _config(
+        tmp_path,
+        scan_sites,
+        train={"rounds": 1, "local_epochs": 1},
+        evaluation={"cross_site": True, "finetune_epochs": 2, "tuning_fraction": 0.25},
+    )
+    result = simulate(config)
+    final = result.run_dir.read_json("cross_site.json")["evaluations"][-1]
+    for site in SITES:
+        home = final["metrics"][f"personalized:{site}"][site]
+        assert home["tuning_cases"] == 1  # of the 4 training volumes, scored whole by sliding window
+        assert 0.0 <= home["tuning_dice_global"] <= 1.0 and 0.0 <= home["tuning_dice_personalized"] <= 1.0
+        assert result.summary["sites"][site]["delivered_model"] in ("global", "personalized")

@@ -144,7 +144,7 @@ def test_mlflow_store_in_the_run_directory_holds_the_same_metrics(
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["fedmed.run"] == simulated.run_dir.name
-    assert run.data.params["strategy"] == "fedavg"
+    assert run.data.params["strategy"] == "fedavgm"  # the default
     for tag, values in _expected(simulated).items():
         history = {metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, tag)}
         assert history == pytest.approx(values), tag

@@ -19,6 +19,7 @@ from fedmed.flower.wire import (
     FINAL,
     INTENSITY_APPLY,
     INTENSITY_FIT,
+    LOCAL_BASELINE,
     METRICS,
     MODELS,
     PERSONAL,
@@ -34,6 +35,7 @@ from fedmed.flower.wire import (
     personal_record,
 )
 from fedmed.runs.cross_site import personal_model_name
+from fedmed.site.personal import local_baseline
 from fedmed.site.privacy import plan_numbers
 from fedmed.site.session import SiteSession
 
@@ -103,8 +105,12 @@ def personalize(msg: Message, context: Context) -> Message:
             received(msg, session_layout(session)), server_round=int(config[SERVER_ROUND]), final=final
         )
         records = {METRICS: MetricRecord(metrics)}
-        if session.shares_personalized_model:
+        if session.lends_personalized_model(final=final):
             records[PERSONAL] = _personal_layout(session, final=final).pack(personal)
+        if final and session.config.evaluation.local_baseline:
+            shared = local_baseline(session, received(msg, session_layout(session)), personalized=metrics)
+            if shared:
+                records[LOCAL_BASELINE] = MetricRecord(shared)
         return records
 
     return _answer(msg, context, answer)

@@ -19,6 +19,7 @@ from fedmed.flower.wire import (
     CONFIG,
     CROSS_EVALUATE,
     FINAL,
+    LOCAL_BASELINE,
     METRICS,
     MODELS,
     PERSONAL,
@@ -28,7 +29,7 @@ from fedmed.flower.wire import (
     model_metrics_record,
     personal_record,
 )
-from fedmed.runs.cross_site import GLOBAL_MODEL, personal_model_name, record_evaluation
+from fedmed.runs.cross_site import GLOBAL_MODEL, local_only_model_name, personal_model_name, record_evaluation
 
 from .context import RunContext
 from .exchange import ask_every_site
@@ -36,7 +37,7 @@ from .exchange import ask_every_site
 
 def personalizes(config: RunConfig, *, final: bool) -> bool:
     """Whether a site's personalized model differs from the global one at this evaluation."""
-    return config.strategy.fedbn or (final and config.evaluation.finetune_epochs > 0)
+    return config.strategy.fedbn or (final and config.evaluation.personal_training)
 
 
 def cross_site_evaluation(run: RunContext, arrays: ArrayRecord, *, server_round: int, final: bool) -> dict[str, Any]:
@@ -46,9 +47,15 @@ def cross_site_evaluation(run: RunContext, arrays: ArrayRecord, *, server_round:
     base = {**run.settings, SERVER_ROUND: server_round}
     metrics: dict[str, dict[str, dict[str, float]]] = {GLOBAL_MODEL: {}}
     personal: dict[str, ArrayRecord] = {}
-    if personalizes(run.config, final=final):
+    personalized = personalizes(run.config, final=final)
+    # The sites train their local-only baselines in the same exchange, on their own compute.
+    if personalized or (final and run.config.evaluation.local_baseline):
         replies = _exchange(run, arrays, message_type=PERSONALIZE, settings={**base, FINAL: final}, extra={})
         for site, reply in replies.items():
+            if LOCAL_BASELINE in reply:  # scored at home only: the model never leaves its site
+                metrics.setdefault(local_only_model_name(site), {})[site] = dict(reply[LOCAL_BASELINE])
+            if not personalized:
+                continue
             metrics.setdefault(personal_model_name(site), {})[site] = dict(reply[METRICS])
             if PERSONAL in reply:
                 personal[site] = reply[PERSONAL]

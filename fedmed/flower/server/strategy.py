@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 
 from fedmed.config import RunConfig
 
 from .client_dp import wrap_with_client_dp
+from .normalized_averaging import NormalizedAveraging
 
-# Strategy attributes that must survive a server restart (FedOpt's moments, adaptive clipping norm).
-STATEFUL_ATTRIBUTES = ("m_t", "v_t", "clipping_norm")
+# Strategy attributes that must survive a server restart (FedOpt's moments, FedAvgM's momentum, adaptive
+# clipping norm), wherever they sit in a chain of wrappers.
+STATEFUL_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "clipping_norm")
 
 
 def quorum(config: RunConfig) -> int:
@@ -30,26 +33,51 @@ def build_strategy(config: RunConfig) -> Strategy:
         "min_evaluate_nodes": 1,
         "min_available_nodes": 1,
     }
+    strategy: Strategy
     if settings.name == "fedprox":
-        return wrap_with_client_dp(FedProx(**common, proximal_mu=settings.proximal_mu), config)
-    if settings.name in ("fedadam", "fedyogi"):
+        strategy = FedProx(**common, proximal_mu=settings.proximal_mu)
+    elif settings.name == "fedavgm":
+        strategy = FedAvgM(
+            **common, server_learning_rate=settings.server_step_size, server_momentum=settings.server_momentum
+        )
+    elif settings.name in ("fedadam", "fedyogi"):
         optimizer = FedAdam if settings.name == "fedadam" else FedYogi
-        return optimizer(
+        strategy = optimizer(
             **common,
-            eta=settings.server_learning_rate,
+            eta=settings.server_step_size,
             eta_l=config.train.learning_rate,
             beta_1=settings.server_beta_1,
             beta_2=settings.server_beta_2,
             tau=settings.server_tau,
         )
-    return wrap_with_client_dp(FedAvg(**common), config)
+    else:
+        strategy = FedAvg(**common)
+    if settings.normalized_averaging:
+        # Inside any server optimizer's view: FedAvgM and FedAdam step from the normalized average.
+        strategy = NormalizedAveraging(strategy)
+    # The run config allows client-level DP only around plain fedavg/fedprox (RunConfig._check_privacy).
+    return wrap_with_client_dp(strategy, config)
+
+
+def _layers(strategy: Strategy) -> Iterator[Strategy]:
+    """The strategy and those it wraps (Flower's DP wrappers and fedmed's hold the inner one as `.strategy`)."""
+    layer: object = strategy
+    while isinstance(layer, Strategy):
+        yield layer
+        layer = getattr(layer, "strategy", None)
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    return {name: getattr(strategy, name) for name in STATEFUL_ATTRIBUTES if hasattr(strategy, name)}
+    state: dict[str, Any] = {}
+    for layer in _layers(strategy):
+        for name in STATEFUL_ATTRIBUTES:
+            if hasattr(layer, name):
+                state.setdefault(name, getattr(layer, name))
+    return state
 
 
 def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
     for name, value in state.items():
-        if hasattr(strategy, name):
-            setattr(strategy, name, value)
+        holder = next((layer for layer in _layers(strategy) if hasattr(layer, name)), None)
+        if holder is not None:
+            setattr(holder, name, value)
