@@ -104,7 +104,7 @@ def test_the_server_learning_rate_defaults_per_strategy(tmp_path: Path) -> None:
         name: config(tmp_path, strategy={"name": name}).strategy.server_step_size
         for name in ("fedavgm", "fedadam", "fedyogi")
     }
-    assert rates == {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
+    assert rates == {"fedavgm": 1.0, "fedadam": 0.03, "fedyogi": 0.03}
     chosen = config(tmp_path, strategy={"name": "fedavgm", "server_learning_rate": 0.5})
     assert build_strategy(chosen).server_learning_rate == 0.5  # type: ignore[attr-defined]
 

@@ -246,7 +246,7 @@ class StrategyConfig(StrictModel):
     server_learning_rate: float | None = Field(
         None,
         gt=0,
-        description="FedAvgM, FedAdam/FedYogi: server step size; default per strategy: 1.0 for fedavgm, 0.01 (eta) "
+        description="FedAvgM, FedAdam/FedYogi: server step size; default per strategy: 1.0 for fedavgm, 0.03 (eta) "
         "for fedadam/fedyogi; unused by fedavg/fedprox",
     )
     server_momentum: float = Field(
@@ -279,7 +279,8 @@ class StrategyConfig(StrictModel):
         """server_learning_rate, or the strategy's default: FedAvgM steps the full average, FedOpt a small eta."""
         if self.server_learning_rate is not None:
             return self.server_learning_rate
-        return 1.0 if self.name == "fedavgm" else 0.01
+        # FedAdam's eta 0.03 beat 0.01 (by about 0.07 Dice) and 0.1 on the synthetic and IXI federations (README).
+        return 1.0 if self.name == "fedavgm" else 0.03
 
 
 class EngineConfig(StrictModel):
