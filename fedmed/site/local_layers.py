@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from fedmed.core.errors import FedmedError
 from fedmed.core.files import atomic_path
 
 LOCAL_FILE = "local_parameters.pt"
@@ -25,6 +26,20 @@ START_FILE = "start_model.pt"  # evaluation.local_baseline: the first global mod
 LOCAL_ONLY_FILE = "local_only_model.pt"  # evaluation.local_baseline: trained on this site's data alone
 
 
+class SiteStateFileError(FedmedError):
+    """A file the site keeps between rounds cannot be read (truncated by a full disk, overwritten)."""
+
+
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises pickle, zip and runtime errors for the same damage
+        raise SiteStateFileError(
+            f"{path} cannot be read ({type(error).__name__}: {error}); move it aside to start that state afresh "
+            "(the site's other files and the run's checkpoints are untouched)"
+        ) from error
+
+
 class LocalParameterStore:
     """The site-local parameters of one run at one site, written atomically."""
 
@@ -34,7 +49,7 @@ class LocalParameterStore:
     def load(self) -> dict[str, torch.Tensor] | None:
         if not self.path.exists():
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+        return _load(self.path)
 
     def save(self, parameters: dict[str, torch.Tensor]) -> None:
         cpu = {key: value.detach().cpu().clone() for key, value in parameters.items()}
@@ -51,7 +66,7 @@ class OptimizerStateStore:
     def load(self) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+        return _load(self.path)
 
     def save(self, state: dict[str, Any]) -> None:
         with atomic_path(self.path) as temporary:

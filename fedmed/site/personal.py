@@ -18,6 +18,7 @@ from torch import nn
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
 from fedmed.core.log import logger
+from fedmed.runs.summary import DELIVERED_PERSONALIZED
 from fedmed.site.local_layers import (
     DITTO_FILE,
     DITTO_OPTIMIZER_FILE,
@@ -132,7 +133,7 @@ def _write_comparison(
 ) -> None:
     """Did federation help this site? Its models side by side on its own validation data, kept at the site."""
     metric, higher = session.task.primary_metric, session.task.higher_is_better
-    chosen = personalized.get("delivered_personalized")
+    chosen = personalized.get(DELIVERED_PERSONALIZED)
     delivered = personalized if chosen else federated
     personalizes = session.config.evaluation.personal_training or session.config.strategy.fedbn
     comparison = {
@@ -198,7 +199,7 @@ def personal_candidate(session: SiteSession, global_model: nn.Module, *, server_
         f"tuning_{metric}_global": global_score,
         f"tuning_{metric}_personalized": score,
         "tuning_cases": len(session.tuning_cases),
-        "delivered_personalized": float(chosen),
+        DELIVERED_PERSONALIZED: float(chosen),
         **tuned,
     }
 

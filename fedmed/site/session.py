@@ -24,6 +24,7 @@ from fedmed.config import RunConfig, TrainConfig, dump_toml
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
 from fedmed.models import KeyPartition
+from fedmed.runs.summary import DELIVERED_PERSONALIZED
 from fedmed.site.local_layers import (
     DELIVERED_FILE,
     PERSONALIZED_FILE,
@@ -153,10 +154,10 @@ class SiteSession:
         rest (scan geometry splits on opening). The federated training uses every training case: holding a fifth
         of a small site's cases out of it cost the global model more than the choice gained (README)."""
         data = self.data
-        if hasattr(data, "tune"):
-            return data.personal_train, data.tune
         if not self.config.evaluation.personal_training:
             return data.train, None
+        if getattr(data, "tune", None) is not None:  # scan geometry: split into datasets when the site was opened
+            return data.personal_train, data.tune
         from fedmed.data.tuning import tuning_split
 
         kept, held = tuning_split(
@@ -441,7 +442,7 @@ class SiteSession:
             from fedmed.site import personal as personal_models
 
             model, choice = personal_models.personal_candidate(self, global_model, server_round=server_round)
-            delivered = model if choice["delivered_personalized"] else global_model
+            delivered = model if choice[DELIVERED_PERSONALIZED] else global_model
             LocalParameterStore(self.spec.state_dir, file_name=DELIVERED_FILE).save(delivered.state_dict())
         state = model.state_dict()
         LocalParameterStore(self.spec.state_dir, file_name=PERSONALIZED_FILE).save(state)

@@ -18,6 +18,8 @@ from deploy_helpers import run_config
 from fedmed.config import load_site_config, run_config_from_dict
 from fedmed.config.loader import read_toml
 from fedmed.deploy.local import FEDMED, LocalFederation, cli, free_port, wait_for
+from fedmed.flower.wire import LOCAL_BASELINE
+from fedmed.site.audit import AuditLog, audit_path
 from fedmed.workflows.simulate import simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -270,6 +272,12 @@ def test_deployed_harmonization_personalization_and_cross_site_evaluation(federa
         assert comparisons[site]["answer"].startswith("federation "), site
     assert final["metrics"]["local-only:a"] == {"a": {"dice": comparisons["a"]["local_only"]["dice"]}}
     assert "local-only:b" not in final["metrics"] and "local-only:c" not in final["metrics"]
+    # What left each site, by its own audit log: a's Dice alone, nothing of c's or b's local-only model.
+    for site, expected in (("a", {"dice"}), ("b", None), ("c", None)):
+        log = AuditLog(audit_path(load_site_config(federation.site_config(site)).state_dir))
+        sent = [record.get("metrics") for record in log.records() if record["event"] == "message-sent"]
+        baselines = [set(records[LOCAL_BASELINE]) for records in sent if LOCAL_BASELINE in (records or {})]
+        assert baselines == ([expected] if expected else []), site
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["sites"]["a"]["local_only"] == {"dice": comparisons["a"]["local_only"]["dice"]}
     assert summary["sites"]["b"]["local_only"] is None and summary["sites"]["c"]["local_only"] is None

@@ -14,7 +14,7 @@ import torch
 
 from fedmed.core.errors import ConfigError
 from fedmed.site.audit import AuditLog
-from fedmed.site.local_layers import DITTO_FILE, DITTO_OPTIMIZER_FILE, OPTIMIZER_FILE
+from fedmed.site.local_layers import DITTO_FILE, DITTO_OPTIMIZER_FILE, OPTIMIZER_FILE, SiteStateFileError
 from fedmed.site.session import SiteSession, SiteSpec
 from fedmed.workflows.simulate import materialize_sites, simulate
 
@@ -56,6 +56,10 @@ def test_optimizer_state_and_ditto_model_survive_a_restart_and_only_the_shared_u
     # Ditto's personal model is its own: it is neither the update nor lent at the end of the run.
     assert not _close({key: ditto[key] for key in second}, second)
     assert not running.lends_personalized_model(final=True)
+    # A kept file damaged on disk (a full disk truncated it) is refused by name, with the fix.
+    (tmp_path / "running" / OPTIMIZER_FILE).write_bytes(b"truncated")
+    with pytest.raises(SiteStateFileError, match=rf"{OPTIMIZER_FILE} cannot be read .* move it aside"):
+        running.train(second, server_round=3, proximal_mu=0.0)
 
 
 def _invert_validation_labels(site_dir: Path) -> None:
