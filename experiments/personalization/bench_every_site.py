@@ -212,7 +212,7 @@ def evaluate(dataset: str, *, base: dict[str, Any], results: dict[str, dict[str,
             arms[arm] = {"error": result["error"], "seconds": result["seconds"]}
             continue
         glob = result["federated"]
-        # The summary's "delivered" column is new: where a run lacks it, the site is handed the global model.
+        # An arm that trains no personal model reports no choice: its sites are handed the global model.
         delivered = {site: result.get("delivered", {}).get(site, dice) for site, dice in glob.items()}
         arms[arm] = {
             "global": glob,
