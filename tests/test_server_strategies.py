@@ -1,5 +1,6 @@
-"""The coordinator's aggregation rules on hand-built updates: FedAvgM's server momentum, normalized
-(FedNova) averaging, their state across a restart, and the config combinations they refuse.
+"""The coordinator's aggregation rules on hand-built updates: FedAvgM's server momentum (also from a
+secure round's mean), normalized (FedNova) averaging, their state across a restart, and the config
+combinations they refuse.
 
 Every expected value is worked out by hand in the test, on two sites with weights 1 and 3."""
 
@@ -19,6 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmed.config import RunConfig, run_config_from_dict
 from fedmed.core.errors import ConfigError
 from fedmed.flower.server.normalized_averaging import NormalizedAveraging, NormalizedAveragingError
+from fedmed.flower.server.secure_round import step_from_mean
 from fedmed.flower.server.strategy import build_strategy, restore_strategy_state, strategy_state
 from fedmed.flower.wire import ARRAYS, METRICS, SITE, SITE_NAME
 from fedmed.runs import RunDirectory
@@ -97,6 +99,26 @@ def test_fedavgm_adds_the_momentum_of_earlier_rounds(tmp_path: Path) -> None:
     # = [-5.6, -4.5]; new = [4, 5] - [-5.6, -4.5] = [9.6, 9.5] (FedAvg would stop at [6, 5]).
     second = train_round(strategy, 2, [4.0, 5.0], [([6.0, 5.0], 1, 2), ([6.0, 5.0], 3, 2)])
     assert second == pytest.approx([9.6, 9.5], rel=1e-6)
+
+
+def test_under_secagg_fedavgm_steps_from_the_unmasked_mean_alone(tmp_path: Path) -> None:
+    strategy = build_strategy(config(tmp_path, strategy={"name": "fedavgm", "server_momentum": 0.9}))
+    # The secure round hands the strategy only the mean it unmasked: the same averages as in the test above
+    # give the same steps, [4, 5] then [9.6, 9.5].
+    for server_round, start, mean in ((1, [0.0, 0.0], [4.0, 5.0]), (2, [4.0, 5.0], [6.0, 5.0])):
+        list(strategy.configure_train(server_round, arrays(start), ConfigRecord(), TwoSites()))
+        stepped = step_from_mean(
+            strategy, arrays(mean), server_round=server_round, like=reply("a", [], examples=1, steps=1)
+        )
+    assert stepped["w"].numpy().tolist() == pytest.approx([9.6, 9.5], rel=1e-6)
+    # Plain FedAvg keeps the mean as it is.
+    fedavg = FedAvg(min_train_nodes=2)
+    list(fedavg.configure_train(1, arrays([0.0, 0.0]), ConfigRecord(), TwoSites()))
+    mean = arrays([0.1, 1e-7])
+    assert (
+        step_from_mean(fedavg, mean, server_round=1, like=reply("a", [], examples=1, steps=1))["w"].numpy().tolist()
+        == mean["w"].numpy().tolist()
+    )
 
 
 def test_the_server_learning_rate_defaults_per_strategy(tmp_path: Path) -> None:

@@ -8,10 +8,10 @@ Datasets (`--dataset`; one whose files are missing from ../shared/data is skippe
 - `hippocampus`: MSD Task04, 200 crops dealt onto 3 simulated scanners at 32^3 (hippocampus.toml);
 - `brats`: BraTS 2018, 10 cases split by acquisition source, CBICA and the merged TCIA centres (brats.toml).
 
-Arms (arms.toml): fedavg, defaults (the recommended settings), fedprox, fedbn, finetune, ditto. For every site
+Arms (arms.toml): fedavg, defaults (fedmed's defaults), fedprox, fedbn, finetune, ditto, fedbn_finetune. For every site
 of every arm: `global`, the federated global model's final Dice at the site; `delivered`, the model the site is
 handed (the better of global and personalized on the site's tuning split; global where the run does not report
-one); and the baselines, trained once per dataset (per intensity handling): `local-only` (the site alone) and
+one); and the baselines, trained once per dataset and seed (per intensity handling): `local-only` (the site alone) and
 `pooled` (all sites' training cases in one place), each for rounds x local epochs epochs. Targets, per arm:
 
 1. every site's delivered Dice >= its local-only Dice - 0.005;
@@ -25,6 +25,7 @@ Prints a markdown table per dataset (paste it into the README) and writes the nu
     python experiments/personalization/bench_every_site.py                         # every dataset, every arm
     python experiments/personalization/bench_every_site.py --dataset synthetic --quick --arms fedavg fedbn finetune
     python experiments/personalization/bench_every_site.py --dataset hippocampus --rounds 40 --arms defaults
+    python experiments/personalization/bench_every_site.py --dataset ixi --seeds 0 1 2   # + a table over the seeds
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -76,6 +78,9 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", help="arms from arms.toml (default: all)")
     parser.add_argument("--rounds", type=int, help="override train.rounds of every dataset")
     parser.add_argument("--local-epochs", type=int, help="override train.local_epochs of every dataset")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="run every dataset once per seed (training only; the sites stay)"
+    )
     parser.add_argument("--quick", action="store_true", help="each dataset's [quick] changes: a smoke test")
     parser.add_argument("--output", type=Path, default=Path("runs") / "every-site")
     parser.add_argument(
@@ -105,12 +110,20 @@ def main() -> None:
             print(f"skipping {dataset}: {' '.join(str(error).split())}\n", flush=True)
             continue
         set_schedule(base, rounds=args.rounds, local_epochs=args.local_epochs)
-        results = run_arms(dataset, base=base, arms={arm: arms[arm] for arm in chosen}, output=args.output)
-        report = evaluate(dataset, base=base, results=results, quick=args.quick)
-        report["personal"] = [arm for arm in chosen if trains_personal_model(arms[arm])]
-        report["seconds"] = round(time.perf_counter() - started, 1)
-        (args.output / f"{dataset}-every-site.json").write_text(json.dumps(report, indent=1))
-        print(format_markdown(report) + "\n", flush=True)
+        reports = []
+        for seed in args.seeds or [base.get("seed", 0)]:
+            base["seed"] = seed
+            results = run_arms(dataset, base=base, arms={arm: arms[arm] for arm in chosen}, output=args.output)
+            report = evaluate(dataset, base=base, results=results, quick=args.quick)
+            report["personal"] = [arm for arm in chosen if trains_personal_model(arms[arm])]
+            report["seconds"] = round(time.perf_counter() - started, 1)
+            started = time.perf_counter()
+            suffix = f"-seed{seed}" if args.seeds else ""
+            (args.output / f"{dataset}-every-site{suffix}.json").write_text(json.dumps(report, indent=1))
+            print(format_markdown(report) + "\n", flush=True)
+            reports.append(report)
+        if len(reports) > 1:
+            print(format_across_seeds(reports) + "\n", flush=True)
 
 
 # --- datasets --------------------------------------------------------------------------------------------------
@@ -228,6 +241,7 @@ def evaluate(dataset: str, *, base: dict[str, Any], results: dict[str, dict[str,
     train = base["train"]
     return {
         "dataset": dataset,
+        "seed": base["seed"],
         "quick": quick,
         "rounds": train["rounds"],
         "local_epochs": train["local_epochs"],
@@ -375,6 +389,40 @@ def format_markdown(report: dict[str, Any]) -> str:
         schedule + counted + ".",
         f"Wall time for the dataset: {report['seconds'] / 60:.1f} min (data preparation, every arm, the baselines).",
     ]
+    return "\n".join(lines)
+
+
+def format_across_seeds(reports: list[dict[str, Any]]) -> str:
+    """Per arm, over the seeds: the mean of each table's mean, and in how many seeds each target was met (the
+    per-site target with its worst margin over sites and seeds)."""
+    seeds = [report["seed"] for report in reports]
+    lines = [
+        f"### Every site: {reports[0]['dataset']}, seeds {', '.join(map(str, seeds))}",
+        "",
+        f"| arm | mean global | mean delivered | every site ≥ local-only − {LOCAL_ONLY_MARGIN} (worst margin) | "
+        f"delivered ≥ {DELIVERED_OF_POOLED} × pooled | global ≥ {GLOBAL_OF_POOLED} × pooled |",
+        "| --- | ---: | ---: | --- | --- | --- |",
+    ]
+    for arm in reports[0]["arms"]:
+        rows = [report["arms"].get(arm, {}) for report in reports]
+        found = [row["targets"] for row in rows if row.get("targets")]
+        if len(found) < len(rows):
+            lines.append(f"| {arm} | error or no baselines in {len(rows) - len(found)} seed(s) | | | | |")
+            continue
+        worst = min(min(targets["every_site_vs_local_only"]["margins"].values()) for targets in found)
+
+        def met(key: str, found: list[dict[str, Any]] = found) -> str:
+            return f"{sum(targets[key]['met'] for targets in found)} of {len(found)}"
+
+        lines.append(
+            f"| {arm} | {statistics.mean(mean(row['global']) for row in rows):.3f} | "
+            f"{statistics.mean(mean(row['delivered']) for row in rows):.3f} | "
+            f"{met('every_site_vs_local_only')} ({worst:+.3f}) | {met('delivered_vs_pooled')} | "
+            f"{met('global_vs_pooled')} |"
+        )
+    baselines = [baseline for report in reports for baseline in report["baselines"].values()]
+    pooled = statistics.mean(mean(baseline["pooled"]) for baseline in baselines)
+    lines += ["", f"Mean pooled Dice over the seeds: {pooled:.3f}."]
     return "\n".join(lines)
 
 

@@ -239,7 +239,7 @@ class TrainConfig(StrictModel):
 
 
 class StrategyConfig(StrictModel):
-    # Unset in a run config: fedavgm, or fedavg where the aggregate is private (RunConfig._default_strategy).
+    # Unset in a run config: fedavgm, or fedavg under client-level DP (RunConfig._default_strategy).
     name: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"] = "fedavgm"
     proximal_mu: float = Field(0.0, ge=0, description="FedProx: weight of mu/2 * ||w - w_global||^2")
     fedbn: bool = Field(False, description="keep normalization layers site-local (never sent, never aggregated)")
@@ -547,8 +547,8 @@ class RunConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _default_strategy(cls, data: object) -> object:
-        """FedAvgM by default, for its measured gain; FedAvg when SecAgg+ or client-level DP makes the aggregate
-        private, as neither works with a server optimizer's state."""
+        """FedAvgM by default, for its measured gain; FedAvg under client-level DP, whose noise must come after
+        any server optimizer's step (RunConfig._check_privacy)."""
         if not isinstance(data, dict):
             return data
         strategy = data.get("strategy") or {}
@@ -559,8 +559,7 @@ class RunConfig(StrictModel):
             values = data.get(section)
             return bool(values.get("enabled")) if isinstance(values, dict) else bool(getattr(values, "enabled", False))
 
-        private = enabled("secagg") or enabled("client_dp")
-        return {**data, "strategy": {**strategy, "name": "fedavg" if private else "fedavgm"}}
+        return {**data, "strategy": {**strategy, "name": "fedavg" if enabled("client_dp") else "fedavgm"}}
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -681,11 +680,6 @@ class RunConfig(StrictModel):
         return list(self.inference.roi_size or self.train.patch_size or self.task.image_size)
 
     def _check_privacy(self) -> None:
-        if self.secagg.enabled and self.strategy.name not in ("fedavg", "fedprox"):
-            raise ValueError(
-                f"secagg works with strategy 'fedavg' or 'fedprox' (the server sees only the sum of the updates), "
-                f"not '{self.strategy.name}'"
-            )
         if self.client_dp.enabled and self.strategy.name not in ("fedavg", "fedprox"):
             raise ValueError(
                 f"client_dp works with strategy 'fedavg' or 'fedprox', not '{self.strategy.name}': Flower noises the "

@@ -161,3 +161,12 @@ def test_a_round_that_loses_too_many_sites_is_retried_then_fails_loudly(
         pytest.raises(RoundFailedError, match=r"secure aggregation failed in 2 attempt\(s\)"),
     ):
         simulate(config)
+
+
+def test_fedavgm_is_the_default_and_keeps_its_momentum_under_secagg(tiny_config) -> None:
+    run = simulate(tiny_config(secagg={"enabled": True}))
+    assert run.config.strategy.name == "fedavgm"
+    latest = run.run_dir.load_checkpoint("latest")
+    assert latest is not None and latest["round"] == 2
+    momentum = latest["strategy_state"]["momentum_vector"]
+    assert momentum is not None and any(np.abs(array).max() > 0 for array in momentum), "FedAvgM stepped"

@@ -24,10 +24,10 @@ from flwr.serverapp.strategy import Strategy
 from fedmed.core.errors import FedmedError
 from fedmed.core.log import logger
 from fedmed.flower.wire import ARRAYS, METRICS, SITE, SITE_NAME
+from fedmed.site.session import NUM_EXAMPLES
 
 # The site's metric: its optimizer steps this round (fedmed.site.session).
 TRAIN_STEPS = "train_steps"
-NUM_EXAMPLES = "num-examples"  # Flower's weighting key, when the inner strategy names none
 
 
 class NormalizedAveragingError(FedmedError):

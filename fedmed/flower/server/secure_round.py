@@ -3,19 +3,22 @@
 Four exchanges per round (Flower's SecAgg+ stages): public keys, encrypted key shares, training
 with the masked update, unmasking. The server only ever holds masked uint32 vectors and the
 protocol's key material; it learns the weighted mean of the sites' updates (local - global) and
-nothing about any one site's update. A round the protocol cannot finish (too many sites lost) is
-retried with fresh keys, then fails loudly; the old model is never kept silently.
+nothing about any one site's update. The run's strategy steps from that mean as from a plain
+average, so a server optimizer (FedAvgM's momentum) works unchanged. A round the protocol cannot
+finish (too many sites lost) is retried with fresh keys, then fails loudly; the old model is never
+kept silently.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 from fedmed.config import RunConfig
@@ -26,6 +29,7 @@ from fedmed.flower.wire import (
     ARRAYS,
     CONFIG,
     MASKED,
+    METRICS,
     SECAGG,
     SECAGG_MASK,
     SECAGG_SETUP,
@@ -36,6 +40,7 @@ from fedmed.flower.wire import (
 )
 from fedmed.secagg import SecAggResult, SecAggRoundError, SecAggServer, SecAggSettings
 from fedmed.secagg.messages import MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
+from fedmed.site.session import NUM_EXAMPLES
 
 from .client_dp import ClientDpStrategy, clipping_config, noise_secure_mean
 from .context import RunContext
@@ -174,16 +179,21 @@ def _attempt(
     if client_dp:
         clipped = int(result.extra_sums[0]) if result.extra_sums is not None else 0
         noise_secure_mean(strategy, mean, clipped_count=clipped, sites=len(result.sites_aggregated))
-    new_arrays = ArrayRecord(
+    averaged = ArrayRecord(
         {
             key: Array(np.asarray(array + update, dtype=array.dtype))
             for key, array, update in zip(arrays.keys(), global_arrays, mean, strict=True)
         }
     )
+    aggregated = [masked[node] for node in result.sites_aggregated if node in masked]
+    if client_dp:  # plain FedAvg only (RunConfig._check_privacy): the noise on the mean is the step
+        new_arrays = averaged
+    else:
+        new_arrays = step_from_mean(strategy, averaged, server_round=server_round, like=aggregated[0])
     _warn_about_clipping(result, server_round=server_round, config=config)
     return SecureRound(
         arrays=new_arrays,
-        replies=[masked[node] for node in result.sites_aggregated if node in masked],
+        replies=aggregated,
         record={
             "secagg_sites": sorted(site_of(node) for node in result.sites_aggregated),
             "secagg_dropped": {site_of(node): stage for node, stage in result.sites_dropped.items()},
@@ -194,6 +204,18 @@ def _attempt(
             "upload_bytes_per_site": exchange.upload_bytes_per_site(),
         },
     )
+
+
+def step_from_mean(strategy: Strategy, averaged: ArrayRecord, *, server_round: int, like: Message) -> ArrayRecord:
+    """The strategy's own step from the round's average: it is handed the unmasked mean as the round's only
+    reply, so a server optimizer (FedAvgM's momentum, FedAdam's moments) steps from what the server may see and
+    nothing else; plain FedAvg returns the mean unchanged."""
+    weight_key = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
+    content = RecordDict({ARRAYS: averaged, METRICS: MetricRecord({weight_key: 1})})
+    stepped, _ = strategy.aggregate_train(server_round, [Message(content, metadata=copy.copy(like.metadata))])
+    if stepped is None:
+        raise SecureRoundError(f"round {server_round}: the strategy produced no model from the secure aggregate")
+    return stepped
 
 
 def _warn_about_clipping(result: SecAggResult, *, server_round: int, config: RunConfig) -> None:
