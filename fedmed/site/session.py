@@ -27,6 +27,7 @@ from fedmed.models import KeyPartition
 from fedmed.runs.summary import DELIVERED_PERSONALIZED
 from fedmed.site.local_layers import (
     DELIVERED_FILE,
+    OPTIMIZER_FILE,
     PERSONALIZED_FILE,
     START_FILE,
     LocalParameterStore,
@@ -338,7 +339,6 @@ class SiteSession:
     def train(self, global_state: StateDict, *, server_round: int, proximal_mu: float) -> tuple[StateDict, dict]:
         """Train from the global weights; with DP-SGD the ledger is charged before the update is returned. What the
         site keeps (its local layers, its optimizer's state, Ditto's personal model) stays in its state folder."""
-        from fedmed.site.local_layers import OPTIMIZER_FILE
         from fedmed.tasks import check_private_model, train_local
 
         if self.privacy is not None:

@@ -133,14 +133,23 @@ def _global(checkpoint_file: Path, *, run_dir: RunDirectory) -> TrainedModel:
     )
 
 
+def _site_model(path: Path, *, instead: str) -> dict:
+    try:  # tensors only, as for the global model
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises pickle, zip and runtime errors for the same damage
+        raise ModelSourceError(
+            f"{path}: cannot be read as a model ({type(error).__name__}: {error}); restore it from a backup{instead}"
+        ) from error
+
+
 def _personalized(folder: Path, *, config_file: Path, name: str, run_dir: RunDirectory | None = None) -> TrainedModel:
     if not config_file.is_file():
         raise ModelSourceError(f"{folder}: no config.toml beside {PERSONALIZED_FILE}; give the run directory")
     if (folder / DELIVERED_FILE).is_file():  # the site chose between global and personalized on its tuning split
-        state = torch.load(folder / DELIVERED_FILE, map_location="cpu", weights_only=True)
+        state = _site_model(folder / DELIVERED_FILE, instead=" or move it aside to apply the personalized model")
         description, model = f"delivered model of site {name} ({folder})", f"delivered:{name}"
     else:
-        state = torch.load(folder / PERSONALIZED_FILE, map_location="cpu", weights_only=True)
+        state = _site_model(folder / PERSONALIZED_FILE, instead="")
         description, model = f"personalized model of site {name} ({folder})", f"personalized:{name}"
     return TrainedModel(
         config=load_run_config(config_file),

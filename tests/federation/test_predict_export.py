@@ -7,6 +7,7 @@ import csv
 import gzip
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -195,6 +196,17 @@ def test_a_sites_personalized_model_is_applied_without_the_coordinator(grid_run:
     assert site_folder.state_dict.keys() == personal.state_dict.keys()
     with pytest.raises(ModelSourceError, match="no personalized model for site 'site-x'"):
         load_trained_model(grid_run, site="site-x")
+
+
+def test_a_damaged_delivered_model_is_named_with_the_fix(grid_run: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "site-a"
+    shutil.copytree(grid_run / "sites" / "site-a", folder)
+    delivered = folder / "delivered_model.pt"
+    delivered.write_bytes(delivered.read_bytes()[:100])  # a disk that filled up mid-write
+    with pytest.raises(ModelSourceError, match=r"delivered_model.pt: cannot be read .*move it aside"):
+        load_trained_model(folder)
+    delivered.unlink()
+    assert "personalized" in load_trained_model(folder).description
 
 
 class _Payload:
