@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -35,10 +36,8 @@ def ixi_label_name(image_name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ixi_sites(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[SiteEntry]:
-    root = shared_data / "ixi-hh-t1-12"
-    if not (root / "t1").is_dir():
-        pytest.skip(f"{root} absent")
+def ixi_sites(shared_dataset: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> list[SiteEntry]:
+    root = shared_dataset("ixi-hh-t1-12/t1").parent
     cases = cases_from_folder_pairs(
         root / "t1", root / "labels", image_glob="*_T1.nii.gz", label_for_image=ixi_label_name
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -306,10 +307,8 @@ def test_split_into_sites_refuses_modality_names_that_miss_a_channel(tmp_path: P
         split({1: "T1"})
 
 
-def test_brats_demo_becomes_two_channel_sites(shared_data: Path, tmp_path: Path) -> None:
-    root = shared_data / "brats2018-10"
-    if not (root / "case_0").is_dir():
-        pytest.skip(f"{root} absent")
+def test_brats_demo_becomes_two_channel_sites(shared_dataset: Callable[[str], Path], tmp_path: Path) -> None:
+    root = shared_dataset("brats2018-10/case_0").parent
     cases = cases_from_subfolders(root, modalities=["FLAIR", "T1"], label="GT_W")
     assert len(cases) == 10 and all(len(case.images) == 2 for case in cases)
     entries = split_into_sites(
