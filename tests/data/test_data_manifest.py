@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -151,10 +152,10 @@ def test_tiny_npz_site_reads_and_loads(tmp_path: Path, label_shape: str) -> None
 @pytest.mark.parametrize(
     ("file_name", "n_train", "n_val"), [("pneumoniamnist.npz", 2428, 270), ("breastmnist.npz", 546, 78)]
 )
-def test_real_medmnist_files_load(shared_data: Path, file_name: str, n_train: int, n_val: int) -> None:
-    path = shared_data / "medmnist" / file_name
-    if not path.is_file():
-        pytest.skip(f"{path} absent")
+def test_real_medmnist_files_load(
+    shared_dataset: Callable[[str], Path], file_name: str, n_train: int, n_val: int
+) -> None:
+    path = shared_dataset(f"medmnist/{file_name}")
     site = read_npz_site(path)
     assert site.train_labels.shape == (n_train,)  # (N, 1) in pneumoniamnist is flattened
     assert set(np.unique(site.train_labels)) == {0, 1}
