@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedmed.config import ServerConfig, SiteConfig
 from fedmed.core.errors import FedmedError
+from fedmed.core.files import unwritable_reason
 from fedmed.core.log import logger
 
 from . import pki, site_certs
@@ -44,7 +45,11 @@ def check_server(server: ServerConfig) -> list[Path]:
 
 
 def check_site(site: SiteConfig) -> str:
-    """Everything the site daemon needs; returns the site's public key line."""
+    """Everything the site daemon needs; returns the site's public key line.
+
+    Every check that can refuse runs before anything is written: a refused start leaves the state
+    folder as it found it (no ledger, anchor or audit log born of a start that never ran).
+    """
     from fedmed.data import validate_site
 
     pki.check_certificate_validity(site.server.ca_certificate)
@@ -57,14 +62,7 @@ def check_site(site: SiteConfig) -> str:
     report = validate_site(site.data)
     if not report.ok:
         raise PreflightError(f"site {site.name}: the data at {site.data} is not usable:\n{report.summary()}")
-    try:
-        site.state_dir.mkdir(parents=True, exist_ok=True)
-        probe = site.state_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise PreflightError(f"site {site.name}: cannot write to state_dir {site.state_dir} ({error})") from None
-    check_site_ledger(site)
+    check_runtime_port(site)
     check_server_certificate(site.server.address, ca_certificate=site.server.ca_certificate)
     # After the server check: a kit with the wrong ca.crt is reported as such, not as a foreign certificate.
     site_certs.check_client_certificate(
@@ -72,7 +70,29 @@ def check_site(site: SiteConfig) -> str:
         key_path=site.client_key,
         ca_certificate_path=site.server.ca_certificate,
     )
+    # Last, as they write: the state folder, then the ledger (created on the site's first start).
+    reason = unwritable_reason(site.state_dir)
+    if reason is not None:
+        raise PreflightError(f"site {site.name}: cannot write to state_dir {site.state_dir} ({reason})")
+    check_site_ledger(site)
     return public_key
+
+
+def check_runtime_port(site: SiteConfig) -> None:
+    """The loopback port between the site's SuperNode and its ClientApps is free (another site on this
+    machine, or a daemon of this site still running, would take the other's work or fail to start)."""
+    port = site.daemon.runtime_port
+    with socket.socket() as probe:
+        # As a server binds it: a port held only by connections closing down (TIME_WAIT) counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise PreflightError(
+                f"site {site.name}: daemon.runtime_port {port} on 127.0.0.1 is in use ({error.strerror}); another "
+                "site daemon on this machine, or this site's daemon already running, holds it. Stop that daemon, "
+                "or give this site a port of its own in the [daemon] section of its site config"
+            ) from None
 
 
 def check_site_ledger(site: SiteConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,16 +19,39 @@ from fedmed.flower.wire import SITE_CONFIG
 
 from . import preflight
 from .processes import flower_environment, shared_secret
-from .supervisor import Child, Supervisor
+from .supervisor import Child, Diagnosis, Refusal, Supervisor
 
 # What the SuperNode's log says when the coordinator refuses it. Flower sends the same public message
 # whether the key is unknown or the node is still marked online, so only persistence tells them apart.
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 TLS_REFUSED = "[SSL"  # httpx: "[SSL: CERTIFICATE_VERIFY_FAILED]", "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]", ...
-TLS_REJECTED = "400 Bad Request"  # nginx's answer to a missing, unknown or revoked client certificate
+TLS_REJECTED = "400 Bad Request"  # nginx's answer to a missing certificate or one from another CA
+# The proxy's answer to a certificate from the federation's CA that is not enrolled (fedmed.deploy.proxy):
+# revoked with 'fedmed server remove-site', or never added. httpx: "Client error '403 Forbidden' for url ...".
+NOT_ENROLLED = "'403 Forbidden'"
+# While the coordinator still counts a dead node online, retry this often: the doubling backoff would
+# otherwise overshoot the moment it lets the node in by up to twice the online window.
+ONLINE_RETRY_S = 3.0
+PRIVATE_UMASK = 0o077
 
 
-def refusal_diagnosis(site: SiteConfig, *, public_key: str) -> Callable[[str, float], str | None]:
+def revocation(site: SiteConfig) -> Callable[[str], Refusal | None]:
+    """The coordinator's proxy turning this site's certificate away: retried slowly, said once, given up on."""
+    bound = site.daemon.revoked_exit_after_s
+    refusal = Refusal(
+        message=(
+            f"the coordinator refuses this site's certificate ({site.client_certificate.name}; "
+            f"HTTP 403 from {site.server.address}): it was revoked with 'fedmed server remove-site', or is not "
+            "enrolled yet. Ask the coordinator to (re-)add this site ('fedmed server add-site'); this daemon stops "
+            f"with exit code 2 if the refusal lasts {bound:.0f} s (daemon.revoked_exit_after_s)"
+        ),
+        retry_after_s=min(60.0, max(5.0, bound / 10)),
+        give_up_after_s=bound,
+    )
+    return lambda output: refusal if NOT_ENROLLED in output else None
+
+
+def refusal_diagnosis(site: SiteConfig, *, public_key: str) -> Callable[[str, float], Diagnosis | None]:
     """What a failed SuperNode start means for the admin, given its output and how long it has failed."""
     # A node killed without signing off stays online at the coordinator for two heartbeats.
     online_window_s = 2 * supernode.HEARTBEAT_INTERVAL_S
@@ -37,16 +61,17 @@ def refusal_diagnosis(site: SiteConfig, *, public_key: str) -> Callable[[str, fl
         f"with 'fedmed server add-site'; this daemon keeps trying meanwhile"
     )
 
-    def diagnose(output: str, failing_for_s: float) -> str | None:
+    def diagnose(output: str, failing_for_s: float) -> Diagnosis | None:
         if ACTIVATION_REFUSED in output:
             if failing_for_s <= 2 * online_window_s:
-                return (
+                return Diagnosis(
                     "the coordinator refused to activate this site's node: it most likely still lists the site as "
-                    f"online (a SuperNode that ended without signing off stays so for up to {online_window_s:.0f} s)"
+                    f"online (a SuperNode that ended without signing off stays so for up to {online_window_s:.0f} s)",
+                    retry_within_s=ONLINE_RETRY_S,
                 )
-            return f"refused for {failing_for_s:.0f} s, longer than a dead node stays online: {unknown_key}"
+            return Diagnosis(f"refused for {failing_for_s:.0f} s, longer than a dead node stays online: {unknown_key}")
         if TLS_REFUSED in output or TLS_REJECTED in output:
-            return (
+            return Diagnosis(
                 f"the TLS connection to {site.server.address} failed: check that {site.server.ca_certificate.name} "
                 f"is the federation's CA and that this site's certificate ({site.client_certificate.name}) is the "
                 f"one the coordinator issued and has not been revoked ('fedmed server remove-site')"
@@ -109,9 +134,13 @@ def executor_command(site: SiteConfig, config_file: Path) -> list[str]:
 
 
 def start(config_file: Path) -> int:
-    """Run until stopped (a config fault ends it before, with exit code 2); returns 0."""
+    """Run until stopped (returns 0); a config fault ends it before, and a revoked certificate after
+    `daemon.revoked_exit_after_s`, with exit code 2."""
     config_file = Path(config_file).resolve()
     site = load_site_config(config_file)
+    # The ledger, audit log, kept state, Flower's files and the log are the site's alone: everything this
+    # process and its children create is owner-only.
+    os.umask(PRIVATE_UMASK)
     public_key = preflight.check_site(site)
     env = flower_environment(flower_home=site.state_dir / "flwr-home")
     supervisor = Supervisor(
@@ -123,6 +152,7 @@ def start(config_file: Path) -> int:
                 env,
                 site.daemon.log_file,
                 diagnose=refusal_diagnosis(site, public_key=public_key),
+                refusal=revocation(site),
             ),
             # Flower's executor looks for new ClientApp work every second unless told otherwise.
             Child(
@@ -136,7 +166,7 @@ def start(config_file: Path) -> int:
     logger.info(
         "site %s: connecting to %s; data %s; log %s", site.name, site.server.address, site.data, site.daemon.log_file
     )
-    return supervisor.run()
+    return supervisor.run()  # GAVE_UP (2) after a lasting revocation
 
 
 def approve(config_file: Path, digest: str) -> list[str]:

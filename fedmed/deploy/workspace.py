@@ -105,16 +105,28 @@ def provision(
         "superlink": {"host": listen or listen_address(addresses), "port": port, "public_address": public_address},
     }
     workspace.server_config.write_text(_header("coordinator", federation) + tomli_w.dumps(server_config))
-    for index, site in enumerate(sites):
+    for site, runtime_port in zip(sites, runtime_ports(len(sites), taken={port, port + 1}), strict=True):
         write_site_kit(
             workspace,
             site=site,
             public_address=public_address,
             with_keys=site_keys,
             app_digest=app_digest,
-            runtime_port=DEFAULT_RUNTIME_PORT + index,
+            runtime_port=runtime_port,
         )
     return workspace
+
+
+def runtime_ports(count: int, *, taken: set[int]) -> list[int]:
+    """One runtime port per site kit, each its own and none of the coordinator's (its public port and the
+    SuperLink's internal one), so that sites, and a coordinator, can share one machine (a demo, a test lab)."""
+    ports: list[int] = []
+    candidate = DEFAULT_RUNTIME_PORT
+    while len(ports) < count:
+        if candidate not in taken:
+            ports.append(candidate)
+        candidate += 1
+    return ports
 
 
 def listen_address(addresses: list[str]) -> str:

@@ -3,8 +3,10 @@
 One JSON object per line in the site's state folder, append-only and tamper-evident: each record
 holds the SHA-256 of the line before it (a hash chain) and of its own content, so editing a record,
 removing one or reordering them is found by ``verify``. A record is on disk (flush + fsync) before
-the message it describes leaves the site. Removing the *last* records cannot be told from a chain
-alone; ``verify`` prints the head hash so that an admin can note it elsewhere.
+the message it describes leaves the site. Removing the *last* records (or the whole log) cannot be
+told from a chain alone: the log's anchor (fedmed.site.audit_anchor) remembers how many records it
+held and its head, and ``verify`` compares the two; it also prints the head so an admin can note it
+elsewhere (an anchor deleted together with the log's tail is found only against that).
 """
 
 from __future__ import annotations
@@ -20,6 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.core.errors import FedmedError
+from fedmed.core.log import logger
+from fedmed.privacy.ledger import LEDGER_FILENAME
+from fedmed.privacy.ledger_anchor import anchor_path as ledger_anchor_path
+
+from .audit_anchor import (
+    ANCHORED_FIELD,
+    AuditAnchor,
+    AuditAnchorError,
+    audit_anchor_path,
+    contradiction,
+    missing_anchor,
+    read_audit_anchor,
+    write_audit_anchor,
+)
 
 AUDIT_FILENAME = "audit.jsonl"
 GENESIS = "0" * 64
@@ -54,8 +70,9 @@ class AuditCheck:
     ok: bool
     records: int
     head: str  # hash of the last intact line
-    line: int | None = None  # 1-based
+    line: int | None = None  # 1-based; None when the chain is intact but the anchor contradicts it
     reason: str | None = None
+    note: str | None = None  # worth saying about an intact log (not anchored yet, anchor older than the log)
 
 
 class AuditLog:
@@ -81,21 +98,60 @@ class AuditLog:
                     os.fchmod(handle.fileno(), _FILE_MODE)
                 last = _last_line(handle)
                 previous = json.loads(last) if last else None
+                advance = self._may_advance_anchor(last, previous)
                 record: dict[str, Any] = {
                     "seq": 0 if previous is None else int(previous.get("seq", -1)) + 1,
                     "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
                     "event": event,
                     **fields,
+                    ANCHORED_FIELD: True,
                     "prev": GENESIS if last is None else _line_hash(last),
                 }
                 record["hash"] = _record_hash(record)
+                line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
                 handle.seek(0, os.SEEK_END)
-                handle.write((json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+                handle.write(line + b"\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+                # After the append: a crash in between leaves the log one record ahead, never behind.
+                if advance:
+                    write_audit_anchor(self.anchor_path, AuditAnchor(records=record["seq"] + 1, head=_line_hash(line)))
             except (OSError, ValueError) as error:
                 raise self._write_error(error) from None
         return record
+
+    @property
+    def anchor_path(self) -> Path:
+        return audit_anchor_path(self.path)
+
+    def _may_advance_anchor(self, last: bytes | None, previous: dict[str, Any] | None) -> bool:
+        """Whether the log, as it is before an append, agrees with its anchor (so the anchor may move on).
+
+        A log the anchor contradicts is still appended to (nothing leaves the site unrecorded), but the
+        anchor stays where it was, so that ``verify`` keeps reporting the loss until an admin has looked.
+        """
+        try:
+            anchor = read_audit_anchor(self.anchor_path)
+        except AuditAnchorError as error:
+            logger.error("%s", error)
+            return False
+        held = 0 if previous is None else int(previous.get("seq", -1)) + 1
+        if anchor is None:
+            reason = missing_anchor(self._lines(), anchor_file=self.anchor_path) if held else None
+        elif held == anchor.records and (last is None or _line_hash(last) == anchor.head):
+            return True
+        elif held == anchor.records + 1 and previous is not None and previous.get("prev") == anchor.head:
+            return True  # the last append's anchor update was lost to a crash
+        else:
+            reason = contradiction(anchor, [_line_hash(line) for line in self._lines()])
+        if reason is not None:
+            logger.error(
+                "audit log %s: %s; it is kept as found (its anchor is not moved): run 'fedmed site audit SITE_CONFIG "
+                "--verify' and compare the log with the site's backup",
+                self.path,
+                reason,
+            )
+        return reason is None
 
     def records(self) -> list[dict[str, Any]]:
         """Every record, oldest first (unverified: see ``verify``)."""
@@ -120,16 +176,43 @@ class AuditLog:
         return any(f'"event":"{event}"'.encode() in line for line in self._lines() for event in LEDGER_EVENTS)
 
     def verify(self) -> AuditCheck:
-        """Walk the chain; report the first line whose content or link does not match."""
-        head, count = GENESIS, 0
-        if not self.path.exists():
-            return AuditCheck(ok=True, records=0, head=head)
-        for number, line in enumerate(self._lines(), start=1):
-            reason = _check_line(line, previous_hash=head, expected_seq=count)
+        """Walk the chain, then hold it against the anchor: the first line whose content or link does not
+        match, or the records the anchor remembers and the log no longer holds."""
+        try:
+            anchor = read_audit_anchor(self.anchor_path)  # before the log: an append in between only adds lines
+        except AuditAnchorError as error:
+            return AuditCheck(ok=False, records=0, head=GENESIS, reason=str(error))
+        lines = self._lines() if self.path.exists() else []
+        head, hashes = GENESIS, []
+        for number, line in enumerate(lines, start=1):
+            reason = _check_line(line, previous_hash=head, expected_seq=len(hashes))
             if reason is not None:
-                return AuditCheck(ok=False, records=count, head=head, line=number, reason=reason)
-            head, count = _line_hash(line), count + 1
-        return AuditCheck(ok=True, records=count, head=head)
+                return AuditCheck(ok=False, records=len(hashes), head=head, line=number, reason=reason)
+            head = _line_hash(line)
+            hashes.append(head)
+        reason, note = self._against_anchor(anchor, hashes)
+        return AuditCheck(ok=reason is None, records=len(hashes), head=head, reason=reason, note=note)
+
+    def _against_anchor(self, anchor: AuditAnchor | None, hashes: list[str]) -> tuple[str | None, str | None]:
+        """(why the intact chain is not the whole log, what else is worth saying)."""
+        if anchor is not None:
+            reason = contradiction(anchor, hashes)
+            if reason is None and len(hashes) > anchor.records + 1:
+                return None, (
+                    f"its anchor remembers only {anchor.records} record(s): the anchor is older than the log "
+                    "(restored from an older backup?); the next record moves it"
+                )
+            return reason, None
+        if not hashes:
+            ledger_anchor = ledger_anchor_path(self.path.parent / LEDGER_FILENAME)
+            if ledger_anchor.exists():
+                return (
+                    f"the audit log and its anchor are missing, but this site has a privacy ledger "
+                    f"({ledger_anchor.name}) whose creation the log recorded: the log was deleted"
+                ), None
+            return None, None
+        reason = missing_anchor(self._lines(), anchor_file=self.anchor_path)
+        return reason, None if reason else "not anchored yet (written by an earlier fedmed); the next record anchors it"
 
     def _lines(self) -> list[bytes]:
         try:

@@ -23,9 +23,15 @@ def format_audit(log: AuditLog, *, as_json: bool = False) -> str:
 
 def format_check(log: AuditLog, check: AuditCheck) -> str:
     if check.ok:
+        anchored = f"; {check.note}" if check.note else f", as its anchor {log.anchor_path.name} remembers"
         return (
-            f"audit log {log.path}: intact, {check.records} record(s); head {check.head} "
-            "(note it elsewhere: removing the newest records can only be seen against it)"
+            f"audit log {log.path}: intact, {check.records} record(s){anchored}; head {check.head} (note it "
+            "elsewhere too: an anchor deleted together with the newest records is found only against it)"
+        )
+    if check.line is None:
+        return (
+            f"audit log {log.path}: BROKEN: {check.reason}. The {check.records} record(s) it holds form an intact "
+            "chain. Keep the log and its anchor as evidence and compare them with the site's backup"
         )
     return (
         f"audit log {log.path}: BROKEN at line {check.line}: {check.reason}. The {check.records} record(s) before it "

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fedmed.deploy.local import LocalFederation
+from fedmed.deploy.proxy import ProxyError, find_nginx
+
+
+def require_nginx() -> None:
+    """For a test's own federation (as conftest's shared one): skip without nginx, fail under FEDMED_REQUIRE_NGINX=1."""
+    try:
+        find_nginx()
+    except ProxyError as missing:
+        if os.environ.get("FEDMED_REQUIRE_NGINX") == "1":
+            pytest.fail(f"{missing} (FEDMED_REQUIRE_NGINX=1 makes this a failure, not a skip)")
+        pytest.skip(f"{missing}; or set FEDMED_REQUIRE_NGINX=1 to fail instead of skipping")
 
 
 def run_config(federation: LocalFederation, name: str, **sections: dict[str, Any]) -> Path:

@@ -14,6 +14,7 @@ from deploy_helpers import run_config
 from fedmed.config import load_site_config
 from fedmed.deploy.local import FEDMED, LocalFederation, cli
 from fedmed.privacy import PrivacyLedger
+from fedmed.privacy.ledger_anchor import anchor_path, read_anchor
 from fedmed.site.audit import AuditLog, audit_path
 from fedmed.site.ledger_guard import open_site_ledger
 from fedmed.site.privacy import ledger_path
@@ -68,6 +69,15 @@ def test_the_audit_log_records_exactly_what_each_site_sent(federation: LocalFede
         assert "intact" in verified.stdout
         listed = cli([FEDMED, "site", "audit", site_config, "--json"]).stdout.splitlines()
         assert sum(json.loads(line).get("run_id") == run_dir.name for line in listed) == len(sent)
+        # What the site daemon keeps (ledger, audit log, kept state, Flower's files, its log) is its alone.
+        kit = federation.site_config(site).parent
+        shared = [
+            f"{path.relative_to(kit)} {path.stat().st_mode & 0o777:o}"
+            for folder in (kit / "state", kit / "logs")
+            for path in [folder, *folder.rglob("*")]
+            if not path.is_symlink() and path.stat().st_mode & 0o077
+        ]
+        assert not shared, f"site {site}: readable by others: {shared}"
 
 
 def test_missing_ledgers_and_a_nearly_spent_budget_are_refused(federation: LocalFederation) -> None:
@@ -94,7 +104,13 @@ def test_missing_ledgers_and_a_nearly_spent_budget_are_refused(federation: Local
         output = " ".join(refused.stdout.split())
         for site in ("a", "b"):
             assert not ledgers[site].exists(), "a missing ledger is never silently recreated"
-            assert f"privacy ledger {ledgers[site]} is missing" in output, refused.stdout
+            assert "privacy ledger privacy-ledger.sqlite is missing" in output, refused.stdout
+            # The coordinator gets the reason and the fix; the site's paths and ledger id stay in the site's log.
+            ledger_id = read_anchor(anchor_path(ledgers[site])).ledger_id
+            assert str(_state(federation, site)) not in refused.stdout + refused.stderr
+            assert ledger_id not in refused.stdout + refused.stderr
+            site_log = federation.site_log(site).read_text()
+            assert f"privacy ledger {ledgers[site]} is missing" in site_log and ledger_id in site_log
         assert "site c: privacy budget exhausted for this run (ε 0.004 left, the run asks ε 1)" in output, output
         assert "max_noise_multiplier" in output
         reasons = {"a": "is missing", "b": "is missing", "c": "max_noise_multiplier"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -57,12 +58,13 @@ def test_a_failing_site_is_dropped_while_the_quorum_holds(tiny_config, caplog) -
     dropped = [
         r.getMessage() for r in caplog.records if r.getMessage().startswith("round") and " dropped " in r.getMessage()
     ]
-    assert len(dropped) == 2 and victim in dropped[0]
+    assert len(dropped) == 2 and Path(victim).name in dropped[0]
     assert (run_dir.checkpoints / "final.pt").exists()
     for row in run_dir.read_rounds():  # the round log says who refused, and why
         assert row["sites_trained"] == ["site-a", "site-c"] and row["sites_dropped"] == []
         (reason,) = row["sites_refused"].values()  # keyed "node <id>": in simulation a site is named by its replies
-        assert victim in reason
+        # The file by name, not the site's path (the site's own log keeps that: fedmed.flower.client.neutral).
+        assert Path(victim).name in reason and victim not in reason
 
 
 def test_a_round_below_quorum_fails_loudly(tiny_config) -> None:
@@ -72,7 +74,8 @@ def test_a_round_below_quorum_fails_loudly(tiny_config) -> None:
         _run_loop(config)
     message = str(error.value)
     assert "round 1: 2 of 3 site(s) returned an update, quorum is 3" in message
-    assert victim in message and "lower strategy.min_sites" in message
+    assert "site 'site-b' at site-b: 1 problem(s) found" in message and "lower strategy.min_sites" in message
+    assert victim not in message, "the coordinator is told the problem, not the site's paths"
 
 
 def test_a_run_resumes_from_its_last_checkpoint(tiny_config) -> None:

@@ -93,3 +93,77 @@ def test_the_cli_lists_and_verifies(tmp_path: Path, log: AuditLog, monkeypatch: 
     log.path.write_bytes(log.path.read_bytes().replace(b'"round":2', b'"round":9'))
     broken = runner.invoke(site_cli.site_app, ["audit", "x.toml", "--verify"])
     assert broken.exit_code == 1 and "BROKEN at line 2" in broken.output
+    _keep_lines(log, 1)  # what the issue found: a cut tail read "intact"
+    cut = runner.invoke(site_cli.site_app, ["audit", "x.toml", "--verify"])
+    assert cut.exit_code == 1 and "BROKEN: the newest 2 record(s) were removed" in cut.output
+
+
+# The tail and the whole log, against the anchor (fedmed.site.audit_anchor).
+
+
+def _keep_lines(log: AuditLog, count: int) -> None:
+    lines = log.path.read_bytes().splitlines(keepends=True)
+    log.path.write_bytes(b"".join(lines[:count]))
+
+
+def test_a_cut_tail_is_found_against_the_anchor(log: AuditLog) -> None:
+    _keep_lines(log, 1)  # the newest two records removed: what is left is still a valid chain
+    check = log.verify()
+    assert not check.ok and check.records == 1 and check.line is None
+    assert "the newest 2 record(s) were removed" in check.reason
+    assert "BROKEN: the newest 2 record(s) were removed" in format_check(log, check)
+
+
+def test_a_deleted_log_is_found_against_the_anchor(log: AuditLog) -> None:
+    log.path.unlink()
+    check = log.verify()
+    assert not check.ok and "the audit log is missing" in check.reason
+
+
+def test_appending_after_a_cut_keeps_the_finding(log: AuditLog) -> None:
+    _keep_lines(log, 1)
+    for _ in range(3):  # the log grows back past the anchored count from where it was cut
+        log.append("message-sent", kind="metrics", run_id="run-2", round=1)
+    check = log.verify()
+    assert not check.ok and "record 3 is not the one the anchor remembers" in check.reason
+
+
+def test_a_log_one_record_ahead_of_its_anchor_is_a_crash_not_tampering(log: AuditLog) -> None:
+    anchor = log.anchor_path.read_bytes()
+    log.append("message-sent", kind="metrics", run_id="run-1", round=4)
+    log.anchor_path.write_bytes(anchor)  # the daemon died between the append and the anchor's update
+    check = log.verify()
+    assert check.ok and check.records == 4 and check.note is None
+    log.append("message-sent", kind="metrics", run_id="run-1", round=5)  # the next append catches the anchor up
+    assert log.verify().ok and json.loads(log.anchor_path.read_text())["records"] == 5
+
+
+def test_a_deleted_anchor_of_an_anchored_log_is_found(log: AuditLog) -> None:
+    log.anchor_path.unlink()
+    _keep_lines(log, 2)
+    log.append("message-sent", kind="metrics", run_id="run-2", round=1)  # does not re-anchor the cut log
+    check = log.verify()
+    assert not check.ok and "anchor audit.anchor.json is missing" in check.reason
+
+
+def test_a_log_from_before_anchors_is_anchored_by_its_next_record(log: AuditLog) -> None:
+    legacy = AuditLog(log.path.with_name("legacy.jsonl"))
+    lines = [json.loads(line) for line in log.path.read_text().splitlines()]
+    for record in lines:  # rewrite the chain without the anchored mark, as an earlier fedmed wrote it
+        record.pop("anchored")
+    from fedmed.site.audit import GENESIS, _line_hash, _record_hash
+
+    previous, out = GENESIS, []
+    for record in lines:
+        record["prev"] = previous
+        record["hash"] = _record_hash(record)
+        line = json.dumps(record, separators=(",", ":"))
+        previous = _line_hash(line.encode())
+        out.append(line)
+    legacy.path.write_text("\n".join(out) + "\n")
+    check = legacy.verify()
+    assert check.ok and "not anchored yet" in check.note
+    legacy.append("message-sent", kind="metrics", run_id="run-2", round=1)
+    assert legacy.verify().ok and legacy.verify().note is None
+    _keep_lines(legacy, 3)
+    assert not legacy.verify().ok

@@ -38,6 +38,7 @@ from fedmed.flower.wire import (
 )
 from fedmed.site.audit import AuditLog, audit_path
 
+from .neutral import site_neutral
 from .site_context import site_state_root
 
 MESSAGE = "message-sent"  # the audit event of a reply that left the site
@@ -70,16 +71,22 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     try:
         reply = call_next(msg, context)
     except Exception as error:
-        # Flower turns the exception into an error reply: that reply leaves the site too.
-        reason = f"{type(error).__name__}: {error}"
+        # Flower turns the exception into an error reply, which leaves the site too: without the site's paths
+        # (the whole exception, with its traceback, stays in the site's log through the chain).
+        reason = f"{type(error).__name__}: {site_neutral(str(error))}"
         _record(log, msg, context, kind=REFUSAL, payload=reason.encode(), extra={"reason": reason})
-        raise
+        raise SiteFailureError(reason) from error
     try:
         _record(log, msg, context, **describe(msg, reply))
     except FedmedError as error:
         logger.error("%s", error)
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(error)), reply_to=msg)
+        reason = site_neutral(str(error))
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
     return reply
+
+
+class SiteFailureError(Exception):
+    """An unexpected failure of a handler, as the coordinator is told of it (fedmed.flower.client.neutral)."""
 
 
 def describe(msg: Message, reply: Message) -> dict[str, Any]:

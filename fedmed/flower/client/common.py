@@ -25,6 +25,7 @@ from fedmed.flower.wire import (
 )
 from fedmed.site.session import SiteSession
 
+from .neutral import site_neutral
 from .site_context import session_held_layout, session_layout, site_session
 
 _loaded_at = time.time()
@@ -90,6 +91,7 @@ def reply(msg: Message, session: SiteSession, records: dict) -> Message:
 
 
 def refuse(msg: Message, error: FedmedError) -> Message:
-    """Expected problems (bad data, mismatched model) go back as a readable error, not a crash."""
+    """Expected problems (bad data, mismatched model) go back as a readable error, not a crash: the site's
+    log keeps the whole message, the coordinator gets it without the site's paths and ledger id."""
     logger.error("%s", error)
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(error)), reply_to=msg)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=site_neutral(str(error))), reply_to=msg)
