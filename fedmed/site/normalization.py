@@ -16,6 +16,10 @@ from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
 
 STATE_FILE = "normalization.json"
+# The after-normalization histogram of the affine site modes spans a fixed range: one chosen from the
+# normalized voxels, beside the before-histogram's range over the same voxels, would give the server the
+# site's mean and std (or percentiles) exactly.
+AFTER_HISTOGRAM_RANGES = {"site_zscore": (-4.0, 4.0), "site_percentile": (0.0, 1.0)}
 
 
 class NormalizationStateError(FedmedError):
@@ -95,6 +99,7 @@ class SiteNormalization:
             bins=self.settings.histogram_bins,
             rule=self.settings.foreground,
             masks=masks,
+            value_range=None if data is raw else AFTER_HISTOGRAM_RANGES.get(self.method),
         )
 
     def _read(self) -> dict[str, Any] | None:

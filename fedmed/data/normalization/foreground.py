@@ -69,11 +69,17 @@ def intensity_histogram(
     bins: int,
     rule: str,
     masks: Sequence[torch.Tensor] | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Histogram of the site's foreground voxels for the report: {"counts", "low", "high"}.
 
     Pass the masks computed on the raw images to the before and the after call, so both count the same
     voxels (normalization moves the image mean, and with it the "mean" rule's foreground).
+
+    Without `value_range` the range is the voxels' own 0.5th-99.5th percentiles. A fixed `value_range`
+    keeps the range from saying anything about the data: two histograms of the same voxels with
+    data-chosen ranges, before and after an affine normalization, give away the normalization's exact
+    statistics (the percentiles move with the affine map).
     """
     if bins < 1:
         raise ValueError(f"a histogram needs at least 1 bin, got {bins}; use normalization.histogram_bins >= 4")
@@ -88,12 +94,17 @@ def intensity_histogram(
                 f"compute the masks with foreground_mask on the same images"
             )
     masks = [mask.to(torch.bool) for mask in masks]
-    sample, total = _pooled_foreground(images, masks=masks, limit=MAX_PERCENTILE_VOXELS)
-    sample = sample[np.isfinite(sample)]
-    if total == 0 or sample.size == 0:
-        # A report must still render for a site with nothing to show.
-        return {"counts": [0] * bins, "low": 0.0, "high": 0.0}
-    low, high = (float(value) for value in np.percentile(sample, list(_HISTOGRAM_RANGE_PERCENTILES)))
+    if value_range is not None:
+        low, high = (float(value) for value in value_range)
+        if not high > low:
+            raise ValueError(f"a histogram range must be increasing, got {list(value_range)}; pass (low, high)")
+    else:
+        sample, total = _pooled_foreground(images, masks=masks, limit=MAX_PERCENTILE_VOXELS)
+        sample = sample[np.isfinite(sample)]
+        if total == 0 or sample.size == 0:
+            # A report must still render for a site with nothing to show.
+            return {"counts": [0] * bins, "low": 0.0, "high": 0.0}
+        low, high = (float(value) for value in np.percentile(sample, list(_HISTOGRAM_RANGE_PERCENTILES)))
     edges_high = high if high > low else low + 1.0
     counts = np.zeros(bins, dtype=np.int64)
     for image, mask in zip(images, masks):
