@@ -113,8 +113,10 @@ def server_add_site(
         if signed is not None:
             typer.echo(f"signed the certificate request of site {name}: send {signed} back to the site's admin")
         try:
-            enrollment.register_now(server, site=name)
-            typer.echo(f"site {name} registered; it can connect now")
+            node = enrollment.register_now(server, site=name)
+            typer.echo(f"site {name} registered (node {node}); it can connect now")
+        except flower_cli.RetiredKeyError:
+            raise
         except flower_cli.ControlApiError as error:
             typer.echo(f"site {name} added to {server.site_keys}; it is registered when the server starts ({error})")
 
@@ -134,6 +136,34 @@ def server_remove_site(
             typer.echo(line)
 
 
+@server_app.command("firewall")
+def server_firewall(
+    config_file: Annotated[Path, typer.Argument(help="server.toml", metavar="SERVER_CONFIG")],
+    user: Annotated[
+        list[str] | None,
+        typer.Option(help="Account allowed to reach the internal port (repeatable; default: this one)."),
+    ] = None,
+    install: Annotated[bool, typer.Option("--install", help="Load the rules now (root, nft).")] = False,
+    remove: Annotated[bool, typer.Option("--remove", help="Delete the rules.")] = False,
+) -> None:
+    """Print (or install) nftables rules that let only the coordinator's account reach the SuperLink's
+    internal port: Flower's Control API there has no authentication."""
+    from fedmed.config import load_server_config
+    from fedmed.deploy import firewall
+
+    with user_errors():
+        server = load_server_config(config_file)
+        if remove:
+            gone = firewall.remove(server)
+            typer.echo(f"table inet {firewall.table_name(server)} " + ("deleted" if gone else "was not installed"))
+            return
+        uids = firewall.account_uids(user or [])
+        if install:
+            typer.echo(f"installed table inet {firewall.install(server, uids=uids)}: uids {uids} only")
+        else:
+            typer.echo(firewall.ruleset(server, uids=uids), nl=False)
+
+
 def run(
     config_file: Annotated[
         Path | None, typer.Argument(help="Run config (TOML): task, model, train, strategy.", metavar="CONFIG")
@@ -144,12 +174,16 @@ def run(
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a config value (repeatable).")] = None,
 ) -> None:
     """Launch a federated run on the live federation (or resume one)."""
+    import os
+
     from fedmed.config import load_run_config, load_server_config
     from fedmed.core.errors import FedmedError
+    from fedmed.deploy.server import PRIVATE_UMASK
     from fedmed.runs.run_dir import STATUS_FILE
     from fedmed.workflows import deployed_run
 
     setup_logging(False)
+    os.umask(PRIVATE_UMASK)  # the run directory and its files are the coordinator's alone
     with user_errors():
         config = None
         if resume is None and config_file is not None:

@@ -20,8 +20,24 @@ Report = dict[str, Any]
 
 
 def report_lines(report: Report) -> list[str]:
-    lines = [f"federation {report['federation']}", "sites:"]
-    lines += [f"  {site['site']:<20} {site['status']:<12} node {site['node_id']}" for site in report["sites"]]
+    lines = [f"federation {report['federation']}"]
+    server = report.get("server", {})
+    if server.get("state") == "down":
+        lines.append(f"server: DOWN - {server.get('reason')}; runs are shown as their folders tell them")
+    lines.append("sites:")
+    lines += [
+        f"  {site['site']:<20} {site['status']:<12} "
+        + (f"node {site['node_id']}" if site["node_id"] is not None else "not registered: see the server log")
+        for site in report["sites"]
+    ]
+    if report.get("unenrolled_nodes"):
+        lines.append("NOT ENROLLED (registered with the SuperLink by someone else; never sampled):")
+        for node in report["unenrolled_nodes"]:
+            named = f" (calls itself '{node['name']}')" if node.get("name") else ""
+            lines.append(
+                f"  node {node['node_id']:<20} {node['status']:<12}{named} - remove it: FLWR_HOME=<server>/state/"
+                f"flwr-home flwr supernode unregister {node['node_id']} fedmed; see server/README.md"
+            )
     lines.append("runs:")
     for run in report["runs"]:
         lines += run_lines(run)

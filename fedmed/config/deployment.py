@@ -36,6 +36,12 @@ class SuperLinkSettings(StrictModel):
     public_address: str = Field(description="host:port that sites connect to; must be in the certificate's SANs")
     database: Path = Path("state/superlink.db")
     log_file: Path = Path("logs/superlink.log")
+    max_request_mb: float | None = Field(
+        None,
+        gt=0,
+        description="largest request body the public port accepts, in MiB (default: what Flower's largest "
+        "message part needs, ~16 MiB, whatever the model's size); raise it only if the log shows 413s from sites",
+    )
 
     @model_validator(mode="after")
     def _internal_port(self) -> SuperLinkSettings:
@@ -73,6 +79,11 @@ class ServerConfig(StrictModel):
 
     _check_digests = field_validator("approved_apps")(_digests)
 
+    @property
+    def site_nodes_file(self) -> Path:
+        """The enrolment list: site -> node id of every site key registered with the SuperLink."""
+        return self.superlink.database.parent / "site-nodes.json"
+
     def resolve(self, base: Path) -> ServerConfig:
         resolved = self.model_copy(deep=True)
         resolved.superlink.database = _under(base, self.superlink.database)
@@ -99,6 +110,12 @@ class SiteDaemonSettings(StrictModel):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per ClientApp (default: all cores)")
     poll_interval_s: float = Field(
         0.25, ge=0.05, le=60, description="how often an idle site asks the server for work (Flower's default: 3 s)"
+    )
+    revoked_exit_after_s: float = Field(
+        600,
+        ge=1,
+        description="how long the daemon keeps retrying, slowly, after the coordinator's proxy turned its "
+        "certificate away (revoked with 'fedmed server remove-site', or not enrolled) before it stops with exit code 2",
     )
 
 

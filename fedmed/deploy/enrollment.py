@@ -41,6 +41,7 @@ def add_site(
     line = pki.load_public_key_line(public_key)
     if csr is not None and certificate is not None:
         raise EnrollmentError("give either --csr (sign the site's request) or --certificate (one already issued)")
+    _refuse_retired_key(server, site=site, public_key=public_key)
     signed = None
     if csr is not None:
         issued = site_certs.sign_request(
@@ -68,9 +69,26 @@ def add_site(
     return signed
 
 
-def register_now(server: ServerConfig, *, site: str) -> dict[str, int]:
-    """Register the site's key with the running SuperLink (raises ControlApiError when it is down)."""
-    return register_sites(server, [server.site_keys / f"{site}.pub"])
+def register_now(server: ServerConfig, *, site: str) -> int:
+    """Register the site's key with the running SuperLink; returns its node id (raises ControlApiError
+    when the server is down, RetiredKeyError for the key of a removed site)."""
+    return register_sites(server, [server.site_keys / f"{site}.pub"], strict=True)[site]
+
+
+def _refuse_retired_key(server: ServerConfig, *, site: str, public_key: Path) -> None:
+    """Flower keeps a removed site's key as retired and refuses it ever after: say so before anything is
+    written or signed. With the server down this is checked when it starts (the site is then left out)."""
+    try:
+        node = flower_cli.node_of_key(server, public_key=public_key)
+    except flower_cli.ServerNotRunningError:
+        return
+    if node is not None and node["status"] == "unregistered":
+        raise EnrollmentError(
+            f"cannot add site '{site}' with {public_key}: that key belonged to node {node['node-id']}, removed "
+            f"with 'fedmed server remove-site', and Flower's SuperLink never accepts a retired key again. Ask "
+            f"the site's admin for a new key and certificate request ('fedmed site keygen keys --name {site}') "
+            f"and add those: 'fedmed server add-site SERVER_TOML {site} keys/{site}.pub --csr keys/{site}.csr'"
+        )
 
 
 def remove_site(server: ServerConfig, *, site: str) -> list[str]:

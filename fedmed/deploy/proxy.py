@@ -9,7 +9,9 @@ only when all of these hold:
 - its fingerprint is enrolled (a `map` over `$ssl_client_fingerprint` from a file fedmed writes from
   `site-certs/`; removing a site rewrites it and reloads nginx, which revokes at once);
 - it is a POST to one of the Fleet endpoints a SuperNode uses. Node registration, the Control API and
-  the runtime API are not among them: those stay with the coordinator, on loopback.
+  the runtime API are not among them: those stay with the coordinator, on loopback;
+- its body is no larger than Flower's largest message part needs (`max_request_bytes`): nginx answers
+  413 before the SuperLink reads a byte of a larger one.
 
 nginx runs in the foreground under fedmed's supervisor, with its pid file, temporary files and access
 log in the server's state folder and its error log on stderr (the server log).
@@ -27,6 +29,7 @@ from fedmed.config import ServerConfig
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
 from fedmed.core.log import logger
+from fedmed.flower.runtime.environment import largest_message_part
 
 from . import pki, site_certs
 
@@ -47,6 +50,8 @@ FLEET_ENDPOINTS = (
 NGINX_LOCATIONS = (Path("/usr/sbin/nginx"), Path("/usr/local/sbin/nginx"), Path("/usr/local/nginx/sbin/nginx"))
 # The name nginx checks the SuperLink's certificate against: provisioning always certifies it.
 UPSTREAM_NAME = "localhost"
+MIB = 1024 * 1024
+DEFAULT_MAX_REQUEST_MIB = 16
 
 
 class ProxyError(FedmedError):
@@ -88,6 +93,15 @@ def command(server: ServerConfig) -> list[str]:
     """nginx in the foreground with fedmed's config; errors before the config is read go to stderr too."""
     prefix = proxy_dir(server)
     return [find_nginx(), "-e", "stderr", "-p", f"{prefix}/", "-c", str(config_file(server)), "-g", "daemon off;"]
+
+
+def max_request_bytes(server: ServerConfig) -> int:
+    """The largest request body the public port lets through (nginx answers 413 above it, before the
+    SuperLink reads a byte): server.toml's superlink.max_request_mb, or three of Flower's largest message
+    parts with a 16 MiB floor. Flower splits arrays into chunks, so no model size needs more."""
+    if server.superlink.max_request_mb is not None:
+        return int(server.superlink.max_request_mb * MIB)
+    return max(DEFAULT_MAX_REQUEST_MIB * MIB, 3 * largest_message_part())
 
 
 def enrolled_sites(server: ServerConfig) -> dict[str, str]:
@@ -158,8 +172,9 @@ http {{
         ssl_verify_client on;
         ssl_verify_depth 1;
 
-        # Model updates are large; rounds can wait long on slow sites.
-        client_max_body_size 0;
+        # Flower sends a model in chunks of at most a few MiB, one request each: a larger body is not a site's.
+        client_max_body_size {max_request_bytes(server) // 1024}k;
+        # Rounds can wait long on slow sites.
         proxy_read_timeout 3600s;
         proxy_send_timeout 3600s;
         proxy_request_buffering off;

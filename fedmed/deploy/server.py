@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -17,6 +18,28 @@ from . import flower_cli, preflight, proxy
 from .processes import executable, flower_environment, shared_secret
 from .supervisor import Child, Supervisor
 
+PRIVATE_UMASK = 0o077
+
+
+def private_folders(server: ServerConfig) -> list[Path]:
+    """What only the coordinator's account may read: its state, its logs and the runs."""
+    return [server.superlink.database.parent, server.superlink.log_file.parent, server.runs]
+
+
+def make_owner_only(folder: Path) -> None:
+    """Take group and other permissions off `folder` and everything in it (files left by an older fedmed)."""
+    if not folder.is_dir():
+        return
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        try:
+            mode = path.stat().st_mode & 0o7777
+            if mode & 0o077:
+                os.chmod(path, mode & ~0o077)
+        except FileNotFoundError:  # a temporary file gone meanwhile
+            continue
+
 
 def superexec_secret(server: ServerConfig) -> Path:
     """Shared secret that lets only fedmed's executor take ServerApp tasks from the SuperLink."""
@@ -24,17 +47,28 @@ def superexec_secret(server: ServerConfig) -> Path:
 
 
 def site_nodes_file(server: ServerConfig) -> Path:
-    return server.superlink.database.parent / "site-nodes.json"
+    return server.site_nodes_file
 
 
-def register_sites(server: ServerConfig, keys: list[Path]) -> dict[str, int]:
-    """Register every site key with the SuperLink; returns site -> node id (kept across restarts)."""
+def register_sites(server: ServerConfig, keys: list[Path], *, strict: bool = False) -> dict[str, int]:
+    """Register every site key with the SuperLink; returns site -> node id (kept across restarts).
+
+    A key Flower retired (its site was removed) cannot come back: with `strict` that raises, otherwise the
+    site is left out with an error in the log, and the other sites are registered."""
     known = json.loads(site_nodes_file(server).read_text()) if site_nodes_file(server).exists() else {}
     for key in keys:
-        node_id = flower_cli.register_node(server, public_key=key, name=key.stem)
-        if node_id is not None:
-            known[key.stem] = node_id
+        try:
+            node_id = flower_cli.register_node(server, public_key=key, name=key.stem)
+        except flower_cli.RetiredKeyError as retired:
+            known.pop(key.stem, None)
+            if strict:
+                write_text_atomic(site_nodes_file(server), json.dumps(known, indent=2))
+                raise
+            logger.error("site %s is not registered: %s", key.stem, retired)
+            continue
+        if known.get(key.stem) != node_id:
             logger.info("registered site %s (node %d)", key.stem, node_id)
+        known[key.stem] = node_id
     write_text_atomic(site_nodes_file(server), json.dumps(known, indent=2))
     return known
 
@@ -101,8 +135,13 @@ def start(config_file: Path) -> int:
     config_file = Path(config_file).resolve()
     server = load_server_config(config_file)
     keys = preflight.check_server(server)
+    # Node keys, run configs and messages in transit (superlink.db), logs and run results are the
+    # coordinator's alone: everything this process and its children create is owner-only.
+    os.umask(PRIVATE_UMASK)
     server.superlink.database.parent.mkdir(parents=True, exist_ok=True)
     server.runs.mkdir(parents=True, exist_ok=True)
+    for folder in private_folders(server):
+        make_owner_only(folder)
     env = flower_environment(flower_home=flower_cli.flower_home(server))
     proxy_command = proxy.command(server)  # first: a missing nginx stops here, before anything starts
     proxy.render_config(server)

@@ -15,7 +15,7 @@ from typing import Any
 from fedmed.config import load_run_config
 from fedmed.core.errors import FedmedError
 
-from .run_dir import STATUS_FILE, RunDirectory
+from .run_dir import STATUS_FILE, STOPPED_FILE, RunDirectory
 from .summary import client_level_privacy
 
 FINAL_STATES = ("completed", "failed", "interrupted")
@@ -85,16 +85,24 @@ def latest_metrics(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def describe_run(
-    run_dir: RunDirectory, *, flower_status: str | None = None, server_file: Path | None = None
+    run_dir: RunDirectory,
+    *,
+    flower_status: str | None = None,
+    server_file: Path | None = None,
+    server_down: bool = False,
 ) -> dict[str, Any]:
-    """One run's status entry; a folder that cannot be read gives `state: broken` and the reason."""
+    """One run's status entry; a folder that cannot be read gives `state: broken` and the reason.
+
+    `server_down`: the coordinator's SuperLink does not answer, so the run folder is all there is to go by."""
     try:
-        return _describe(run_dir, flower_status=flower_status, server_file=server_file)
+        return _describe(run_dir, flower_status=flower_status, server_file=server_file, server_down=server_down)
     except (FedmedError, OSError, ValueError, KeyError, TypeError) as error:
         return {"run": run_dir.path.name, "state": "broken", "reason": _reason(error)}
 
 
-def _describe(run_dir: RunDirectory, *, flower_status: str | None, server_file: Path | None) -> dict[str, Any]:
+def _describe(
+    run_dir: RunDirectory, *, flower_status: str | None, server_file: Path | None, server_down: bool
+) -> dict[str, Any]:
     config = load_run_config(run_dir.config_file)
     recorded = run_dir.read_json(STATUS_FILE) or {}
     if not isinstance(recorded, dict):
@@ -102,10 +110,23 @@ def _describe(run_dir: RunDirectory, *, flower_status: str | None, server_file: 
     rounds = run_dir.read_rounds()
     state = effective_state(recorded, flower_status=flower_status)
     finished = (run_dir.checkpoints / "final.pt").exists()
+    reason = recorded.get("reason")
+    stopped = run_dir.read_json(STOPPED_FILE)
+    if isinstance(stopped, dict) and state in ("interrupted", "failed") and not finished:
+        # Not a crash: the coordinator ended it, and it resumes like an interrupted run.
+        state, reason = "interrupted", f"stopped by the coordinator ('fedmed stop' at {stopped.get('time', '?')})"
+    elif server_down and recorded.get("state") == "running":
+        reason = (
+            "running per its folder, but its process is gone; the server is down"
+            if state == "interrupted"
+            else "running per its folder; the server is down, so it cannot reach the sites"
+        )
+    elif server_down and state == "unknown":
+        reason = "the server is down; its state is unknown until 'fedmed server start'"
     entry: dict[str, Any] = {
         "run": run_dir.path.name,
         "state": state,
-        "reason": recorded.get("reason"),
+        "reason": reason,
         "rounds_done": int(rounds[-1]["round"]) if rounds else 0,
         "rounds": config.train.rounds,
         "round_history": round_history(rounds),

@@ -25,7 +25,7 @@ from fedmed.flower.runtime.app_bundle import APP_PROJECT
 from fedmed.models import check_starting_model
 from fedmed.runs import RunDirectory, submissions
 from fedmed.runs.progress import round_line
-from fedmed.runs.run_dir import FLOWER_RUNS, STATUS_FILE
+from fedmed.runs.run_dir import FLOWER_RUNS, STATUS_FILE, STOPPED_FILE
 from fedmed.runs.status import describe_run, effective_state
 from fedmed.runs.tracking import check_tracking
 
@@ -86,6 +86,7 @@ def _submit(server: ServerConfig, config: RunConfig, run_dir: RunDirectory, *, r
     )
     result = flower_cli.start_run(server, app=APP_PROJECT, run_config_file=run_config_file)
     flower_run_id = int(result["run-id"])
+    (run_dir.path / STOPPED_FILE).unlink(missing_ok=True)  # a resumed run is no longer the stopped one
     with (run_dir.path / FLOWER_RUNS).open("a", encoding="utf-8") as handle:
         handle.write(
             json.dumps(
@@ -172,7 +173,26 @@ def stop(server: ServerConfig, run_dir_or_id: str) -> int:
     else:
         raise FedmedError(f"'{run_dir_or_id}' is neither a run in {server.runs} nor a Flower run id")
     flower_cli.stop_run(server, flower_run_id)
+    stopped = _run_of(server, flower_run_id)
+    if stopped is not None and flower_run_ids(stopped)[-1] == flower_run_id:
+        # So that `fedmed status` tells this from a crash.
+        stopped.write_json(
+            STOPPED_FILE,
+            {"flower_run_id": flower_run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "by": "fedmed stop"},
+        )
     return flower_run_id
+
+
+def _run_of(server: ServerConfig, flower_run_id: int) -> RunDirectory | None:
+    """The run directory a Flower run was submitted for, if it is one of this coordinator's."""
+    for path in sorted(server.runs.glob("*/" + FLOWER_RUNS)):
+        run_dir = RunDirectory(path.parent)
+        try:
+            if flower_run_id in flower_run_ids(run_dir):
+                return run_dir
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def _record_interruption(run_dir: RunDirectory, *, flower_status: str) -> None:
@@ -187,15 +207,29 @@ def _record_interruption(run_dir: RunDirectory, *, flower_status: str) -> None:
 
 
 def status(server: ServerConfig, *, server_file: Path | None = None) -> dict[str, Any]:
-    """Sites (connected or not), and every run with its state (an interrupted one with the command that
-    resumes it), per-round participation and latest per-site metrics; an unreadable run is `broken`."""
-    nodes = {int(node["node-id"]): node for node in flower_cli.list_nodes(server)}
+    """Sites (connected or not), nodes the SuperLink knows that are not enrolled, and every run with its
+    state (an interrupted one with the command that resumes it), per-round participation and latest
+    per-site metrics; an unreadable run is `broken`. With the server down, the runs as their folders
+    tell them."""
+    problem = None
+    try:
+        nodes = {int(node["node-id"]): node for node in flower_cli.list_nodes_with_keys(server)}
+        flower_runs = {int(run["run-id"]): run for run in flower_cli.list_runs(server)}
+    except flower_cli.ServerNotRunningError as down:
+        nodes, flower_runs, problem = {}, {}, str(down)
     site_nodes = _site_nodes(server)
     sites = []
     for site in registered_sites(server):
         node = nodes.get(site_nodes.get(site, -1), {})
-        sites.append({"site": site, "node_id": site_nodes.get(site), "status": node.get("status", "unknown")})
-    flower_runs = {int(run["run-id"]): run for run in flower_cli.list_runs(server)}
+        shown = "server down" if problem else node.get("status", "unknown")
+        sites.append({"site": site, "node_id": site_nodes.get(site), "status": shown})
+    enrolled = set(site_nodes.values())
+    # A node registered on the loopback Control API by anyone but fedmed: never sampled, always shown.
+    unenrolled = [
+        {"node_id": node_id, "status": node["status"], "name": node.get("name") or None}
+        for node_id, node in sorted(nodes.items())
+        if node_id not in enrolled and node["status"] != "unregistered"
+    ]
     runs = []
     for path in sorted(server.runs.glob("*/config.toml")):
         run_dir = RunDirectory(path.parent)
@@ -204,9 +238,17 @@ def status(server: ServerConfig, *, server_file: Path | None = None) -> dict[str
         except (OSError, ValueError, KeyError, TypeError) as error:
             runs.append({"run": run_dir.path.name, "state": "broken", "reason": f"{FLOWER_RUNS}: {error}"})
             continue
-        latest = flower_runs.get(ids[-1], {}) if ids else {}
-        flower_status = latest.get("status", "not submitted" if not ids else "unknown")
-        entry = describe_run(run_dir, flower_status=flower_status if ids else None, server_file=server_file)
+        if problem:
+            flower_status = None
+        else:
+            latest = flower_runs.get(ids[-1], {}) if ids else {}
+            flower_status = latest.get("status", "not submitted" if not ids else "unknown")
+        entry = describe_run(
+            run_dir,
+            flower_status=flower_status if ids else None,
+            server_file=server_file,
+            server_down=problem is not None,
+        )
         runs.append(
             {
                 "run": entry.pop("run"),
@@ -215,7 +257,13 @@ def status(server: ServerConfig, *, server_file: Path | None = None) -> dict[str
                 **entry,
             }
         )
-    return {"federation": server.federation, "sites": sites, "runs": runs}
+    return {
+        "federation": server.federation,
+        "server": {"state": "down", "reason": problem} if problem else {"state": "up"},
+        "sites": sites,
+        "unenrolled_nodes": unenrolled,
+        "runs": runs,
+    }
 
 
 def _site_nodes(server: ServerConfig) -> dict[str, int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import ssl
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import tomli_w
 from deploy_helpers import run_config
 
 from fedmed.config import load_run_config, load_server_config, load_site_config
-from fedmed.deploy import flower_cli, pki, site_certs
+from fedmed.deploy import flower_cli, pki, proxy, site_certs
 from fedmed.deploy.local import FEDMED, LocalFederation, cli, free_port
 from fedmed.deploy.workspace import provision
 from fedmed.flower.records import encode_run
@@ -167,6 +168,8 @@ def test_an_outsider_cannot_register_or_run_a_node(federation: LocalFederation, 
     )
     assert _failed(completed), completed.stdout
     # Its own SuperNode, with the fresh key and no enrolled certificate, tries for a while.
+    access_log = proxy.proxy_dir(_server(federation)) / "access.log"
+    offset = access_log.stat().st_size
     log = (tmp_path / "supernode.log").open("wb")
     node = subprocess.Popen(
         [
@@ -198,6 +201,14 @@ def test_an_outsider_cannot_register_or_run_a_node(federation: LocalFederation, 
         node.kill()
         node.wait()
     assert _active_nodes(_server(federation)) == set(before["nodes"])
+    # It did try, and the proxy turned it away: no client certificate (fingerprint "-"), 400, never the SuperLink.
+    with access_log.open("rb") as handle:
+        handle.seek(offset)
+        lines = handle.read().decode(errors="replace").splitlines()
+    attempts = [line for line in lines if ' "-" - "POST /v1/fleet/' in line]
+    assert attempts, f"no request of the outsider's SuperNode reached the proxy: {lines[-5:]}"
+    assert all(re.search(r'HTTP/1\.1" 400 ', line) for line in attempts), attempts
+    assert "400 Bad Request" in (tmp_path / "supernode.log").read_text(), "the SuperNode was told no"
 
 
 # 5. A DP-SGD run from the network ------------------------------------------------------------------

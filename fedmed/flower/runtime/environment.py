@@ -29,3 +29,11 @@ def set_flower_verbosity(verbose: bool) -> None:
 
     # Flower narrates every sampling and aggregation step at INFO; fedmed prints its own progress.
     FLOWER_LOGGER.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def largest_message_part() -> int:
+    """Bytes of the largest object Flower sends in one request: it splits every array into chunks of
+    FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE (5 MiB) and pushes each object on its own, whatever the model's size."""
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+    return int(FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)

@@ -13,8 +13,9 @@ from fedmed.runs.outputs import write_outputs
 from fedmed.runs.run_dir import STATUS_FILE
 from fedmed.runs.status import process_identity
 
+from .enrolled import EnrolledNodes
 from .rounds import run_federation
-from .run_location import resolve_run_dir
+from .run_location import deployed_server, resolve_run_dir
 
 app = ServerApp()
 
@@ -25,8 +26,13 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = RunDirectory(resolve_run_dir(context.run_config))  # refuses others' runs before any write
     # Who runs the run: `fedmed status` tells a dead ServerApp (coordinator crash) from a running one.
     run_dir.write_json(STATUS_FILE, {"state": "running", **process_identity()})
+    site_names = decode_site_nodes(context.run_config)
+    server = deployed_server()
+    if server is not None:  # deployment: the enrolment list, not the submitted config, says who takes part
+        grid = EnrolledNodes(grid, enrolment=server.site_nodes_file)
+        site_names = grid.enrolled()
     try:
-        run_federation(grid, config=config, run_dir=run_dir, site_names=decode_site_nodes(context.run_config))
+        run_federation(grid, config=config, run_dir=run_dir, site_names=site_names)
     except Exception as error:
         # `fedmed status` shows this reason; Flower marks the run failed from the exception.
         run_dir.write_json(STATUS_FILE, {"state": "failed", "reason": str(error)})

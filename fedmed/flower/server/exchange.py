@@ -77,7 +77,7 @@ def send_and_receive(run: RunContext, messages: Iterable[Message], *, timeout: f
         for message in messages:
             if message.has_content() and ARRAYS in message.content:
                 message.content[HELD] = run.held
-    if not isinstance(grid, HttpGrid):
+    if not isinstance(getattr(grid, "base", grid), HttpGrid):  # EnrolledNodes wraps the deployed grid
         return list(grid.send_and_receive(messages, timeout=timeout))
     waiting = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout

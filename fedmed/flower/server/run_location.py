@@ -14,9 +14,15 @@ from pathlib import Path
 
 from flwr.app import UserConfig
 
-from fedmed.config import load_server_config
+from fedmed.config import ServerConfig, load_server_config
 from fedmed.flower.wire import RUN_DIR_KEY, RUN_ID_KEY, SERVER_CONFIG_ENV, SUBMISSION_KEY
 from fedmed.runs.submissions import SubmissionError, claim
+
+
+def deployed_server() -> ServerConfig | None:
+    """The coordinator's config when this ServerApp runs under fedmed's executor; None in a simulation."""
+    server_file = os.environ.get(SERVER_CONFIG_ENV)
+    return load_server_config(Path(server_file)) if server_file else None
 
 
 def resolve_run_dir(run_config: UserConfig) -> Path:
