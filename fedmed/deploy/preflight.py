@@ -62,7 +62,6 @@ def check_site(site: SiteConfig) -> str:
     report = validate_site(site.data)
     if not report.ok:
         raise PreflightError(f"site {site.name}: the data at {site.data} is not usable:\n{report.summary()}")
-    check_runtime_port(site)
     check_server_certificate(site.server.address, ca_certificate=site.server.ca_certificate)
     # After the server check: a kit with the wrong ca.crt is reported as such, not as a foreign certificate.
     site_certs.check_client_certificate(
@@ -70,6 +69,8 @@ def check_site(site: SiteConfig) -> str:
         key_path=site.client_key,
         ca_certificate_path=site.server.ca_certificate,
     )
+    # After the kit's checks: a wrong kit is reported as such even while this site's daemon runs.
+    check_runtime_port(site)
     # Last, as they write: the state folder, then the ledger (created on the site's first start).
     reason = unwritable_reason(site.state_dir)
     if reason is not None:
