@@ -1,8 +1,9 @@
 """DP-SGD cost: step time and peak training memory with Opacus against the same non-private loop.
 
 Each (model, mode) runs in its own process so peak memory is not shared between measurements;
-memory is the peak resident growth during training over the resident size just before it (CPU),
-or torch's peak allocation (CUDA), and the whole process's peak (what a site's machine must hold).
+training memory is the process's peak resident size (two warm-up batches included) less its resident
+size just before the timed steps (CPU), or torch's peak allocation (CUDA); process memory is the whole
+process's peak (what a site's machine must hold, ~500 MB of it imports).
 Steps use the models and batch sizes of the run configs: the demo's 2D segmentation UNet, the 3D
 segmentation UNet and the small DenseNet classifier.
 
@@ -10,7 +11,7 @@ segmentation UNet and the small DenseNet classifier.
 
 --batch measures at those batch sizes (the same for both runs) instead of the configs' own; DP-SGD's
 per-sample work is a fixed cost per layer and step, so larger physical batches ([dp_sgd]
-physical_batch_size) amortize it. Targets: time <= 1.5x, memory <= 1.3x the non-private run.
+physical_batch_size) amortize it. Targets: time <= 1.5x, training memory <= 1.3x the non-private run.
 """
 
 from __future__ import annotations

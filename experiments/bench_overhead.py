@@ -3,7 +3,8 @@
 The plain loop trains and evaluates the same sites, rounds, epochs and seeds with the same
 training function, averaging in the same order, so both produce bit-identical models (checked);
 the difference in wall time is what fedmed and Flower add: messages, records, the run directory,
-checkpoints and metrics. Data is loaded once before timing for both.
+checkpoints and metrics. Data is loaded once before timing for both. The script exits with code 1
+when the models of any pair differ (the ratio would then compare different work).
 
     python experiments/bench_overhead.py [--repeats 3] [--ray]
 """
@@ -127,13 +128,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         config = demo_config(Path(scratch))
         sites = {site.name: load_site(site.path, task=config.task) for site in config.sites}
-        plain_times, engine_times = [], []
+        plain_times, engine_times, differing = [], [], set()
         for _ in range(args.repeats):  # interleaved so machine noise hits both alike
             seconds, plain_state = timed(plain_loop, config, sites)
             plain_times.append(seconds)
             seconds, engine_state = timed(engine_run, config, engine="inprocess")
             engine_times.append(seconds)
-        identical = all(torch.equal(plain_state[k], engine_state[k]) for k in plain_state)
+            # Every pair, not only the last: the timing compares the same work only if the models agree.
+            differing |= {
+                k for k in plain_state if k not in engine_state or not torch.equal(plain_state[k], engine_state[k])
+            }
+        identical = not differing
         plain, inprocess = statistics.median(plain_times), statistics.median(engine_times)
         # Each engine run is paired with the plain run just before it; the median of the pair ratios
         # is robust to the machine slowing down or speeding up between pairs.
@@ -154,6 +159,14 @@ def main() -> None:
         print(f"{name:<50}{seconds:>9.2f}{ratio:>7.3f}x")
     print(f"in-process/plain ratio per pair: {', '.join(f'{r:.3f}' for r in ratios)}")
     print(f"in-process model identical to the plain loop's: {identical}")
+    if not identical:
+        # Then the two did different work and the ratio above measures nothing: fail, not just print.
+        print(
+            f"error: the in-process engine's model differs from the plain loop's in {len(differing)} tensor(s) "
+            f"(e.g. {sorted(differing)[0]}); the overhead figures are void until they agree again",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

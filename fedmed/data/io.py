@@ -31,6 +31,10 @@ class WrongFileTypeError(ImageReadError):
     """The file's content is another format than its name says (e.g. a PNG named .nii.gz)."""
 
 
+class EmptyImageError(ImageReadError):
+    """The file reads but holds no voxels (an axis of length 0); str() gives its stored shape."""
+
+
 def image_format(path: Path) -> ImageFormat | None:
     name = Path(path).name.lower()
     if name.endswith((".nii", ".nii.gz")):
@@ -71,9 +75,20 @@ def read_image(path: Path) -> MetaTensor:
         with warnings.catch_warnings():
             # PIL hands MONAI read-only buffers; torch warns about it on every PNG.
             warnings.filterwarnings("ignore", message=".*non-writable.*")
-            return _loader(kind)(str(path))
+            image = _loader(kind)(str(path))
     except Exception as error:  # any reader failure is reported as a data problem
         raise ImageReadError(_reason(path, error, kind)) from error
+    if image.numel() == 0:  # every later step indexes voxels: refuse here, naming the file
+        raise EmptyImageError(f"shape {_stored_shape(path, image, kind)}")
+    return image
+
+
+def _stored_shape(path: Path, image: Any, kind: ImageFormat) -> tuple[int, ...]:
+    if kind == "nifti":  # MONAI flattens an empty array to shape (0,); the header keeps the real one
+        import nibabel
+
+        return tuple(int(size) for size in nibabel.load(str(path)).shape)
+    return tuple(int(size) for size in image.shape[1:])
 
 
 def _reason(path: Path, error: Exception, kind: ImageFormat) -> str:

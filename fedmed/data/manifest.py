@@ -348,7 +348,10 @@ def write_manifest(
     tensor_image_size: str,
     fedmed: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `site_dir/dataset.json` with paths relative to the site folder; returns the file's path."""
+    """Write `site_dir/dataset.json` with paths relative to the site folder; returns the file's path.
+
+    The cases' paths are read as any path is (absolute, or relative to the working folder), not as relative
+    to `site_dir`."""
     site_dir = Path(site_dir)
     if isinstance(modality, str):
         modality = {0: modality}
@@ -382,11 +385,13 @@ def _case_entry(case: Case, site_dir: Path) -> dict[str, Any]:
 
 
 def _relative(path: Path, site_dir: Path) -> str:
-    path = Path(path)
-    base = site_dir.resolve()
-    full = path if path.is_absolute() else (site_dir / path)
+    # A case's path names the file as this process sees it (absolute, or relative to the working folder, as
+    # `site_dir / "imagesTr/x.nii.gz"` is when site_dir is relative): joining it onto site_dir again would
+    # name a folder that does not exist.
+    base = Path(site_dir).resolve()
+    full = Path(path).resolve()
     try:
-        return "./" + full.resolve().relative_to(base).as_posix()
+        return "./" + full.relative_to(base).as_posix()
     except ValueError:
         # Outside the site folder: keep it absolute rather than a fragile chain of "../".
-        return str(full.resolve())
+        return str(full)

@@ -18,6 +18,7 @@ import numpy as np
 from fedmed.config.schema import TaskConfig
 
 from .io import (
+    EmptyImageError,
     ImageReadError,
     WrongFileTypeError,
     affine_of,
@@ -26,7 +27,7 @@ from .io import (
     spatial_array,
     stack_modalities,
 )
-from .manifest import SPLITS, Case, Manifest, parse_manifest
+from .manifest import MANIFEST_NAME, SPLITS, Case, Manifest, parse_manifest
 from .npz import check_npz_site, is_npz_site, parse_npz_site
 from .preprocess import spatial_shape_of
 from .problems import DataProblem, DataValidationError, errors_in
@@ -244,6 +245,17 @@ class _CaseChecker:
                     str(path),
                     f"{role} file is {error} ({entry})",
                     "convert it to NIfTI (.nii.gz), or give it the extension of what it is (.png for a 2D PNG)",
+                )
+            )
+            return None
+        except EmptyImageError as error:
+            listed = self.manifest.source.name == MANIFEST_NAME  # fedmed predict checks files no manifest lists
+            fix = "re-export it (an axis of length 0 is left by a failed conversion or crop)"
+            self.report.add(
+                DataProblem(
+                    str(path),
+                    f"{role} file holds no voxels ({error}) ({entry})",
+                    fix + (f", or remove the case from {MANIFEST_NAME}" if listed else ""),
                 )
             )
             return None

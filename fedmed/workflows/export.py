@@ -10,7 +10,6 @@ imports nothing of fedmed), as MONAI bundles ship their own code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import warnings
@@ -21,18 +20,23 @@ import torch
 
 from fedmed.config import RunConfig, dump_toml
 from fedmed.core.errors import FedmedError
-from fedmed.core.files import write_text_atomic
-from fedmed.runs.run_dir import FLOWER_RUNS
+from fedmed.core.files import atomic_path, unwritable_reason, write_text_atomic
 
+from .bundle_docs import bundle_metadata, bundle_readme, handover_config, licence_note, provenance
 from .trained_model import BUNDLE_RUN_CONFIG, BUNDLE_WEIGHTS, TrainedModel
 
 _FIXED_GRID_SCRIPTS = ("preprocess.py", "fixed_grid.py")  # from fedmed/data
 
 
+class ExportOutputError(FedmedError):
+    """The export's destination cannot be written."""
+
+
 def write_bundle(trained: TrainedModel, *, out_dir: Path) -> Path:
+    """The bundle in `out_dir` (new, or an empty folder); on any failure nothing of it is left there."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FedmedError(f"{out_dir}: exists and is not empty; give a new folder for the bundle")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FedmedError(f"{out_dir}: exists and is not an empty folder; give a new folder for the bundle")
     config = trained.config
     if config.task.kind == "enhancement" and config.task.scan_geometry:
         raise FedmedError(
@@ -40,6 +44,22 @@ def write_bundle(trained: TrainedModel, *, out_dir: Path) -> Path:
             "--format torchscript, or apply it with fedmed predict"
         )
     network = _network_def(config)
+    created = not out_dir.exists()
+    if problem := unwritable_reason(out_dir):
+        _remove_partial(out_dir, created=created)
+        raise ExportOutputError(_cannot_write(out_dir, problem))
+    try:
+        _write_bundle_files(trained, out_dir=out_dir, network=network)
+    except BaseException as error:
+        _remove_partial(out_dir, created=created)  # half a bundle would load and then fail somewhere else
+        if isinstance(error, OSError):
+            raise ExportOutputError(_cannot_write(out_dir, error.strerror or str(error))) from None
+        raise
+    return out_dir
+
+
+def _write_bundle_files(trained: TrainedModel, *, out_dir: Path, network: dict[str, Any]) -> None:
+    config = trained.config
     for folder in ("configs", "models"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     torch.save({key: value.detach().cpu() for key, value in trained.state_dict.items()}, out_dir / BUNDLE_WEIGHTS)
@@ -49,19 +69,38 @@ def write_bundle(trained: TrainedModel, *, out_dir: Path) -> Path:
         _scan_inference(config, network) if config.task.scan_geometry else _fixed_grid_inference(config, network)
     )
     _write_json(out_dir / "configs" / "inference.json", inference)
-    _write_json(out_dir / "configs" / "metadata.json", _metadata(trained, weights=out_dir / BUNDLE_WEIGHTS))
-    write_text_atomic(out_dir / BUNDLE_RUN_CONFIG, dump_toml(_handover_config(config)), private=False)
-    write_text_atomic(out_dir / "README.md", _readme(trained), private=False)
-    write_text_atomic(out_dir / "LICENSE", _licence_note(), private=False)
-    return out_dir
+    _write_json(out_dir / "configs" / "metadata.json", bundle_metadata(trained, weights=out_dir / BUNDLE_WEIGHTS))
+    write_text_atomic(out_dir / BUNDLE_RUN_CONFIG, dump_toml(handover_config(config)), private=False)
+    write_text_atomic(out_dir / "README.md", bundle_readme(trained), private=False)
+    write_text_atomic(out_dir / "LICENSE", licence_note(), private=False)
+
+
+def _remove_partial(out_dir: Path, *, created: bool) -> None:
+    """Undo a failed export: the folder was new or empty before it, so all it holds now is the export's."""
+    if created:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
+    for child in out_dir.iterdir() if out_dir.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _cannot_write(target: Path, reason: str) -> str:
+    return (
+        f"{target}: cannot write the export there ({reason}); give --out a place on a disk you can write to "
+        "(not read-only, not full), or fix that folder's permissions"
+    )
 
 
 def write_torchscript(trained: TrainedModel, *, path: Path) -> Path:
     """One file any PyTorch stack loads with torch.jit.load (the network only: preprocessing is the caller's)."""
     path = Path(path)
     model = trained.build(device=torch.device("cpu"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extra = {"fedmed.json": json.dumps(_provenance(trained))}
+    if problem := unwritable_reason(path.parent):
+        raise ExportOutputError(_cannot_write(path, problem))
+    extra = {"fedmed.json": json.dumps(provenance(trained))}
     with warnings.catch_warnings():
         # torch deprecates TorchScript for torch.export, but deployment stacks (Triton, LibTorch) still load it.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -70,7 +109,11 @@ def write_torchscript(trained: TrainedModel, *, path: Path) -> Path:
         except Exception:  # scripting fails on some MONAI blocks; tracing a fully convolutional net is equivalent
             example = torch.zeros(1, trained.config.task.channels, *_example_size(trained.config))
             scripted = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(scripted, str(path), _extra_files=extra)
+        try:  # written beside and renamed: a failure leaves no half file under the name
+            with atomic_path(path, private=False) as temporary:
+                torch.jit.save(scripted, str(temporary), _extra_files=extra)
+        except OSError as error:
+            raise ExportOutputError(_cannot_write(path, error.strerror or str(error))) from None
     return path
 
 
@@ -318,182 +361,6 @@ def _as_config(transform: Any) -> dict[str, Any]:
             "clip": inner.clip,
         }
     raise FedmedError(f"intensity transform {name} has no bundle form; export torchscript instead")
-
-
-# Metadata, README, licence ---------------------------------------------------------------------------
-
-
-def _metadata(trained: TrainedModel, *, weights: Path) -> dict[str, Any]:
-    import monai
-    import nibabel
-    import numpy
-
-    import fedmed
-
-    task = trained.config.task
-    channel_names = {str(i): name for i, name in enumerate(_modalities(trained.config))}
-    if task.kind == "segmentation":
-        classes = {"0": "background"} | {str(v): task.class_name(v) for v in range(1, task.num_classes)}
-        output = {
-            "type": "image",
-            "format": "segmentation",
-            "num_channels": 1,
-            "dtype": "uint8",
-            "channel_def": classes,
-        }
-    elif task.kind == "classification":
-        classes = {str(v): f"p_{task.class_name(v)}" for v in range(task.num_classes)}
-        output = {
-            "type": "probabilities",
-            "format": "classes",
-            "num_channels": task.num_classes,
-            "dtype": "float32",
-            "channel_def": classes,
-        }
-    else:
-        output = {
-            "type": "image",
-            "format": "magnitude",
-            "num_channels": task.channels,
-            "dtype": "float32",
-            "value_range": [0, 1],
-            "channel_def": channel_names,
-        }
-    patch = list(trained.config.roi_size) if task.scan_geometry else list(task.image_size)
-    provenance = _provenance(trained) | {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
-    return {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
-        "version": "0.1.0",
-        "changelog": {"0.1.0": f"exported by fedmed {fedmed.__version__} from the {trained.description}"},
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": numpy.__version__,
-        "optional_packages_version": {"nibabel": nibabel.__version__},
-        "name": f"fedmed {trained.config.name} {task.kind}",
-        "task": f"{task.spatial_dims}D {task.kind}",
-        "description": f"{trained.description}, trained by federated learning with fedmed; data never left the sites",
-        "authors": "the sites of the federation (see fedmed.sites)",
-        "copyright": "the federation's members",
-        "data_source": "federated: " + ", ".join(provenance.get("sites", [])),
-        "data_type": "nibabel",
-        "image_classes": f"{task.channels} channel(s): " + ", ".join(channel_names.values()),
-        "label_classes": ", ".join(f"{k}: {v}" for k, v in output["channel_def"].items()),
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "magnitude",
-                    "modality": "MR/CT",
-                    "num_channels": task.channels,
-                    "spatial_shape": patch,
-                    "dtype": "float32",
-                    "value_range": [],
-                    "is_patch_data": task.scan_geometry,
-                    "channel_def": channel_names,
-                }
-            },
-            "outputs": {"pred": {**output, "spatial_shape": patch, "is_patch_data": task.scan_geometry}},
-        },
-        "fedmed": provenance,
-    }
-
-
-def _provenance(trained: TrainedModel) -> dict[str, Any]:
-    """Who and what made the model: run, rounds, sites (names only), strategy, DP ε per site, app digest."""
-    import fedmed
-
-    config = trained.config
-    record: dict[str, Any] = {
-        "fedmed_version": fedmed.__version__,
-        "model": trained.provenance.get("model", "global"),
-        "run_id": trained.run_dir.path.name if trained.run_dir else trained.provenance.get("run_id"),
-        "rounds": trained.provenance.get("rounds", config.train.rounds),
-        "strategy": config.strategy.name,
-        "fedbn": bool(getattr(config.strategy, "fedbn", False)),
-        "sites": [],
-        "dp_sgd": config.dp_sgd.enabled,
-        "client_dp": config.client_dp.enabled,
-        "secagg": config.secagg.enabled,
-    }
-    if trained.run_dir is not None:
-        from fedmed.runs.summary import privacy_spent
-
-        record["sites"] = sorted({row["site"] for row in trained.run_dir.read_metrics() if "site" in row})
-        spent = privacy_spent(trained.run_dir)
-        if spent:
-            record["dp_epsilon"] = {site: values.get("epsilon") for site, values in spent.items()}
-            record["dp_delta"] = {site: values.get("delta") for site, values in spent.items()}
-        record["app_digest"] = _app_digest(trained)
-    return record
-
-
-def _app_digest(trained: TrainedModel) -> str | None:
-    """The FAB hash of the Flower app that trained a deployed run (the last submission); a simulation has none."""
-    path = trained.run_dir.path / FLOWER_RUNS if trained.run_dir else None
-    if path is None or not path.is_file():
-        return None
-    submissions = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return submissions[-1].get("fab_hash") if submissions else None
-
-
-def _modalities(config: RunConfig) -> list[str]:
-    names = list(getattr(config.synth, "modalities", None) or []) if config.synth else []
-    return names if len(names) == config.task.channels else [f"channel{i}" for i in range(config.task.channels)]
-
-
-def _handover_config(config: RunConfig) -> RunConfig:
-    """The run config without where the sites keep their data (folder names stay at the coordinator)."""
-    update: dict[str, Any] = {"sites": [], "synth": None, "output_dir": Path("runs")}
-    handed = config.model_copy(update=update)
-    if getattr(handed.model, "init", None) is not None:
-        handed.model = handed.model.model_copy(update={"init": None})
-    return handed
-
-
-def _readme(trained: TrainedModel) -> str:
-    config = trained.config
-    return f"""# {config.name}: {config.task.kind} model exported by fedmed
-
-{trained.description}. Federated training: the images never left the sites; only model updates did.
-Provenance (run, rounds, sites, strategy, privacy spent): `configs/metadata.json`, key `fedmed`.
-
-## Run it with MONAI (no fedmed needed: torch, monai and nibabel)
-
-    python -c "from monai.bundle import run; run(config_file='configs/inference.json', \\
-        meta_file='configs/metadata.json', bundle_root='.', dataset_dir='/path/to/niftis', output_dir='eval')"
-
-or, with `fire` installed, `python -m monai.bundle run --config_file configs/inference.json
---meta_file configs/metadata.json --bundle_root . --dataset_dir /path/to/niftis`.
-
-Each NIfTI file in `dataset_dir` is one case ({config.task.channels} channel(s)); for several modalities per
-case pass `datalist` as a list of lists of files in the training order. Outputs land in `output_dir` on each
-input's own grid and affine ({_outputs(config)}).
-
-## With fedmed
-
-    fedmed predict {"<this folder>"} IMAGES... --out DIR
-
-## Files
-- `models/model.pt`: the network's state dict (`network_def` in `configs/inference.json` builds it).
-- `configs/fedmed_run.toml`: the run's config (task, model, preprocessing), without the sites' data paths.
-- `scripts/`: code the config imports (fixed-grid preprocessing, fedmed's residual enhancer), when needed.
-"""
-
-
-def _outputs(config: RunConfig) -> str:
-    kind = config.task.kind
-    return {"segmentation": "`<case>_seg.nii.gz`", "enhancement": "`<case>_enhanced.nii.gz`"}.get(
-        kind, "`predictions.csv`"
-    )
-
-
-def _licence_note() -> str:
-    return (
-        "The code in this bundle (configs, scripts) is from fedmed, Apache License 2.0.\n\n"
-        "The model weights were trained on data held by the federation's sites. Terms of use of the weights\n"
-        "are set by those sites and the federation's agreement, not by fedmed; check them before sharing\n"
-        "this bundle beyond the federation. Not a medical device: for research use unless certified.\n"
-    )
 
 
 def _copy_scripts(out_dir: Path, *, enhancer: bool) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fedmed.core.errors import FedmedError
-from fedmed.core.files import atomic_path
+from fedmed.core.files import atomic_path, unwritable_reason
 from fedmed.core.log import logger
 from fedmed.data.manifest import MANIFEST_NAME, Case
 from fedmed.workflows.trained_model import TrainedModel
@@ -27,6 +27,10 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CASES_FILE = "cases.csv"  # one row per case: output file or the reason it failed
 PROBABILITIES_FILE = "predictions.csv"  # classification: one row of class probabilities per case
 OUTPUT_POSTFIX = {"segmentation": "seg", "enhancement": "enhanced"}  # <case>_<postfix>.nii.gz, like MONAI's SaveImage
+
+
+class PredictOutputError(FedmedError):
+    """The output folder cannot be written (read-only, full, or not ours)."""
 
 
 @dataclass
@@ -100,8 +104,9 @@ def predict_cases(trained: TrainedModel, cases: Sequence[Case], *, out_dir: Path
 
     config = trained.config
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     _refuse_site_intensity(trained)
+    if problem := unwritable_reason(out_dir):  # before any case: finding out after the first is too late
+        raise PredictOutputError(_cannot_write(out_dir, problem))
     predictor = Predictor(trained.build(device=device), config=config, device=device)
     names = _unique_names(cases)
     outcomes: list[CaseOutcome] = []
@@ -110,7 +115,17 @@ def predict_cases(trained: TrainedModel, cases: Sequence[Case], *, out_dir: Path
             outcomes.append(_predict_one(predictor, case, name=name, trained=trained, out_dir=out_dir))
             yield outcomes[-1]
     finally:
-        _write_tables(out_dir, outcomes, trained=trained)
+        try:
+            _write_tables(out_dir, outcomes, trained=trained)
+        except OSError as error:
+            raise PredictOutputError(_cannot_write(out_dir, error.strerror or str(error))) from None
+
+
+def _cannot_write(out_dir: Path, reason: str) -> str:
+    return (
+        f"{out_dir}: cannot write predictions there ({reason}); give --out a folder on a disk you can write to "
+        "(not read-only, not full), or fix that folder's permissions"
+    )
 
 
 def _predict_one(predictor: Any, case: Case, *, name: str, trained: TrainedModel, out_dir: Path) -> CaseOutcome:
@@ -191,8 +206,11 @@ def _write_like_source(path: Path, volume: Any, *, source: Path, label: bool) ->
     image.header.set_slope_inter(None if label else 1.0, None if label else 0.0)
     # Patient-derived: private like every file fedmed writes at a site; gzip without a timestamp so the
     # same prediction gives the same bytes.
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(gzip.compress(image.to_bytes(), mtime=0))
+    try:
+        with atomic_path(path) as temporary:
+            temporary.write_bytes(gzip.compress(image.to_bytes(), mtime=0))
+    except OSError as error:  # the folder's fault, not the case's: every later case would fail the same way
+        raise PredictOutputError(_cannot_write(path.parent, error.strerror or str(error))) from None
 
 
 def _write_tables(out_dir: Path, outcomes: list[CaseOutcome], *, trained: TrainedModel) -> None:

@@ -111,6 +111,12 @@ def _global(checkpoint_file: Path, *, run_dir: RunDirectory) -> TrainedModel:
         checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         checkpoint = {}  # objects beyond tensors: latest.pt (random-number state for resuming) or a foreign file
+    except Exception as error:  # torch raises OS, zip and runtime errors for a cut-short or damaged file
+        raise ModelSourceError(
+            f"{checkpoint_file}: cannot be read as a model checkpoint ({_first_line(error)}: the file is cut short "
+            "or damaged, e.g. by a full disk or an interrupted copy); copy it again from where the run was trained, "
+            "or restore it from a backup"
+        ) from None
     if "state_dict" not in checkpoint:
         raise ModelSourceError(
             f"{checkpoint_file}: not a model checkpoint (a resume checkpoint holds the shared parameters only, and "
@@ -133,23 +139,23 @@ def _global(checkpoint_file: Path, *, run_dir: RunDirectory) -> TrainedModel:
     )
 
 
-def _site_model(path: Path, *, instead: str) -> dict:
+def _read_state_dict(path: Path, *, instead: str) -> dict:
     try:  # tensors only, as for the global model
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises pickle, zip and runtime errors for the same damage
+    except Exception as error:  # torch raises pickle, zip, OS and runtime errors for the same damage
         raise ModelSourceError(
             f"{path}: cannot be read as a model ({type(error).__name__}: {error}); restore it from a backup{instead}"
-        ) from error
+        ) from None
 
 
 def _personalized(folder: Path, *, config_file: Path, name: str, run_dir: RunDirectory | None = None) -> TrainedModel:
     if not config_file.is_file():
         raise ModelSourceError(f"{folder}: no config.toml beside {PERSONALIZED_FILE}; give the run directory")
     if (folder / DELIVERED_FILE).is_file():  # the site chose between global and personalized on its tuning split
-        state = _site_model(folder / DELIVERED_FILE, instead=" or move it aside to apply the personalized model")
+        state = _read_state_dict(folder / DELIVERED_FILE, instead=" or move it aside to apply the personalized model")
         description, model = f"delivered model of site {name} ({folder})", f"delivered:{name}"
     else:
-        state = _site_model(folder / PERSONALIZED_FILE, instead="")
+        state = _read_state_dict(folder / PERSONALIZED_FILE, instead="")
         description, model = f"personalized model of site {name} ({folder})", f"personalized:{name}"
     return TrainedModel(
         config=load_run_config(config_file),
@@ -166,7 +172,7 @@ def _from_bundle(path: Path) -> TrainedModel:
     metadata = json.loads(metadata_file.read_text(encoding="utf-8")) if metadata_file.is_file() else {}
     return TrainedModel(
         config=load_run_config(path / BUNDLE_RUN_CONFIG),
-        state_dict=torch.load(path / BUNDLE_WEIGHTS, map_location="cpu", weights_only=True),
+        state_dict=_read_state_dict(path / BUNDLE_WEIGHTS, instead=", or export the bundle again from its run"),
         description=f"bundle {path.name}",
         provenance=metadata.get("fedmed", {}),
     )

@@ -4,10 +4,12 @@ Ctrl-C leaves a run that `fedmed simulate --resume` continues."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+from unwritable import full_folder, read_only_folder
 
 from fedmed.cli.main import app
 from fedmed.models import memory
@@ -137,3 +139,93 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(
 
     finished = runner.invoke(app, ["simulate", "--resume", str(run_dir)])
     _clean_error(finished, "this run finished")
+
+
+# A trained model's bad input: damaged files, folders that refuse writes, empty images ----------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-round federation of two 2D sites: a model to predict with and export."""
+    from fedmed.config import load_run_config
+    from fedmed.workflows.simulate import simulate
+
+    root = tmp_path_factory.mktemp("trained")
+    config = root / "run.toml"
+    config.write_text(RUN + "[train]\nrounds = 1\n[evaluation]\ncross_site = false\n" + SYNTH)
+    return simulate(load_run_config(config)).run_dir.path
+
+
+def _an_image(run_dir: Path) -> Path:
+    return sorted((run_dir.parent / "data").glob("*/one/imagesTr/*.nii.gz"))[0]
+
+
+def _model_command(command: str, run_dir: Path, out: Path, *, image: Path) -> list[str]:
+    if command == "predict":
+        return ["predict", str(run_dir), str(image), "--out", str(out)]
+    return ["export", str(run_dir), "--out", str(out)]
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_a_truncated_checkpoint_is_named_with_the_fix(trained_run: Path, tmp_path: Path, command: str) -> None:
+    run_dir = tmp_path / trained_run.name
+    shutil.copytree(trained_run, run_dir)
+    final = run_dir / "checkpoints" / "final.pt"
+    final.write_bytes(final.read_bytes()[: final.stat().st_size // 2])  # a copy cut short
+    result = runner.invoke(app, _model_command(command, run_dir, tmp_path / "out", image=_an_image(trained_run)))
+    _clean_error(result, str(final), "cannot be read as a model checkpoint", "copy it again")
+    assert not (tmp_path / "out").exists(), "nothing written for a model that could not be read"
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+@pytest.mark.parametrize("inside", [False, True], ids=["out-is-it", "out-below-it"])
+def test_an_out_folder_that_refuses_writes_is_named_with_the_fix(
+    trained_run: Path, tmp_path: Path, command: str, inside: bool
+) -> None:
+    with read_only_folder(tmp_path / "read-only") as folder:
+        out = folder / "out" if inside else folder
+        result = runner.invoke(app, _model_command(command, trained_run, out, image=_an_image(trained_run)))
+        _clean_error(result, f"{out}: cannot write", "give --out a", "not read-only")
+        assert list(folder.iterdir()) == []
+
+
+def test_export_onto_a_full_disk_leaves_no_half_bundle(trained_run: Path, tmp_path: Path) -> None:
+    # 20 KiB: the folders and the first files fit, the weights and scripts do not.
+    with full_folder(tmp_path / "small", size_kib=20) as folder:
+        result = runner.invoke(app, ["export", str(trained_run), "--out", str(folder / "bundle")])
+        _clean_error(result, f"{folder / 'bundle'}: cannot write the export there", "not full")
+        assert list(folder.iterdir()) == [], "a failed export leaves nothing behind"
+
+
+def _empty_image(path: Path) -> Path:
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.zeros((0, 64), np.float32), np.eye(4)), str(path))
+    return path
+
+
+def test_site_check_names_an_empty_image(trained_run: Path, tmp_path: Path) -> None:
+    site = tmp_path / "one"
+    shutil.copytree(_an_image(trained_run).parent.parent, site)
+    victim = _empty_image(sorted((site / "imagesTr").iterdir())[0])
+    result = runner.invoke(app, ["site", "check", str(site)])
+    # Like every data problem site check finds: listed in its report, exit code 1.
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert f"{victim}: image file holds no voxels (shape (0, 64))" in result.output and "re-export" in result.output
+
+
+def test_predict_names_an_empty_image_and_still_predicts_the_others(trained_run: Path, tmp_path: Path) -> None:
+    empty = _empty_image(tmp_path / "empty.nii.gz")
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["predict", str(trained_run), str(empty), str(_an_image(trained_run)), "--out", str(out)]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "1 of 2 case(s) predicted" in result.output
+    rows = (out / "cases.csv").read_text().splitlines()
+    assert (
+        rows[1].startswith("empty,failed,,") and "holds no voxels (shape (0, 64))" in rows[1] and "re-export" in rows[1]
+    )
+    assert rows[2].split(",")[1] == "ok"

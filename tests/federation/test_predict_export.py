@@ -290,6 +290,43 @@ def test_monai_runs_the_exported_bundle_without_fedmed_and_agrees_with_predict(
         np.testing.assert_array_equal(_array(theirs).reshape(_array(ours).shape), _array(ours))
 
 
+def _strings(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _strings(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
+@pytest.mark.parametrize("site", [None, "site-a"], ids=["global", "site-model"])
+def test_the_bundle_names_no_data_or_run_folder(grid_run: Path, tmp_path: Path, site: str | None) -> None:
+    import tomllib
+
+    bundle = write_bundle(load_trained_model(grid_run, site=site), out_dir=tmp_path / "bundle")
+    config = load_run_config(grid_run / "config.toml")
+    data = sorted({str(entry.path) for entry in config.sites} | {str(grid_run.parent / "data")})
+    # Every folder the training touched: the sites' data, the run directory, and the folder above both.
+    forbidden = [*data, str(grid_run), str(grid_run.parent), str(grid_run.parent.parent)]
+    assert len(data) >= 3 and all(Path(path).is_absolute() for path in forbidden)
+    texts = {
+        path.relative_to(bundle): path.read_text(encoding="utf-8")
+        for path in bundle.rglob("*")
+        if path.is_file() and path.suffix != ".pt"
+    }
+    assert {Path("configs/metadata.json"), Path("configs/inference.json"), Path("configs/fedmed_run.toml")} <= set(
+        texts
+    )
+    for name, text in texts.items():
+        assert not [path for path in forbidden if path in text], f"{name} names a folder of the training"
+    for name in ("configs/metadata.json", "configs/inference.json"):
+        values = _strings(json.loads(texts[Path(name)]))
+        assert not [text for text in values if text.startswith(("/", "~")) or ":\\" in text], name
+    handed = tomllib.loads(texts[Path("configs/fedmed_run.toml")])
+    assert handed["sites"] == [] and "synth" not in handed and not Path(handed["output_dir"]).is_absolute()
+    metadata = json.loads(texts[Path("configs/metadata.json")])
+    assert metadata["fedmed"]["run_id"] == grid_run.name and metadata["fedmed"]["sites"] == ["site-a", "site-c"]
+
+
 def test_input_cases_read_files_folders_and_manifests(grid_run: Path, tmp_path: Path) -> None:
     manifest = _site_manifest(grid_run, "site-a")
     from_manifest = input_cases([manifest])

@@ -6,7 +6,6 @@ also prove the data fits the records the transport will use.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,16 +233,14 @@ def test_fresh_keys_every_round() -> None:
     assert all(client.stage == "idle" and client.state_to_record()["sk1"] == b"" for client in clients.values())
 
 
-def test_one_million_parameters_is_fast_and_exact_within_bound() -> None:
+def test_one_million_parameters_is_exact_within_bound() -> None:
+    # Its speed is measured by experiments/bench_secagg_core.py (1M parameters, 3 and 5 sites), not asserted here.
     ids = [1, 2, 3]
     shapes = [(1000, 1000)]
     updates = make_updates(ids, shapes=shapes, scale=0.3)
     weights = {1: 100, 2: 250, 3: 17}
-    start = time.perf_counter()
     rnd = run_round(ids, updates, weights, shapes=shapes)
-    elapsed = time.perf_counter() - start
     assert max_error(rnd.result, plain_mean(updates, weights, ids)) <= rnd.result.max_quantization_error
-    assert elapsed < 10.0, f"a 3-site round over 1M values took {elapsed:.1f} s"
 
 
 def test_ring_neighbourhoods_for_many_sites_with_large_node_ids() -> None:
