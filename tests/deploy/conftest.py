@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
+from deploy_helpers import require_nginx
 
 from fedmed.config import SiteDrift, SynthConfig
 from fedmed.data import synthesize_federation
 from fedmed.deploy.local import LocalFederation, alive, descendants
-from fedmed.deploy.proxy import ProxyError, find_nginx
 
 DRIFTS = [SiteDrift(name="a"), SiteDrift(name="b", intensity_scale=2.0, noise_std=0.03), SiteDrift(name="c", gamma=1.3)]
 
@@ -19,7 +18,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
 
     One federation for every deployment test: starting one takes about a minute. A test that stops,
     kills or reconfigures a party restores it before it ends."""
-    _require_nginx()
+    require_nginx()
     root = tmp_path_factory.mktemp("federation")
     synth = SynthConfig(
         task="segmentation", spatial_dims=2, image_size=[32, 32], train_cases=4, val_cases=3, seed=1, sites=DRIFTS
@@ -35,13 +34,3 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         federation.close()
         left = [pid for pid in pids if alive(pid)]
         assert not left, f"processes left running: {left}"
-
-
-def _require_nginx() -> None:
-    """The coordinator's public port is nginx's: without it there is no federation to test."""
-    try:
-        find_nginx()
-    except ProxyError as missing:
-        if os.environ.get("FEDMED_REQUIRE_NGINX") == "1":
-            pytest.fail(f"{missing} (FEDMED_REQUIRE_NGINX=1 makes this a failure, not a skip)")
-        pytest.skip(f"{missing}; or set FEDMED_REQUIRE_NGINX=1 to fail instead of skipping")

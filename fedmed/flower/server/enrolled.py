@@ -67,15 +67,18 @@ class EnrolledNodes(Grid):
         return self.base.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        enrolled = self.enrolled()
-        messages = list(messages)
-        for message in messages:
-            if message.metadata.dst_node_id not in enrolled:
-                raise ValueError(f"refusing to send a message to node {message.metadata.dst_node_id}: not enrolled")
-        return self.base.push_messages(messages)
+        return self.base.push_messages(self._to_enrolled(messages))
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.base.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.base.send_and_receive(messages, timeout=timeout)
+        return self.base.send_and_receive(self._to_enrolled(messages), timeout=timeout)
+
+    def _to_enrolled(self, messages: Iterable[Message]) -> list[Message]:
+        enrolled = self.enrolled()
+        messages = list(messages)
+        for message in messages:
+            if message.metadata.dst_node_id not in enrolled:
+                raise ValueError(f"refusing to send a message to node {message.metadata.dst_node_id}: not enrolled")
+        return messages
