@@ -169,7 +169,13 @@ def _personalized(folder: Path, *, config_file: Path, name: str, run_dir: RunDir
 
 def _from_bundle(path: Path) -> TrainedModel:
     metadata_file = path / "configs" / "metadata.json"
-    metadata = json.loads(metadata_file.read_text(encoding="utf-8")) if metadata_file.is_file() else {}
+    try:
+        metadata = json.loads(metadata_file.read_text(encoding="utf-8")) if metadata_file.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelSourceError(
+            f"{metadata_file}: unreadable ({_first_line(error)}); copy the bundle again, or export it again "
+            "from its run"
+        ) from None
     return TrainedModel(
         config=load_run_config(path / BUNDLE_RUN_CONFIG),
         state_dict=_read_state_dict(path / BUNDLE_WEIGHTS, instead=", or export the bundle again from its run"),

@@ -177,6 +177,18 @@ def test_a_truncated_checkpoint_is_named_with_the_fix(trained_run: Path, tmp_pat
     assert not (tmp_path / "out").exists(), "nothing written for a model that could not be read"
 
 
+def test_a_bundle_with_damaged_metadata_is_named_with_the_fix(trained_run: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    assert runner.invoke(app, ["export", str(trained_run), "--out", str(bundle)]).exit_code == 0
+    metadata = bundle / "configs" / "metadata.json"
+    metadata.write_text(metadata.read_text()[:40])  # cut short
+    result = runner.invoke(
+        app, ["predict", str(bundle), str(_an_image(trained_run)), "--out", str(tmp_path / "predictions")]
+    )
+    _clean_error(result, str(metadata), "unreadable", "copy the bundle again")
+    assert not (tmp_path / "predictions").exists()
+
+
 @pytest.mark.parametrize("command", ["predict", "export"])
 @pytest.mark.parametrize("inside", [False, True], ids=["out-is-it", "out-below-it"])
 def test_an_out_folder_that_refuses_writes_is_named_with_the_fix(
