@@ -3,11 +3,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from deploy_helpers import require_nginx
+from deploy_helpers import close_leaving_nothing, require_nginx
 
 from fedmed.config import SiteDrift, SynthConfig
 from fedmed.data import synthesize_federation
-from fedmed.deploy.local import LocalFederation, alive, descendants
+from fedmed.deploy.local import LocalFederation
 
 DRIFTS = [SiteDrift(name="a"), SiteDrift(name="b", intensity_scale=2.0, noise_std=0.03), SiteDrift(name="c", gamma=1.3)]
 
@@ -30,7 +30,4 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         federation.start()
         yield federation
     finally:
-        pids = [pid for daemon in federation.daemons.values() for pid in [daemon.pid, *descendants(daemon.pid)]]
-        federation.close()
-        left = [pid for pid in pids if alive(pid)]
-        assert not left, f"processes left running: {left}"
+        close_leaving_nothing(federation)

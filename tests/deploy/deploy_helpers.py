@@ -1,15 +1,20 @@
-"""Run configs for the deployment tests."""
+"""Run configs, small data, rogue nodes and teardown for the deployment tests."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
-from fedmed.deploy.local import LocalFederation
+from fedmed.config import SiteDrift, SynthConfig
+from fedmed.data import synthesize_federation
+from fedmed.deploy.local import LocalFederation, alive, descendants, free_port
 from fedmed.deploy.proxy import ProxyError, find_nginx
+from fedmed.flower.runtime import supernode
 
 
 def require_nginx() -> None:
@@ -38,3 +43,52 @@ def run_config(federation: LocalFederation, name: str, **sections: dict[str, Any
     for key, value in sections.items():
         config[key] = {**config.get(key, {}), **value}
     return federation.write_run_config(config)
+
+
+def one_site_data(root: Path) -> Path:
+    """Site "a"'s folder of a tiny 2D segmentation data set (two training cases, one validation case)."""
+    synth = SynthConfig(
+        task="segmentation",
+        spatial_dims=2,
+        image_size=[16, 16],
+        train_cases=2,
+        val_cases=1,
+        seed=1,
+        sites=[SiteDrift(name="a")],
+    )
+    return synthesize_federation(synth, root)[0].path
+
+
+def close_leaving_nothing(federation: LocalFederation) -> None:
+    """Stop every party of a test's federation and check that none of their processes is left."""
+    pids = [pid for daemon in federation.daemons.values() for pid in [daemon.pid, *descendants(daemon.pid)]]
+    federation.close()
+    left = [pid for pid in pids if alive(pid)]
+    assert not left, f"processes left running: {left}"
+
+
+def rogue_supernode(*, address: str, ca_certificate: Path, private_key: Path, output: IO[bytes]) -> subprocess.Popen:
+    """A SuperNode that fedmed did not start: its own node key, no client certificate, polling every 0.25 s."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            supernode.__name__,
+            "0.25",
+            "--superlink",
+            address,
+            "--root-certificates",
+            str(ca_certificate),
+            "--auth-supernode-private-key",
+            str(private_key),
+            "--isolation",
+            "process",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+        ],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )

@@ -22,13 +22,12 @@ from pathlib import Path
 import httpx
 import pytest
 import tomli_w
-from deploy_helpers import run_config
+from deploy_helpers import rogue_supernode, run_config
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 
 from fedmed.config import load_server_config, load_site_config, read_toml
 from fedmed.deploy import flower_cli, pki, proxy, site_certs
 from fedmed.deploy.local import FEDMED, LocalFederation, cli, descendants, free_port, wait_for
-from fedmed.flower.runtime import supernode
 from fedmed.flower.runtime.app_bundle import app_digest
 from fedmed.runs.run_dir import STATUS_FILE
 
@@ -215,28 +214,11 @@ def test_a_node_a_local_user_registers_is_flagged_and_never_sampled(
     assert registered.get("success"), registered  # Flower's Control API has no authentication: it works
     evil = int(registered["node-id"])
     output = tmp_path / "evil-supernode.log"
-    node = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            supernode.__name__,
-            "0.25",
-            "--superlink",
-            server.superlink.internal_address,
-            "--root-certificates",
-            str(server.tls.ca_certificate),
-            "--auth-supernode-private-key",
-            str(keys / "evil.key"),
-            "--isolation",
-            "process",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-        ],
-        stdout=output.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    node = rogue_supernode(
+        address=server.superlink.internal_address,
+        ca_certificate=server.tls.ca_certificate,
+        private_key=keys / "evil.key",
+        output=output.open("wb"),
     )
     try:
 

@@ -18,14 +18,13 @@ from typing import Any
 import httpx
 import pytest
 import tomli_w
-from deploy_helpers import run_config
+from deploy_helpers import rogue_supernode, run_config
 
 from fedmed.config import load_run_config, load_server_config, load_site_config
 from fedmed.deploy import flower_cli, pki, proxy, site_certs
-from fedmed.deploy.local import FEDMED, LocalFederation, cli, free_port
+from fedmed.deploy.local import FEDMED, LocalFederation, cli
 from fedmed.deploy.workspace import provision
 from fedmed.flower.records import encode_run
-from fedmed.flower.runtime import supernode
 from fedmed.flower.runtime.app_bundle import APP_PROJECT
 from fedmed.site.privacy import ledger_path
 from fedmed.workflows import deployed_run
@@ -171,28 +170,11 @@ def test_an_outsider_cannot_register_or_run_a_node(federation: LocalFederation, 
     access_log = proxy.proxy_dir(_server(federation)) / "access.log"
     offset = access_log.stat().st_size
     log = (tmp_path / "supernode.log").open("wb")
-    node = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            supernode.__name__,
-            "0.25",
-            "--superlink",
-            f"127.0.0.1:{federation.port}",
-            "--root-certificates",
-            str(_ca(federation)),
-            "--auth-supernode-private-key",
-            str(keys / "outsider.key"),
-            "--isolation",
-            "process",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    node = rogue_supernode(
+        address=f"127.0.0.1:{federation.port}",
+        ca_certificate=_ca(federation),
+        private_key=keys / "outsider.key",
+        output=log,
     )
     try:
         time.sleep(15)

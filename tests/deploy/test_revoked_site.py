@@ -9,11 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_helpers import require_nginx
+from deploy_helpers import close_leaving_nothing, one_site_data, require_nginx
 
-from fedmed.config import SiteDrift, SynthConfig, load_server_config
-from fedmed.data import synthesize_federation
-from fedmed.deploy.local import FEDMED, LocalFederation, alive, cli, descendants
+from fedmed.config import load_server_config
+from fedmed.deploy.local import FEDMED, LocalFederation, cli
 from fedmed.deploy.proxy import proxy_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -26,26 +25,14 @@ SAID = "the coordinator refuses this site's certificate"
 def lone_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     require_nginx()
     root = tmp_path_factory.mktemp("revoked")
-    synth = SynthConfig(
-        task="segmentation",
-        spatial_dims=2,
-        image_size=[16, 16],
-        train_cases=2,
-        val_cases=1,
-        seed=1,
-        sites=[SiteDrift(name="a")],
-    )
-    sites = synthesize_federation(synth, root / "data")
-    federation = LocalFederation(root, site_data={site.name: site.path for site in sites}, federation="lone")
+    federation = LocalFederation(root, site_data={"a": one_site_data(root / "data")}, federation="lone")
     federation.provision()
     federation.edit_site("a", daemon={"revoked_exit_after_s": BOUND_S})
     try:
         federation.start()
         yield federation
     finally:
-        pids = [pid for daemon in federation.daemons.values() for pid in [daemon.pid, *descendants(daemon.pid)]]
-        federation.close()
-        assert not [pid for pid in pids if alive(pid)]
+        close_leaving_nothing(federation)
 
 
 def _forbidden(access_log: Path, *, after: int) -> int:

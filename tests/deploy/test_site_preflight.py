@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from deploy_helpers import one_site_data
 from typer.testing import CliRunner
 
 from fedmed.cli.site import site_app
-from fedmed.config import SiteDrift, SynthConfig, load_site_config, read_toml
-from fedmed.data import synthesize_federation
+from fedmed.config import load_site_config, read_toml
 from fedmed.deploy.local import _edit_toml, free_port
 from fedmed.deploy.workspace import DEFAULT_RUNTIME_PORT, Workspace, provision
 
@@ -31,16 +31,7 @@ def _provision(root: Path, *, port: int) -> Workspace:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    synth = SynthConfig(
-        task="segmentation",
-        spatial_dims=2,
-        image_size=[16, 16],
-        train_cases=2,
-        val_cases=1,
-        seed=1,
-        sites=[SiteDrift(name="a")],
-    )
-    return synthesize_federation(synth, tmp_path_factory.mktemp("data"))[0].path
+    return one_site_data(tmp_path_factory.mktemp("data"))
 
 
 class _TlsServer:
