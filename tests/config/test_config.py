@@ -118,7 +118,7 @@ def test_normalization_settings_are_checked() -> None:
         TaskConfig(kind="enhancement", image_size=[32, 32], intensity="nyul")  # Nyúl extrapolates beyond [0, 1]
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["synthetic", "ixi"])

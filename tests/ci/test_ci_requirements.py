@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SWITCHES = [
     "FEDMED_REQUIRE_SHARED_DATA",
     "FEDMED_REQUIRE_NGINX",
