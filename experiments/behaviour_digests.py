@@ -30,7 +30,11 @@ VARIANTS: dict[str, list[str]] = {
     "dp_sgd": ["dp_sgd.enabled=true", "dp_sgd.steps=epochs", "dp_sgd.epsilon=8", "dp_sgd.max_effective_noise=2"],
     "client_dp": ["client_dp.enabled=true", "strategy.name=fedavg"],
     "secagg": ["secagg.enabled=true"],
-    "ditto+finetune": ["evaluation.ditto_lambda=0.1", "evaluation.finetune_epochs=2", "evaluation.tuning_fraction=0.25"],
+    "ditto+finetune": [
+        "evaluation.ditto_lambda=0.1",
+        "evaluation.finetune_epochs=2",
+        "evaluation.tuning_fraction=0.25",
+    ],
     "classification": ["task.kind=classification", "synth.task=classification", "model.name=densenet-small"],
     "denoise": ["config=experiments/configs/enhancement-denoise-2d.toml"],
 }

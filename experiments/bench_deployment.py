@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import re
 import statistics
 import subprocess
@@ -25,14 +26,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from fedmed.config import ModelConfig, SiteDrift, SynthConfig, TaskConfig, load_server_config, run_config_from_dict
-from fedmed.data import synthesize_federation
-from fedmed.deploy import flower_cli
-from fedmed.deploy.local import LocalFederation, wait_for
-from fedmed.flower.runtime.environment import set_flower_verbosity
-from fedmed.models import build_model
-from fedmed.workflows.simulate import simulate
+from fedmed.api import (
+    ModelConfig,
+    SiteDrift,
+    SiteEntry,
+    SynthConfig,
+    TaskConfig,
+    build_model,
+    load_config,
+    load_server_config,
+    set_flower_verbosity,
+    simulate,
+    synthesize_federation,
+)
+from fedmed.api.bench import CLIENT_APP_PRELOAD, LocalFederation, preload_client_app, start_flower_run, wait_for
 
 FLOOR_APP = Path(__file__).resolve().parent / "flower_floor_app"
 TASK = {"kind": "segmentation", "spatial_dims": 2, "image_size": [64, 64]}
@@ -82,20 +91,14 @@ def cold_import_seconds(repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-c", "from fedmed.flower.runtime.executor import preload; preload()"], check=True
-        )
+        subprocess.run([sys.executable, "-c", CLIENT_APP_PRELOAD], check=True)
         times.append(time.perf_counter() - started)
     return times
 
 
 def fork_seconds(repeats: int) -> list[float]:
     """From fork() in a warm process to the child running (what a warm start costs)."""
-    import os
-
-    from fedmed.flower.runtime.executor import preload
-
-    preload()
+    preload_client_app()
     times = []
     for _ in range(repeats):
         read, write = os.pipe()
@@ -112,80 +115,67 @@ def fork_seconds(repeats: int) -> list[float]:
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warm-only", action="store_true", help="skip the cold-start run (minutes of start-ups)")
-    args = parser.parse_args()
-    logging.getLogger("fedmed").setLevel(logging.WARNING)
-    set_flower_verbosity(False)
-
-    parameters = sum(p.numel() for p in build_model(TaskConfig(**TASK), ModelConfig(**MODEL)).parameters())
+def deployed_runs(
+    root: Path, sites: list[SiteEntry], *, rounds: int, parameters: int, warm_only: bool
+) -> dict[str, Any]:
+    """Flower's floor, then fedmed's run with warm (and cold) ClientApp starts, on a real federation here."""
     floor_digest = hashlib.sha256(
         __import__("flwr.cli.build", fromlist=["x"]).build_fab_from_disk(FLOOR_APP)
     ).hexdigest()
-    with tempfile.TemporaryDirectory() as scratch:
-        root = Path(scratch)
-        drifts = [SiteDrift(name="a"), SiteDrift(name="b", intensity_scale=2.0), SiteDrift(name="c", gamma=1.3)]
-        sites = synthesize_federation(
-            SynthConfig(
-                task="segmentation", spatial_dims=2, image_size=[64, 64], train_cases=6, val_cases=4, sites=drifts
-            ),
-            root / "data",
+    federation = LocalFederation(root, site_data={site.name: site.path for site in sites})
+    federation.provision()
+    digests = [*load_server_config(federation.server_config).approved_apps, floor_digest]
+    federation.edit_server(approved_apps=digests)
+    for site in federation.sites:
+        federation.edit_site(site, approved_apps=digests)
+    try:
+        federation.start()
+        server = load_server_config(federation.server_config)
+        floor_out = root / "floor.jsonl"
+        floor_config = root / "floor.toml"
+        floor_config.write_text(f'rounds = {rounds}\nparameters = {parameters}\nsites = 3\noutput = "{floor_out}"\n')
+        start_flower_run(server, app=FLOOR_APP, run_config_file=floor_config)
+        wait_for(
+            lambda: floor_out.exists() and len(round_seconds(floor_out)) >= rounds,
+            timeout=600,
+            what="the floor app",
         )
-        federation = LocalFederation(root, site_data={site.name: site.path for site in sites})
-        federation.provision()
-        digests = [*load_server_config(federation.server_config).approved_apps, floor_digest]
-        federation.edit_server(approved_apps=digests)
-        for site in federation.sites:
-            federation.edit_site(site, approved_apps=digests)
-        try:
-            federation.start()
-            server = load_server_config(federation.server_config)
+        results: dict[str, Any] = {"floor": round_seconds(floor_out)}
+        for mode in ("warm",) if warm_only else ("warm", "cold"):
+            if mode == "cold":
+                for site in federation.sites:
+                    federation.stop(site)
+                    federation.edit_site(site, daemon={"warm_start": False})
+                    federation.start_site(site)
+                federation.wait_for_sites(set(federation.sites))
+            offsets = log_offsets(federation)
+            config_file = federation.write_run_config(run_config(f"bench-{mode}", rounds))
+            output = federation.run(config_file, "--wait").stdout
+            run_dir = Path(re.search(r"run directory: (\S+)", output).group(1))
+            results[mode] = {
+                "rounds": round_seconds(run_dir / "rounds.jsonl"),
+                "compute": site_compute(run_dir),
+                "ready": ready_times(federation, offsets),
+            }
+    finally:
+        federation.close()
+    return results
 
-            floor_out = root / "floor.jsonl"
-            floor_config = root / "floor.toml"
-            floor_config.write_text(
-                f'rounds = {args.rounds}\nparameters = {parameters}\nsites = 3\noutput = "{floor_out}"\n'
-            )
-            flower_cli.start_run(server, app=FLOOR_APP, run_config_file=floor_config)
-            wait_for(
-                lambda: floor_out.exists() and len(round_seconds(floor_out)) >= args.rounds,
-                timeout=600,
-                what="the floor app",
-            )
-            floor = round_seconds(floor_out)
 
-            results = {}
-            for mode in ("warm",) if args.warm_only else ("warm", "cold"):
-                if mode == "cold":
-                    for site in federation.sites:
-                        federation.stop(site)
-                        federation.edit_site(site, daemon={"warm_start": False})
-                        federation.start_site(site)
-                    federation.wait_for_sites(set(federation.sites))
-                offsets = log_offsets(federation)
-                config_file = federation.write_run_config(run_config(f"bench-{mode}", args.rounds))
-                output = federation.run(config_file, "--wait").stdout
-                run_dir = Path(re.search(r"run directory: (\S+)", output).group(1))
-                results[mode] = {
-                    "rounds": round_seconds(run_dir / "rounds.jsonl"),
-                    "compute": site_compute(run_dir),
-                    "ready": ready_times(federation, offsets),
-                }
-        finally:
-            federation.close()
+def parameter_count() -> int:
+    return sum(p.numel() for p in build_model(TaskConfig(**TASK), ModelConfig(**MODEL)).parameters())
 
-        raw = run_config("bench-inprocess", args.rounds)
-        raw.update(output_dir=str(root / "inprocess"), sites=[{"name": s.name, "path": str(s.path)} for s in sites])
-        inprocess = round_seconds(simulate(run_config_from_dict(raw, base=root)).run_dir.rounds_jsonl)
 
-    cold_imports, forks = cold_import_seconds(3), fork_seconds(20)
+def print_table(
+    results: dict[str, Any], *, inprocess: list[float], startup: dict[str, list[float]], rounds: int, parameters: int
+) -> None:
+    cold_imports, forks = startup["cold"], startup["fork"]
     median = statistics.median
-    warm, cold = results["warm"], results.get("cold", {"rounds": [float("nan")], "ready": [float("nan")]})
+    floor, warm = results["floor"], results["warm"]
+    cold = results.get("cold", {"rounds": [float("nan")], "ready": [float("nan")]})
     print(
         f"\nDeployment: 3 sites and the coordinator on one machine (TLS, node authentication, mTLS proxy), "
-        f"2D segmentation 64x64, UNet 16-32-64 ({parameters} parameters), {args.rounds} rounds of 1 local epoch; "
+        f"2D segmentation 64x64, UNet 16-32-64 ({parameters} parameters), {rounds} rounds of 1 local epoch; "
         "medians"
     )
     print(f"{'':<62}{'s/round':>9}")
@@ -203,6 +193,31 @@ def main() -> None:
         f"  observed, process start to handler (includes Flower fetching the task): warm "
         f"{median(warm['ready']):.2f}, cold {median(cold['ready']):.2f}"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warm-only", action="store_true", help="skip the cold-start run (minutes of start-ups)")
+    args = parser.parse_args()
+    logging.getLogger("fedmed").setLevel(logging.WARNING)
+    set_flower_verbosity(False)
+    parameters = parameter_count()
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        drifts = [SiteDrift(name="a"), SiteDrift(name="b", intensity_scale=2.0), SiteDrift(name="c", gamma=1.3)]
+        sites = synthesize_federation(
+            SynthConfig(
+                task="segmentation", spatial_dims=2, image_size=[64, 64], train_cases=6, val_cases=4, sites=drifts
+            ),
+            root / "data",
+        )
+        results = deployed_runs(root, sites, rounds=args.rounds, parameters=parameters, warm_only=args.warm_only)
+        raw = run_config("bench-inprocess", args.rounds)
+        raw.update(output_dir=str(root / "inprocess"), sites=[{"name": s.name, "path": str(s.path)} for s in sites])
+        inprocess = [row["seconds"] for row in simulate(load_config(raw, base=root)).rounds]
+    startup = {"cold": cold_import_seconds(3), "fork": fork_seconds(20)}
+    print_table(results, inprocess=inprocess, startup=startup, rounds=args.rounds, parameters=parameters)
 
 
 if __name__ == "__main__":

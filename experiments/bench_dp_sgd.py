@@ -21,24 +21,23 @@ import json
 import resource
 import subprocess
 import sys
-from importlib.resources import files
-from pathlib import Path
 
+DEMO = "demo"  # the packaged demo config (fedmed.api.demo_config)
 CONFIGS = {
-    "segmentation 2D (demo UNet)": str(files("fedmed.resources").joinpath("demo.toml")),
+    "segmentation 2D (demo UNet)": DEMO,
     "segmentation 3D (UNet)": "experiments/configs/segmentation-3d-fedprox.toml",
     "classification (DenseNet)": "experiments/configs/classification-2d-fedbn.toml",
 }
 
 
 def measure(config_path: str, *, private: bool, steps: int, batch: int | None) -> dict[str, float]:
+    # Here, not at the top: the parent process only starts the measurements, each in a child of its own.
     import torch
 
-    from fedmed.config import load_run_config
-    from fedmed.models import build_model
-    from fedmed.tasks import DpSgdStep, check_private_model, get_task, select_device, train_local
+    from fedmed.api import build_model, demo_config, get_task, load_config
+    from fedmed.api.bench import DpSgdStep, check_private_model, select_device, train_local
 
-    config = load_run_config(Path(config_path))
+    config = demo_config() if config_path == DEMO else load_config(config_path)
     config.train.augment = False
     config.train.batch_size = batch or config.train.batch_size
     torch.set_num_threads(2)

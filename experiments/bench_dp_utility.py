@@ -47,17 +47,28 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from medmnist_sites import split_npz
 
-from fedmed.config import RunConfig, SiteEntry, TaskConfig, load_run_config, run_config_from_dict
-from fedmed.core.errors import FedmedError
-from fedmed.flower.runtime.environment import set_flower_verbosity
-from fedmed.workflows.simulate import simulate
+from fedmed.api import (
+    ClientDpConfig,
+    DpSgdConfig,
+    FedmedError,
+    RunConfig,
+    SiteEntry,
+    TaskConfig,
+    TrainConfig,
+    cases_from_folder_pairs,
+    demo_config_file,
+    load_config,
+    set_flower_verbosity,
+    simulate,
+    write_manifest,
+)
+from fedmed.api.bench import calibrate_noise_multiplier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("demo", "synthetic64", "pneumoniamnist", "hippocampus", "clientdp50")
@@ -118,7 +129,7 @@ def synthetic64_bench(args: argparse.Namespace, scratch: Path) -> Bench:
 def synthetic_bench(
     args: argparse.Namespace, scratch: Path, *, name: str, train_cases: int | None, rounds: int, local_epochs: int
 ) -> Bench:
-    config = load_run_config(Path(str(files("fedmed.resources").joinpath("demo.toml"))))
+    config = load_config(demo_config_file())
     assert config.synth is not None
     if train_cases:
         for site in config.synth.sites:
@@ -160,8 +171,6 @@ def pneumoniamnist_bench(args: argparse.Namespace, scratch: Path) -> Bench | str
 
 
 def hippocampus_bench(args: argparse.Namespace, scratch: Path) -> Bench | str:
-    from fedmed.data import cases_from_folder_pairs, write_manifest
-
     root = shared_data() / "msd-hippocampus"
     if not (root / "imagesTr").is_dir():
         return f"{root} not found"
@@ -194,7 +203,7 @@ def hippocampus_bench(args: argparse.Namespace, scratch: Path) -> Bench | str:
         "train": {"batch_size": 4, "learning_rate": 0.002, "augmentation": {"flips": False}},
         "sites": sites,
     }
-    config = run_config_from_dict(raw, base=scratch)
+    config = load_config(raw, base=scratch)
     set_schedule(config, args, rounds=2 if args.quick else 20, local_epochs=1)
     return Bench(
         name="hippocampus",
@@ -209,8 +218,6 @@ def hippocampus_bench(args: argparse.Namespace, scratch: Path) -> Bench | str:
 
 
 def clientdp50_bench(args: argparse.Namespace, scratch: Path) -> Bench | str:
-    from fedmed.privacy.accounting import calibrate_noise_multiplier
-
     source = shared_data() / "medmnist" / "pneumoniamnist.npz"
     if not source.is_file():
         return f"{source} not found"
@@ -500,9 +507,6 @@ def parse_args() -> argparse.Namespace:
     args.client_dp = key_values(args.client_dp, flag="--client-dp")
     args.dp_train = key_values(args.dp_train, flag="--dp-train")
     # Fail before the first run on a field [dp_sgd] / [client_dp] / [train] does not have or a value it refuses.
-    from fedmed.config import TrainConfig
-    from fedmed.config.privacy import ClientDpConfig, DpSgdConfig
-
     try:
         DpSgdConfig.model_validate(args.dp)
         ClientDpConfig.model_validate(args.client_dp)

@@ -17,28 +17,25 @@ import statistics
 import sys
 import tempfile
 import time
-import zlib
-from importlib.resources import files
 from pathlib import Path
 
 import torch
 
-from fedmed.config import RunConfig, load_run_config
-from fedmed.data import load_site
-from fedmed.flower.client.app import app as client_app
-from fedmed.flower.engines.inprocess import run_inprocess
-from fedmed.flower.records import encode_run
-from fedmed.flower.runtime.environment import set_flower_verbosity
-from fedmed.flower.server.app import app as server_app
-from fedmed.models import build_model
-from fedmed.runs import RunDirectory
-from fedmed.site.session import site_seed
-from fedmed.tasks import get_task, select_device, train_local
-from fedmed.workflows.simulate import materialize_sites
+from fedmed.api import (
+    RunConfig,
+    build_model,
+    demo_config_file,
+    get_task,
+    load_config,
+    materialize_sites,
+    set_flower_verbosity,
+    site_data,
+)
+from fedmed.api.bench import run_engine, select_device, site_seed, train_local
 
 
 def demo_config(output_dir: Path) -> RunConfig:
-    config = load_run_config(Path(str(files("fedmed.resources").joinpath("demo.toml"))))
+    config = load_config(demo_config_file())
     config.output_dir = output_dir
     config.baselines.local_only = config.baselines.pooled = False
     config.evaluation.cross_site = False  # extra work the plain loop does not do: not overhead
@@ -86,29 +83,9 @@ def plain_loop(config: RunConfig, sites: dict) -> dict[str, torch.Tensor]:
 
 
 def engine_run(config: RunConfig, *, engine: str) -> dict[str, torch.Tensor]:
-    run_dir = RunDirectory.create(config.output_dir, f"bench-{engine}")
-    run_config = encode_run(config, run_dir=run_dir.path, run_id=run_dir.path.name)
-    run_id = zlib.crc32(run_dir.path.name.encode())
-    if engine == "ray":
-        from fedmed.flower.engines.ray import run_ray
-
-        run_ray(
-            server_app=server_app,
-            client_app=client_app,
-            num_sites=len(config.sites),
-            run_config=run_config,
-            run_id=run_id,
-            engine=config.engine,
-        )
-    else:
-        run_inprocess(
-            server_app=server_app,
-            client_app=client_app,
-            num_sites=len(config.sites),
-            run_config=run_config,
-            run_id=run_id,
-        )
-    return torch.load(run_dir.checkpoints / "final.pt", weights_only=False)["state_dict"]
+    on_engine = config.model_copy(update={"engine": config.engine.model_copy(update={"name": engine})})
+    run_dir = run_engine(on_engine, name=f"bench-{engine}")
+    return torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)["state_dict"]
 
 
 def timed(function, *args, **kwargs) -> tuple[float, object]:
@@ -127,7 +104,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         config = demo_config(Path(scratch))
-        sites = {site.name: load_site(site.path, task=config.task) for site in config.sites}
+        sites = site_data(config)
         plain_times, engine_times, differing = [], [], set()
         for _ in range(args.repeats):  # interleaved so machine noise hits both alike
             seconds, plain_state = timed(plain_loop, config, sites)

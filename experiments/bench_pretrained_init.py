@@ -33,9 +33,19 @@ import numpy as np
 import torch
 from medmnist_sites import split_npz
 
-from fedmed.config import ModelConfig, RunConfig, SiteEntry, TaskConfig, TrainConfig
-from fedmed.flower.runtime.environment import set_flower_verbosity
-from fedmed.workflows.simulate import simulate
+from fedmed.api import (
+    ModelConfig,
+    RunConfig,
+    SiteEntry,
+    TaskConfig,
+    TrainConfig,
+    build_model,
+    get_task,
+    load_site,
+    set_flower_verbosity,
+    simulate,
+)
+from fedmed.api.bench import select_device, train_local
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SITES = ("hospital-a", "hospital-b", "hospital-c")
@@ -109,10 +119,6 @@ def main() -> None:
 
 def pretrain(source: Path, *, out: Path, epochs: int) -> tuple[Path, dict[str, Any]]:
     """Centralized training on the source data set with fedmed's own task, network and loop."""
-    from fedmed.data import load_site
-    from fedmed.models import build_model
-    from fedmed.tasks import get_task, select_device, train_local
-
     task_config = TaskConfig(**TASK)
     data = load_site(source, task=task_config)
     task, device = get_task(task_config), select_device("cpu")
@@ -143,7 +149,7 @@ def federate(config: RunConfig) -> Run:
     run = simulate(config)
     seconds = time.perf_counter() - started
     by_round: dict[int, list[dict[str, Any]]] = {}
-    for row in run.run_dir.read_metrics():
+    for row in run.metrics:
         if row["phase"] == "evaluate":
             by_round.setdefault(int(row["round"]), []).append(row)
     last = by_round[max(by_round)]
@@ -151,7 +157,7 @@ def federate(config: RunConfig) -> Run:
         "auc": {number: float(np.mean([row["auc"] for row in rows])) for number, rows in by_round.items()},
         "accuracy": float(np.mean([row["accuracy"] for row in last])),
         "worst": min(row["auc"] for row in last),
-        "upload_kib": max(row["upload_bytes_per_site"] for row in run.run_dir.read_rounds()) / 1024,
+        "upload_kib": max(row["upload_bytes_per_site"] for row in run.rounds) / 1024,
         "seconds": seconds,
     }
 

@@ -69,7 +69,8 @@ BRATS = {
 
 
 def scanners() -> list[Any]:
-    from fedmed.config import SiteDrift
+    # fedmed is imported where it is used in this script: without the data, it prints a message and exits at once.
+    from fedmed.api import SiteDrift
 
     return [
         SiteDrift(name="hippo-a"),
@@ -79,7 +80,7 @@ def scanners() -> list[Any]:
 
 
 def hippocampus_config(sites: list[Any], *, setting: dict[str, Any], output_dir: Path) -> Any:
-    from fedmed.config import run_config_from_dict
+    from fedmed.api import load_config
 
     raw = {
         "name": "hippocampus",
@@ -109,12 +110,11 @@ def hippocampus_config(sites: list[Any], *, setting: dict[str, Any], output_dir:
         "baselines": {"local_only": True, "pooled": True},
         "sites": [{"name": site.name, "path": str(site.path)} for site in sites],
     }
-    return run_config_from_dict(raw, base=output_dir)
+    return load_config(raw, base=output_dir)
 
 
 def run_hippocampus(data: Path, work: Path, *, setting: dict[str, Any]) -> str:
-    from fedmed.data import cases_from_folder_pairs, split_into_sites
-    from fedmed.workflows.simulate import simulate
+    from fedmed.api import cases_from_folder_pairs, simulate, split_into_sites
 
     root = data / "msd-hippocampus"
     cases = cases_from_folder_pairs(root / "imagesTr", root / "labelsTr")[: setting["cases"]]
@@ -133,7 +133,7 @@ def run_hippocampus(data: Path, work: Path, *, setting: dict[str, Any]) -> str:
     started = time.perf_counter()
     result = simulate(config)
     wall = time.perf_counter() - started
-    federation_s = sum(row.get("seconds", 0.0) for row in result.run_dir.read_rounds())
+    federation_s = sum(row.get("seconds", 0.0) for row in result.rounds)
     rows: dict[str, Any] = result.summary["sites"]
     lines = [
         f"### Hippocampus: {len(cases)} cases, 3 simulated scanners, native 1 mm, patch {setting['patch']}",
@@ -176,7 +176,7 @@ def run_hippocampus(data: Path, work: Path, *, setting: dict[str, Any]) -> str:
         f"{_yes(all(f >= lo for f, lo in zip(federated, local)))} |",
         "",
         f"Wall time {wall / 60:.1f} min (federation {federation_s / 60:.1f} min, the rest baselines and setup); "
-        f"run directory {result.run_dir.path}",
+        f"run directory {result.run_dir}",
     ]
     return "\n".join(lines)
 
@@ -184,7 +184,7 @@ def run_hippocampus(data: Path, work: Path, *, setting: dict[str, Any]) -> str:
 def brats_sites(data: Path, work: Path, *, quick: bool) -> dict[str, Path]:
     """One site folder per acquisition source (subject_id.txt names it: Brats18_<SOURCE>_<ID>); the three
     TCIA centres have one case each, too few for a site of their own, so they form one site."""
-    from fedmed.data import cases_from_subfolders, write_manifest
+    from fedmed.api import cases_from_subfolders, write_manifest
 
     root = data / "brats2018-10"
     groups: dict[str, list[Any]] = {"cbica": [], "tcia": []}
@@ -211,8 +211,7 @@ def brats_sites(data: Path, work: Path, *, quick: bool) -> dict[str, Path]:
 
 
 def run_brats(data: Path, work: Path, *, setting: dict[str, Any]) -> str:
-    from fedmed.config import run_config_from_dict
-    from fedmed.workflows.simulate import simulate
+    from fedmed.api import load_config, simulate
 
     folders = brats_sites(data, work, quick=setting["rounds"] == 1)
     raw = {
@@ -235,7 +234,7 @@ def run_brats(data: Path, work: Path, *, setting: dict[str, Any]) -> str:
         "baselines": {"local_only": True, "pooled": True},
         "sites": [{"name": name, "path": str(path)} for name, path in folders.items()],
     }
-    config = run_config_from_dict(raw, base=work)
+    config = load_config(raw, base=work)
     started = time.perf_counter()
     result = simulate(config)
     wall = time.perf_counter() - started
@@ -255,7 +254,7 @@ def run_brats(data: Path, work: Path, *, setting: dict[str, Any]) -> str:
             f"| {name} | {counts['numTraining']} / {counts['numValidation']} | {row['federated']['dice']:.3f} | "
             f"{row['local_only']['dice']:.3f} | {row['pooled']['dice']:.3f} |"
         )
-    lines += ["", f"Wall time {wall / 60:.1f} min; run directory {result.run_dir.path}"]
+    lines += ["", f"Wall time {wall / 60:.1f} min; run directory {result.run_dir}"]
     return "\n".join(lines)
 
 
@@ -282,7 +281,7 @@ def main() -> None:
     if not data.is_dir():
         print(f"real data not found at {data}: nothing to benchmark (set --data or FEDMED_SHARED_DATA)")
         return
-    from fedmed.flower.runtime.environment import set_flower_verbosity
+    from fedmed.api import set_flower_verbosity
 
     logging.getLogger("fedmed").setLevel(logging.WARNING)
     set_flower_verbosity(False)

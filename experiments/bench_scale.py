@@ -24,7 +24,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def federation_config(num_sites: int, *, engine: str, rounds: int, output_dir: Path):
-    from fedmed.config import run_config_from_dict
+    # Here, not at the top: the parent process only measures the children's memory.
+    from fedmed.api import load_config
 
     drifts = [
         {
@@ -51,19 +52,18 @@ def federation_config(num_sites: int, *, engine: str, rounds: int, output_dir: P
             "sites": drifts,
         },
     }
-    return run_config_from_dict(raw, base=output_dir)
+    return load_config(raw, base=output_dir)
 
 
 def child(num_sites: int, engine: str, rounds: int, output_dir: Path) -> None:
     """Run one federation and print its per-round times as JSON (the parent measures memory)."""
-    from fedmed.flower.runtime.environment import set_flower_verbosity
-    from fedmed.workflows.simulate import simulate
+    from fedmed.api import set_flower_verbosity, simulate
 
     logging.getLogger("fedmed").setLevel(logging.WARNING)
     set_flower_verbosity(False)
     started = time.perf_counter()
     result = simulate(federation_config(num_sites, engine=engine, rounds=rounds, output_dir=output_dir))
-    rounds_seen = result.run_dir.read_rounds()
+    rounds_seen = result.rounds
     print(
         json.dumps(
             {

@@ -56,8 +56,9 @@ def site_name(cases: int) -> str:
 
 def generate_sites(work_dir: Path, *, size: int, cases: list[int], val_cases: int) -> dict[int, Path]:
     """One synthetic 3D segmentation site per case count; folders made from the same config are reused."""
-    from fedmed.config.schema import SynthConfig
-    from fedmed.data import synthesize_federation
+    # Here, not at the top, like every fedmed import below: each measurement's child process imports only what
+    # it measures with, so that its peak RSS is its own.
+    from fedmed.api import SynthConfig, synthesize_federation
 
     sites = {}
     for count in cases:
@@ -79,7 +80,7 @@ def generate_sites(work_dir: Path, *, size: int, cases: list[int], val_cases: in
 
 
 def run_config(*, cache: str, patch: int, batch: int, output_dir: Path):
-    from fedmed.config import run_config_from_dict
+    from fedmed.api import load_config
 
     mode, _, cap = cache.partition(":")
     data: dict[str, object] = {"cache": mode}
@@ -92,16 +93,15 @@ def run_config(*, cache: str, patch: int, batch: int, output_dir: Path):
         "train": {"patch_size": [patch] * 3, "batch_size": batch, "samples_per_volume": 1, "device": "cpu"},
         "data": data,
     }
-    return run_config_from_dict(raw, base=output_dir)
+    return load_config(raw, base=output_dir)
 
 
 def child(site: Path, *, cache: str, patch: int, batch: int, cache_dir: Path) -> None:
     """Open one site and train one epoch over it; print what was measured as one JSON line."""
     import torch
 
-    from fedmed.data.scan_site import open_scan_site
-    from fedmed.models import build_model
-    from fedmed.tasks import get_task, select_device, train_local
+    from fedmed.api import build_model, get_task
+    from fedmed.api.bench import open_scan_site, select_device, train_local
 
     logging.getLogger("fedmed").setLevel(logging.WARNING)
     config = run_config(cache=cache, patch=patch, batch=batch, output_dir=cache_dir)

@@ -22,12 +22,18 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from fedmed.config import ModelConfig, SiteDrift, SynthConfig, TaskConfig, run_config_from_dict
-from fedmed.data import synthesize_federation
-from fedmed.deploy.local import LocalFederation
-from fedmed.flower.runtime.environment import set_flower_verbosity
-from fedmed.models import build_model
-from fedmed.workflows.simulate import simulate
+from fedmed.api import (
+    ModelConfig,
+    SiteDrift,
+    SynthConfig,
+    TaskConfig,
+    build_model,
+    load_config,
+    set_flower_verbosity,
+    simulate,
+    synthesize_federation,
+)
+from fedmed.api.bench import LocalFederation
 
 TASK = {"kind": "segmentation", "spatial_dims": 2, "image_size": [64, 64]}
 MODEL = {"channels": [36, 72, 144, 288]}
@@ -46,7 +52,11 @@ def run_config(name: str, *, rounds: int, secure: bool) -> dict:
 
 
 def measured(rounds_jsonl: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in rounds_jsonl.read_text().splitlines() if line.strip()][1:]
+    return measured_rounds([json.loads(line) for line in rounds_jsonl.read_text().splitlines() if line.strip()])
+
+
+def measured_rounds(rounds: list[dict]) -> dict[str, float]:
+    rows = rounds[1:]
     return {
         "round_s": statistics.median(row["train_phase_s"] for row in rows),
         "bytes": statistics.median(row["upload_bytes_per_site"] for row in rows),
@@ -56,7 +66,7 @@ def measured(rounds_jsonl: Path) -> dict[str, float]:
 def inprocess(sites: list, root: Path, *, rounds: int, secure: bool) -> dict[str, float]:
     raw = run_config(f"inprocess-{len(sites)}-{'secure' if secure else 'plain'}", rounds=rounds, secure=secure)
     raw.update(output_dir=str(root / "inprocess"), sites=[{"name": s.name, "path": str(s.path)} for s in sites])
-    return measured(simulate(run_config_from_dict(raw, base=root)).run_dir.rounds_jsonl)
+    return measured_rounds(simulate(load_config(raw, base=root)).rounds)
 
 
 def deployed(sites: list, root: Path, *, rounds: int) -> dict[bool, dict[str, float]]:

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
-from fedmed.secagg import SecAggClient, SecAggServer, SecAggSettings
-from fedmed.secagg.masking import mask_stream
+from fedmed.api.bench import SecAggClient, SecAggServer, SecAggSettings, mask_stream
 
 
 def _timed(call: Callable[[], Any]) -> tuple[Any, float]:

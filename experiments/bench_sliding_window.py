@@ -1,7 +1,7 @@
 """Sliding-window inference: seconds and peak memory per 240×240×155 two-channel brain volume.
 
 What fedmed runs on a validation or `predict` volume: the case goes through fedmed's scan preprocessing
-(`fedmed.data.scans.preprocessing`: load FLAIR + T1 as two channels, reorient, resample to task.spacing,
+(`fedmed.api.bench.scan_preprocessing`: load FLAIR + T1 as two channels, reorient, resample to task.spacing,
 z-score), then `predict_volume` with fedmed's `sliding_window_inferer` (Gaussian blending, windows on the
 device, the stitched volume in host memory) and the default segmentation UNet from `build_model` with
 in_channels 2 (random weights: this measures speed, not accuracy). At 1 mm the network sees 2×240×240×155;
@@ -45,7 +45,7 @@ def synthetic_case(folder: Path) -> list[Path]:
     import numpy as np
     from scipy.ndimage import gaussian_filter
 
-    from fedmed.data.io import write_nifti
+    from fedmed.api.bench import write_nifti
 
     rng = np.random.default_rng(0)
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS, as the BraTS files are stored
@@ -66,17 +66,16 @@ def windows(shape: list[int], *, roi: int, overlap: float) -> int:
 
 def child(*, images: list[str], spacing: float, roi: int, device_name: str, setup: dict) -> None:
     """Preprocess one case, time the sliding window `repeats` times, print one JSON line."""
+    # Here, not at the top: only the child processes, whose peak RSS is measured, need these.
     import torch
 
-    from fedmed.config import InferenceConfig, ModelConfig, NormalizationConfig, TaskConfig
-    from fedmed.data.scans import preprocessing
-    from fedmed.models import build_model
-    from fedmed.tasks.volumes import predict_volume, sliding_window_inferer, to_original_grid
+    from fedmed.api import InferenceConfig, ModelConfig, NormalizationConfig, TaskConfig, build_model
+    from fedmed.api.bench import predict_volume, scan_preprocessing, sliding_window_inferer, to_original_grid
 
     logging.getLogger("fedmed").setLevel(logging.WARNING)
     device = torch.device(device_name)
     task = TaskConfig(kind="segmentation", spatial_dims=3, spacing=[spacing] * 3, in_channels=len(images))
-    transform = preprocessing(task, NormalizationConfig(), with_label=False)
+    transform = scan_preprocessing(task, NormalizationConfig(), with_label=False)
     started = time.perf_counter()
     image = transform({"image": images})["image"]
     preprocess_s = time.perf_counter() - started

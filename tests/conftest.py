@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +42,26 @@ def shared_dataset(shared_data: Path) -> Callable[[str], Path]:
         return path
 
     return find
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        # pytest-xdist workers share the machine's cores: more torch threads per worker than that only thrash.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+# Test kinds, from the folder a test lives in (a test in a unit folder that runs a whole federation says so
+# with @pytest.mark.federation): `pytest -m unit` is the fast loop, the others need processes or minutes.
+INTEGRATION_FOLDERS = {"deploy": "deploy", "federation": "federation", "realdata": "federation"}
+KINDS = ("unit", "federation", "deploy")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = Path(item.path).relative_to(REPO_ROOT / "tests").parts[0]
+        kind = INTEGRATION_FOLDERS.get(folder)
+        if kind is None and not any(item.get_closest_marker(name) for name in KINDS):
+            kind = "federation" if item.get_closest_marker("slow") else "unit"
+        if kind is not None and not item.get_closest_marker(kind):
+            item.add_marker(getattr(pytest.mark, kind))

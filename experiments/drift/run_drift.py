@@ -22,9 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmed.config import RunConfig, SiteDrift, read_toml, run_config_from_dict
-from fedmed.flower.runtime.environment import set_flower_verbosity
-from fedmed.workflows.simulate import simulate
+from fedmed.api import (
+    RunConfig,
+    SiteDrift,
+    cases_from_folder_pairs,
+    load_config,
+    read_toml,
+    set_flower_verbosity,
+    simulate,
+    split_into_sites,
+)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SHARED_DATA = HERE.parents[2] / "shared" / "data"
@@ -122,8 +129,6 @@ def base_config(dataset: str, *, output: Path, shared_data: Path, quick: bool = 
 
 
 def ixi_cases(root: Path) -> list[Any]:
-    from fedmed.data import cases_from_folder_pairs
-
     return cases_from_folder_pairs(
         root / "t1",
         root / "labels",
@@ -143,8 +148,6 @@ def drifted_sites(
 ) -> list[dict[str, str]]:
     """Deal real cases onto one site per simulated scanner (a [[scanners]] table: SiteDrift fields), resampled to
     the task's grid; the [[sites]] entries of a run config."""
-    from fedmed.data import split_into_sites
-
     sites = split_into_sites(
         cases,
         drifts=[SiteDrift(**scanner) for scanner in scanners],
@@ -170,7 +173,7 @@ def arm_config(base: dict[str, Any], *, arm: str, changes: dict[str, Any], outpu
     raw = with_changes(base, changes)
     raw["name"] = f"{base['name']}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', arm).strip('-')}"
     raw["baselines"] = {"local_only": baselines, "pooled": baselines}
-    return run_config_from_dict(raw, base=output, source=f"arm {arm!r}")
+    return load_config(raw, base=output, label=f"arm {arm!r}")
 
 
 def run_arm(
@@ -182,14 +185,14 @@ def run_arm(
     started = time.perf_counter()
     result = simulate(config)
     summary = result.summary
-    trained = [row for row in result.run_dir.read_metrics() if row["phase"] == "train"]
+    trained = [row for row in result.metrics if row["phase"] == "train"]
     steps: dict[str, int] = {}
     for row in trained:
         steps[row["site"]] = steps.get(row["site"], 0) + row.get("train_steps", 0)
     return {
         "baselines": baseline_label(base, changes),
         "seconds": round(time.perf_counter() - started, 1),
-        "run_dir": str(result.run_dir.path),
+        "run_dir": str(result.run_dir),
         "train_cases": {row["site"]: row["num-examples"] for row in trained if row["round"] == 1},
         "train_steps": steps,
         **{

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from fedmed.core.errors import FedmedError
+from fedmed.flower.runtime.app_bundle import app_digest
 
 from . import status_view
 from .common import setup_logging, user_errors
@@ -39,8 +43,9 @@ def provision(
     ] = None,
 ) -> None:
     """Create a federation: CA, server certificate and config, and one kit per site."""
+    # Deferred, as in every command below: fedmed.config, .deploy, .workflows load pydantic, cryptography, torch
+    # or Flower, which `fedmed --help` and the other commands must not wait for.
     from fedmed.deploy.workspace import provision as make_workspace
-    from fedmed.flower.runtime.app_bundle import app_digest
 
     with user_errors():
         # The coordinator's own tools reach the SuperLink on loopback, so that address is always certified.
@@ -70,7 +75,7 @@ def server_start(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the SuperLink (TLS, node authentication, persistent state) and the ServerApp executor until stopped."""
-    from fedmed.deploy.server import start
+    from fedmed.deploy.server import start  # deferred: start-up cost (see provision)
 
     setup_logging(verbose)
     with user_errors():
@@ -96,6 +101,7 @@ def server_add_site(
     ] = None,
 ) -> None:
     """Allow a site to connect: register its key and enroll its client certificate (signed from --csr)."""
+    # Deferred: start-up cost (see provision).
     from fedmed.config import load_server_config
     from fedmed.deploy import enrollment, flower_cli
 
@@ -127,6 +133,7 @@ def server_remove_site(
     name: Annotated[str, typer.Argument(help="Site name.")],
 ) -> None:
     """Revoke a site: its key and certificate stop working at once (the proxy reloads, its node is unregistered)."""
+    # Deferred: start-up cost (see provision).
     from fedmed.config import load_server_config
     from fedmed.deploy import enrollment
 
@@ -148,6 +155,7 @@ def server_firewall(
 ) -> None:
     """Print (or install) nftables rules that let only the coordinator's account reach the SuperLink's
     internal port: Flower's Control API there has no authentication."""
+    # Deferred: start-up cost (see provision).
     from fedmed.config import load_server_config
     from fedmed.deploy import firewall
 
@@ -174,10 +182,8 @@ def run(
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a config value (repeatable).")] = None,
 ) -> None:
     """Launch a federated run on the live federation (or resume one)."""
-    import os
-
+    # Deferred: start-up cost (see provision).
     from fedmed.config import load_run_config, load_server_config
-    from fedmed.core.errors import FedmedError
     from fedmed.deploy.server import PRIVATE_UMASK
     from fedmed.runs.run_dir import STATUS_FILE
     from fedmed.workflows import deployed_run
@@ -220,8 +226,8 @@ def status(
 ) -> None:
     """Show the sites, and every run's state, per-round participation (trained, dropped, refused and why)
     and latest per-site metrics (stale ones marked)."""
+    # Deferred: start-up cost (see provision).
     from fedmed.config import load_server_config
-    from fedmed.core.errors import FedmedError
     from fedmed.workflows import deployed_run
 
     def fetch() -> dict:
@@ -249,6 +255,7 @@ def stop(
     server_config: ServerConfigOption = Path("server.toml"),
 ) -> None:
     """Stop a running federated run."""
+    # Deferred: start-up cost (see provision).
     from fedmed.config import load_server_config
     from fedmed.workflows import deployed_run
 
@@ -260,6 +267,4 @@ def stop(
 @app_app.command("digest")
 def app_digest_command() -> None:
     """Print the digest of this fedmed version's app, the value sites and coordinators approve."""
-    from fedmed.flower.runtime.app_bundle import app_digest
-
     typer.echo(app_digest())

@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fedmed.core.errors import FedmedError
+from fedmed.flower.runtime.environment import set_flower_verbosity
+
 from . import coordinator, model
 from .common import setup_logging, user_errors
 from .site import site_app
@@ -36,19 +39,6 @@ Overrides = Annotated[
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
 
-# 3–6 cases per hospital cannot teach a model privately: the private run fine-tunes a pre-trained one, in
-# few rounds of one full-batch step so that the 3-case site stays below [dp_sgd] max_effective_noise.
-DEMO_PRIVATE = [
-    "pretrain.enabled=true",
-    "dp_sgd.enabled=true",
-    "dp_sgd.epsilon=8",
-    "dp_sgd.max_epochs_per_round=1",
-    "train.rounds=4",
-    "train.eval_every=1",
-    "baselines.local_only=false",
-]
-
-
 @app.command()
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the synthetic data and the run directory go.")] = Path("runs"),
@@ -67,16 +57,13 @@ def demo(
     verbose: Verbose = False,
 ) -> None:
     """Run the built-in demo: 3 drifted hospitals segmenting lesions, with local-only and pooled baselines."""
-    from importlib.resources import files
-
-    from fedmed.config import load_run_config
+    # Deferred, as in every command below: fedmed.config, .data, .runs, .workflows load pydantic, torch or Flower,
+    # which `fedmed --help` and the other commands must not wait for.
+    from fedmed.workflows.demo import demo_config
 
     setup_logging(verbose, live=True)
     with user_errors():
-        demo_config = Path(str(files("fedmed.resources").joinpath("demo.toml")))
-        chosen = [f"engine.name={engine}", *(DEMO_PRIVATE if private else []), *(overrides or [])]
-        config = load_run_config(demo_config, overrides=chosen)
-        config.output_dir = output_dir.resolve()  # the packaged config's own folder is site-packages
+        config = demo_config(output_dir=output_dir, engine=engine, private=private, overrides=overrides or [])
         _simulate_and_print(config, verbose=verbose)
 
 
@@ -90,8 +77,7 @@ def simulate(
     verbose: Verbose = False,
 ) -> None:
     """Simulate a federation on this machine and write a run directory with a report."""
-    from fedmed.config import load_run_config
-    from fedmed.core.errors import FedmedError
+    from fedmed.config import load_run_config  # deferred: start-up cost (see demo)
 
     setup_logging(verbose, live=True)
     with user_errors():
@@ -116,6 +102,7 @@ def synth(
     verbose: Verbose = False,
 ) -> None:
     """Write a synthetic multi-site federation of NIfTI files with per-site drift."""
+    # Deferred: start-up cost (see demo).
     from fedmed.config import load_synth_config
     from fedmed.data import synthesize_federation
 
@@ -143,6 +130,7 @@ def pretrain(
 ) -> None:
     """Pre-train the run's network on synthetic phantoms of its task (no DP: they hold no patient) and write
     weights that [model] init loads; prints the file and its metric on held-out phantoms."""
+    # Deferred: start-up cost (see demo).
     from fedmed.config import load_run_config
     from fedmed.tasks.pretrain import pretrain_to_file
 
@@ -161,21 +149,17 @@ def pretrain(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.", metavar="RUN")]) -> None:
     """Re-draw a run's HTML report and print its per-site summary (simulated or deployed, finished or not)."""
+    # Deferred: start-up cost (see demo).
     from fedmed.config import load_run_config
-    from fedmed.core.errors import FedmedError
-    from fedmed.runs import RunDirectory
     from fedmed.runs.outputs import write_outputs
     from fedmed.runs.report import write_report
     from fedmed.runs.run_dir import SUMMARY_FILE
     from fedmed.runs.summary import format_summary
     from fedmed.tasks import get_task
+    from fedmed.workflows.results import existing_run
 
     with user_errors():
-        directory = RunDirectory(run_dir)
-        if not directory.config_file.is_file():
-            raise FedmedError(
-                f"{run_dir}: no config.toml; give a run directory that 'fedmed simulate' or 'fedmed run' made"
-            )
+        directory = existing_run(run_dir)
         summary = directory.read_json(SUMMARY_FILE)
         if summary is None:
             # A run that stopped early (failed, interrupted) has no summary yet: make one from what it recorded.
@@ -192,7 +176,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.", meta
 def _simulate_and_print(
     config: RunConfig | None, *, verbose: bool, source: str = "run config", resume: Path | None = None
 ) -> None:
-    from fedmed.flower.runtime.environment import set_flower_verbosity
+    # Deferred: start-up cost (see demo).
     from fedmed.workflows.simulate import resume_simulation
     from fedmed.workflows.simulate import simulate as run_simulation
 

@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import track
+
+from fedmed.core.log import logger
 
 from .common import setup_logging, user_errors
 
@@ -33,9 +36,7 @@ def predict(
 ) -> None:
     """Apply a trained model to new scans: label maps / restored images on each scan's own grid, or class
     probabilities in predictions.csv. A bad case is listed in cases.csv; the others still complete."""
-    from rich.progress import track
-
-    from fedmed.core.log import logger
+    # Deferred: fedmed.tasks and fedmed.workflows load torch and MONAI, which `fedmed --help` must not wait for.
     from fedmed.tasks import select_device
     from fedmed.workflows.predict import input_cases, predict_cases
     from fedmed.workflows.trained_model import load_trained_model
@@ -66,20 +67,14 @@ def export(
 ) -> None:
     """Hand a trained model over: a MONAI Bundle that MONAI's bundle runner applies without fedmed, or one
     TorchScript file."""
-    from fedmed.core.errors import FedmedError
+    # Deferred: fedmed.workflows loads torch and MONAI, which `fedmed --help` must not wait for.
+    from fedmed.workflows.export import export_model
     from fedmed.workflows.trained_model import load_trained_model
 
     with user_errors():
         trained = load_trained_model(model, site=site)
-        if output_format == "bundle":
-            from fedmed.workflows.export import write_bundle
-
-            written = write_bundle(trained, out_dir=out)
-            typer.echo(f"MONAI bundle: {written}  (run it: see {written / 'README.md'})")
-        elif output_format == "torchscript":
-            from fedmed.workflows.export import write_torchscript
-
-            written = write_torchscript(trained, path=out)
-            typer.echo(f"TorchScript: {written}")
-        else:
-            raise FedmedError(f"--format '{output_format}' is not known; use bundle or torchscript")
+        written = export_model(trained, out=out, output_format=output_format)
+    if output_format == "bundle":
+        typer.echo(f"MONAI bundle: {written}  (run it: see {written / 'README.md'})")
+    else:
+        typer.echo(f"TorchScript: {written}")

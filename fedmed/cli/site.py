@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from .common import user_errors
+from fedmed.core.errors import FedmedError
+
+from .common import setup_logging, user_errors
 
 site_app = typer.Typer(help="Site admin: check data, run the site daemon, approve apps.", no_args_is_help=True)
 
@@ -20,6 +22,8 @@ def check(
     ] = None,
 ) -> None:
     """Validate a site's data (files, NIfTI integrity, shapes, affines, NaN/Inf, labels) without training."""
+    # Deferred, as in every command below: fedmed.config, .data, .deploy, .site load pydantic, cryptography or
+    # torch, which `fedmed --help` and the other commands must not wait for.
     from fedmed.config import load_run_config
     from fedmed.data import validate_site
 
@@ -37,6 +41,7 @@ def keygen(
     name: Annotated[str, typer.Option(help="Site name (file names).")],
 ) -> None:
     """Make this site's keys and certificate request; send only the .pub and .csr files to the coordinator."""
+    # Deferred: start-up cost (see check).
     from fedmed.deploy.pki import create_node_key_pair
     from fedmed.deploy.site_certs import client_certificate_path, client_key_path, create_request
 
@@ -44,8 +49,6 @@ def keygen(
     with user_errors():
         for path in (private, client_key_path(key_dir, name)):
             if path.exists():
-                from fedmed.core.errors import FedmedError
-
                 raise FedmedError(f"{path} exists; keep it, or move it away to make new keys")
         create_node_key_pair(private, public)
         request = create_request(key_dir, name)
@@ -63,9 +66,7 @@ def start(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the site daemon (Flower SuperNode and ClientApp executor) until stopped; it reconnects by itself."""
-    from fedmed.deploy.site import start as start_site
-
-    from .common import setup_logging
+    from fedmed.deploy.site import start as start_site  # deferred: start-up cost (see check)
 
     setup_logging(verbose)
     with user_errors():
@@ -79,7 +80,7 @@ def approve(
     digest: Annotated[str, typer.Argument(help="App digest from the refusal in the site log.")],
 ) -> None:
     """Allow this site to run an app version (by digest)."""
-    from fedmed.deploy.site import approve as approve_digest
+    from fedmed.deploy.site import approve as approve_digest  # deferred: start-up cost (see check)
 
     with user_errors():
         approved = approve_digest(config_file, digest)
@@ -91,6 +92,7 @@ def budget(
     config_file: Annotated[Path, typer.Argument(help="site.toml", metavar="SITE_CONFIG")],
 ) -> None:
     """Show the DP-SGD privacy spent and remaining, per dataset and run, from this site's ledger."""
+    # Deferred: start-up cost (see check).
     from fedmed.config import load_site_config
     from fedmed.site.privacy import format_budget, ledger_path
 
@@ -106,6 +108,7 @@ def audit(
     verify: Annotated[bool, typer.Option("--verify", help="Check the hash chain; exit 1 when it is broken.")] = False,
 ) -> None:
     """List everything that left this site (and every ledger event) from its tamper-evident audit log."""
+    # Deferred: start-up cost (see check).
     from fedmed.config import load_site_config
     from fedmed.site.audit import AuditLog, audit_path
     from fedmed.site.audit_view import format_audit, format_check
@@ -127,6 +130,7 @@ def ledger_reset(
     reason: Annotated[str, typer.Option("--reason", help="Why the budget starts over (kept in the audit log).")],
 ) -> None:
     """Start a new privacy ledger on purpose: the old one is archived and the reset is audited."""
+    # Deferred: start-up cost (see check).
     from fedmed.config import load_site_config
     from fedmed.site.ledger_guard import reset_ledger
     from fedmed.site.privacy import ledger_path

@@ -8,9 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
 from fedmed.core.errors import FedmedError
 from fedmed.core.terminal import is_terminal
-from fedmed.runs.summary import describe_client_privacy
 
 ROUNDS_SHOWN = 10
 # A run in these states may still change: --watch goes on while one is.
@@ -100,16 +103,10 @@ class _LiveScreen:
     """The report redrawn in place (rich Live); what is on screen at the end stays there."""
 
     def __init__(self) -> None:
-        from rich.console import Console
-        from rich.live import Live
-
         self._live = Live(console=Console(), auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
         self._live.start()
 
     def show(self, text: str, *, footer: str) -> None:
-        from rich.console import Group
-        from rich.text import Text
-
         # Text, not markup: run and site names are shown as written.
         self._live.update(Group(Text(text), Text(footer, style="dim")), refresh=True)
 
@@ -118,6 +115,10 @@ class _LiveScreen:
 
 
 def run_lines(run: dict[str, Any]) -> list[str]:
+    # Deferred: fedmed.runs loads torch, which `fedmed --help` (this module is imported for `fedmed status`)
+    # must not wait for.
+    from fedmed.runs.summary import describe_client_privacy
+
     name = run["run"]
     if run["state"] == "broken":
         return [f"  {name:<32} broken: {run['reason']}"]

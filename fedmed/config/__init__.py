@@ -1,9 +1,12 @@
 """Typed configuration (run, synthetic data, site, server) loaded from TOML and validated at load time.
 
-Imports only fedmed.core.
+One module per section of a run config ([task] in task.py, [strategy] in strategy.py, ...), each with the
+checks across sections that its feature needs; run.py puts them together. Imports only fedmed.core.
 """
 
 from .deployment import ServerConfig, SiteConfig, load_server_config, load_site_config
+from .engine import EngineConfig
+from .evaluation import BaselinesConfig, EvaluationConfig
 from .loader import (
     apply_overrides,
     dump_toml,
@@ -13,28 +16,18 @@ from .loader import (
     run_config_from_dict,
     validate,
 )
-from .pretrain import PretrainConfig
+from .model import ModelConfig
+from .normalization import NormalizationConfig
+from .pretrain import PretrainConfig, pretraining_unsupported
 from .privacy import ClientDpConfig, DpSgdConfig, PrivacyBudget, SecAggConfig, SitePrivacyPolicy
-from .schema import (
-    AugmentationConfig,
-    BaselinesConfig,
-    DataConfig,
-    EngineConfig,
-    EvaluationConfig,
-    InferenceConfig,
-    ModelConfig,
-    NormalizationConfig,
-    RunConfig,
-    SiteDrift,
-    SiteEntry,
-    StrategyConfig,
-    SynthConfig,
-    TaskConfig,
-    TaskKind,
-    TrackingConfig,
-    TrainConfig,
-    pretraining_unsupported,
-)
+from .run import RunConfig
+from .scan_geometry import DataConfig, InferenceConfig
+from .sites import SiteEntry
+from .strategy import StrategyConfig
+from .synth import SiteDrift, SynthConfig
+from .task import TaskConfig, TaskKind
+from .tracking import TrackingConfig
+from .train import AugmentationConfig, TrainConfig
 
 __all__ = [
     "AugmentationConfig",

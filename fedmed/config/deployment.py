@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from .base import StrictModel
 from .loader import read_toml, validate
 from .privacy import SitePrivacyPolicy
-from .schema import SITE_NAME_PATTERN
+from .sites import SITE_NAME_PATTERN
 
 DIGEST_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 

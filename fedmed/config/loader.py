@@ -12,7 +12,8 @@ from pydantic import BaseModel, ValidationError
 
 from fedmed.core.errors import ConfigError
 
-from .schema import RunConfig, SynthConfig
+from .run import RunConfig
+from .synth import SynthConfig
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 

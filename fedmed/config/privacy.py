@@ -1,12 +1,16 @@
-"""Privacy settings: what a run asks for ([dp_sgd], [client_dp], [secagg]) and what a site allows ([privacy])."""
+"""Privacy settings: what a run asks for ([dp_sgd], [client_dp], [secagg]) and what a site allows ([privacy]),
+and the checks that the rest of a run config keeps each privacy promise."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from .base import StrictModel
+
+if TYPE_CHECKING:
+    from .run import RunConfig
 
 Accountant = Literal["prv", "rdp"]
 MIN_DEFAULT_BATCH = 16  # σ / 16 stays below the mostly-noise line (0.5) up to σ 8
@@ -152,3 +156,55 @@ class SitePrivacyPolicy(StrictModel):
 
     def budget_for(self, dataset: str) -> PrivacyBudget:
         return self.datasets.get(dataset, PrivacyBudget(epsilon=self.epsilon, delta=self.delta))
+
+
+def check_privacy(run: RunConfig) -> None:
+    """No other setting may release what DP-SGD, client-level DP or SecAgg+ keep from the coordinator."""
+    if run.client_dp.enabled and run.strategy.name not in ("fedavg", "fedprox"):
+        raise ValueError(
+            f"client_dp works with strategy 'fedavg' or 'fedprox', not '{run.strategy.name}': Flower noises the "
+            "strategy's output, so a server optimizer's state (FedAvgM's momentum, FedAdam's moments) would keep "
+            "the sites' un-noised updates and release them again in later rounds, outside the privacy accounting; "
+            "set strategy.name = 'fedavg'"
+        )
+    if run.strategy.normalized_averaging and run.secagg.enabled:
+        raise ValueError(
+            "strategy.normalized_averaging needs each site's update, but with secagg.enabled the coordinator "
+            "sees only their masked sum; turn one off, or equalize the sites' pull with train.local_steps (the "
+            "same step budget at every site) instead"
+        )
+    if run.strategy.normalized_averaging and run.client_dp.enabled:
+        raise ValueError(
+            "strategy.normalized_averaging rescales each site's update by its step count, which can stretch a "
+            "clipped update past client_dp.clipping_norm, so the noise would no longer cover one site; turn one "
+            "off, or equalize the sites' pull with train.local_steps (the same step budget at every site) instead"
+        )
+    if run.dp_sgd.enabled and run.evaluation.finetune_epochs:
+        raise ValueError(
+            "evaluation.finetune_epochs must be 0 with dp_sgd: a fine-tune after the run would spend privacy "
+            "budget beyond the run's plan; personalize with FedBN's local layers (strategy.fedbn) instead"
+        )
+    if run.dp_sgd.enabled and run.evaluation.ditto_lambda:
+        raise ValueError(
+            "evaluation.ditto_lambda must be 0 with dp_sgd: Ditto's personal model trains on the site's data "
+            "without DP-SGD and its scores leave the site; personalize with FedBN's local layers (strategy.fedbn)"
+        )
+    if run.dp_sgd.enabled and run.train.local_steps:
+        raise ValueError(
+            "train.local_steps must be unset with dp_sgd: DP-SGD plans each round's steps from the privacy "
+            "budget; bound them with dp_sgd.max_epochs_per_round instead"
+        )
+
+
+def check_secagg_sites(run: RunConfig) -> None:
+    if run.secagg.enabled and len(run.site_names) == 1:
+        raise ValueError("secagg needs at least 2 sites: with one site the sum is that site's update")
+
+
+def check_dp_sgd_patches(run: RunConfig) -> None:
+    """Scan geometry draws patches; DP-SGD's unit must stay one case per draw (after check_scan_geometry)."""
+    if run.task.scan_geometry and run.dp_sgd.enabled and run.train.samples_per_volume > 1:
+        raise ValueError(
+            "dp_sgd protects each case: with train.samples_per_volume > 1 one patient would count several "
+            "times per step; set train.samples_per_volume = 1"
+        )

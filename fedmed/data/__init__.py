@@ -4,13 +4,17 @@ Imports only fedmed.config and fedmed.core. MONAI is imported only when images a
 so importing this package stays cheap.
 """
 
-from .drift import apply_drift
-from .federate import cases_from_folder_pairs, cases_from_subfolders, split_into_sites
 from .loading import Sample, SiteData, clear_site_cache, load_site
 from .manifest import Case, Manifest, read_manifest, write_manifest
 from .npz import NpzSite, read_npz_site
 from .problems import DataOutputError, DataProblem, DataValidationError
-from .synth import synthesize_federation
+from .synthetic import (
+    apply_drift,
+    cases_from_folder_pairs,
+    cases_from_subfolders,
+    split_into_sites,
+    synthesize_federation,
+)
 from .validation import ValidationReport, check_site, validate_site
 
 __all__ = [

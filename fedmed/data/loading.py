@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from fedmed.config.schema import TaskConfig
+from fedmed.config import TaskConfig
 from fedmed.core.log import logger
 
+from .case_check import CheckedCase
 from .fixed_grid import to_model_grid
 from .manifest import MANIFEST_NAME, parse_manifest
 from .npz import NPZ_SPLITS, check_npz_site, is_npz_site, parse_npz_site
@@ -31,7 +32,7 @@ from .preprocess import (
 )
 from .problems import DataValidationError
 from .report import ValidationReport, raise_if_errors
-from .validation import CheckedCase, iter_site_cases
+from .validation import iter_site_cases
 
 Sample = dict[str, torch.Tensor]
 # Enough for every site of a large simulated federation; older entries go first.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.config.schema import TaskConfig
+from fedmed.config import TaskConfig
 
 from .problems import DataProblem, DataValidationError, errors_in
 from .report import ValidationReport

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from fedmed.config.schema import InferenceConfig, RunConfig
+from fedmed.config import InferenceConfig, RunConfig
 from fedmed.core.log import logger
 
 from .manifest import MANIFEST_NAME, Case, parse_manifest
@@ -144,8 +144,85 @@ class ScanSite:
 
 def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None) -> ScanSite:
     """Validate every case (each file read once), then build datasets that preprocess each case when first read."""
+    # scans imports MONAI: loaded when a scan-geometry site opens, so that importing fedmed.data stays cheap.
     from .scans import intensity_transform, preprocessing, training_transform
 
+    path, name, splits, channels = _checked_records(path, config=config)
+    task, data = config.task, config.data
+    train_records, val_records = splits["training"], splits["validation"]
+    fingerprint = preprocessing_fingerprint(config)
+    train_source = _dataset(
+        train_records,
+        transform=training_transform(task, config.train, config.normalization),
+        cache=data.cache,
+        cache_num=min(len(train_records), data.max_cached_cases),
+        cache_dir=cache_dir,
+        fingerprint=fingerprint,
+        workers=config.data.workers,
+    )
+    val_preprocessing = preprocessing(task, config.normalization, with_label=False)
+    val_dataset = _dataset(
+        val_records,
+        transform=val_preprocessing,
+        cache=data.cache,
+        cache_num=max(0, min(len(val_records), data.max_cached_cases - len(train_records))),
+        cache_dir=cache_dir,
+        fingerprint=fingerprint + "-val",
+        workers=0,  # validation reads in the site's own process
+        keep_meta=True,  # Invertd needs each volume's record of its preprocessing
+    )
+    logger.info(
+        "site '%s': %d training and %d validation cases (%d channels), cache %s",
+        name,
+        len(train_records),
+        len(val_records),
+        channels,
+        data.cache,
+    )
+
+    def patches(source: Dataset, num_cases: int) -> PatchDataset:
+        samples = config.train.samples_per_volume
+        return PatchDataset(
+            source, num_cases=num_cases, samples_per_volume=samples, labelled=task.kind == "segmentation"
+        )
+
+    def volumes(records: list[Record], dataset: Dataset) -> VolumeCases:
+        return VolumeCases(
+            dataset=dataset,
+            records=records,
+            preprocessing=val_preprocessing,
+            reference_intensity=intensity_transform(task, config.normalization),
+            roi_size=config.roi_size,
+            inference=config.inference,
+        )
+
+    train = patches(train_source, len(train_records))
+    personal_train, tune = None, None
+    if config.evaluation.personal_training:
+        kept, held = tuning_split(
+            len(train_records), fraction=config.evaluation.tuning_fraction, seed=config.seed, site=name
+        )
+        personal_train = patches(Subset(train_source, kept), len(kept))
+        tune_records = [train_records[i] for i in held]
+        tune_dataset = _dataset(
+            tune_records,
+            transform=val_preprocessing,
+            cache=data.cache,
+            cache_num=0,
+            cache_dir=cache_dir,
+            fingerprint=fingerprint + "-val",
+            workers=0,
+            keep_meta=True,
+        )
+        tune = volumes(tune_records, tune_dataset)
+    val = volumes(val_records, val_dataset)
+    return ScanSite(
+        name=name, train=train, val=val, source=path, channels=channels, personal_train=personal_train, tune=tune
+    )
+
+
+def _checked_records(path: Path, *, config: RunConfig) -> tuple[Path, str, dict[str, list[Record]], int]:
+    """(site folder, site name, records per split, channels): every case validated, each file read once."""
     path = Path(path)
     if path.name == MANIFEST_NAME:
         path = path.parent
@@ -159,89 +236,7 @@ def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None) -> 
         channels = int(checked.image.shape[0])
         splits[checked.split].append(case_record(checked.case))
     raise_if_errors(report, context=f"site '{manifest.name}' at {path}")
-    task, data = config.task, config.data
-    labelled = task.kind == "segmentation"
-    train_records, val_records = splits["training"], splits["validation"]
-    budget = data.max_cached_cases
-    train_source = _dataset(
-        train_records,
-        transform=training_transform(task, config.train, config.normalization),
-        cache=data.cache,
-        cache_num=min(len(train_records), budget),
-        cache_dir=cache_dir,
-        fingerprint=preprocessing_fingerprint(config),
-        workers=config.data.workers,
-    )
-    val_preprocessing = preprocessing(task, config.normalization, with_label=False)
-    val_dataset = _dataset(
-        val_records,
-        transform=val_preprocessing,
-        cache=data.cache,
-        cache_num=max(0, min(len(val_records), budget - len(train_records))),
-        cache_dir=cache_dir,
-        fingerprint=preprocessing_fingerprint(config) + "-val",
-        workers=0,  # validation reads in the site's own process
-        keep_meta=True,  # Invertd needs each volume's record of its preprocessing
-    )
-    logger.info(
-        "site '%s': %d training and %d validation cases (%d channels), cache %s",
-        manifest.name,
-        len(train_records),
-        len(val_records),
-        channels,
-        data.cache,
-    )
-    train = PatchDataset(
-        train_source,
-        num_cases=len(train_records),
-        samples_per_volume=config.train.samples_per_volume,
-        labelled=labelled,
-    )
-    personal_train, tune = None, None
-    if config.evaluation.personal_training:
-        kept, held = tuning_split(
-            len(train_records), fraction=config.evaluation.tuning_fraction, seed=config.seed, site=manifest.name
-        )
-        personal_train = PatchDataset(
-            Subset(train_source, kept),
-            num_cases=len(kept),
-            samples_per_volume=config.train.samples_per_volume,
-            labelled=labelled,
-        )
-        tune_records = [train_records[i] for i in held]
-        tune_dataset = _dataset(
-            tune_records,
-            transform=val_preprocessing,
-            cache=data.cache,
-            cache_num=0,
-            cache_dir=cache_dir,
-            fingerprint=preprocessing_fingerprint(config) + "-val",
-            workers=0,
-            keep_meta=True,
-        )
-
-    def volumes(records: list[Record], dataset: Dataset) -> VolumeCases:
-        return VolumeCases(
-            dataset=dataset,
-            records=records,
-            preprocessing=val_preprocessing,
-            reference_intensity=intensity_transform(task, config.normalization),
-            roi_size=config.roi_size,
-            inference=config.inference,
-        )
-
-    if personal_train is not None:
-        tune = volumes(tune_records, tune_dataset)
-    val = volumes(val_records, val_dataset)
-    return ScanSite(
-        name=manifest.name,
-        train=train,
-        val=val,
-        source=path,
-        channels=channels,
-        personal_train=personal_train,
-        tune=tune,
-    )
+    return path, manifest.name, splits, channels
 
 
 def _dataset(
@@ -255,6 +250,7 @@ def _dataset(
     workers: int,
     keep_meta: bool = False,
 ) -> Dataset:
+    # MONAI loads in seconds: imported when a site's datasets are built, not with fedmed.data.
     from monai.data import CacheDataset, PersistentDataset
     from monai.data import Dataset as MonaiDataset
 

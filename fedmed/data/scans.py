@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from monai.transforms import MapTransform
 
-from fedmed.config.schema import AugmentationConfig, NormalizationConfig, TaskConfig, TrainConfig
+from fedmed.config import AugmentationConfig, NormalizationConfig, TaskConfig, TrainConfig
 
 from .preprocess import AXIS_LABELS
 

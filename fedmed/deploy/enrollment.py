@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from fedmed.config import ServerConfig
-from fedmed.config.schema import SITE_NAME_PATTERN
+from fedmed.config.sites import SITE_NAME_PATTERN
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
 from fedmed.core.log import logger

@@ -12,6 +12,7 @@ from fedmed.config import ServerConfig, SiteConfig
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import unwritable_reason
 from fedmed.core.log import logger
+from fedmed.site.ledger_guard import open_site_ledger
 
 from . import pki, site_certs
 from .processes import split_address
@@ -50,6 +51,7 @@ def check_site(site: SiteConfig) -> str:
     Every check that can refuse runs before anything is written: a refused start leaves the state
     folder as it found it (no ledger, anchor or audit log born of a start that never ran).
     """
+    # fedmed.data loads torch (seconds): only the site's start needs it, not every command that imports deploy.
     from fedmed.data import validate_site
 
     pki.check_certificate_validity(site.server.ca_certificate)
@@ -98,7 +100,7 @@ def check_runtime_port(site: SiteConfig) -> None:
 
 def check_site_ledger(site: SiteConfig) -> None:
     """The site's privacy ledger is the one it remembers (created on the site's first start)."""
-    from fedmed.site.ledger_guard import open_site_ledger
+    # fedmed.site.privacy loads torch (seconds): only the site's start needs it, not every deploy command.
     from fedmed.site.privacy import ledger_path
 
     open_site_ledger(ledger_path(site.state_dir)).close()

@@ -129,9 +129,6 @@ def render_config(server: ServerConfig) -> Path:
     for folder in ("tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
         (prefix / folder).mkdir(parents=True, exist_ok=True)
     render_enrolled(server)
-    host = server.superlink.host
-    listen = f"[{host}]:{server.superlink.port}" if ":" in host else f"{host}:{server.superlink.port}"
-    endpoints = "|".join(FLEET_ENDPOINTS)
     text = f"""# fedmed's front proxy for '{server.federation}', written by 'fedmed server start'; do not edit.
 worker_processes 1;
 pid {pid_file(server)};
@@ -162,7 +159,19 @@ http {{
         keepalive 32;
     }}
 
-    server {{
+{_server_block(server)}}}
+"""
+    path = config_file(server)
+    write_text_atomic(path, text)
+    return path
+
+
+def _server_block(server: ServerConfig) -> str:
+    """nginx's server block: mutual TLS on the public port, and only the Fleet API's POSTs go through."""
+    host = server.superlink.host
+    listen = f"[{host}]:{server.superlink.port}" if ":" in host else f"{host}:{server.superlink.port}"
+    endpoints = "|".join(FLEET_ENDPOINTS)
+    return f"""    server {{
         listen {listen} ssl;
         ssl_certificate {server.tls.certificate};
         ssl_certificate_key {server.tls.private_key};
@@ -203,11 +212,7 @@ http {{
             return 403;
         }}
     }}
-}}
 """
-    path = config_file(server)
-    write_text_atomic(path, text)
-    return path
 
 
 def reload(server: ServerConfig) -> bool:

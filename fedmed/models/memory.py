@@ -23,6 +23,8 @@ from fedmed.config import RunConfig
 from fedmed.core.errors import ConfigError
 from fedmed.core.log import logger
 
+from .registry import build_model
+
 FLOAT_BYTES = 4
 OPTIMIZER_COPIES = 4  # weights, gradients and Adam's two moments
 BACKWARD_FACTOR = 2  # stored activations plus their gradients
@@ -46,8 +48,6 @@ class MemoryEstimate:
 
 def estimate_training_memory(config: RunConfig) -> MemoryEstimate | None:
     """The estimate for one site's training step; None when the network cannot be traced on the meta device."""
-    from .registry import build_model
-
     try:
         with torch.device("meta"):
             model = build_model(config.task, config.model)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -143,8 +144,6 @@ def load_initial_weights(path: Path) -> InitialWeights:
 def _numpy_array_globals() -> list[Any]:
     """What pickled numpy arrays need (fedmed's latest.pt keeps the strategy's moments and numpy's random state
     as arrays); they rebuild arrays and run no other code."""
-    import numpy as np
-
     core = getattr(np, "_core", None) or np.core
     dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]

@@ -224,24 +224,7 @@ class SecAggClient:
             max_total_weight=s.max_total_weight,
             num_sites=s.num_sites,
         )
-        seed_shares, sk1_shares = dict(s.seed_shares), dict(s.sk1_shares)
-        sk2 = bytes_to_private_key(s.sk2)
-        for src, ciphertext in zip(srcs, ciphertexts, strict=True):
-            key = generate_shared_key(sk2, bytes_to_public_key(s.pk2s[src]))
-            try:
-                plaintext = decrypt(key, ciphertext)
-            except InvalidToken:
-                raise SecAggProtocolError(
-                    f"SecAgg masked-input: the share from node {src} does not decrypt with the key agreed with "
-                    "it; refusing (altered or misrouted ciphertext)"
-                ) from None
-            actual_src, dst, seed_share, sk1_share = share_keys_plaintext_separate(plaintext)
-            if actual_src != src or dst != s.node_id:
-                raise SecAggProtocolError(
-                    f"SecAgg masked-input: a share labelled {src}->{s.node_id} was written {actual_src}->{dst}; "
-                    "refusing (the server rerouted shares)"
-                )
-            seed_shares[src], sk1_shares[src] = seed_share, sk1_share
+        seed_shares, sk1_shares = _open_shares(s, srcs=srcs, ciphertexts=ciphertexts)
         vector += self_mask(s.seed, round_id=s.round_id, length=layout.length)
         for src in srcs:
             mask = pairwise_mask(s.sk1, s.pk1s[src], round_id=s.round_id, length=layout.length)
@@ -327,3 +310,29 @@ class SecAggClient:
             )
         m.check_header(message, stage=stage, round_id=self._s.round_id)
         return self._s
+
+
+def _open_shares(
+    s: _ClientState, *, srcs: Sequence[int], ciphertexts: Sequence[bytes]
+) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """The round's seed and key shares with those the neighbours sent added, each decrypted with the key agreed
+    with its sender and checked to be addressed from it to this node."""
+    seed_shares, sk1_shares = dict(s.seed_shares), dict(s.sk1_shares)
+    sk2 = bytes_to_private_key(s.sk2)
+    for src, ciphertext in zip(srcs, ciphertexts, strict=True):
+        key = generate_shared_key(sk2, bytes_to_public_key(s.pk2s[src]))
+        try:
+            plaintext = decrypt(key, ciphertext)
+        except InvalidToken:
+            raise SecAggProtocolError(
+                f"SecAgg masked-input: the share from node {src} does not decrypt with the key agreed with "
+                "it; refusing (altered or misrouted ciphertext)"
+            ) from None
+        actual_src, dst, seed_share, sk1_share = share_keys_plaintext_separate(plaintext)
+        if actual_src != src or dst != s.node_id:
+            raise SecAggProtocolError(
+                f"SecAgg masked-input: a share labelled {src}->{s.node_id} was written {actual_src}->{dst}; "
+                "refusing (the server rerouted shares)"
+            )
+        seed_shares[src], sk1_shares[src] = seed_share, sk1_share
+    return seed_shares, sk1_shares

@@ -14,6 +14,14 @@ from typing import Any
 from fedmed.config import RunConfig
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
+from fedmed.data.normalization import (
+    SITE_LEVEL_MODES,
+    SiteIntensityStats,
+    fit_site_stats,
+    foreground_mask,
+    intensity_histogram,
+    normalize_site,
+)
 
 STATE_FILE = "normalization.json"
 # The after-normalization histogram of the affine site modes spans a fixed range: one chosen from the
@@ -30,8 +38,6 @@ class SiteNormalization:
     """Site-level normalization for one run at one site (`task.intensity` in SITE_LEVEL_MODES)."""
 
     def __init__(self, *, site: str, state_dir: Path, config: RunConfig) -> None:
-        from fedmed.data.normalization import SITE_LEVEL_MODES
-
         self.site = site
         self.path = Path(state_dir) / STATE_FILE
         self.method = config.task.intensity
@@ -52,8 +58,6 @@ class SiteNormalization:
         return shared
 
     def _fit_stats(self, raw: Any) -> Any:
-        from fedmed.data.normalization import fit_site_stats
-
         try:
             return fit_site_stats([sample["image"] for sample in raw.train], method=self.method, settings=self.settings)
         except ValueError as error:
@@ -67,8 +71,6 @@ class SiteNormalization:
 
     def apply(self, raw: Any) -> Any:
         """The site's data as the model sees it; fits the site's statistics on first use."""
-        from fedmed.data.normalization import SiteIntensityStats, normalize_site
-
         if not self.site_level:
             return raw
         state = self._read()
@@ -91,8 +93,6 @@ class SiteNormalization:
 
     def histogram(self, raw: Any, data: Any) -> dict[str, Any]:
         """Foreground histogram of `data`'s training images, on the voxels that are foreground in the raw images."""
-        from fedmed.data.normalization import foreground_mask, intensity_histogram
-
         masks = [foreground_mask(sample["image"], rule=self.settings.foreground) for sample in raw.train]
         return intensity_histogram(
             [sample["image"] for sample in data.train],

@@ -1,38 +1,34 @@
 """Segmentation, classification and enhancement: one training loop (plain or DP-SGD), evaluation, metrics;
 pre-training on synthetic phantoms (pretrain.py).
 
+Adding a task is one new file here whose Task class registers itself (`@TASKS.register("kind")`) and one
+line below that imports it (importing a file registers its task); a run then selects it with
+`task.kind = "kind"`.
+
 No federation here. Imports fedmed.models, fedmed.data, fedmed.config and fedmed.core.
 """
 
 from __future__ import annotations
 
-from fedmed.config import TaskConfig
-
 from .base import Sample, Task
+from .classification import ClassificationTask  # noqa: F401 - registers "classification"
 from .device import select_device
 from .dp_sgd import DpSgdStep, PrivateModelError, check_private_model
+from .enhancement import EnhancementTask  # noqa: F401 - registers "enhancement"
+from .loss_terms import LossTerm, ProximalPull
+from .registry import TASKS, TaskBuilder, get_task
+from .segmentation import SegmentationTask  # noqa: F401 - registers "segmentation"
 from .training import TrainResult, train_local
 
-
-def get_task(config: TaskConfig) -> Task:
-    if config.kind == "segmentation":
-        from .segmentation import SegmentationTask
-
-        return SegmentationTask(config)
-    if config.kind == "classification":
-        from .classification import ClassificationTask
-
-        return ClassificationTask(config)
-    from .enhancement import EnhancementTask
-
-    return EnhancementTask(config)
-
-
 __all__ = [
+    "TASKS",
     "DpSgdStep",
+    "LossTerm",
     "PrivateModelError",
+    "ProximalPull",
     "Sample",
     "Task",
+    "TaskBuilder",
     "TrainResult",
     "check_private_model",
     "get_task",

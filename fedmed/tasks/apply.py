@@ -17,6 +17,10 @@ import torch
 from torch import nn
 
 from fedmed.config import RunConfig
+from fedmed.data.fixed_grid import apply_on_source_grid
+from fedmed.data.loading import per_image_intensity
+
+from .volumes import predict_volume, sliding_window_inferer, to_original_grid
 
 
 @dataclass
@@ -51,9 +55,6 @@ class Predictor:
         return Prediction(volume=output)
 
     def _apply_fixed_grid(self, image: Any) -> torch.Tensor:
-        from fedmed.data.fixed_grid import apply_on_source_grid
-        from fedmed.data.loading import per_image_intensity
-
         task = self.config.task
         return apply_on_source_grid(
             self.model,
@@ -65,9 +66,7 @@ class Predictor:
         )
 
     def _predict_scan(self, files: list[str]) -> torch.Tensor:
-        from fedmed.data.scans import preprocessing
-
-        from .volumes import predict_volume, sliding_window_inferer, to_original_grid
+        from fedmed.data.scans import preprocessing  # imports MONAI's transforms: only when a scan is applied
 
         config = self.config
         transform = preprocessing(config.task, config.normalization, with_label=False)
@@ -111,7 +110,7 @@ def _source_intensities(restored: torch.Tensor, *, image: Any, mode: str, config
 
 
 def _read_channels(files: list[str]) -> torch.Tensor:
-    from monai.transforms import LoadImage
+    from monai.transforms import LoadImage  # MONAI is heavy: imported when first used
 
     load = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")
     return torch.cat([_plain(load(path)) for path in files], dim=0)

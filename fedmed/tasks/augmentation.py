@@ -15,11 +15,12 @@ from .base import Sample
 
 class AugmentedSamples(Dataset):
     """Each read of a sample is a fresh random rotation, zoom and intensity change; flips stay batch-level
-    (fedmed.tasks.training.random_flips) so runs without these augmentations are unchanged."""
+    (fedmed.tasks.batches.random_flips) so runs without these augmentations are unchanged."""
 
     def __init__(
         self, samples: Sequence[Sample], *, config: TaskConfig, augmentation: AugmentationConfig, seed: int
     ) -> None:
+        # MONAI's transforms are heavy: imported only when a run augments beyond flips.
         from monai.transforms import Compose
 
         from fedmed.data.scans import augmentations

@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from .base import Sample, Task, batches
+from .registry import TASKS
 
 EVAL_BATCH = 64
 
 
+@TASKS.register("classification")
 class ClassificationTask(Task):
     primary_metric = "auc"
 
@@ -41,7 +43,7 @@ class ClassificationTask(Task):
 
 def roc_auc(probabilities: torch.Tensor, labels: torch.Tensor, *, num_classes: int) -> float:
     """Binary AUC of the positive class, or macro one-vs-rest AUC; nan when a class is absent."""
-    from monai.metrics import compute_roc_auc
+    from monai.metrics import compute_roc_auc  # MONAI is heavy: imported when first used
 
     if len(torch.unique(labels)) < 2:
         return math.nan

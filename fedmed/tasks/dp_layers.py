@@ -23,6 +23,7 @@ def register_convolution_samplers() -> None:
     """Replace Opacus' convolution samplers once per process (Opacus is imported by the first private run)."""
     global _registered
     if not _registered:
+        # Opacus is imported only when DP-SGD runs (fedmed.core.opacus)
         from opacus.grad_sample import register_grad_sampler
 
         register_grad_sampler(list(CONVOLUTIONS))(convolution_grad_sample)
@@ -60,6 +61,7 @@ def convolution_grad_sample(
 def _opacus_sampler(
     layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
+    # Opacus is imported only when DP-SGD runs (fedmed.core.opacus)
     from opacus.grad_sample.conv import compute_conv_grad_sample
     from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 

@@ -1,7 +1,8 @@
 """DP-SGD with Opacus: per-sample clipping, Gaussian noise, Poisson sampling.
 
-`training.train_local` runs the steps; this module turns its model, optimizer and loader into
-Opacus' private ones and checks that a model can train privately. The caller fixes the noise
+`training.train_local` runs the steps; `DpSgdStep.wrap` turns its model, optimizer and loader into
+Opacus' private ones and does DP-SGD's part of each step (`PrivateSteps`); `check_private_model`
+checks that a model can train privately. The caller fixes the noise
 multiplier for the whole run and charges the site's ledger (fedmed.site.privacy): every Poisson
 draw counts as a step, the rare empty one included, so the ledger never under-charges.
 """
@@ -9,18 +10,21 @@ draw counts as a step, the rare empty one included, so the ledger never under-ch
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedmed.config import TrainConfig
 from fedmed.core.errors import FedmedError
 from fedmed.core.opacus import import_opacus
 
+from .batches import split_batch
 from .dp_layers import register_convolution_samplers
+from .loss_terms import LossTerm
 
 
 class PrivateModelError(FedmedError):
@@ -38,6 +42,22 @@ class DpSgdStep:
     steps: int | None = None  # logical steps this round; None: train_local's epochs
     augmentation_multiplicity: int = 1
     ema_decay: float = 0.0
+
+    def wrap(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: DataLoader,
+        *,
+        seed: int,
+        device: torch.device,
+        loss_terms: Sequence[LossTerm],
+        train: TrainConfig,
+    ) -> AbstractContextManager[PrivateSteps]:
+        """Opacus' private model, optimizer and Poisson loader for the block, with DP-SGD's part of each step."""
+        return private_steps(
+            model, optimizer, loader, dp=self, seed=seed, device=device, loss_terms=loss_terms, train=train
+        )
 
 
 class WeightAverage:
@@ -81,7 +101,7 @@ def average_views(optimizer: torch.optim.Optimizer, *, views: int) -> None:
 def check_private_model(model: nn.Module, *, model_name: str) -> None:
     """Fail before training, naming the layers Opacus cannot handle and the fix."""
     import_opacus()
-    from opacus.validators import ModuleValidator
+    from opacus.validators import ModuleValidator  # Opacus loads only when DP-SGD is asked for (import_opacus)
 
     model.train()  # Opacus validates training behaviour (and refuses a model left in eval mode)
     problems = ModuleValidator.validate(model, strict=False)
@@ -99,18 +119,15 @@ def privatized(
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
     *,
-    dp: DpSgdStep | None,
+    dp: DpSgdStep,
     seed: int,
     device: torch.device,
-) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, DataLoader, object | None]]:
-    """Opacus' model, optimizer, Poisson loader and accountant for the block (the inputs unchanged and no
-    accountant without `dp`). The accountant only counts the noised steps, as a check on the ledger.
+) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, DataLoader, object]]:
+    """Opacus' model, optimizer, Poisson loader and accountant for the block. The accountant only counts the
+    noised steps, as a check on the ledger.
 
     On exit the model is unwrapped: the session reuses it next round without Opacus' hooks.
     """
-    if dp is None:
-        yield model, optimizer, loader, None
-        return
     privacy_engine = import_opacus().PrivacyEngine
     register_convolution_samplers()
     with warnings.catch_warnings():
@@ -138,15 +155,64 @@ def privatized(
             parameter.grad = None
 
 
-@torch.no_grad()
-def proximal_step(model: nn.Module, anchors: dict[str, torch.Tensor], *, step: float) -> None:
-    """FedProx under DP-SGD, as a decoupled step w -= lr*mu*(w - w_global).
+class PrivateSteps:
+    """DP-SGD's part of each step of train_local's loop: a logical batch in physical pieces, each sample's views
+    averaged before clipping, one optimizer step after the last piece, loss terms as steps of their own, and
+    the weight average."""
 
-    Inside the loss the proximal gradient would be dropped: Opacus replaces every gradient by the
-    clipped, noised per-sample sum. The step uses only public values (the global weights), so it
-    costs no privacy.
-    """
-    for name, parameter in model.named_parameters():
-        anchor = anchors.get(name)
-        if anchor is not None:
-            parameter.sub_(step * (parameter - anchor))
+    def __init__(
+        self,
+        dp: DpSgdStep,
+        *,
+        model: nn.Module,
+        private: tuple[nn.Module, torch.optim.Optimizer, DataLoader, object],
+        loss_terms: Sequence[LossTerm],
+        train: TrainConfig,
+    ) -> None:
+        self.model = model
+        self.network, self.optimizer, self.loader, self.accountant = private
+        self.loss_terms = loss_terms
+        self.learning_rate = train.learning_rate
+        self.piece_size = dp.physical_batch_size or train.batch_size
+        self.views = dp.augmentation_multiplicity
+        self.average = WeightAverage(model, decay=dp.ema_decay) if dp.ema_decay > 0 else None
+
+    def pieces(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return split_batch(batch, size=self.piece_size)
+
+    def add_terms(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss  # DP-SGD replaces every gradient, so each loss term is a step of its own (end_step)
+
+    def before_step(self, *, last: bool) -> None:
+        if self.views > 1:
+            average_views(self.optimizer, views=self.views)
+        # Opacus' BatchMemoryManager protocol: clip and sum each piece, step after the last.
+        self.optimizer.signal_skip_step(do_skip=not last)
+
+    def end_step(self) -> None:
+        for term in self.loss_terms:
+            term.step(self.model, learning_rate=self.learning_rate)
+        if self.average is not None:
+            self.average.update()
+
+    def finish(self) -> list[tuple[float, float, int]]:
+        """The weight average into the model; Opacus' own (σ, q, steps) of the noised steps."""
+        if self.average is not None:
+            self.average.copy_to_model()
+        return list(self.accountant.history)
+
+
+@contextmanager
+def private_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    dp: DpSgdStep,
+    seed: int,
+    device: torch.device,
+    loss_terms: Sequence[LossTerm],
+    train: TrainConfig,
+) -> Iterator[PrivateSteps]:
+    with privatized(model, optimizer, loader, dp=dp, seed=seed, device=device) as private:
+        yield PrivateSteps(dp, model=model, private=private, loss_terms=loss_terms, train=train)

@@ -13,13 +13,17 @@ import torch
 from torch import nn
 
 from fedmed.config import TaskConfig
+from fedmed.data.scan_site import VolumeCases
 
 from .base import Sample, Task, batches
+from .registry import TASKS
+from .volumes import evaluate_enhancement_volumes
 
 EVAL_BATCH = 8
 EVAL_NOISE_SEED = 20240611  # fixed so every round and site is scored on the same noisy inputs
 
 
+@TASKS.register("enhancement")
 class EnhancementTask(Task):
     primary_metric = "psnr"
 
@@ -49,11 +53,7 @@ class EnhancementTask(Task):
     def evaluate_cases(
         self, model: nn.Module, samples: Sequence[Sample], *, device: torch.device
     ) -> tuple[dict[str, float], list[dict]]:
-        from fedmed.data.scan_site import VolumeCases
-
         if isinstance(samples, VolumeCases):
-            from .volumes import evaluate_enhancement_volumes
-
             return evaluate_enhancement_volumes(
                 model,
                 samples,
@@ -65,11 +65,9 @@ class EnhancementTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, samples: Sequence[Sample], *, device: torch.device) -> dict[str, float]:
-        from fedmed.data.scan_site import VolumeCases
-
         if isinstance(samples, VolumeCases):
             return self.evaluate_cases(model, samples, device=device)[0]
-        from monai.metrics import PSNRMetric, SSIMMetric
+        from monai.metrics import PSNRMetric, SSIMMetric  # MONAI is heavy: imported when first used
 
         dims = self.config.spatial_dims
         psnr, ssim, psnr_input = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=dims, data_range=1.0), PSNRMetric(1.0)

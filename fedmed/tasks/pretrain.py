@@ -3,7 +3,7 @@
 A DP run pays for every step it takes on patient data; what a network can learn from synthetic images costs
 nothing, so it is learnt before the federation starts (`[pretrain]`, `fedmed pretrain`). The choices:
 
-- **Phantoms.** The generator `[synth]` uses (fedmed.data.synth), for the run's task, dimensionality, classes
+- **Phantoms.** The generator `[synth]` uses (fedmed.data.synthetic), for the run's task, dimensionality, classes
   and modalities: written as NIfTI site folders in a temporary folder and read back through the sites' own
   loading, resampling and intensity normalization (site-level modes fitted per scanner, as each site fits its
   own; Nyúl's landmarks averaged over the scanners), so the network sees phantoms exactly as a site's
@@ -50,7 +50,14 @@ from fedmed.config import RunConfig, SiteDrift, SynthConfig, TaskConfig, pretrai
 from fedmed.core.errors import ConfigError
 from fedmed.core.files import atomic_path, write_text_atomic
 from fedmed.core.log import logger
+from fedmed.data import load_site, synthesize_federation
+from fedmed.data.normalization import SITE_LEVEL_MODES, average_landmarks, fit_site_stats, normalize_site
+from fedmed.data.scan_site import open_scan_site, pooled_training_set
 from fedmed.models import InitialWeights, build_model, load_initial_weights
+
+from .device import select_device
+from .registry import get_task
+from .training import train_local
 
 PRETRAINED_WEIGHTS = "pretrained.pt"  # in the run directory's pretrain/ folder
 PRETRAIN_RECORD = "pretrain.json"  # what produced it: settings, metric, sha256
@@ -131,11 +138,6 @@ def _check(config: RunConfig, *, cases: int, val_cases: int, epochs: int, seed: 
 
 
 def _pretrain(config: RunConfig, *, cases: int, val_cases: int, epochs: int, seed: int) -> PretrainResult:
-    from fedmed.data import synthesize_federation
-    from fedmed.data.scan_site import pooled_training_set
-
-    from . import get_task, select_device, train_local
-
     started = time.perf_counter()
     run = _with_channels(config)
     synth = phantom_synth(run, cases=cases, val_cases=val_cases, seed=seed)
@@ -253,14 +255,9 @@ def _deal(total: int, parts: int) -> list[int]:
 
 
 def _open_phantom_sites(config: RunConfig, paths: list[Path], *, cache: Path) -> list[Any]:
-    """The phantom sites as a site's preprocessing presents them (fedmed.site.session does the same)."""
+    """The phantom sites as a site's preprocessing presents them (fedmed.site.cases does the same)."""
     if config.task.scan_geometry:
-        from fedmed.data.scan_site import open_scan_site
-
         return [open_scan_site(path, config=config, cache_dir=cache / path.name) for path in paths]
-    from fedmed.data import load_site
-    from fedmed.data.normalization import SITE_LEVEL_MODES, average_landmarks, fit_site_stats, normalize_site
-
     task, settings = config.task, config.normalization
     # Site-level modes load the raw intensities; each scanner is then normalized with its own statistics.
     sites = [load_site(path, task=task, cache=False) for path in paths]

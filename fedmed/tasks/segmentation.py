@@ -10,18 +10,22 @@ import torch
 from torch import nn
 
 from fedmed.config import TaskConfig
+from fedmed.data.scan_site import VolumeCases
 
 from .base import Sample, Task, batches
+from .registry import TASKS
+from .volumes import evaluate_segmentation_volumes
 
 EVAL_BATCH = 8
 
 
+@TASKS.register("segmentation")
 class SegmentationTask(Task):
     primary_metric = "dice"
 
     def __init__(self, config: TaskConfig) -> None:
         super().__init__(config)
-        from monai.losses import DiceCELoss
+        from monai.losses import DiceCELoss  # MONAI is heavy: imported when first used
 
         self._loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
@@ -31,11 +35,7 @@ class SegmentationTask(Task):
     def evaluate_cases(
         self, model: nn.Module, samples: Sequence[Sample], *, device: torch.device
     ) -> tuple[dict[str, float], list[dict]]:
-        from fedmed.data.scan_site import VolumeCases
-
         if isinstance(samples, VolumeCases):
-            from .volumes import evaluate_segmentation_volumes
-
             return evaluate_segmentation_volumes(model, samples, task=self.config, device=device)
         return self.evaluate(model, samples, device=device), []
 
@@ -43,11 +43,9 @@ class SegmentationTask(Task):
     def evaluate(self, model: nn.Module, samples: Sequence[Sample], *, device: torch.device) -> dict[str, float]:
         """Dice and HD95 (voxels of the resampled grid) on image_size samples; whole volumes in scan geometry
         are scored in the original image space (HD95 in mm)."""
-        from fedmed.data.scan_site import VolumeCases
-
         if isinstance(samples, VolumeCases):
             return self.evaluate_cases(model, samples, device=device)[0]
-        from monai.metrics import DiceMetric, HausdorffDistanceMetric
+        from monai.metrics import DiceMetric, HausdorffDistanceMetric  # MONAI is heavy: imported when first used
         from monai.networks.utils import one_hot
 
         dice = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)

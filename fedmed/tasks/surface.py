@@ -21,6 +21,7 @@ def directed_distances(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Distances (mm) from every prediction edge voxel to the truth's edge, and back; None when either mask
     is empty (the distances are undefined: MONAI gives inf or nan)."""
+    # MONAI and SciPy are heavy: imported when first used
     from monai.metrics.utils import get_mask_edges
     from scipy.ndimage import distance_transform_edt
 

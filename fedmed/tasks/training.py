@@ -1,21 +1,29 @@
-"""Local training: one loop for federated sites and the baselines, plain or DP-SGD."""
+"""Local training: one loop for federated sites and the baselines, plain or DP-SGD.
+
+The loop is plain; what varies is plugged in, the way Opacus wraps a model and optimizer: loss terms
+(FedProx's and Ditto's pulls, fedmed.tasks.loss_terms), the steps' recipe (`PlainSteps`, or DP-SGD's
+`PrivateSteps` from `DpSgdStep.wrap`), a step budget instead of epochs, and a kept optimizer state.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from fedmed.config import TrainConfig
 
 from .augmentation import AugmentedSamples
 from .base import Sample, Task
-from .dp_sgd import DpSgdStep, WeightAverage, average_views, privatized, proximal_step
+from .batches import Columns, draws, random_flips, shuffled_loader
+from .dp_sgd import DpSgdStep
+from .loss_terms import LossTerm
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,92 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
     return torch.optim.Adam(parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
+class StepRecipe(Protocol):
+    """The recipe of each step: what the loop trains (`network`), with what and on what draws."""
+
+    network: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    views: int  # copies of each sample in a piece (DP-SGD's augmentation multiplicity)
+
+    def pieces(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]: ...
+
+    def add_terms(self, loss: torch.Tensor) -> torch.Tensor: ...
+
+    def before_step(self, *, last: bool) -> None: ...
+
+    def end_step(self) -> None: ...
+
+    def finish(self) -> list[tuple[float, float, int]] | None: ...
+
+
+class PlainSteps:
+    """Plain steps: each batch in one piece, the loss terms inside the loss."""
+
+    views = 1
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, loss_terms: Sequence[LossTerm]
+    ) -> None:
+        self.network = self.model = model
+        self.optimizer = optimizer
+        self.loader = loader
+        self.loss_terms = loss_terms
+
+    def pieces(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [batch]
+
+    def add_terms(self, loss: torch.Tensor) -> torch.Tensor:
+        for term in self.loss_terms:
+            loss = term.add(loss, self.model)
+        return loss
+
+    def before_step(self, *, last: bool) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        return None
+
+
+@dataclass
+class _Piece:
+    """What every piece's forward and backward pass needs, fixed for the call."""
+
+    task: Task
+    keys: list[str]
+    generator: torch.Generator  # flips and the task's synthesis (e.g. enhancement's noise)
+    flips: bool
+    amp: bool
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    def learn(self, chunk: dict[str, torch.Tensor], *, recipe: StepRecipe, last: bool) -> tuple[float, int]:
+        """One forward and backward pass (and the optimizer step, unless DP-SGD waits for the last piece);
+        the piece's summed loss and its number of samples."""
+        views = recipe.views
+        if views > 1:
+            chunk = {key: value.repeat_interleave(views, dim=0) for key, value in chunk.items()}
+            chunk = random_flips(chunk, generator=self.generator)
+        elif self.flips:
+            chunk = random_flips(chunk, generator=self.generator)
+        recipe.optimizer.zero_grad(set_to_none=True)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        with autocast:
+            loss = self.task.loss(recipe.network, chunk, generator=self.generator)
+        loss = recipe.add_terms(loss)
+        self.scaler.scale(loss).backward()
+        recipe.before_step(last=last)
+        self.scaler.step(recipe.optimizer)
+        self.scaler.update()
+        size = len(chunk[self.keys[0]]) // views
+        return float(loss.detach()) * size, size
+
+
 def train_local(
     model: nn.Module,
     samples: Sequence[Sample],
@@ -45,9 +139,7 @@ def train_local(
     seed: int,
     device: torch.device,
     steps: int | None = None,
-    proximal_mu: float = 0.0,
-    proximal_keys: Collection[str] = (),
-    proximal_anchors: dict[str, torch.Tensor] | None = None,
+    loss_terms: Sequence[LossTerm] = (),
     optimizer_state: dict | None = None,
     dp: DpSgdStep | None = None,
     workers: int = 0,
@@ -58,12 +150,9 @@ def train_local(
     `samples` is a list of preprocessed samples (grid geometry) or a dataset drawing random patches
     (scan geometry), read by `workers` DataLoader processes.
 
-    `steps` draws instead of `epochs` passes when set (a step budget).
-    With proximal_mu > 0 (FedProx) the weights named in `proximal_keys` (the shared weights as
-    received from the server) are pulled towards their starting values with strength mu, or
-    towards `proximal_anchors` when given (Ditto: a personal model pulled towards the global one).
-    `optimizer_state` (an earlier TrainResult's) resumes the optimizer where it stopped, at this
-    call's learning rate. With `dp`
+    `steps` draws instead of `epochs` passes when set (a step budget). `loss_terms` add to each step's
+    loss (fedmed.tasks.loss_terms: FedProx's or Ditto's pull). `optimizer_state` (an earlier
+    TrainResult's) resumes the optimizer where it stopped, at this call's learning rate. With `dp`
     the steps are DP-SGD (Opacus: Poisson sampling, per-sample clipping, Gaussian noise) with the
     recipe `dp` names: logical batches processed in physical pieces, `dp.steps` draws instead of
     `epochs` when set, augmentation multiplicity and a weight average; the caller fixes the noise
@@ -79,84 +168,67 @@ def train_local(
     elif train.augment and train.augmentation.beyond_flips:
         samples = AugmentedSamples(samples, config=task.config, augmentation=train.augmentation, seed=seed)
     keys = list(samples[0])
+    batch_size = (dp and dp.logical_batch_size) or train.batch_size
     # Tuples, not dicts: Opacus builds empty Poisson batches from the structure of a sample.
-    rows = Columns(samples, keys)
-    loader = DataLoader(
-        rows,
-        batch_size=min((dp and dp.logical_batch_size) or train.batch_size, len(rows)),
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=workers,
-        worker_init_fn=_seed_worker if workers else None,
-    )
-    flip_batches = train.augment and train.augmentation.flips and not task.config.scan_geometry
-    optimizer = base_optimizer = make_optimizer(model, train)
+    loader = shuffled_loader(Columns(samples, keys), batch_size=batch_size, seed=seed, workers=workers)
+    flips = train.augment and train.augmentation.flips and not task.config.scan_geometry
+    optimizer = make_optimizer(model, train)
     if optimizer_state is not None:
         resume_optimizer(optimizer, optimizer_state, learning_rate=train.learning_rate)
-    anchors = {}
-    if proximal_mu > 0:
-        anchors = snapshot_anchors(model, proximal_keys) if proximal_anchors is None else proximal_anchors
-        anchors = {name: value.to(device) for name, value in anchors.items()}
-    use_amp = train.amp and device.type == "cuda" and dp is None
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    terms = [term.to(device) for term in loss_terms]
+    piece = _Piece(
+        task=task,
+        keys=keys,
+        generator=torch.Generator(device=device).manual_seed(seed + 1),
+        flips=flips,
+        amp=train.amp and device.type == "cuda" and dp is None,
+    )
     started = time.perf_counter()
-    budget = dp.steps if dp is not None else steps
-    steps, epoch_loss, epoch_examples = 0, 0.0, 0
-    private = privatized(model, optimizer, loader, dp=dp, seed=seed, device=device)
-    with private as (network, optimizer, loader, accountant):
-        average = WeightAverage(model, decay=dp.ema_decay) if dp is not None and dp.ema_decay > 0 else None
-        pieces = (dp.physical_batch_size if dp is not None else None) or train.batch_size
-        views = dp.augmentation_multiplicity if dp is not None else 1
-        for epoch, batch_index, columns in draws(loader, epochs=epochs, steps=budget):
-            if batch_index == 0:
-                epoch_loss, epoch_examples = 0.0, 0
-            steps += 1
-            if on_step is not None:
-                on_step(epoch, batch_index)
-            if len(columns[0]) == 0:
-                continue  # an empty Poisson draw: nothing to learn from, still a step
-            batch = {key: value.to(device, non_blocking=True) for key, value in zip(keys, columns, strict=True)}
-            chunks = split_batch(batch, size=pieces) if dp is not None else [batch]
-            for index, chunk in enumerate(chunks):
-                if views > 1:
-                    chunk = {key: value.repeat_interleave(views, dim=0) for key, value in chunk.items()}
-                    chunk = random_flips(chunk, generator=generator)
-                elif flip_batches:
-                    chunk = random_flips(chunk, generator=generator)
-                optimizer.zero_grad(set_to_none=True)
-                autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
-                with autocast:
-                    loss = task.loss(network, chunk, generator=generator)
-                if anchors and dp is None:
-                    loss = loss + proximal_term(model, anchors, mu=proximal_mu)
-                scaler.scale(loss).backward()
-                if dp is not None:
-                    if views > 1:
-                        average_views(optimizer, views=views)
-                    # Opacus' BatchMemoryManager protocol: clip and sum each piece, step after the last.
-                    optimizer.signal_skip_step(do_skip=index < len(chunks) - 1)
-                scaler.step(optimizer)
-                scaler.update()
-                size = len(chunk[keys[0]]) // views
-                epoch_loss += float(loss.detach()) * size
-                epoch_examples += size
-            if anchors and dp is not None:
-                # DP-SGD replaces every gradient, so the proximal pull is a step of its own.
-                proximal_step(model, anchors, step=train.learning_rate * proximal_mu)
-            if average is not None:
-                average.update()
-        if average is not None:
-            average.copy_to_model()
-        noised = list(accountant.history) if accountant is not None else None
+    if dp is None:
+        wrapped = contextlib.nullcontext(PlainSteps(model, optimizer, loader, loss_terms=terms))
+    else:
+        wrapped = dp.wrap(model, optimizer, loader, seed=seed, device=device, loss_terms=terms, train=train)
+    with wrapped as recipe:
+        budget = dp.steps if dp is not None else steps  # DP-SGD's plan fixes its own step budget
+        taken, loss = _loop(recipe, piece, device=device, epochs=epochs, budget=budget, on_step=on_step)
+        noised = recipe.finish()
     return TrainResult(
-        loss=epoch_loss / max(epoch_examples, 1),
+        loss=loss,
         num_examples=len(samples),
-        steps=steps,
+        steps=taken,
         seconds=time.perf_counter() - started,
         noised=noised,
-        optimizer_state=base_optimizer.state_dict(),
+        optimizer_state=optimizer.state_dict(),
     )
+
+
+def _loop(
+    recipe: StepRecipe,
+    piece: _Piece,
+    *,
+    device: torch.device,
+    epochs: int,
+    budget: int | None,
+    on_step: Callable[[int, int], None] | None,
+) -> tuple[int, float]:
+    """The steps of one call; how many were taken (an empty Poisson draw included) and the last epoch's mean loss."""
+    taken, epoch_loss, epoch_examples = 0, 0.0, 0
+    for epoch, batch_index, columns in draws(recipe.loader, epochs=epochs, steps=budget):
+        if batch_index == 0:
+            epoch_loss, epoch_examples = 0.0, 0
+        taken += 1
+        if on_step is not None:
+            on_step(epoch, batch_index)
+        if len(columns[0]) == 0:
+            continue  # an empty Poisson draw: nothing to learn from, still a step
+        batch = {key: value.to(device, non_blocking=True) for key, value in zip(piece.keys, columns, strict=True)}
+        pieces = recipe.pieces(batch)
+        for index, chunk in enumerate(pieces):
+            loss, size = piece.learn(chunk, recipe=recipe, last=index == len(pieces) - 1)
+            epoch_loss += loss
+            epoch_examples += size
+        recipe.end_step()
+    return taken, epoch_loss / max(epoch_examples, 1)
 
 
 def resume_optimizer(optimizer: torch.optim.Optimizer, state: dict, *, learning_rate: float) -> None:
@@ -164,76 +236,3 @@ def resume_optimizer(optimizer: torch.optim.Optimizer, state: dict, *, learning_
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
-
-
-def draws(loader: DataLoader, *, epochs: int, steps: int | None) -> Iterator[tuple[int, int, tuple]]:
-    """(epoch, batch index, batch) for `epochs` passes, or for exactly `steps` draws across passes."""
-    if steps is None:
-        for epoch in range(epochs):
-            for batch_index, columns in enumerate(loader):
-                yield epoch, batch_index, columns
-        return
-    drawn, epoch = 0, 0
-    while drawn < steps:
-        for batch_index, columns in enumerate(loader):
-            if drawn == steps:
-                return
-            drawn += 1
-            yield epoch, batch_index, columns
-        epoch += 1
-
-
-def split_batch(batch: dict[str, torch.Tensor], *, size: int) -> list[dict[str, torch.Tensor]]:
-    """A logical batch in physical pieces of at most `size` samples, as even as possible (Opacus' split)."""
-    total = len(next(iter(batch.values())))
-    count = max(1, -(-total // size))
-    pieces = [dict(zip(batch, values, strict=True)) for values in zip(*(v.tensor_split(count) for v in batch.values()))]
-    return [piece for piece in pieces if len(next(iter(piece.values())))]
-
-
-class Columns(Dataset):
-    """Samples as tuples in a fixed key order, read lazily (a patch dataset draws on every read)."""
-
-    def __init__(self, samples: Sequence[Sample], keys: list[str]) -> None:
-        self.samples = samples
-        self.keys = keys
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        sample = self.samples[index]
-        return tuple(sample[key] for key in self.keys)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Each worker reseeds the dataset's MONAI transforms from its own torch seed, else every worker
-    # would draw the same patches.
-    from monai.data.utils import worker_init_fn
-
-    worker_init_fn(worker_id)
-
-
-def random_flips(batch: dict[str, torch.Tensor], *, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Flip each sample along each spatial axis with probability 1/2; labels shaped like the image follow."""
-    image = batch["image"]
-    flipped = dict(batch)
-    for axis in range(2, image.dim()):
-        chosen = torch.rand(image.shape[0], generator=generator, device=generator.device) < 0.5
-        chosen = chosen.to(image.device).view(-1, *([1] * (image.dim() - 1)))
-        for key, value in batch.items():
-            if value.dim() == image.dim():
-                flipped[key] = torch.where(chosen, flipped[key].flip(axis), flipped[key])
-    return flipped
-
-
-def proximal_term(model: nn.Module, anchors: dict[str, torch.Tensor], *, mu: float) -> torch.Tensor:
-    """mu/2 * sum ||w - w_anchor||^2 (FedProx, Li et al. 2020)."""
-    parameters = dict(model.named_parameters())
-    squared = sum((parameters[name] - anchor).pow(2).sum() for name, anchor in anchors.items())
-    return 0.5 * mu * squared
-
-
-def snapshot_anchors(model: nn.Module, keys: Collection[str]) -> dict[str, torch.Tensor]:
-    wanted = set(keys)
-    return {name: p.detach().clone() for name, p in model.named_parameters() if name in wanted and p.requires_grad}

@@ -19,10 +19,13 @@ from torch import nn
 from fedmed.config import InferenceConfig, TaskConfig
 from fedmed.data.scan_site import Record, VolumeCases
 
+from .surface import hd95_and_msd
+
 CaseRows = list[dict[str, Any]]
 
 
 def sliding_window_inferer(*, roi_size: list[int], inference: InferenceConfig, device: torch.device) -> Any:
+    # MONAI is heavy: imported when first used
     from monai.inferers import SlidingWindowInferer
 
     return SlidingWindowInferer(
@@ -45,6 +48,7 @@ def predict_volume(model: nn.Module, image: torch.Tensor, *, inferer: Any, devic
 def to_original_grid(output: torch.Tensor, *, image: Any, preprocessing: Any) -> Any:
     """Undo the preprocessing's geometry on `output` (channel-first, on `image`'s grid): the result has the
     source file's shape and affine. Interpolated, so class probabilities invert before the argmax."""
+    # MONAI is heavy: imported when first used
     from monai.data import MetaTensor
     from monai.transforms import Invertd
 
@@ -55,6 +59,7 @@ def to_original_grid(output: torch.Tensor, *, image: Any, preprocessing: Any) ->
 
 def read_label(path: str, *, binarize: bool) -> Any:
     """The label map as stored (channel-first, source grid), as integer classes."""
+    # MONAI is heavy: imported when first used
     from monai.transforms import LoadImage
 
     label = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")(path)
@@ -66,10 +71,9 @@ def segmentation_case_metrics(
 ) -> dict[str, float]:
     """Dice per class and per region, HD95 and mean surface distance (mm) of one case; nan where undefined
     (a class absent from both prediction and label has no Dice)."""
+    # MONAI is heavy: imported when first used
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
-
-    from .surface import hd95_and_msd
 
     classes = task.num_classes
     prediction = one_hot(labelmap[None], num_classes=classes)
@@ -93,6 +97,7 @@ def segmentation_case_metrics(
 
 
 def _spacing(affine: Any) -> list[float]:
+    # MONAI is heavy: imported when first used
     from monai.data.utils import affine_to_spacing
 
     return [float(value) for value in affine_to_spacing(affine, r=3)]
@@ -148,6 +153,7 @@ def evaluate_enhancement_volumes(
     device: torch.device,
 ) -> tuple[dict[str, float], CaseRows]:
     """PSNR/SSIM of the restored whole volume against the source image on its own grid (same normalization)."""
+    # MONAI is heavy: imported when first used
     from monai.metrics import PSNRMetric, SSIMMetric
     from monai.transforms import Compose, LoadImaged
 

@@ -1,5 +1,6 @@
-"""The use cases: simulate a federation on one machine, launch and follow a deployed run, train the
-local-only and pooled baselines, apply a trained model to new scans and export it.
+"""The use cases: simulate a federation on one machine (the built-in demo too), launch and follow a deployed
+run, train the local-only and pooled baselines, read a run back, apply a trained model to new scans and export it.
 
-Imports fedmed.deploy, fedmed.flower and everything below them.
+The `fedmed` command (fedmed.cli) and the Python API (fedmed.api) both call these. Imports fedmed.deploy,
+fedmed.flower and everything below them.
 """

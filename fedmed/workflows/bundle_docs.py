@@ -11,21 +11,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+import monai
+import nibabel
+import numpy
 import torch
 
+import fedmed
 from fedmed.config import RunConfig
 from fedmed.runs.run_dir import FLOWER_RUNS
+from fedmed.runs.summary import privacy_spent
 
 from .trained_model import TrainedModel
 
 
 def bundle_metadata(trained: TrainedModel, *, weights: Path) -> dict[str, Any]:
-    import monai
-    import nibabel
-    import numpy
-
-    import fedmed
-
     task = trained.config.task
     channel_names = {str(i): name for i, name in enumerate(_modalities(trained.config))}
     if task.kind == "segmentation":
@@ -106,8 +105,6 @@ def handover_description(trained: TrainedModel) -> str:
 
 def provenance(trained: TrainedModel) -> dict[str, Any]:
     """Who and what made the model: run, rounds, sites (names only), strategy, DP ε per site, app digest."""
-    import fedmed
-
     config = trained.config
     record: dict[str, Any] = {
         "fedmed_version": fedmed.__version__,
@@ -122,8 +119,6 @@ def provenance(trained: TrainedModel) -> dict[str, Any]:
         "secagg": config.secagg.enabled,
     }
     if trained.run_dir is not None:
-        from fedmed.runs.summary import privacy_spent
-
         record["sites"] = sorted({row["site"] for row in trained.run_dir.read_metrics() if "site" in row})
         spent = privacy_spent(trained.run_dir)
         if spent:

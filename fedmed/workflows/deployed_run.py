@@ -22,12 +22,14 @@ from fedmed.deploy import flower_cli
 from fedmed.deploy.server import site_nodes_file
 from fedmed.flower.records import encode_run
 from fedmed.flower.runtime.app_bundle import APP_PROJECT
+from fedmed.flower.server.strategies import check_strategy_name
 from fedmed.models import check_starting_model
 from fedmed.runs import RunDirectory, submissions
 from fedmed.runs.progress import round_line
 from fedmed.runs.run_dir import FLOWER_RUNS, STATUS_FILE, STOPPED_FILE
 from fedmed.runs.status import describe_run, effective_state
 from fedmed.runs.tracking import check_tracking
+from fedmed.tasks import get_task
 
 FINISHED = ("finished:completed", "finished:failed", "finished:stopped")
 
@@ -53,6 +55,7 @@ def check_deployable(config: RunConfig, *, source: str) -> None:
             "with 'fedmed simulate'."
         )
     check_tracking(config, source=source)  # the ServerApp runs here, on the coordinator: MLflow must be here
+    check_strategy_name(config)
 
 
 def launch(server: ServerConfig, config: RunConfig) -> DeployedRun:
@@ -129,8 +132,6 @@ def wait(server: ServerConfig, run: DeployedRun, *, poll_s: float = 2.0, timeout
 
 def _log_rounds(run_dir: RunDirectory, rounds: list[dict[str, Any]], *, new: list[dict[str, Any]]) -> None:
     """The same line per round as a simulation prints (fedmed.runs.progress), from the run directory."""
-    from fedmed.tasks import get_task
-
     config = load_run_config(run_dir.config_file)
     metric = get_task(config.task).primary_metric
     metrics = run_dir.read_metrics()

@@ -18,18 +18,34 @@ from typing import Any
 
 import torch
 
+import fedmed.data
+import fedmed.models
 from fedmed.config import RunConfig, dump_toml
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import atomic_path, unwritable_reason, write_text_atomic
+from fedmed.data.loading import per_image_intensity
+from fedmed.data.scans import intensity_transform
+from fedmed.models import build_model
+from fedmed.models.enhancer import ResidualEnhancer
 
 from .bundle_docs import bundle_metadata, bundle_readme, handover_config, licence_note, provenance
 from .trained_model import BUNDLE_RUN_CONFIG, BUNDLE_WEIGHTS, TrainedModel
 
 _FIXED_GRID_SCRIPTS = ("preprocess.py", "fixed_grid.py")  # from fedmed/data
+EXPORT_FORMATS = ("bundle", "torchscript")
 
 
 class ExportOutputError(FedmedError):
     """The export's destination cannot be written."""
+
+
+def export_model(trained: TrainedModel, *, out: Path, output_format: str) -> Path:
+    """`bundle`: a MONAI Bundle in the new folder `out`; `torchscript`: one TorchScript file at `out`."""
+    if output_format == "bundle":
+        return write_bundle(trained, out_dir=out)
+    if output_format == "torchscript":
+        return write_torchscript(trained, path=out)
+    raise FedmedError(f"--format '{output_format}' is not known; use {' or '.join(EXPORT_FORMATS)}")
 
 
 def write_bundle(trained: TrainedModel, *, out_dir: Path) -> Path:
@@ -122,8 +138,6 @@ def write_torchscript(trained: TrainedModel, *, path: Path) -> Path:
 
 def _network_def(config: RunConfig) -> dict[str, Any]:
     """The network as MONAI's ConfigParser builds it: the same constructor call fedmed.models makes."""
-    from fedmed.models import build_model
-
     model = build_model(config.task, config.model)
     described = _describe(model)
     if described is None:
@@ -132,8 +146,6 @@ def _network_def(config: RunConfig) -> dict[str, Any]:
 
 
 def _describe(model: torch.nn.Module) -> dict[str, Any] | None:
-    from fedmed.models.enhancer import ResidualEnhancer
-
     if isinstance(model, ResidualEnhancer):
         body = _describe(model.body)
         if body is None:
@@ -175,8 +187,6 @@ def _common(config: RunConfig, network: dict[str, Any]) -> dict[str, Any]:
 
 
 def _scan_inference(config: RunConfig, network: dict[str, Any]) -> dict[str, Any]:
-    from fedmed.data.scans import intensity_transform
-
     task = config.task
     steps: list[dict[str, Any]] = [
         {
@@ -251,8 +261,6 @@ def _scan_inference(config: RunConfig, network: dict[str, Any]) -> dict[str, Any
 
 
 def _fixed_grid_inference(config: RunConfig, network: dict[str, Any]) -> dict[str, Any]:
-    from fedmed.data.loading import per_image_intensity
-
     task = config.task
     # A partial of fedmed's own function, shipped in scripts/ (bundle_root is on sys.path while it runs).
     apply = {
@@ -364,9 +372,6 @@ def _as_config(transform: Any) -> dict[str, Any]:
 
 
 def _copy_scripts(out_dir: Path, *, enhancer: bool) -> None:
-    import fedmed.data
-    import fedmed.models
-
     scripts = out_dir / "scripts"
     scripts.mkdir(exist_ok=True)
     (scripts / "__init__.py").write_text("", encoding="utf-8")

@@ -15,12 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel
 import numpy as np
 
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import atomic_path, unwritable_reason
 from fedmed.core.log import logger
 from fedmed.data.manifest import MANIFEST_NAME, Case
+from fedmed.data.preprocess import PER_IMAGE_MODES
+from fedmed.data.problems import DataProblem
+from fedmed.data.validation import check_case_images
+from fedmed.tasks.apply import Predictor
 from fedmed.workflows.trained_model import TrainedModel
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -100,8 +105,6 @@ def case_name(case: Case) -> str:
 
 def predict_cases(trained: TrainedModel, cases: Sequence[Case], *, out_dir: Path, device: Any) -> Iterator[CaseOutcome]:
     """Predict each case, write its output, yield its outcome; cases.csv (and predictions.csv) at the end."""
-    from fedmed.tasks.apply import Predictor
-
     config = trained.config
     out_dir = Path(out_dir)
     _refuse_site_intensity(trained)
@@ -129,8 +132,6 @@ def _cannot_write(out_dir: Path, reason: str) -> str:
 
 
 def _predict_one(predictor: Any, case: Case, *, name: str, trained: TrainedModel, out_dir: Path) -> CaseOutcome:
-    from fedmed.data.validation import check_case_images
-
     kind = trained.config.task.kind
     image, problems = check_case_images(case, task=trained.config.task, entry=name)
     errors = [problem for problem in problems if problem.severity == "error"]
@@ -163,8 +164,6 @@ def _unique_names(cases: Sequence[Case]) -> list[str]:
 
 
 def _refuse_site_intensity(trained: TrainedModel) -> None:
-    from fedmed.data.preprocess import PER_IMAGE_MODES
-
     mode = trained.config.task.intensity
     if mode not in (*PER_IMAGE_MODES, "ct_window"):
         raise FedmedError(
@@ -175,8 +174,6 @@ def _refuse_site_intensity(trained: TrainedModel) -> None:
 
 
 def _channel_problems(image: Any, *, case: Case, trained: TrainedModel) -> list[Any]:
-    from fedmed.data.problems import DataProblem
-
     expected = trained.config.task.channels
     found = int(image.shape[0])
     if found == expected:
@@ -194,8 +191,6 @@ def _channel_problems(image: Any, *, case: Case, trained: TrainedModel) -> list[
 def _write_like_source(path: Path, volume: Any, *, source: Path, label: bool) -> None:
     """The output on the source file's grid with its affine and header (one channel: a 3D or 2D volume;
     several: channels last, as 4D NIfTI stores them)."""
-    import nibabel
-
     reference = nibabel.load(str(source))
     array = np.asarray(volume.detach().cpu().numpy() if hasattr(volume, "detach") else volume)
     array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)

@@ -12,12 +12,26 @@ from fedmed.config import RunConfig, SiteEntry, load_run_config
 from fedmed.core.errors import ConfigError, FedmedError
 from fedmed.core.files import unwritable_reason
 from fedmed.core.log import logger
+from fedmed.data import load_site, read_manifest, synthesize_federation
+from fedmed.data.npz import is_npz_site
+from fedmed.data.scan_site import open_scan_site
+from fedmed.flower.engines import run_federation_here
+from fedmed.flower.records import encode_run
+from fedmed.flower.server.strategies import check_strategy_name
+from fedmed.models import check_starting_model
+from fedmed.models.memory import check_training_memory
 from fedmed.runs import RunDirectory
+from fedmed.runs.cross_site import final_evaluation, local_only_model_name, record_evaluation
 from fedmed.runs.outputs import write_outputs
 from fedmed.runs.run_dir import BASELINES_FILE, DP_PLAN_FILE, PRETRAIN_DIR, STATUS_FILE, SUMMARY_FILE
 from fedmed.runs.status import resume_command
 from fedmed.runs.summary import format_summary
 from fedmed.runs.tracking import check_tracking
+from fedmed.site.session import SiteSession, SiteSpec
+from fedmed.tasks import get_task
+from fedmed.tasks.pretrain import pretrained_start
+
+from . import baselines
 
 
 @dataclass
@@ -34,8 +48,6 @@ def materialize_sites(config: RunConfig) -> RunConfig:
     """Generate the synthetic federation if the config asks for one, and list its sites."""
     if config.synth is None or config.sites:
         return config
-    from fedmed.data import synthesize_federation
-
     fingerprint = zlib.crc32(config.synth.model_dump_json().encode())
     target = config.output_dir / "data" / f"{config.synth.task}-{fingerprint:08x}"
     entries = synthesize_federation(config.synth, target)
@@ -49,12 +61,6 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: 
 
     Everything that can be checked from the config and the data is checked before the run directory
     exists, so a bad input leaves no half-made run behind."""
-    from fedmed.flower.engines import run_federation_here
-    from fedmed.flower.records import encode_run
-    from fedmed.models import check_starting_model
-    from fedmed.models.memory import check_training_memory
-    from fedmed.tasks import get_task
-
     if not config.sites and config.synth is None:
         raise ConfigError(
             f"{source}: a simulation needs data: add [[sites]] entries (name, path) or a [synth] section that "
@@ -67,6 +73,7 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: 
         )
     check_training_memory(config, source=source)
     check_tracking(config, source=source)
+    check_strategy_name(config)
     config = materialize_sites(config)
     # Load (and so validate) every site before any training: a bad site fails the run up front.
     sites = {site.name: _open_site(site.path, config=config) for site in config.sites}
@@ -80,14 +87,8 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: 
     run_dir.write_config(config)
     logger.info("run directory: %s", run_dir.path)
 
-    run_config = encode_run(config, run_dir=run_dir.path, run_id=run_dir.path.name)
     try:
-        run_federation_here(
-            config.engine,
-            num_sites=len(config.sites),
-            run_config=run_config,
-            run_id=zlib.crc32(run_dir.path.name.encode()),
-        )
+        run_engine(config, run_dir=run_dir)
     except KeyboardInterrupt:
         run_dir.write_json(STATUS_FILE, {"state": "interrupted", "reason": "stopped with Ctrl-C"})
         raise RunInterruptedError(run_dir) from None
@@ -108,15 +109,22 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: 
     return SimulationResult(run_dir=run_dir, summary=summary, config=config)
 
 
+def run_engine(config: RunConfig, *, run_dir: RunDirectory) -> None:
+    """Run the federation of `config` (its sites listed) to completion with its engine, writing into `run_dir`:
+    no checks, no baselines, no outputs beyond what the ServerApp writes (`simulate` adds those)."""
+    run_federation_here(
+        config.engine,
+        num_sites=len(config.sites),
+        run_config=encode_run(config, run_dir=run_dir.path, run_id=run_dir.path.name),
+        run_id=zlib.crc32(run_dir.path.name.encode()),
+    )
+
+
 def _open_site(path: Path, *, config: RunConfig) -> Any:
     if config.task.scan_geometry:
-        from fedmed.data.scan_site import open_scan_site
-
         # Validation only: the sites' sessions open their own datasets and caches.
         unused = config.model_copy(update={"data": config.data.model_copy(update={"cache": "none"})})
         return open_scan_site(path, config=unused, cache_dir=None)
-    from fedmed.data import load_site
-
     return load_site(path, task=config.task)
 
 
@@ -127,9 +135,6 @@ def _channels(data: Any) -> int:
 def resolve_from_data(config: RunConfig, *, channels: dict[str, int], source: str) -> RunConfig:
     """Fill what the config leaves to the data: the network's input channels (one per modality) and, for
     multi-class segmentation, the class names of the first site's dataset.json."""
-    from fedmed.data import read_manifest
-    from fedmed.data.npz import is_npz_site
-
     counts = sorted(set(channels.values()))
     if len(counts) > 1:
         listing = ", ".join(f"{name}: {count}" for name, count in channels.items())
@@ -185,12 +190,6 @@ def _remove_if_empty(run_dir: RunDirectory) -> None:
 def _run_baselines(config: RunConfig, *, run_dir: RunDirectory) -> None:
     """Local-only and pooled training on the sites' data as the federation saw it (same normalization), scored
     at every site; their scores join the final cross-site evaluation."""
-    from fedmed.runs.cross_site import final_evaluation, local_only_model_name, record_evaluation
-    from fedmed.site.session import SiteSession, SiteSpec
-    from fedmed.tasks import get_task
-
-    from . import baselines
-
     sites = {
         site.name: SiteSession(
             SiteSpec(name=site.name, data_path=site.path, state_dir=run_dir.site_dir(site.name)), config
@@ -199,8 +198,6 @@ def _run_baselines(config: RunConfig, *, run_dir: RunDirectory) -> None:
     }
     init = None
     if config.pretrain.enabled:  # the weights the federation started from, kept in the run directory
-        from fedmed.tasks.pretrain import pretrained_start
-
         init, _ = pretrained_start(config, folder=run_dir.path / PRETRAIN_DIR)
     results, cross = {}, {}
     if config.baselines.local_only:

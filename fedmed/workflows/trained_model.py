@@ -18,6 +18,7 @@ from torch import nn
 
 from fedmed.config import RunConfig, load_run_config
 from fedmed.core.errors import FedmedError
+from fedmed.models import build_model
 from fedmed.runs import RunDirectory
 from fedmed.site.local_layers import DELIVERED_FILE, PERSONALIZED_FILE
 
@@ -40,8 +41,6 @@ class TrainedModel:
 
     def build(self, *, device: torch.device) -> nn.Module:
         """The network with these weights, in eval mode, on `device`."""
-        from fedmed.models import build_model
-
         model = build_model(self.config.task, self.config.model)
         try:
             model.load_state_dict(self.state_dict, strict=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from data_helpers import save_nifti
 
-from fedmed.config.schema import SiteDrift, SynthConfig
+from fedmed.config import SiteDrift, SynthConfig
 from fedmed.data import Case, synthesize_federation, write_manifest
 
 SiteWriter = Callable[..., Path]

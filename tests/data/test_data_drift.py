@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedmed.config.schema import SiteDrift
+from fedmed.config import SiteDrift
 from fedmed.data import apply_drift
-from fedmed.data.phantoms import enhancement_phantom
+from fedmed.data.synthetic.phantoms import enhancement_phantom
 
 
 def phantom(shape: tuple[int, ...] = (48, 48), seed: int = 0) -> np.ndarray:

@@ -11,7 +11,7 @@ import pytest
 from data_helpers import blob_volume
 from nibabel.orientations import axcodes2ornt, ornt_transform
 
-from fedmed.config.schema import SiteDrift, SiteEntry, TaskConfig
+from fedmed.config import SiteDrift, SiteEntry, TaskConfig
 from fedmed.data import (
     DataOutputError,
     DataValidationError,

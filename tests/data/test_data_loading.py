@@ -14,7 +14,7 @@ from data_helpers import blob_volume, save_nifti
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from PIL import Image
 
-from fedmed.config.schema import TaskConfig
+from fedmed.config import TaskConfig
 from fedmed.data import Case, DataValidationError, clear_site_cache, load_site, write_manifest
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from data_helpers import fedmed_warnings
 
-from fedmed.config.schema import TaskConfig
+from fedmed.config import TaskConfig
 from fedmed.data import Case, DataValidationError, load_site, read_manifest, read_npz_site, write_manifest
 
 

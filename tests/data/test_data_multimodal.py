@@ -13,7 +13,7 @@ import torch
 from data_helpers import blob_volume, find_problem, save_nifti
 from nibabel.orientations import axcodes2ornt, ornt_transform
 
-from fedmed.config.schema import SiteDrift, TaskConfig
+from fedmed.config import SiteDrift, TaskConfig
 from fedmed.data import (
     Case,
     DataValidationError,

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
 
-from fedmed.config.schema import SiteDrift, SynthConfig, TaskConfig
+from fedmed.config import SiteDrift, SynthConfig, TaskConfig
 from fedmed.data import DataOutputError, load_site, read_manifest, synthesize_federation, validate_site
-from fedmed.data.phantoms import CONTRASTS, Grid, classification_phantom, contrast, scan_segmentation_phantom
-from fedmed.data.synth import site_fingerprint
+from fedmed.data.synthetic.phantoms import CONTRASTS, Grid, classification_phantom, contrast, scan_segmentation_phantom
+from fedmed.data.synthetic.synth import site_fingerprint
 
 
 def config(**changes: object) -> SynthConfig:

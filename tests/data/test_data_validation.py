@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from data_helpers import blob_volume, find_problem, save_nifti
 
-from fedmed.config.schema import TaskConfig
+from fedmed.config import TaskConfig
 from fedmed.data import DataValidationError, check_site, validate_site
 from fedmed.data.problems import DataProblem
 

@@ -177,20 +177,30 @@ def test_an_outsider_cannot_register_or_run_a_node(federation: LocalFederation, 
         output=log,
     )
     try:
-        time.sleep(15)
+        # Until the proxy has turned away a few of its attempts (it retries with a backoff), then look.
+        lines = _outsider_attempts(access_log, offset=offset, at_least=2, timeout=60)
         assert _snapshot(federation) == before
     finally:
         node.kill()
         node.wait()
     assert _active_nodes(_server(federation)) == set(before["nodes"])
     # It did try, and the proxy turned it away: no client certificate (fingerprint "-"), 400, never the SuperLink.
-    with access_log.open("rb") as handle:
-        handle.seek(offset)
-        lines = handle.read().decode(errors="replace").splitlines()
     attempts = [line for line in lines if ' "-" - "POST /v1/fleet/' in line]
     assert attempts, f"no request of the outsider's SuperNode reached the proxy: {lines[-5:]}"
     assert all(re.search(r'HTTP/1\.1" 400 ', line) for line in attempts), attempts
     assert "400 Bad Request" in (tmp_path / "supernode.log").read_text(), "the SuperNode was told no"
+
+
+def _outsider_attempts(access_log: Path, *, offset: int, at_least: int, timeout: float) -> list[str]:
+    """The proxy's access-log lines since `offset`, once it holds `at_least` certificate-less Fleet requests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with access_log.open("rb") as handle:
+            handle.seek(offset)
+            lines = handle.read().decode(errors="replace").splitlines()
+        if sum(' "-" - "POST /v1/fleet/' in line for line in lines) >= at_least or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.2)
 
 
 # 5. A DP-SGD run from the network ------------------------------------------------------------------
@@ -207,7 +217,7 @@ def test_a_dp_sgd_run_from_the_network_is_refused_and_charges_nothing(
         federation, tmp_path / "flwr-home", "run", str(APP_PROJECT), "public", "--run-config", str(run_config_file)
     )
     assert _failed(completed), completed.stdout
-    time.sleep(3)
+    # `flwr run` returned with the SuperLink's answer: a run it had taken would already be in the snapshot's runs.
     assert _snapshot(federation) == before
 
 

@@ -21,7 +21,7 @@ from fedmed.config import RunConfig, run_config_from_dict
 from fedmed.core.errors import ConfigError
 from fedmed.flower.server.normalized_averaging import NormalizedAveraging, NormalizedAveragingError
 from fedmed.flower.server.secure_round import step_from_mean
-from fedmed.flower.server.strategy import build_strategy, restore_strategy_state, strategy_state
+from fedmed.flower.server.strategies import build_strategy, restore_strategy_state, strategy_state
 from fedmed.flower.wire import ARRAYS, METRICS, SITE, SITE_NAME
 from fedmed.runs import RunDirectory
 

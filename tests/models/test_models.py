@@ -61,7 +61,7 @@ def test_enhancer_starts_as_identity() -> None:
 
 def test_unknown_model_and_wrong_task_are_explained() -> None:
     task = TaskConfig(kind="segmentation", image_size=[32, 32])
-    with pytest.raises(ConfigError, match="not registered; choose one of"):
+    with pytest.raises(ConfigError, match=r"model\.name: unknown network 'vit-huge'; choose one of: densenet-small"):
         build_model(task, ModelConfig(name="vit-huge"))
     with pytest.raises(ConfigError, match="is for classification, not segmentation"):
         build_model(task, ModelConfig(name="densenet-small"))

@@ -8,7 +8,7 @@ from fedmed.config import ModelConfig, TaskConfig, TrainConfig
 from fedmed.models import build_model
 from fedmed.tasks import get_task, train_local
 from fedmed.tasks.classification import balanced_accuracy, roc_auc
-from fedmed.tasks.training import proximal_term
+from fedmed.tasks.loss_terms import ProximalPull, proximal_term
 
 CPU = torch.device("cpu")
 
@@ -91,8 +91,7 @@ def test_proximal_term_value_and_effect() -> None:
             epochs=2,
             seed=0,
             device=CPU,
-            proximal_mu=mu,
-            proximal_keys=list(start),
+            loss_terms=[ProximalPull.toward_start(model, keys=list(start), mu=mu)],
         )
         drift[mu] = sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters())
     assert drift[1.0] < drift[0.0]

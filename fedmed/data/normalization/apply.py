@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fedmed.config.schema import NormalizationConfig
+from fedmed.config import NormalizationConfig
 
 from .fit import SITE_LEVEL_MODES, SiteIntensityStats
 from .foreground import _image_landmarks

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmed.config.schema import NormalizationConfig
+from fedmed.config import NormalizationConfig
 from fedmed.core.log import logger
 
 from .foreground import MAX_PERCENTILE_VOXELS, _foreground_values, _image_landmarks, _pooled_foreground, foreground_mask

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmed.config.schema import NormalizationConfig
+from fedmed.config import NormalizationConfig
 
 FOREGROUND_RULES = ("mean", "nonzero", "all")
 # Percentiles of a pooled site need every voxel in memory at once; beyond this many a strided subsample

@@ -35,7 +35,7 @@ from fedmed.flower.wire import (
     personal_record,
 )
 from fedmed.runs.cross_site import personal_model_name
-from fedmed.site.personal import local_baseline
+from fedmed.site.local_baseline import local_baseline
 from fedmed.site.privacy import plan_numbers
 from fedmed.site.session import SiteSession
 

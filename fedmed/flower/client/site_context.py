@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from fedmed.config import RunConfig, load_site_config
-from fedmed.config.schema import SITE_NAME_PATTERN
+from fedmed.config.sites import SITE_NAME_PATTERN
 from fedmed.core.errors import FedmedError
 from fedmed.flower.records import Layout, decode_config
 from fedmed.flower.wire import PARTITION_ID, RUN_CONFIG_KEY, RUN_DIR_KEY, RUN_ID_KEY, SITE_CONFIG

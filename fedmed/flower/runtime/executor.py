@@ -102,6 +102,7 @@ def preload() -> None:
     importlib.import_module("flwr.supernode.cli.flwr_clientapp")
     importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
+    # Here, not at module level: the deploy CLI imports this module, and these cost seconds (torch, MONAI).
     import fedmed.data
     import fedmed.flower.client.app
     import fedmed.models.registry

@@ -5,13 +5,13 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmed.config import RunConfig
 from fedmed.core.log import logger
 from fedmed.flower.records import decode_config, decode_site_nodes
 from fedmed.runs import RunDirectory
 from fedmed.runs.outputs import write_outputs
 from fedmed.runs.run_dir import STATUS_FILE
 from fedmed.runs.status import process_identity
+from fedmed.tasks import Task, get_task
 
 from .enrolled import EnrolledNodes
 from .rounds import run_federation
@@ -23,6 +23,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = decode_config(context.run_config)
+    task = get_task(config.task)  # once per run: the round loop, cross-site evaluation and the report use it
     run_dir = RunDirectory(resolve_run_dir(context.run_config))  # refuses others' runs before any write
     # Who runs the run: `fedmed status` tells a dead ServerApp (coordinator crash) from a running one.
     run_dir.write_json(STATUS_FILE, {"state": "running", **process_identity()})
@@ -32,21 +33,18 @@ def main(grid: Grid, context: Context) -> None:
         grid = EnrolledNodes(grid, enrolment=server.site_nodes_file)
         site_names = grid.enrolled()
     try:
-        run_federation(grid, config=config, run_dir=run_dir, site_names=site_names)
+        run_federation(grid, config=config, task=task, run_dir=run_dir, site_names=site_names)
     except Exception as error:
         # `fedmed status` shows this reason; Flower marks the run failed from the exception.
         run_dir.write_json(STATUS_FILE, {"state": "failed", "reason": str(error)})
-        _write_outputs(run_dir, config)
+        _write_outputs(run_dir, task)
         raise
-    _write_outputs(run_dir, config)
+    _write_outputs(run_dir, task)
     run_dir.write_json(STATUS_FILE, {"state": "completed"})
 
 
-def _write_outputs(run_dir: RunDirectory, config: RunConfig) -> None:
+def _write_outputs(run_dir: RunDirectory, task: Task) -> None:
     """summary.json, report.html and plots, as a simulation writes them: the same files whatever ran the run."""
-    from fedmed.tasks import get_task
-
-    task = get_task(config.task)
     try:
         write_outputs(run_dir, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better)
     except Exception:  # the model and metrics are safe already; `fedmed report RUN` redraws the report

@@ -21,6 +21,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, add_gaussian_
 from fedmed.config import RunConfig
 from fedmed.core.errors import FedmedError
 from fedmed.flower.wire import CLIPPING_MODE
+from fedmed.privacy import epsilon_spent
 
 ClientDpStrategy = DifferentialPrivacyClientSideFixedClipping | DifferentialPrivacyClientSideAdaptiveClipping
 
@@ -81,8 +82,6 @@ def client_level_privacy(strategy: Strategy, config: RunConfig, *, rounds: int, 
     that rate is the usual approximation for DP-FedAvg (McMahan et al. 2018)."""
     if not isinstance(strategy, ClientDpStrategy):
         return {}
-    from fedmed.privacy import epsilon_spent
-
     settings = config.client_dp
     rate = min(1.0, strategy.num_sampled_clients / max(sites, 1))
     sigma = settings.noise_multiplier

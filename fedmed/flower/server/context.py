@@ -1,4 +1,4 @@
-"""What every exchange of a run needs: the grid to the sites, the run's config and directory, the
+"""What every exchange of a run needs: the grid to the sites, the run's config, task and directory, the
 sites' names by node, and the settings every message's config carries."""
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from flwr.serverapp import Grid
 
 from fedmed.config import RunConfig
 from fedmed.runs import RunDirectory
+from fedmed.tasks import Task
 
 
 @dataclass
 class RunContext:
     grid: Grid
     config: RunConfig
+    task: Task  # built once per ServerApp run: its primary metric ranks the models
     run_dir: RunDirectory
     site_names: dict[int, str]  # node id -> site; replies fill in what deployment did not tell
     settings: dict[str, Any] = field(default_factory=dict)  # the layout digest and, with Nyúl, the landmarks

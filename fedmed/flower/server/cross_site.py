@@ -42,8 +42,6 @@ def personalizes(config: RunConfig, *, final: bool) -> bool:
 
 def cross_site_evaluation(run: RunContext, arrays: ArrayRecord, *, server_round: int, final: bool) -> dict[str, Any]:
     """Run both exchanges and append the sites x models matrix to the run's cross_site.json."""
-    from fedmed.tasks import get_task
-
     base = {**run.settings, SERVER_ROUND: server_round}
     metrics: dict[str, dict[str, dict[str, float]]] = {GLOBAL_MODEL: {}}
     personal: dict[str, ArrayRecord] = {}
@@ -78,7 +76,7 @@ def cross_site_evaluation(run: RunContext, arrays: ArrayRecord, *, server_round:
         "sites": sorted({site for by_site in metrics.values() for site in by_site}),
         "metrics": metrics,
     }
-    task = get_task(run.config.task)
+    task = run.task
     record_evaluation(run.run_dir, evaluation, metric=task.primary_metric, higher_is_better=task.higher_is_better)
     return evaluation
 

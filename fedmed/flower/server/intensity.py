@@ -14,6 +14,7 @@ from typing import Any
 from flwr.app import ConfigRecord, RecordDict
 
 from fedmed.core.errors import FedmedError
+from fedmed.data.normalization import average_landmarks
 from fedmed.flower.records import decode_summary
 from fedmed.flower.wire import CONFIG, INTENSITY_APPLY, INTENSITY_FIT, STANDARD_LANDMARKS, SUMMARY, MessageType
 from fedmed.runs.run_dir import NORMALIZATION_FILE
@@ -28,8 +29,6 @@ class HarmonizationError(FedmedError):
 
 def fit_intensities(run: RunContext) -> list[float] | None:
     """Run the exchange; returns the federation's Nyúl landmarks (None for other normalizations)."""
-    from fedmed.data.normalization import average_landmarks
-
     config = run.config
     if config.task.scan_geometry:
         # Per-image normalization inside each site's pipeline; histograms would mean reading every case once more.

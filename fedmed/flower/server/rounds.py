@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmed.config import RunConfig
 from fedmed.core.errors import FedmedError
 from fedmed.core.log import logger
-from fedmed.flower.records import payload_bytes, sender
-from fedmed.flower.wire import ARRAYS, CLIPPING_MODE, LAYOUT_DIGEST, MASKED, METRICS, STANDARD_LANDMARKS
+from fedmed.flower.records import Layout, payload_bytes
+from fedmed.flower.wire import CLIPPING_MODE, LAYOUT_DIGEST, STANDARD_LANDMARKS
 from fedmed.runs import RunDirectory
 from fedmed.runs.progress import RoundProgress
 from fedmed.runs.tracking import RunTracker
+from fedmed.tasks import Task
 
 from .client_dp import client_dp_round_record, client_level_privacy
 from .context import RunContext
@@ -33,9 +34,10 @@ from .cross_site import cross_site_evaluation
 from .dp_plan import DpPlans, ask_dp_plans, stop_if_mostly_noise
 from .exchange import NodesAsOfNow, send_and_receive
 from .intensity import fit_intensities
+from .replies import Outcome, by_site, outcome_of, record_metrics, usable_replies, with_deadline
 from .secure_round import SecureRoundError, secure_train_round
-from .start import check_resumed_start, global_start, record_start
-from .strategy import build_strategy, quorum, restore_strategy_state, strategy_state
+from .start import GlobalStart, check_resumed_start, global_start, record_start
+from .strategies import build_strategy, check_strategy_name, quorum, restore_strategy_state, strategy_state
 
 
 class RoundFailedError(FedmedError):
@@ -43,25 +45,74 @@ class RoundFailedError(FedmedError):
 
 
 def run_federation(
-    grid: Grid, *, config: RunConfig, run_dir: RunDirectory, site_names: dict[int, str] | None = None
+    grid: Grid,
+    *,
+    config: RunConfig,
+    task: Task,
+    run_dir: RunDirectory,
+    site_names: dict[int, str] | None = None,
 ) -> None:
     """Run (or resume, if the run directory holds a checkpoint) the configured federation."""
-    from fedmed.tasks import get_task
+    begun = _start_or_resume(config, run_dir=run_dir)
+    start, strategy, arrays = begun.start, begun.strategy, begun.arrays
+    run = RunContext(
+        grid=grid, config=config, task=task, run_dir=run_dir, site_names=dict(site_names or {}), held=start.held
+    )
+    start_fields = record_start(run_dir, start)
+    progress = RoundProgress(
+        total_rounds=config.train.rounds, first_round=begun.first_round, metric=task.primary_metric
+    )
+    # The live bar (a terminal only) and the tracker's files are closed however the loop ends.
+    with progress, RunTracker.open(run_dir, config=config, first_round=begun.first_round) as tracker:
+        _before_the_rounds(run, layout=start.layout, first_round=begun.first_round)
+        for server_round in range(begun.first_round, config.train.rounds + 1):
+            done = _run_round(run, strategy, arrays, server_round=server_round, progress=progress)
+            arrays = done.arrays
+            _commit_round(run, strategy, done, layout=start.layout, start_fields=start_fields)
+            # Tracked once the round is committed: a resumed run never re-runs a round TensorBoard or MLflow holds.
+            tracker.log_round(server_round, train=done.trained, evaluation=done.evaluation, round_row=done.row)
+            progress.report(server_round, train=done.trained, evaluation=done.evaluation)
 
+    start.state.update(start.layout.unpack(arrays))
+    run_dir.save_checkpoint(
+        "final",
+        {
+            "round": config.train.rounds,
+            "state_dict": start.state,
+            "site_local_keys": start.keys.local,
+            "task": config.task.kind,
+        },
+    )
+
+
+@dataclass
+class _Begun:
+    """Where the round loop starts: the round-0 model, the strategy, the global arrays and the first round
+    (after a checkpoint's round when resuming)."""
+
+    start: GlobalStart
+    strategy: Strategy
+    arrays: ArrayRecord
+    first_round: int
+
+
+def _start_or_resume(config: RunConfig, *, run_dir: RunDirectory) -> _Begun:
+    """Seed, build the round-0 model and the strategy and, if the run directory holds a checkpoint, continue
+    from it: its global arrays, strategy state and random states."""
+    check_strategy_name(config)  # before the seeding and any [pretrain] work
     # Flower samples nodes with the global `random` module: seed it for reproducible rounds.
     random.seed(config.seed)
     np.random.seed(config.seed % 2**32)  # Flower's DP wrappers draw their noise from numpy's global generator
     torch.manual_seed(config.seed)
     start = global_start(config, run_dir=run_dir)  # model.init or [pretrain] loaded, model.freeze applied
-    full_state, local, layout = start.state, start.keys.local, start.layout
     strategy = build_strategy(config)
-    arrays = layout.pack(full_state)
+    arrays = start.layout.pack(start.state)
 
     first_round = 1
     checkpoint = run_dir.load_checkpoint("latest")
     if checkpoint is not None:
         check_resumed_start(checkpoint, start, run_dir=run_dir)
-        arrays = layout.pack(checkpoint["shared_state"])
+        arrays = start.layout.pack(checkpoint["shared_state"])
         restore_strategy_state(strategy, checkpoint["strategy_state"])
         random.setstate(checkpoint["random_state"])
         if "numpy_random_state" in checkpoint:
@@ -70,74 +121,88 @@ def run_federation(
         logger.info("resuming %s from round %d", run_dir.path.name, first_round)
     # Rows of rounds after the checkpoint were written by the run that died; they are re-run now.
     run_dir.drop_rounds_after(first_round - 1)
+    return _Begun(start=start, strategy=strategy, arrays=arrays, first_round=first_round)
 
-    metric = get_task(config.task).primary_metric
-    run = RunContext(grid=grid, config=config, run_dir=run_dir, site_names=dict(site_names or {}), held=start.held)
-    start_fields = record_start(run_dir, start)
-    progress = RoundProgress(total_rounds=config.train.rounds, first_round=first_round, metric=metric)
-    # The live bar (a terminal only) and the tracker's files are closed however the loop ends.
-    with progress, RunTracker.open(run_dir, config=config, first_round=first_round) as tracker:
-        # Repeated on resume: sites refit from the same images, so the statistics and landmarks come out the same.
-        _wait_for_quorum(run, server_round=first_round)
-        landmarks = fit_intensities(run)
-        run.settings = {LAYOUT_DIGEST: layout.digest} | ({STANDARD_LANDMARKS: landmarks} if landmarks else {})
-        if config.dp_sgd.enabled:
-            # Before any site trains: a plan too few sites can follow, or one whose updates would be mostly
-            # noise, stops the run with nothing charged.
-            plans = ask_dp_plans(run)
-            _check_private_quorum(run, plans, server_round=first_round)
-            stop_if_mostly_noise(plans, run=run, server_round=first_round)
-        for server_round in range(first_round, config.train.rounds + 1):
-            round_started = time.perf_counter()
-            progress.start_round(server_round)
-            arrays, trained, aggregation_record = _train_round(run, strategy, arrays, server_round=server_round)
-            noise_record = client_dp_round_record(strategy)  # the noise this round's aggregate received
-            noise_record |= client_level_privacy(
-                strategy, config, rounds=server_round, sites=max(len(config.site_names), len(run.site_names))
-            )
-            trained_at = time.perf_counter()
-            evaluation: dict[str, dict[str, float]] = {}
-            last = server_round == config.train.rounds
-            if server_round % config.train.eval_every == 0 or last:
-                progress.phase(server_round, "evaluating")
-                evaluation = _evaluate_round(run, strategy, arrays, server_round=server_round)
-            every = config.evaluation.cross_site_every
-            if config.evaluation.cross_site and (last or (every and server_round % every == 0)):
-                progress.phase(server_round, "cross-site evaluation")
-                cross_site_evaluation(run, arrays, server_round=server_round, final=last)
-            evaluated_at = time.perf_counter()
-            # The round's row goes first: a crash between the two leaves a row the resume drops, never a
-            # checkpointed round without its row.
-            round_row = {
-                "round": server_round,
-                "seconds": round(time.perf_counter() - round_started, 4),
-                "train_phase_s": round(trained_at - round_started, 4),
-                "evaluate_phase_s": round(evaluated_at - trained_at, 4),
-                "sites_trained": sorted(trained),
-                "sites_evaluated": sorted(evaluation),
-                **aggregation_record,
-                **noise_record,
-            }
-            run_dir.append_round(round_row)
-            run_dir.save_checkpoint(
-                "latest",
-                {
-                    "round": server_round,
-                    "shared_state": layout.unpack(arrays),
-                    "strategy_state": strategy_state(strategy),
-                    "random_state": random.getstate(),
-                    "numpy_random_state": np.random.get_state(),
-                    **start_fields,
-                },
-            )
-            # Tracked once the round is committed: a resumed run never re-runs a round TensorBoard or MLflow holds.
-            tracker.log_round(server_round, train=trained, evaluation=evaluation, round_row=round_row)
-            progress.report(server_round, train=trained, evaluation=evaluation)
 
-    full_state.update(layout.unpack(arrays))
-    run_dir.save_checkpoint(
-        "final",
-        {"round": config.train.rounds, "state_dict": full_state, "site_local_keys": local, "task": config.task.kind},
+def _before_the_rounds(run: RunContext, *, layout: Layout, first_round: int) -> None:
+    """The exchanges before the first round: the quorum, the sites' intensity normalization and, with DP-SGD,
+    their privacy plans. Repeated on resume: sites refit from the same images, so the statistics and
+    landmarks come out the same."""
+    _wait_for_quorum(run, server_round=first_round)
+    landmarks = fit_intensities(run)
+    run.settings = {LAYOUT_DIGEST: layout.digest} | ({STANDARD_LANDMARKS: landmarks} if landmarks else {})
+    if run.config.dp_sgd.enabled:
+        # Before any site trains: a plan too few sites can follow, or one whose updates would be mostly
+        # noise, stops the run with nothing charged.
+        plans = ask_dp_plans(run)
+        _check_private_quorum(run, plans, server_round=first_round)
+        stop_if_mostly_noise(plans, run=run, server_round=first_round)
+
+
+@dataclass
+class _RoundDone:
+    """A finished round: the new global arrays, the sites' metrics and the round's row of rounds.jsonl."""
+
+    server_round: int
+    arrays: ArrayRecord
+    trained: dict[str, dict[str, float]]
+    evaluation: dict[str, dict[str, float]]
+    row: dict[str, Any]
+
+
+def _run_round(
+    run: RunContext, strategy: Strategy, arrays: ArrayRecord, *, server_round: int, progress: RoundProgress
+) -> _RoundDone:
+    """Train and aggregate, then evaluate and cross-evaluate when due; timed for the round's row."""
+    config = run.config
+    round_started = time.perf_counter()
+    progress.start_round(server_round)
+    arrays, trained, aggregation_record = _train_round(run, strategy, arrays, server_round=server_round)
+    noise_record = client_dp_round_record(strategy)  # the noise this round's aggregate received
+    noise_record |= client_level_privacy(
+        strategy, config, rounds=server_round, sites=max(len(config.site_names), len(run.site_names))
+    )
+    trained_at = time.perf_counter()
+    evaluation: dict[str, dict[str, float]] = {}
+    last = server_round == config.train.rounds
+    if server_round % config.train.eval_every == 0 or last:
+        progress.phase(server_round, "evaluating")
+        evaluation = _evaluate_round(run, strategy, arrays, server_round=server_round)
+    every = config.evaluation.cross_site_every
+    if config.evaluation.cross_site and (last or (every and server_round % every == 0)):
+        progress.phase(server_round, "cross-site evaluation")
+        cross_site_evaluation(run, arrays, server_round=server_round, final=last)
+    evaluated_at = time.perf_counter()
+    row = {
+        "round": server_round,
+        "seconds": round(time.perf_counter() - round_started, 4),
+        "train_phase_s": round(trained_at - round_started, 4),
+        "evaluate_phase_s": round(evaluated_at - trained_at, 4),
+        "sites_trained": sorted(trained),
+        "sites_evaluated": sorted(evaluation),
+        **aggregation_record,
+        **noise_record,
+    }
+    return _RoundDone(server_round=server_round, arrays=arrays, trained=trained, evaluation=evaluation, row=row)
+
+
+def _commit_round(
+    run: RunContext, strategy: Strategy, done: _RoundDone, *, layout: Layout, start_fields: dict[str, Any]
+) -> None:
+    """The round's row, then the checkpoint a resume continues from."""
+    # The row goes first: a crash between the two leaves a row the resume drops, never a checkpointed round
+    # without its row.
+    run.run_dir.append_round(done.row)
+    run.run_dir.save_checkpoint(
+        "latest",
+        {
+            "round": done.server_round,
+            "shared_state": layout.unpack(done.arrays),
+            "strategy_state": strategy_state(strategy),
+            "random_state": random.getstate(),
+            "numpy_random_state": np.random.get_state(),
+            **start_fields,
+        },
     )
 
 
@@ -153,12 +218,12 @@ def _train_round(
         round_config[CLIPPING_MODE] = config.client_dp.clipping
     if config.secagg.enabled:
         return _secure_train_round(run, strategy, arrays, server_round=server_round, round_config=round_config)
-    messages = _with_deadline(
+    messages = with_deadline(
         strategy.configure_train(server_round, arrays, round_config, NodesAsOfNow(run.grid)), run.timeout
     )
     replies = send_and_receive(run, messages, timeout=run.timeout)
-    usable = _usable_replies(replies, phase="train", site_names=run.site_names)
-    outcome = _outcome(messages, replies, run)
+    usable = usable_replies(replies, phase="train", site_names=run.site_names)
+    outcome = outcome_of(messages, replies, run=run)
     failures = outcome.describe()
     needed = quorum(config)
     if len(usable) < needed:
@@ -169,7 +234,7 @@ def _train_round(
         )
     for failure in failures:
         logger.warning("round %d: dropped %s", server_round, failure)
-    rows = _record(run.run_dir, usable, phase="train", server_round=server_round)
+    rows = record_metrics(run.run_dir, usable, phase="train", server_round=server_round)
     aggregated, _ = strategy.aggregate_train(server_round, usable)
     if aggregated is None:
         raise RoundFailedError(f"round {server_round}: the strategy produced no aggregate from {len(usable)} updates")
@@ -178,7 +243,7 @@ def _train_round(
         "sites_dropped": outcome.dropped,
         "sites_refused": outcome.refused,
     }
-    return aggregated, _by_site(rows), record
+    return aggregated, by_site(rows), record
 
 
 def _secure_train_round(
@@ -190,27 +255,23 @@ def _secure_train_round(
         )
     except SecureRoundError as error:
         raise RoundFailedError(str(error)) from error
-    usable = _usable_replies(outcome.replies, phase="train", site_names=run.site_names)
-    rows = _record(run.run_dir, usable, phase="train", server_round=server_round)
-    return outcome.arrays, _by_site(rows), outcome.record
+    usable = usable_replies(outcome.replies, phase="train", site_names=run.site_names)
+    rows = record_metrics(run.run_dir, usable, phase="train", server_round=server_round)
+    return outcome.arrays, by_site(rows), outcome.record
 
 
 def _evaluate_round(
     run: RunContext, strategy: Strategy, arrays: ArrayRecord, *, server_round: int
 ) -> dict[str, dict[str, float]]:
     round_config = ConfigRecord(run.settings)
-    messages = _with_deadline(
+    messages = with_deadline(
         strategy.configure_evaluate(server_round, arrays, round_config, NodesAsOfNow(run.grid)), run.timeout
     )
     replies = send_and_receive(run, messages, timeout=run.timeout)
-    usable = _usable_replies(replies, phase="evaluate", site_names=run.site_names)
-    for failure in _outcome(messages, replies, run).describe():
+    usable = usable_replies(replies, phase="evaluate", site_names=run.site_names)
+    for failure in outcome_of(messages, replies, run=run).describe():
         logger.warning("round %d: evaluation missing from %s", server_round, failure)
-    return _by_site(_record(run.run_dir, usable, phase="evaluate", server_round=server_round))
-
-
-def _by_site(rows: list[dict]) -> dict[str, dict[str, float]]:
-    return {row["site"]: {k: v for k, v in row.items() if k not in ("round", "site", "phase", "time")} for row in rows}
+    return by_site(record_metrics(run.run_dir, usable, phase="evaluate", server_round=server_round))
 
 
 def _wait_for_quorum(run: RunContext, *, server_round: int) -> None:
@@ -237,75 +298,9 @@ def _check_private_quorum(run: RunContext, plans: DpPlans, *, server_round: int)
     needed = quorum(run.config)
     if len(plans.plans) >= needed:
         return
-    refusals = _Outcome(refused=plans.refused).describe()
+    refusals = Outcome(refused=plans.refused).describe()
     raise RoundFailedError(
         f"round {server_round}: {len(plans.plans)} site(s) can train with DP-SGD, quorum is {needed}. "
         f"{'; '.join(refusals) or 'No site replied.'} The run stops before any site trains, so none is charged "
         f"for it. Fix the refusing sites or lower strategy.min_sites."
     )
-
-
-def _with_deadline(messages: Iterable[Message], timeout: float) -> list[Message]:
-    """Messages expire with the round: a site that comes back late must not train on a stale round."""
-    messages = list(messages)
-    for message in messages:
-        message.metadata.ttl = timeout
-    return messages
-
-
-def _usable_replies(replies: Iterable[Message], *, phase: str, site_names: dict[int, str]) -> list[Message]:
-    usable = []
-    for reply in replies:
-        if reply.has_error():
-            continue
-        site_names[reply.metadata.src_node_id] = sender(reply)
-        if phase == "train" and ARRAYS not in reply.content and MASKED not in reply.content:
-            continue
-        usable.append(reply)
-    # Replies arrive in completion order; aggregating in a fixed order makes the float sums, and so
-    # the run, identical across engines and repeat runs.
-    return sorted(usable, key=sender)
-
-
-@dataclass
-class _Outcome:
-    """Which sites failed an exchange: refused (replied with an error: the reason they gave) or dropped
-    (no reply before the timeout)."""
-
-    refused: dict[str, str] = field(default_factory=dict)
-    dropped: list[str] = field(default_factory=list)
-
-    def describe(self) -> list[str]:
-        return [
-            reason if reason.startswith(f"site {site}:") else f"{site}: {reason}"
-            for site, reason in self.refused.items()
-        ] + [f"{site}: no reply before the round timeout" for site in self.dropped]
-
-
-def _outcome(messages: list[Message], replies: list[Message], run: RunContext) -> _Outcome:
-    answered = {reply.metadata.src_node_id for reply in replies}
-    destinations = {message.metadata.dst_node_id for message in messages}
-    outcome = _Outcome()
-    for reply in replies:
-        # The SuperLink answers for a node that stopped sending heartbeats ("Node Unavailable"); such a
-        # site did not refuse anything: it is among the dropped, as it never replied itself.
-        if reply.has_error() and reply.metadata.src_node_id in destinations:
-            outcome.refused[run.site_of(reply.metadata.src_node_id)] = reply.error.reason
-    outcome.refused = dict(sorted(outcome.refused.items()))
-    outcome.dropped = sorted(
-        run.site_of(message.metadata.dst_node_id)
-        for message in messages
-        if message.metadata.dst_node_id not in answered
-    )
-    return outcome
-
-
-def _record(run_dir: RunDirectory, replies: list[Message], *, phase: str, server_round: int) -> list[dict]:
-    now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    rows = []
-    for reply in replies:
-        metrics = dict(reply.content[METRICS])
-        rows.append({"round": server_round, "site": sender(reply), "phase": phase, "time": now, **metrics})
-    rows.sort(key=lambda row: row["site"])
-    run_dir.append_metrics(rows)
-    return rows

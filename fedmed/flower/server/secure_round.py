@@ -151,12 +151,9 @@ def _attempt(
     outgoing = server.receive_encrypted_shares(_fields(replies))
     keys_done = time.perf_counter()
 
-    extra_config = clipping_config(strategy, config)
-    mask_content = {}
-    for node, message in outgoing.items():
-        content = train_messages[node].content
-        config_record = ConfigRecord({**dict(content[CONFIG]), **extra_config})
-        mask_content[node] = RecordDict({ARRAYS: content[ARRAYS], CONFIG: config_record, SECAGG: ConfigRecord(message)})
+    mask_content = _with_training(
+        outgoing, train_messages=train_messages, extra_config=clipping_config(strategy, config)
+    )
     masked = exchange.send(MASKED_INPUT, mask_content, timeout=run.timeout, wrap=False)
     vectors = {
         node: (np.asarray(reply.content[MASKED][VECTOR].numpy()), dict(reply.content[SECAGG]))
@@ -173,20 +170,9 @@ def _attempt(
             stage=UNMASK,
             lost=dict(result.sites_dropped.items()),
         )
-    mean = [
-        update.astype(array.dtype, copy=False) for update, array in zip(result.mean_update, global_arrays, strict=True)
-    ]
-    if client_dp:
-        clipped = int(result.extra_sums[0]) if result.extra_sums is not None else 0
-        noise_secure_mean(strategy, mean, clipped_count=clipped, sites=len(result.sites_aggregated))
-    averaged = ArrayRecord(
-        {
-            key: Array(np.asarray(array + update, dtype=array.dtype))
-            for key, array, update in zip(arrays.keys(), global_arrays, mean, strict=True)
-        }
-    )
+    averaged = _averaged(strategy, result, arrays=arrays, global_arrays=global_arrays, client_dp=client_dp)
     aggregated = [masked[node] for node in result.sites_aggregated if node in masked]
-    if client_dp:  # plain FedAvg only (RunConfig._check_privacy): the noise on the mean is the step
+    if client_dp:  # plain FedAvg only (fedmed.config.privacy.check_privacy): the noise on the mean is the step
         new_arrays = averaged
     else:
         new_arrays = step_from_mean(strategy, averaged, server_round=server_round, like=aggregated[0])
@@ -203,6 +189,42 @@ def _attempt(
             "secagg_unmask_s": round(unmasked_done - trained_done, 4),
             "upload_bytes_per_site": exchange.upload_bytes_per_site(),
         },
+    )
+
+
+def _with_training(
+    outgoing: Mapping[int, Any], *, train_messages: Mapping[int, Message], extra_config: dict[str, object]
+) -> dict[int, RecordDict]:
+    """The masked-input stage's messages: each node's training message (arrays and round config, plus what
+    client-level DP's clipping needs) with its SecAgg+ message."""
+    mask_content = {}
+    for node, message in outgoing.items():
+        content = train_messages[node].content
+        config_record = ConfigRecord({**dict(content[CONFIG]), **extra_config})
+        mask_content[node] = RecordDict({ARRAYS: content[ARRAYS], CONFIG: config_record, SECAGG: ConfigRecord(message)})
+    return mask_content
+
+
+def _averaged(
+    strategy: Strategy,
+    result: SecAggResult,
+    *,
+    arrays: ArrayRecord,
+    global_arrays: list[np.ndarray],
+    client_dp: bool,
+) -> ArrayRecord:
+    """The global arrays plus the unmasked mean update (noised first under client-level DP)."""
+    mean = [
+        update.astype(array.dtype, copy=False) for update, array in zip(result.mean_update, global_arrays, strict=True)
+    ]
+    if client_dp:
+        clipped = int(result.extra_sums[0]) if result.extra_sums is not None else 0
+        noise_secure_mean(strategy, mean, clipped_count=clipped, sites=len(result.sites_aggregated))
+    return ArrayRecord(
+        {
+            key: Array(np.asarray(array + update, dtype=array.dtype))
+            for key, array, update in zip(arrays.keys(), global_arrays, mean, strict=True)
+        }
     )
 
 

@@ -19,9 +19,10 @@ from flwr.app import ArrayRecord
 from fedmed.config import RunConfig
 from fedmed.core.errors import FedmedError
 from fedmed.flower.records import Layout
-from fedmed.models import InitialWeights, KeyPartition
+from fedmed.models import InitialWeights, KeyPartition, partition_keys, starting_model
 from fedmed.runs import RunDirectory
 from fedmed.runs.run_dir import PRETRAIN_DIR, STARTING_POINT_FILE
+from fedmed.tasks.pretrain import pretrained_start
 
 INIT_DIGEST = "init_sha256"  # in checkpoints/latest.pt: a resumed run must start from the same weights
 
@@ -66,12 +67,8 @@ def global_start(config: RunConfig, *, run_dir: RunDirectory | None = None) -> G
     pretraining, and model.freeze). With [pretrain] the pretraining runs here, before the first round, at the
     coordinator (or the simulation's ServerApp), its weights kept in the run directory's pretrain/ folder and
     reused when the run resumes."""
-    from fedmed.models import partition_keys, starting_model
-
     init, pretraining = None, None
     if config.pretrain.enabled:
-        from fedmed.tasks.pretrain import pretrained_start
-
         if run_dir is None:
             raise FedmedError("[pretrain] needs the run directory to keep its weights in; pass run_dir")
         init, pretraining = pretrained_start(config, folder=run_dir.path / PRETRAIN_DIR)

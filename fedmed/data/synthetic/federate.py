@@ -12,16 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from fedmed.config.schema import SiteDrift, SiteEntry
+from fedmed.config import SiteDrift, SiteEntry
 from fedmed.core.log import logger
 
+from ..grid_check import AFFINE_TOLERANCE_MM, modality_grid_problems
+from ..io import ImageReadError, affine_of, read_image, stack_modalities, write_nifti
+from ..manifest import Case, write_manifest
+from ..preprocess import resize_image, resize_label, squeeze_spatial, to_ras
+from ..problems import DataOutputError, DataProblem, DataValidationError
+from ..sitedir import check_replaceable, is_empty_dir, publish, staging_dir
 from .drift import apply_drift
-from .io import ImageReadError, affine_of, read_image, stack_modalities, write_nifti
-from .manifest import Case, write_manifest
-from .preprocess import resize_image, resize_label, squeeze_spatial, to_ras
-from .problems import DataOutputError, DataProblem, DataValidationError
-from .sitedir import check_replaceable, is_empty_dir, publish, staging_dir
-from .validation import AFFINE_TOLERANCE_MM, modality_grid_problems
 
 _GLOB_CHARACTERS = frozenset("*?[")
 
@@ -186,6 +186,7 @@ def split_into_sites(
                 training=[case for case, _ in written[n_val:]],
                 validation=[case for case, _ in written[:n_val]],
                 tensor_image_size=f"{len(image_size) if image_size else 3}D",
+                # The generator name dataset.json has always recorded (before fedmed.data.synthetic): kept as is.
                 fedmed={"generator": "fedmed.data.federate", "seed": seed, "drift": drift.model_dump(mode="json")},
             )
             if not publish(staging, target, replace=overwrite):

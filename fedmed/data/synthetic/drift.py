@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as functional
 from scipy.ndimage import gaussian_filter
 
-from fedmed.config.schema import SiteDrift
+from fedmed.config import SiteDrift
 
 
 def apply_drift(image: np.ndarray, *, drift: SiteDrift, rng: np.random.Generator) -> np.ndarray:

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.config.schema import SiteDrift, SiteEntry, SynthConfig
+from fedmed.config import SiteDrift, SiteEntry, SynthConfig
 from fedmed.core.log import logger
 
+from ..io import nifti_affine, write_nifti
+from ..manifest import Case, write_manifest
+from ..problems import DataOutputError
+from ..sitedir import check_replaceable, is_empty_dir, listed_files_exist, publish, staging_dir, stored_fedmed_section
 from .drift import apply_drift
-from .io import nifti_affine, write_nifti
-from .manifest import Case, write_manifest
 from .phantoms import (
     Grid,
     classification_phantom,
@@ -36,13 +38,12 @@ from .phantoms import (
     scan_segmentation_phantom,
     segmentation_phantom,
 )
-from .problems import DataOutputError
-from .sitedir import check_replaceable, is_empty_dir, listed_files_exist, publish, staging_dir, stored_fedmed_section
 
 # Bump when the generated content changes, so folders made by older code are not silently reused.
 GENERATOR_VERSION = 1
 # The same for the scan phantoms alone: bumping it leaves the voxel phantoms' folders (and fingerprints) alone.
 SCAN_PHANTOMS_VERSION = 1
+# The name dataset.json has always recorded (the module before fedmed.data.synthetic): the files stay the same.
 GENERATOR = "fedmed.data.synth"
 SPLIT_IDS = {"training": 0, "validation": 1}
 SEGMENTATION_LABELS = {0: "background", 1: "lesion"}
