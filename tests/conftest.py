@@ -47,14 +47,20 @@ def shared_dataset(shared_data: Path) -> Callable[[str], Path]:
 def pytest_configure(config: pytest.Config) -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        # pytest-xdist workers share the machine's cores: more torch threads per worker than that only thrash.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        # pytest-xdist workers share the machine's cores: more torch threads per worker than that only thrash, and
+        # the processes a test starts (fedmed demo, Ray actors) inherit the cap through OMP_NUM_THREADS. Measured:
+        # the demo test took 600 s instead of 70 s beside a busy worker with OpenMP's default of every core.
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-# Test kinds, from the folder a test lives in (a test in a unit folder that runs a whole federation says so
-# with @pytest.mark.federation): `pytest -m unit` is the fast loop, the others need processes or minutes.
+# Test kinds, from the folder a test lives in. A test in a unit folder that runs a whole federation says so with
+# @pytest.mark.federation, as does one in a real browser. `pytest -m unit` is the fast loop; the others need
+# processes or minutes.
 INTEGRATION_FOLDERS = {"deploy": "deploy", "federation": "federation", "realdata": "federation"}
 KINDS = ("unit", "federation", "deploy")
+BROWSER_FIXTURE = "chromium"  # a real headless browser takes seconds per page: not the fast loop
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -62,6 +68,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         folder = Path(item.path).relative_to(REPO_ROOT / "tests").parts[0]
         kind = INTEGRATION_FOLDERS.get(folder)
         if kind is None and not any(item.get_closest_marker(name) for name in KINDS):
-            kind = "federation" if item.get_closest_marker("slow") else "unit"
+            heavy = item.get_closest_marker("slow") or BROWSER_FIXTURE in getattr(item, "fixturenames", ())
+            kind = "federation" if heavy else "unit"
         if kind is not None and not item.get_closest_marker(kind):
             item.add_marker(getattr(pytest.mark, kind))

@@ -18,7 +18,7 @@ one); and the baselines, trained once per dataset and seed (per intensity handli
 2. mean delivered >= 0.98 x mean pooled;
 3. mean global >= 0.97 x mean pooled.
 
-Prints a markdown table per dataset (paste it into the README) and writes the numbers to
+Prints a markdown table per dataset (experiments/benchmark_tables.py stamps it into the docs) and writes the numbers to
 <output>/<dataset>-every-site.json. An arm whose config does not validate (or that fails) is shown as
 "error: ..." and the others go on.
 

@@ -32,7 +32,8 @@ class StrategyConfig(StrictModel):
         ge=0,
         lt=1,
         description="FedAvgM: momentum of the server's step (0: FedAvg with a server learning rate); 0.5 closed most "
-        "of the gap to pooled training on the synthetic and IXI federations, 0.9 overshot (README)",
+        "of the gap to pooled training on the synthetic and IXI federations, 0.9 overshot "
+        "(docs/benchmarks/every-site.md)",
     )
     normalized_averaging: bool = Field(
         False,
@@ -57,7 +58,8 @@ class StrategyConfig(StrictModel):
         """server_learning_rate, or the strategy's default: FedAvgM steps the full average, FedOpt a small eta."""
         if self.server_learning_rate is not None:
             return self.server_learning_rate
-        # FedAdam's eta 0.03 beat 0.01 (by about 0.07 Dice) and 0.1 on the synthetic and IXI federations (README).
+        # FedAdam's eta 0.03 beat 0.01 (by about 0.07 Dice) and 0.1 on the synthetic and IXI federations
+        # (docs/benchmarks/every-site.md).
         return 1.0 if self.name == "fedavgm" else 0.03
 
 

@@ -58,7 +58,8 @@ class SiteCases:
     def _split(self) -> tuple[Sequence, Sequence | None]:
         """With fine-tuning or Ditto: the training cases the site's own model trains on, and its tuning split, the
         rest (scan geometry splits on opening). The federated training uses every training case: holding a fifth
-        of a small site's cases out of it cost the global model more than the choice gained (README)."""
+        of a small site's cases out of it cost the global model more than the choice gained
+        (docs/benchmarks/every-site.md)."""
         data = self.data
         if not self.config.evaluation.personal_training:
             return data.train, None

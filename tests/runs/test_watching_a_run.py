@@ -15,6 +15,9 @@ from typing import Any
 
 import pytest
 
+# Each module fixture runs a real simulation in a subprocess: not the fast loop.
+pytestmark = pytest.mark.federation
+
 CONFIG = """
 name = "watched"
 [task]
