@@ -75,7 +75,7 @@ def plain_loop(config: RunConfig, sites: dict) -> dict[str, torch.Tensor]:
                 value = term if value is None else value + term
             averaged[key] = torch.from_numpy(value)
         global_state = averaged
-        if server_round % config.train.eval_every == 0 or server_round == config.train.rounds:
+        if config.train.evaluates(server_round, scan_geometry=config.task.scan_geometry):
             global_model.load_state_dict(global_state)
             for name in sorted(sites):
                 task.evaluate(global_model, sites[name].val, device=device)

@@ -80,6 +80,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("scan-memory", ("experiments/bench_scan_memory.py",), "42"),
     Benchmark("sliding-window", ("experiments/bench_sliding_window.py",), "6.5"),
     Benchmark("pretrained-start", ("experiments/bench_pretrained_init.py",), "5"),
+    Benchmark("trust", ("experiments/bench_trust.py",), "8"),
+    Benchmark("calibration", ("experiments/bench_calibration.py",), "2"),
 )
 
 

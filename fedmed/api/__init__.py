@@ -55,7 +55,7 @@ from fedmed.tasks import get_task as _get_task
 from fedmed.workflows import demo
 from fedmed.workflows import simulate as simulation
 from fedmed.workflows.export import export_model
-from fedmed.workflows.predict import CaseOutcome, input_cases, predict_cases
+from fedmed.workflows.predict import CaseOutcome, PredictOptions, input_cases, predict_cases
 from fedmed.workflows.trained_model import load_trained_model
 
 from .results import Prediction, RunResults, open_run, read_results
@@ -229,6 +229,9 @@ def predict(
     out: str | os.PathLike[str],
     site: str | None = None,
     device: str = "auto",
+    uncertainty: Literal["none", "tta", "ensemble"] = "none",
+    explain: bool = True,
+    report: bool = True,
 ) -> Prediction:
     """Apply a trained model to new scans, as `fedmed predict` does.
 
@@ -238,11 +241,17 @@ def predict(
     Args:
         model: A run directory (its global model), a checkpoint inside one, a site's run folder or a
             bundle that `export` wrote.
-        images: NIfTI files (one per case), folders of them, or a dataset.json (multi-modal cases too).
-        out: The output folder: label maps or restored images on each scan's own grid, cases.csv, and
-            predictions.csv with the class probabilities of a classifier.
+        images: NIfTI files (one per case), folders of them, folders of subject folders (one multi-modal
+            case each) or a dataset.json.
+        out: The output folder: label maps or restored images on each scan's own grid named by case id,
+            cases.csv (inputs, outputs, scores), predictions.csv with the class probabilities of a
+            classifier, and report.html.
         site: Apply this site's personalized model from the run directory instead of the global one.
         device: "auto" (CUDA when present), "cpu" or "cuda".
+        uncertainty: "tta" (test-time flips) or "ensemble" (the models the sites shared): an uncertainty
+            map per case on its source grid and a per-case score.
+        explain: Classification: a saliency map per case.
+        report: Write report.html.
 
     Returns:
         The output folder, the model applied and one outcome per case.
@@ -252,8 +261,9 @@ def predict(
     """
     trained = load_trained_model(Path(model), site=site)
     inputs = [images] if isinstance(images, str | os.PathLike) else list(images)
-    cases = input_cases([Path(path) for path in inputs])
-    outcomes = list(predict_cases(trained, cases, out_dir=Path(out), device=select_device(device)))
+    cases = input_cases([Path(path) for path in inputs], task=trained.config.task)
+    options = PredictOptions(uncertainty=uncertainty, explain=explain, report=report)
+    outcomes = list(predict_cases(trained, cases, out_dir=Path(out), device=select_device(device), options=options))
     return Prediction(out_dir=Path(out), model=trained.description, cases=outcomes)
 
 

@@ -186,12 +186,22 @@ def _simulate_and_print(
     typer.echo(result.table())
     typer.echo(f"\nrun directory: {result.run_dir.path}\nreport: {result.run_dir.report_html}")
     if result.config.sites:
-        # The first site's own cases stand in for new scans: a command the reader can paste as it is.
+        # Never a training site's folder: a model scored on the cases it learned from looks better than it is.
         site = result.config.sites[0]
         personal = f" --site {site.name}" if result.config.strategy.fedbn else ""
         out = result.run_dir.path / "predictions"
-        typer.echo(f"apply the model: fedmed predict {result.run_dir.path} {site.path}{personal} --out {out}")
+        manifest = site.path if site.path.name.endswith(".json") else site.path / "dataset.json"
+        typer.echo(
+            f"apply the model to new scans: fedmed predict {result.run_dir.path} {NEW_SCANS}{personal} --out {out}"
+        )
+        typer.echo(
+            f"  {NEW_SCANS}: scans it never trained on, e.g. {site.name}'s held-out validation cases (listed under "
+            f'"validation" in {manifest}), never its training cases'
+        )
 
+
+# The closing hint's placeholder for the reader's own scans.
+NEW_SCANS = "NEW_SCANS_FOLDER"
 
 if __name__ == "__main__":
     app()

@@ -42,6 +42,12 @@ class EvaluationConfig(StrictModel):
         "received, with the run's local steps (if its policy allows), so it sees federated, personalized and "
         "local-only side by side on its own data; it reports only the metrics its policy shares",
     )
+    model_card: bool = Field(
+        True,
+        description="at the end of the run the sites fit temperature scaling and the out-of-distribution reference of "
+        "the final global model from sums and counts of their own cases (model_card.json); skipped, with the reason "
+        "noted, when the run trains with differential privacy",
+    )
 
     @property
     def personal_training(self) -> bool:

@@ -26,6 +26,12 @@ class TaskConfig(StrictModel):
     in_channels: int | None = Field(
         None, ge=1, description="modalities per case; unset: taken from the sites' data (simulation) or 1"
     )
+    channel_names: list[str] | None = Field(
+        None,
+        description="the modality of each input channel in order (e.g. FLAIR, T1c), as the sites' dataset.json "
+        "'modality' names them; unset: taken from the sites' data (simulation). Predictions match files to "
+        "channels by it",
+    )
     class_names: list[str] | None = Field(
         None, description="segmentation: names of the classes after background, for per-class metrics"
     )
@@ -91,6 +97,15 @@ class TaskConfig(StrictModel):
             raise ValueError(
                 f"task.class_names has {len(self.class_names)} names but task.num_classes = {self.num_classes} "
                 f"means {self.num_classes - 1} classes after background"
+            )
+        if (
+            self.channel_names is not None
+            and self.in_channels is not None
+            and len(self.channel_names) != self.in_channels
+        ):
+            raise ValueError(
+                f"task.channel_names names {len(self.channel_names)} channel(s) but task.in_channels = "
+                f"{self.in_channels}; name one modality per input channel, in order"
             )
         for region, values in self.regions.items():
             bad = [value for value in values if not 1 <= value < self.num_classes]

@@ -67,15 +67,23 @@ def to_source_grid(output: torch.Tensor, record: GridRecord) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_on_source_grid(
-    network: torch.nn.Module, image: Any, *, kind: str, spatial_dims: int, image_size: Sequence[int], intensity: str
+    network: torch.nn.Module,
+    image: Any,
+    *,
+    kind: str,
+    spatial_dims: int,
+    image_size: Sequence[int],
+    intensity: str,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """One image through the network: a label map (segmentation) or the restored image in normalized units
-    (enhancement), both on the image's own voxels; or the class probabilities (classification)."""
+    (enhancement), both on the image's own voxels; or the class probabilities (classification), softmax(logits /
+    temperature) with the temperature the federation fitted (1: uncalibrated)."""
     device = next(network.parameters()).device
     tensor, record = to_model_grid(image, spatial_dims=spatial_dims, image_size=image_size, intensity=intensity)
     output = network(tensor[None].to(device)).float().cpu()[0]
     if kind == "classification":
-        return output.softmax(dim=0)
+        return (output / temperature).softmax(dim=0)
     if kind == "segmentation":
         return to_source_grid(output.softmax(dim=0), record).argmax(dim=0, keepdim=True).to(torch.uint8)
     return to_source_grid(output.clamp(0.0, 1.0), record)

@@ -132,6 +132,9 @@ class ScanSite:
     # cases) stops the fine-tune and chooses the delivered model; the federation trains on every training case.
     personal_train: PatchDataset | None = None
     tune: VolumeCases | None = None
+    # The training cases whole, as validation and `fedmed predict` see a case (never cached: read once, at the end
+    # of a run, for the out-of-distribution reference of the model card).
+    train_volumes: VolumeCases | None = None
 
     @property
     def num_train(self) -> int:
@@ -142,11 +145,15 @@ class ScanSite:
         return len(self.val)
 
 
-def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None) -> ScanSite:
-    """Validate every case (each file read once), then build datasets that preprocess each case when first read."""
+def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None, check_only: bool = False) -> ScanSite:
+    """Validate every case (each file read once), then build datasets that preprocess each case when first read.
+    `check_only`: opened to check the data (and count channels), never cached; the site's session caches."""
     # scans imports MONAI: loaded when a scan-geometry site opens, so that importing fedmed.data stays cheap.
-    from .scans import intensity_transform, preprocessing, training_transform
+    from .scans import preprocessing, training_transform
 
+    if check_only:
+        config = config.model_copy(update={"data": config.data.model_copy(update={"cache": "none"})})
+        cache_dir = None
     path, name, splits, channels = _checked_records(path, config=config)
     task, data = config.task, config.data
     train_records, val_records = splits["training"], splits["validation"]
@@ -160,64 +167,71 @@ def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None) -> 
         fingerprint=fingerprint,
         workers=config.data.workers,
     )
-    val_preprocessing = preprocessing(task, config.normalization, with_label=False)
-    val_dataset = _dataset(
+    whole = preprocessing(task, config.normalization, with_label=False)
+
+    def volumes(records: list[Record], *, cache: str = "none", cache_num: int = 0) -> VolumeCases:
+        # Read in the site's own process, each keeping the record of its preprocessing that Invertd needs.
+        dataset = _dataset(
+            records,
+            transform=whole,
+            cache=cache,
+            cache_num=cache_num,
+            cache_dir=cache_dir if cache != "none" else None,
+            fingerprint=fingerprint + "-val",
+            workers=0,
+            keep_meta=True,
+        )
+        return _volume_cases(records, dataset, preprocessing=whole, config=config)
+
+    val = volumes(
         val_records,
-        transform=val_preprocessing,
         cache=data.cache,
         cache_num=max(0, min(len(val_records), data.max_cached_cases - len(train_records))),
-        cache_dir=cache_dir,
-        fingerprint=fingerprint + "-val",
-        workers=0,  # validation reads in the site's own process
-        keep_meta=True,  # Invertd needs each volume's record of its preprocessing
     )
-    logger.info(
-        "site '%s': %d training and %d validation cases (%d channels), cache %s",
-        name,
-        len(train_records),
-        len(val_records),
-        channels,
-        data.cache,
+    # One line per site about its cache: the cache its session uses, and why (a check-only open, whose caller
+    # reports the counts, names none and says it at debug level).
+    cache = "checked" if check_only else _cache_in_use(config, cache_dir, fingerprint, splits=splits)
+    (logger.debug if check_only else logger.info)(
+        "site '%s': %s (%d channels), %s", name, _counts(splits), channels, cache
     )
-
-    def patches(source: Dataset, num_cases: int) -> PatchDataset:
-        samples = config.train.samples_per_volume
-        return PatchDataset(
-            source, num_cases=num_cases, samples_per_volume=samples, labelled=task.kind == "segmentation"
-        )
-
-    def volumes(records: list[Record], dataset: Dataset) -> VolumeCases:
-        return VolumeCases(
-            dataset=dataset,
-            records=records,
-            preprocessing=val_preprocessing,
-            reference_intensity=intensity_transform(task, config.normalization),
-            roi_size=config.roi_size,
-            inference=config.inference,
-        )
-
-    train = patches(train_source, len(train_records))
     personal_train, tune = None, None
     if config.evaluation.personal_training:
         kept, held = tuning_split(
             len(train_records), fraction=config.evaluation.tuning_fraction, seed=config.seed, site=name
         )
-        personal_train = patches(Subset(train_source, kept), len(kept))
-        tune_records = [train_records[i] for i in held]
-        tune_dataset = _dataset(
-            tune_records,
-            transform=val_preprocessing,
-            cache=data.cache,
-            cache_num=0,
-            cache_dir=cache_dir,
-            fingerprint=fingerprint + "-val",
-            workers=0,
-            keep_meta=True,
-        )
-        tune = volumes(tune_records, tune_dataset)
-    val = volumes(val_records, val_dataset)
+        personal_train = _patches(Subset(train_source, kept), len(kept), config=config)
+        tune = volumes([train_records[i] for i in held], cache=data.cache)
     return ScanSite(
-        name=name, train=train, val=val, source=path, channels=channels, personal_train=personal_train, tune=tune
+        name=name,
+        train=_patches(train_source, len(train_records), config=config),
+        val=val,
+        source=path,
+        channels=channels,
+        personal_train=personal_train,
+        tune=tune,
+        train_volumes=volumes(train_records),  # never cached: read once, for the model card's reference
+    )
+
+
+def _patches(source: Dataset, num_cases: int, *, config: RunConfig) -> PatchDataset:
+    return PatchDataset(
+        source,
+        num_cases=num_cases,
+        samples_per_volume=config.train.samples_per_volume,
+        labelled=config.task.kind == "segmentation",
+    )
+
+
+def _volume_cases(records: list[Record], dataset: Dataset, *, preprocessing: Any, config: RunConfig) -> VolumeCases:
+    from .scans import intensity_transform
+
+    return VolumeCases(
+        dataset=dataset,
+        records=records,
+        preprocessing=preprocessing,
+        reference_intensity=intensity_transform(config.task, config.normalization),
+        roi_size=config.roi_size,
+        inference=config.inference,
     )
 
 
@@ -271,6 +285,26 @@ def _dataset(
             records, transform=transform, cache_num=cache_num, progress=False, runtime_cache=workers == 0
         )
     return MonaiDataset(records, transform=transform)
+
+
+def _counts(splits: dict[str, list[Record]]) -> str:
+    return f"{len(splits['training'])} training and {len(splits['validation'])} validation cases"
+
+
+def _cache_in_use(config: RunConfig, cache_dir: Path | None, fingerprint: str, *, splits: dict[str, list]) -> str:
+    """The cache the datasets use, and why; for the disk cache, how much of it an earlier run filled."""
+    data = config.data
+    cases = sum(map(len, splits.values()))
+    if data.cache == "disk" and cache_dir is not None:
+        folders = [Path(cache_dir) / fingerprint, Path(cache_dir) / f"{fingerprint}-val"]
+        ready = min(cases, sum(1 for folder in folders if folder.is_dir() for _ in folder.glob("*.pt")))
+        rest = "" if ready >= cases else "; the first round preprocesses the rest"
+        return f"cache disk in {cache_dir} ({ready} of {cases} cases preprocessed already{rest})"
+    if data.cache == "disk":
+        return "cache none (data.cache = disk, but no cache folder was given)"
+    if data.cache == "memory":
+        return f"cache memory (up to {data.max_cached_cases} cases, data.max_cached_cases, filled as first read)"
+    return "cache none (data.cache = none: every read preprocesses again)"
 
 
 def _plain(tensor: Any) -> torch.Tensor:

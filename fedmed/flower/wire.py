@@ -24,6 +24,9 @@ INTENSITY_APPLY = MessageType("query", "intensity_apply")  # map onto the federa
 PERSONALIZE = MessageType("query", "personalize")  # build, score (and lend) the personalized model
 CROSS_EVALUATE = MessageType("query", "cross_evaluate")  # score the other sites' models here
 DP_PLAN = MessageType("query", "dp_plan")  # [dp_sgd]: each site's planned σ, sampling and steps, before round 1
+# The model card at the end of the run (fedmed.flower.server.model_card): statistics only, never cases.
+MODEL_CARD_REFERENCE = MessageType("query", "model_card_reference")  # NLL per temperature, training feature sums
+MODEL_CARD_CALIBRATE = MessageType("query", "model_card_calibrate")  # reliability bins, OOD score histogram
 # SecAgg+'s four exchanges; "train" so that Flower treats them as training work.
 SECAGG_SETUP = MessageType("train", "secagg_setup")
 SECAGG_SHARE_KEYS = MessageType("train", "secagg_share")
@@ -41,6 +44,7 @@ PERSONAL = "personal"  # ArrayRecord: a site's personal parameters, packed in it
 LOCAL_BASELINE = "local-baseline"  # MetricRecord: a site's local-only model on its data, as far as its policy shares
 PLAN = "dp-plan"  # MetricRecord: a site's DP-SGD plan (fedmed.site.privacy.DpPlanPreview), numbers only
 SECAGG = "secagg"  # ConfigRecord: one SecAgg+ protocol message
+CARD_STATISTICS = "model-card"  # MetricRecord: a site's model-card statistics (fedmed.site.model_card), numbers only
 MASKED = "masked"  # ArrayRecord {VECTOR: the masked uint32 vector}
 VECTOR = "vector"
 
@@ -54,6 +58,10 @@ STANDARD_LANDMARKS = "intensity-landmarks"  # the federation's Nyúl landmarks
 CLIPPING_MODE = "client-dp-clipping"  # "fixed" or "adaptive": which Flower clipping mod the site applies
 FINAL = "final"  # the end-of-run evaluation, where a site fine-tunes if the run asks
 MODELS = "models"  # names of the personalized models a message carries, in order
+CARD_FOLD_TEMPERATURES = "card-fold-temperatures"  # per calibration fold, the temperature fitted on the other fold
+CARD_OOD_MEAN = "card-ood-mean"  # the pooled training features' per-dimension mean
+CARD_OOD_VAR = "card-ood-var"  # ... and variance
+CARD_OOD_GROUPS = "card-ood-groups"  # ... and the lengths of the feature vector's parts, each scored on its own
 
 
 def personal_record(index: int) -> str:

@@ -11,7 +11,8 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, Any
 
@@ -30,12 +31,23 @@ class RoundProgress:
     """Use as a context manager around the round loop: the live bar (if any) is removed on the way out,
     whether the loop finished, failed or was interrupted."""
 
-    def __init__(self, *, total_rounds: int, first_round: int = 1, metric: str) -> None:
+    def __init__(
+        self, *, total_rounds: int, first_round: int = 1, metric: str, eval_every: int = 1, cache: str | None = None
+    ) -> None:
+        """`eval_every`: the run's evaluation interval (the last round always evaluates); `cache`: the sites'
+        data.cache in scan geometry (None on a fixed grid), whose filling makes the first round slow."""
         self.total_rounds = total_rounds
         self.first_round = first_round
         self.metric = metric
+        self.eval_every = eval_every
+        # The memory cache is refilled by every process, the disk cache once (a resumed run finds it filled).
+        self.fills_cache = cache == "memory" or (cache == "disk" and first_round == 1)
+        self.cache = cache
         self.started: float | None = None  # when the first round of this process began
         self._display: _LiveBar | None = None
+        self._phases: list[tuple[str, float]] = []  # the current round's phases and when each began
+        self._timings: list[RoundTiming] = []  # this process's rounds
+        self._advised = False
 
     def __enter__(self) -> RoundProgress:
         terminal = live_console()
@@ -55,10 +67,20 @@ class RoundProgress:
         """A round begins (the pace counts from the first one this process runs: set-up is not a round)."""
         if self.started is None:
             self.started = time.perf_counter()
+            if self.fills_cache:
+                logger.info(
+                    "the sites fill their %s caches of preprocessed cases in round %d%s: slower than later rounds; "
+                    "the ETA waits for the next one",
+                    self.cache,
+                    server_round,
+                    " (unless an earlier run with the same preprocessing did)" if self.cache == "disk" else "",
+                )
+        self._phases = []
         self.phase(server_round, "training")
 
     def phase(self, server_round: int, what: str) -> None:
-        """The round's current phase (training, evaluating, ...), shown on the bar."""
+        """The round's current phase (training, evaluating, ...), shown on the bar and timed."""
+        self._phases.append((what, time.perf_counter()))
         if self._display is not None:
             self._display.describe(f"round {server_round}/{self.total_rounds} · {what}")
 
@@ -67,9 +89,12 @@ class RoundProgress:
         round did not evaluate) and, at debug level, one line per site with all its numbers."""
         if self.started is None:
             self.started = time.perf_counter()
-        done = server_round - self.first_round + 1
-        per_round = (time.perf_counter() - self.started) / max(done, 1)
-        eta = per_round * (self.total_rounds - server_round)
+        timing = _timing(self._phases, ended=time.perf_counter())
+        self._phases = []
+        if timing is not None:
+            self._timings.append(timing)
+            self._advise(server_round, timing)
+        per_round, eta = self._pace(server_round)
         logger.info(
             "%s",
             round_line(
@@ -87,6 +112,109 @@ class RoundProgress:
         if self._display is not None:
             self._display.advance(server_round, per_round=per_round, eta=eta)
 
+    def _pace(self, server_round: int) -> tuple[float, Eta]:
+        if not self._timings:  # rounds reported without being started: the wall clock since the first
+            done = server_round - self.first_round + 1
+            per_round = (time.perf_counter() - (self.started or time.perf_counter())) / max(done, 1)
+            return per_round, per_round * (self.total_rounds - server_round)
+        return estimate_pace(
+            self._timings,
+            server_round=server_round,
+            total_rounds=self.total_rounds,
+            eval_every=self.eval_every,
+            first_filled_cache=self.fills_cache,
+        )
+
+    def _advise(self, server_round: int, timing: RoundTiming) -> None:
+        """Once a run: validation took longer than the round's training and, at this interval, more than about a
+        third of the run; the line names the train.eval_every that brings it under."""
+        if self._advised or timing.validate_s <= timing.train_s or timing.train_s <= 0:
+            return
+        needed = math.ceil(2 * timing.validate_s / timing.train_s)  # e / (N t + e) <= 1/3
+        fix = min(needed, self.total_rounds)
+        if fix <= self.eval_every:  # already as rare as the advice would make it
+            return
+        self._advised = True
+        logger.warning(
+            "round %d: validation took %s and training %s: at one validation every %d round(s) it dominates the "
+            "run; set train.eval_every = %d%s",
+            server_round,
+            _duration(timing.validate_s),
+            _duration(timing.train_s),
+            self.eval_every,
+            fix,
+            " (the last round only)" if fix == self.total_rounds else " to keep validation under a third of the run",
+        )
+
+
+class ValidationPending(float):
+    """The ETA of the training alone: evaluation rounds remain and none has been timed yet."""
+
+
+Eta = float | None  # None: unknown yet (only a round that filled the caches is timed)
+
+
+@dataclass(frozen=True)
+class RoundTiming:
+    """Where one round's time went: training (and aggregation), then evaluation of every kind, of which
+    validation at the sites ("evaluating") is a part."""
+
+    train_s: float
+    evaluate_s: float
+    validate_s: float
+    evaluated: bool
+
+    @property
+    def seconds(self) -> float:
+        return self.train_s + self.evaluate_s
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RoundTiming:
+        """From a row of rounds.jsonl, which does not tell validation from cross-site evaluation."""
+        evaluate_s = float(row.get("evaluate_phase_s", 0.0))
+        return cls(
+            train_s=float(row.get("train_phase_s", row.get("seconds", 0.0))),
+            evaluate_s=evaluate_s,
+            validate_s=evaluate_s,
+            evaluated=bool(row.get("sites_evaluated")) or evaluate_s > 0,
+        )
+
+
+def estimate_pace(
+    timings: Sequence[RoundTiming], *, server_round: int, total_rounds: int, eval_every: int, first_filled_cache: bool
+) -> tuple[float, Eta]:
+    """Seconds per round and the time left after `server_round`. A first round that filled the sites' caches is
+    left out once a later one is timed (until then the ETA is unknown); evaluation is costed only in the rounds
+    left that evaluate (every `eval_every`-th and the last)."""
+    counted = timings[1:] if first_filled_cache else timings
+    if not counted:
+        return timings[0].seconds, None if server_round < total_rounds else 0.0
+    remaining = range(server_round + 1, total_rounds + 1)
+    evaluations = sum(1 for number in remaining if number == total_rounds or number % eval_every == 0)
+    evaluated = [timing.evaluate_s for timing in counted if timing.evaluated] or [
+        timing.evaluate_s for timing in timings if timing.evaluated
+    ]
+    training = sum(timing.train_s for timing in counted) / len(counted)
+    per_round = sum(timing.seconds for timing in counted) / len(counted)
+    eta = training * len(remaining)
+    if evaluations and not evaluated:
+        return per_round, ValidationPending(eta)
+    return per_round, eta + (sum(evaluated) / len(evaluated) if evaluated else 0.0) * evaluations
+
+
+def _timing(phases: list[tuple[str, float]], *, ended: float) -> RoundTiming | None:
+    if not phases:
+        return None
+    bounds = [*(start for _, start in phases[1:]), ended]
+    spans = [(name, end - start) for (name, start), end in zip(phases, bounds, strict=True)]
+    train_s = sum(span for name, span in spans if name == "training")
+    return RoundTiming(
+        train_s=train_s,
+        evaluate_s=sum(span for _, span in spans) - train_s,
+        validate_s=sum(span for name, span in spans if name == "evaluating"),
+        evaluated=any(name != "training" for name, _ in spans),
+    )
+
 
 def round_line(
     server_round: int,
@@ -96,17 +224,14 @@ def round_line(
     train: SiteMetrics,
     evaluation: SiteMetrics,
     per_round: float,
-    eta: float,
+    eta: Eta,
 ) -> str:
     """`round 3/40  dice mean 0.712 (site-a 0.700, site-b 0.730)  2.1 s/round  ETA 1.3 min`."""
     if evaluation:
         name, values = metric, {site: m.get(metric) for site, m in evaluation.items()}
     else:
         name, values = "loss", {site: m.get("train_loss") for site, m in train.items()}
-    return (
-        f"round {server_round}/{total_rounds}  {_over_sites(name, values)}  "
-        f"{per_round:.1f} s/round  ETA {_duration(eta)}"
-    )
+    return f"round {server_round}/{total_rounds}  {_over_sites(name, values)}  {per_round:.1f} s/round  ETA {_eta(eta)}"
 
 
 def _over_sites(name: str, values: dict[str, Any]) -> str:
@@ -146,6 +271,12 @@ def _fmt(value: Any) -> str:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _eta(eta: Eta) -> str:
+    if eta is None:
+        return "estimating"
+    return _duration(eta) + (" + validation" if isinstance(eta, ValidationPending) else "")
 
 
 class _LiveBar:
@@ -199,8 +330,8 @@ class _LiveBar:
     def describe(self, text: str) -> None:
         self._progress.update(self._task, description=text)
 
-    def advance(self, server_round: int, *, per_round: float, eta: float) -> None:
-        self._progress.update(self._task, completed=server_round, pace=f"{per_round:.1f} s/round  ETA {_duration(eta)}")
+    def advance(self, server_round: int, *, per_round: float, eta: Eta) -> None:
+        self._progress.update(self._task, completed=server_round, pace=f"{per_round:.1f} s/round  ETA {_eta(eta)}")
 
     def _show_activity(self, text: str | None) -> None:
         self._progress.activity = text

@@ -10,6 +10,7 @@ from typing import Any
 from fedmed.core.files import write_text_atomic
 
 from . import plots
+from .calibration_report import calibration_section
 from .run_dir import CROSS_SITE_FILE, NORMALIZATION_FILE, STATUS_FILE, SUMMARY_FILE, RunDirectory
 from .summary import COLUMNS, describe_client_privacy, describe_gains, describe_starting_point
 
@@ -71,6 +72,7 @@ def write_report(run_dir: RunDirectory) -> Path:
             normalization,
             figure=plots.intensity_histograms(normalization, path=plot_dir / "intensity_histograms.png"),
         ),
+        calibration_section(run_dir.path, plot_dir=plot_dir),
         _participation_section(run_dir.read_rounds(), status=_json_object(run_dir, STATUS_FILE)),
     ]
     name = html.escape(run_dir.path.name)
@@ -126,6 +128,8 @@ def _summary_section(summary: dict[str, Any], *, bar_chart: Path | None) -> str:
 
 # Shown only when a task reports more than its primary metric and loss (per class, per region, in mm).
 BOOKKEEPING = {"round", "num-examples", "eval_seconds", "loss"}
+# Beyond this many metrics (per class and region) the table turns: metrics down, sites across.
+WIDE_TABLE = 8
 
 
 def _metrics_table(summary: dict[str, Any]) -> str:
@@ -134,16 +138,24 @@ def _metrics_table(summary: dict[str, Any]) -> str:
     keys = sorted({key for metrics in rows.values() for key in metrics} - BOOKKEEPING)
     if len(keys) <= 2:
         return ""
+    note = (
+        '<h3>Federated model, every metric</h3>\n<p class="muted">Scan geometry: computed on each case\'s own grid '
+        "after inverting the preprocessing; hd95 and msd in millimetres, as the mean over the classes and per class "
+        "and region (hd95_&lt;class&gt;), as Dice.</p>\n"
+    )
+    if len(keys) > WIDE_TABLE:  # per class and region: one row per metric, one column per site
+        head = "".join(f"<th>{html.escape(str(site))}</th>" for site in rows)
+        body = "".join(
+            f"<tr><td>{html.escape(key)}</td>{''.join(_cell(metrics.get(key)) for metrics in rows.values())}</tr>"
+            for key in keys
+        )
+        return f"{note}<table><tr><th>metric</th>{head}</tr>{body}</table>\n"
     head = "".join(f"<th>{html.escape(key)}</th>" for key in keys)
     body = "".join(
         f"<tr><td>{html.escape(str(site))}</td>{''.join(_cell(metrics.get(key)) for key in keys)}</tr>"
         for site, metrics in rows.items()
     )
-    return (
-        '<h3>Federated model, every metric</h3>\n<p class="muted">Scan geometry: computed on each case\'s own grid '
-        "after inverting the preprocessing; hd95 and msd in millimetres.</p>\n"
-        f"<table><tr><th>site</th>{head}</tr>{body}</table>\n"
-    )
+    return f"{note}<table><tr><th>site</th>{head}</tr>{body}</table>\n"
 
 
 def _summary_table(summary: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch import nn
 from fedmed.config import dump_toml
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
+from fedmed.data.case_layout import case_ids
 from fedmed.runs.summary import DELIVERED_PERSONALIZED
 from fedmed.site.local_layers import DELIVERED_FILE, OPTIMIZER_FILE, PERSONALIZED_FILE, START_FILE, LocalParameterStore
 from fedmed.site.model_state import ModelMismatchError
@@ -24,11 +26,25 @@ from fedmed.site.spec import NUM_EXAMPLES, StateDict, site_seed
 from fedmed.site.step_watch import watch_validation
 from fedmed.tasks import ProximalPull, check_private_model, train_local
 
-# Per-case metrics of the latest evaluation (scan geometry); case names never leave the site.
+# Per-case metrics of the latest evaluation (scan geometry); case ids and paths never leave the site.
 EVALUATION_DIR = "evaluation"
 GLOBAL_CASES_FILE = "global-cases.csv"
 PERSONALIZED_CASES_FILE = "personalized-cases.csv"
 RUN_CONFIG_FILE = "config.toml"  # beside the personalized model
+
+
+def named_by_case_id(rows: list[dict], records: Sequence[dict]) -> list[dict]:
+    """The rows (one per record, in order) named by each case's stable id (its file stem where unique, else its
+    subject folder: BraTS names every subject's files alike) with its image files beside it."""
+    files = [
+        [Path(path) for path in ([record["image"]] if isinstance(record["image"], str) else record["image"])]
+        for record in records
+    ]
+    ids = case_ids(files)
+    return [
+        {"case": case_id, "images": ";".join(map(str, images)), **{k: v for k, v in row.items() if k != "case"}}
+        for case_id, images, row in zip(ids, files, rows, strict=True)
+    ]
 
 
 def write_case_metrics(path: Path, rows: list[dict]) -> None:
@@ -145,6 +161,7 @@ class SiteTrainer:
         with watch_validation(label=f"site {site.spec.name}", cases=len(validation)):
             metrics, rows = site.task.evaluate_cases(model, validation, device=site.device)
         if rows and cases_file:
+            rows = named_by_case_id(rows, validation.records)
             write_case_metrics(site.spec.state_dir / EVALUATION_DIR / cases_file, rows)
         return {NUM_EXAMPLES: len(validation), **metrics, "eval_seconds": time.perf_counter() - started}
 

@@ -9,6 +9,7 @@ units (enhancement).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,71 +18,166 @@ import torch
 from torch import nn
 
 from fedmed.config import RunConfig
-from fedmed.data.fixed_grid import apply_on_source_grid
+from fedmed.data.fixed_grid import to_model_grid, to_source_grid
 from fedmed.data.loading import per_image_intensity
+from fedmed.data.scans import preprocessing
 
+from .ood import FeatureCollector
+from .uncertainty import InvertibleAugmentation, normalized_entropy, segmentation_score, spread
 from .volumes import predict_volume, sliding_window_inferer, to_original_grid
 
 
 @dataclass
 class Prediction:
-    """One case's output: `volume` (channel-first, on the source grid) or `probabilities` (classification)."""
+    """One case's output: `volume` (channel-first, on the source grid) or `probabilities` (classification),
+    with, when asked for, how sure it is and the features the out-of-distribution check scores."""
 
     volume: torch.Tensor | None = None
     probabilities: list[float] | None = None
+    uncertainty_map: torch.Tensor | None = None  # (1, *source grid): entropy in [0, 1], or the spread (enhancement)
+    uncertainty: float | None = None  # the per-case score (see fedmed.tasks.uncertainty)
+    features: np.ndarray | None = None  # the first model's pooled deepest features, plain pass
+    model_input: torch.Tensor | None = None  # fixed grid: the image as the network saw it (for saliency)
+
+
+@dataclass(frozen=True)
+class _OnModelGrid:
+    """A case as the network takes it, and how an output on that grid goes back to the scan's own voxels."""
+
+    tensor: torch.Tensor
+    back: Callable[[torch.Tensor], Any]
+    source: Any  # the image as read: its intensities undo the normalization of a restored image
 
 
 class Predictor:
-    """The model of a run, applied one case at a time (the case's image already read and checked)."""
+    """The model(s) of a run applied one case at a time (the case's image already read and checked).
 
-    def __init__(self, model: nn.Module, *, config: RunConfig, device: torch.device) -> None:
-        self.model = model.eval()
+    Several models (an ensemble) or test-time augmentations give several passes per case, averaged on the model's grid;
+    `uncertainty` then says how much they disagree. One model and no augmentation is the plain prediction."""
+
+    def __init__(
+        self,
+        models: nn.Module | Sequence[nn.Module],
+        *,
+        config: RunConfig,
+        device: torch.device,
+        augmentations: Sequence[InvertibleAugmentation] = (),
+        temperature: float | None = None,
+        uncertainty: bool = False,
+        features: bool = False,
+    ) -> None:
+        self.models = [m.eval() for m in ([models] if isinstance(models, nn.Module) else models)]
         self.config = config
         self.device = device
+        self.augmentations = list(augmentations)
+        self.temperature = temperature
+        self.uncertainty = uncertainty or len(self.models) > 1 or bool(self.augmentations)
+        self.features = features
         self._inferer: Any = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.models[0]
 
     @torch.no_grad()
     def predict(self, image: Any, *, files: list[str]) -> Prediction:
         """`image` is the case read by fedmed.data (channel-first MetaTensor); scan geometry re-reads `files`
         through MONAI's pipeline so its geometry record can be inverted."""
         task = self.config.task
-        if task.scan_geometry:
-            return Prediction(volume=self._predict_scan(files))
-        output = self._apply_fixed_grid(image)
+        case = self._scan_input(files) if task.scan_geometry else self._fixed_grid_input(image)
+        outputs, features = self._passes(case.tensor)
         if task.kind == "classification":
-            return Prediction(probabilities=[float(value) for value in output])
-        if task.kind == "enhancement":
-            output = _source_intensities(output, image=image, mode=task.intensity, config=self.config)
-        return Prediction(volume=output)
+            prediction = self._classify(outputs)
+            prediction.model_input = case.tensor
+        elif task.kind == "segmentation":
+            prediction = self._segment(outputs, case=case)
+        else:
+            prediction = self._restore(outputs, case=case)
+        prediction.features = features
+        return prediction
 
-    def _apply_fixed_grid(self, image: Any) -> torch.Tensor:
-        task = self.config.task
-        return apply_on_source_grid(
-            self.model,
-            image,
-            kind=task.kind,
-            spatial_dims=task.spatial_dims,
-            image_size=task.image_size,
-            intensity=per_image_intensity(task),
+    def _passes(self, tensor: torch.Tensor) -> tuple[list[torch.Tensor], np.ndarray | None]:
+        """The raw network output of every pass (on the model grid, augmentations undone) and the first model's
+        pooled features from its plain pass."""
+        outputs: list[torch.Tensor] = []
+        features = None
+        for index, model in enumerate(self.models):
+            for augmentation in [None, *self.augmentations]:
+                if augmentation is None:
+                    if self.features and index == 0:
+                        with FeatureCollector(model) as collector:
+                            outputs.append(self._forward(model, tensor))
+                        features = collector.case_vector()
+                    else:
+                        outputs.append(self._forward(model, tensor))
+                else:
+                    output = self._forward(model, augmentation.apply(tensor))
+                    # A class score has no grid to put back; a map goes back where it came from.
+                    outputs.append(output if self.config.task.kind == "classification" else augmentation.undo(output))
+        return outputs, features
+
+    def _forward(self, model: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+        if self.config.task.scan_geometry:
+            return predict_volume(model, tensor, inferer=self._scan_inferer(), device=self.device)
+        return model(tensor[None].to(self.device)).float().cpu()[0]
+
+    def _classify(self, outputs: list[torch.Tensor]) -> Prediction:
+        scale = self.temperature or 1.0
+        mean = _mean([(logits / scale).softmax(dim=0) for logits in outputs])
+        uncertainty = float(normalized_entropy(mean)[0]) if self.uncertainty else None
+        return Prediction(probabilities=[float(value) for value in mean], uncertainty=uncertainty)
+
+    def _segment(self, outputs: list[torch.Tensor], *, case: _OnModelGrid) -> Prediction:
+        probabilities = _plain(case.back(_mean([logits.softmax(dim=0) for logits in outputs])))
+        labels = probabilities.argmax(dim=0, keepdim=True).to(torch.uint8)
+        if not self.uncertainty:
+            return Prediction(volume=labels)
+        entropy = normalized_entropy(probabilities)
+        return Prediction(
+            volume=labels, uncertainty_map=entropy, uncertainty=segmentation_score(probabilities, entropy)
         )
 
-    def _predict_scan(self, files: list[str]) -> torch.Tensor:
-        from fedmed.data.scans import preprocessing  # imports MONAI's transforms: only when a scan is applied
+    def _restore(self, outputs: list[torch.Tensor], *, case: _OnModelGrid) -> Prediction:
+        passes = [output.clamp(0.0, 1.0) for output in outputs]
+        restored = _plain(case.back(_mean(passes)))
+        task = self.config.task
+        volume = _source_intensities(restored, image=case.source, mode=task.intensity, config=self.config)
+        if not self.uncertainty:
+            return Prediction(volume=volume)
+        spread_map = _plain(case.back(spread(torch.stack(passes)))).clamp_min(0.0)
+        return Prediction(volume=volume, uncertainty_map=spread_map[:1], uncertainty=float(spread_map.mean()))
 
+    def _fixed_grid_input(self, image: Any) -> _OnModelGrid:
+        task = self.config.task
+        tensor, record = to_model_grid(
+            image, spatial_dims=task.spatial_dims, image_size=task.image_size, intensity=per_image_intensity(task)
+        )
+        return _OnModelGrid(tensor=tensor, back=lambda output: to_source_grid(output, record), source=image)
+
+    def _scan_input(self, files: list[str]) -> _OnModelGrid:
         config = self.config
         transform = preprocessing(config.task, config.normalization, with_label=False)
         item = transform({"image": files if len(files) > 1 else files[0]})
+        image = item["image"]
+        source = _read_channels(files) if config.task.kind == "enhancement" else None
+        return _OnModelGrid(
+            tensor=_plain(image),
+            back=lambda output: to_original_grid(output, image=image, preprocessing=transform),
+            source=source,
+        )
+
+    def _scan_inferer(self) -> Any:
         if self._inferer is None:
+            config = self.config
             self._inferer = sliding_window_inferer(
                 roi_size=config.roi_size, inference=config.inference, device=self.device
             )
-        output = predict_volume(self.model, item["image"], inferer=self._inferer, device=self.device)
-        if config.task.kind == "segmentation":
-            probabilities = to_original_grid(output.softmax(dim=0), image=item["image"], preprocessing=transform)
-            return probabilities.argmax(dim=0, keepdim=True).to(torch.uint8)
-        restored = to_original_grid(output.clamp(0.0, 1.0), image=item["image"], preprocessing=transform)
-        source = _read_channels(files)
-        return _source_intensities(_plain(restored), image=source, mode=config.task.intensity, config=config)
+        return self._inferer
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One pass is returned as it is, so the plain prediction is bit for bit the single model's."""
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).mean(dim=0)
 
 
 def _source_intensities(restored: torch.Tensor, *, image: Any, mode: str, config: RunConfig) -> torch.Tensor:

@@ -336,8 +336,8 @@ def pretrained_start(config: RunConfig, *, folder: Path) -> tuple[InitialWeights
 def _settings(config: RunConfig) -> dict[str, Any]:
     """Everything the pretrained weights depend on, so a cached file is reused only for the same ones."""
     pretrain = config.pretrain
-    # As the run resolves it (in_channels from the data); names of classes and regions change no weight.
-    task = _with_channels(config).task.model_dump(mode="json", exclude={"class_names", "regions"})
+    # As the run resolves it (in_channels from the data); names of channels, classes and regions change no weight.
+    task = _with_channels(config).task.model_dump(mode="json", exclude={"channel_names", "class_names", "regions"})
     task["in_channels"] = _with_channels(config).task.channels
     relevant = {
         "task": task,

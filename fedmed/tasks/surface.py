@@ -33,19 +33,32 @@ def directed_distances(
     return to_truth, to_prediction
 
 
+def mask_hd95_and_msd(prediction: np.ndarray, truth: np.ndarray, *, spacing: list[float]) -> tuple[float, float]:
+    """The symmetric 95th-percentile Hausdorff distance and the symmetric mean surface distance (mm) of two
+    binary masks; nan when either is empty."""
+    distances = directed_distances(prediction, truth, spacing=spacing)
+    if distances is None:
+        return math.nan, math.nan
+    return float(max(np.percentile(side, 95) for side in distances)), float(np.concatenate(distances).mean())
+
+
 def hd95_and_msd(
     labelmap: np.ndarray, truth: np.ndarray, *, num_classes: int, spacing: list[float]
 ) -> tuple[list[float], list[float]]:
     """Per foreground class of two label maps (spatial axes only): the symmetric 95th-percentile Hausdorff
     distance and the symmetric mean surface distance, nan where a class is absent from either map."""
-    hd95: list[float] = []
-    msd: list[float] = []
-    for value in range(1, num_classes):
-        distances = directed_distances(labelmap == value, truth == value, spacing=spacing)
-        if distances is None:
-            hd95.append(math.nan)
-            msd.append(math.nan)
-            continue
-        hd95.append(float(max(np.percentile(side, 95) for side in distances)))
-        msd.append(float(np.concatenate(distances).mean()))
-    return hd95, msd
+    return region_hd95_and_msd(labelmap, truth, regions=[[value] for value in range(1, num_classes)], spacing=spacing)
+
+
+def region_hd95_and_msd(
+    labelmap: np.ndarray, truth: np.ndarray, *, regions: list[list[int]], spacing: list[float]
+) -> tuple[list[float], list[float]]:
+    """HD95 and mean surface distance of each region (the union of its label values) of two label maps;
+    a region equal to one already measured is not measured again (e.g. BraTS' enhancing tumour = class 3)."""
+    measured: dict[frozenset[int], tuple[float, float]] = {}
+    for values in regions:
+        key = frozenset(values)
+        if key not in measured:
+            measured[key] = mask_hd95_and_msd(np.isin(labelmap, values), np.isin(truth, values), spacing=spacing)
+    pairs = [measured[frozenset(values)] for values in regions]
+    return [hd95 for hd95, _ in pairs], [msd for _, msd in pairs]

@@ -19,7 +19,7 @@ from torch import nn
 from fedmed.config import InferenceConfig, TaskConfig
 from fedmed.data.scan_site import Record, VolumeCases
 
-from .surface import hd95_and_msd
+from .surface import region_hd95_and_msd
 
 CaseRows = list[dict[str, Any]]
 
@@ -69,8 +69,9 @@ def read_label(path: str, *, binarize: bool) -> Any:
 def segmentation_case_metrics(
     labelmap: torch.Tensor, truth: torch.Tensor, *, task: TaskConfig, spacing: list[float]
 ) -> dict[str, float]:
-    """Dice per class and per region, HD95 and mean surface distance (mm) of one case; nan where undefined
-    (a class absent from both prediction and label has no Dice)."""
+    """Dice, HD95 and mean surface distance (mm) of one case, each as the mean over the foreground classes, per
+    class and per region; nan where undefined (a class absent from both prediction and label has no Dice, one
+    absent from either has no surface distance)."""
     # MONAI is heavy: imported when first used
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
@@ -89,10 +90,28 @@ def segmentation_case_metrics(
             predicted_regions, true_regions
         )[0]
         row |= {f"dice_{name}": float(value) for name, value in zip(task.regions, region_dice, strict=True)}
+    return row | _surface_metrics(labelmap, truth, task=task, spacing=spacing)
+
+
+def _surface_metrics(
+    labelmap: torch.Tensor, truth: torch.Tensor, *, task: TaskConfig, spacing: list[float]
+) -> dict[str, float]:
+    """HD95 and MSD (mm): `hd95`/`msd` the mean over the foreground classes, then per class and per region
+    under the names Dice uses (`hd95_<class>`, `msd_<region>`)."""
+    classes = task.num_classes
+    # Named as the Dice keys are: per class only beyond one foreground class, per region always.
+    names = [task.class_name(value) for value in range(1, classes)] if classes > 2 else []
+    regions = [[value] for value in range(1, classes)] + list(task.regions.values())
     # Not MONAI's HausdorffDistanceMetric: its CPU KD-tree takes minutes on an early round's speckled whole volume.
-    hd95, msd = hd95_and_msd(labelmap[0].numpy(), truth[0].numpy(), num_classes=classes, spacing=spacing)
-    row["hd95"] = _finite_mean(torch.tensor(hd95, dtype=torch.float64))
-    row["msd"] = _finite_mean(torch.tensor(msd, dtype=torch.float64))
+    hd95, msd = region_hd95_and_msd(labelmap[0].numpy(), truth[0].numpy(), regions=regions, spacing=spacing)
+    per_class = classes - 1
+    row = {
+        "hd95": _finite_mean(torch.tensor(hd95[:per_class], dtype=torch.float64)),
+        "msd": _finite_mean(torch.tensor(msd[:per_class], dtype=torch.float64)),
+    }
+    named = [*zip(names, range(per_class)), *zip(task.regions, range(per_class, len(regions)))]
+    row |= {f"hd95_{name}": hd95[index] for name, index in named}
+    row |= {f"msd_{name}": msd[index] for name, index in named}
     return row
 
 

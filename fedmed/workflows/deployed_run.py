@@ -25,7 +25,7 @@ from fedmed.flower.runtime.app_bundle import APP_PROJECT
 from fedmed.flower.server.strategies import check_strategy_name
 from fedmed.models import check_starting_model
 from fedmed.runs import RunDirectory, submissions
-from fedmed.runs.progress import round_line
+from fedmed.runs.progress import RoundTiming, estimate_pace, round_line
 from fedmed.runs.run_dir import FLOWER_RUNS, STATUS_FILE, STOPPED_FILE
 from fedmed.runs.status import describe_run, effective_state
 from fedmed.runs.tracking import check_tracking
@@ -135,9 +135,20 @@ def _log_rounds(run_dir: RunDirectory, rounds: list[dict[str, Any]], *, new: lis
     config = load_run_config(run_dir.config_file)
     metric = get_task(config.task).primary_metric
     metrics = run_dir.read_metrics()
-    per_round = sum(float(row.get("seconds", 0.0)) for row in rounds) / len(rounds)
+    scan_geometry = config.task.scan_geometry
+    eval_every = config.train.evaluation_interval(scan_geometry=scan_geometry)
     for row in new:
         number = int(row["round"])
+        timings = [RoundTiming.from_row(done) for done in rounds if int(done["round"]) <= number]
+        # Round 1 of a scan-geometry run fills the sites' caches: not a round to extrapolate from.
+        filled = scan_geometry and config.data.cache != "none" and int(rounds[0]["round"]) == 1
+        per_round, eta = estimate_pace(
+            timings,
+            server_round=number,
+            total_rounds=config.train.rounds,
+            eval_every=eval_every,
+            first_filled_cache=filled,
+        )
         phases = {
             phase: {m["site"]: m for m in metrics if m.get("round") == number and m.get("phase") == phase}
             for phase in ("train", "evaluate")
@@ -149,7 +160,7 @@ def _log_rounds(run_dir: RunDirectory, rounds: list[dict[str, Any]], *, new: lis
             train=phases["train"],
             evaluation=phases["evaluate"],
             per_round=per_round,
-            eta=per_round * (config.train.rounds - number),
+            eta=eta,
         )
         logger.info("%s: %s", run_dir.path.name, line)
 

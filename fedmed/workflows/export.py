@@ -1,11 +1,10 @@
 """Hand a trained model over: a MONAI Bundle that runs without fedmed, or one TorchScript file.
 
-The bundle follows MONAI's layout: `configs/metadata.json` (network, inputs and outputs, channels,
-labels, and fedmed's provenance), `configs/inference.json` (MONAI's ConfigParser syntax), `models/model.pt`
-(the network's state dict), a README and a licence note. Scan-geometry models are pure MONAI: the run's
-preprocessing as dictionary transforms, a SlidingWindowInferer and `Invertd` back onto each scan's grid.
-Fixed-grid models resize like training did; that code ships in `scripts/` (copied from fedmed.data, which
-imports nothing of fedmed), as MONAI bundles ship their own code.
+The bundle follows MONAI's layout: `configs/metadata.json` (network, inputs and outputs, channel names,
+labels, intended use and fedmed's provenance), `configs/inference.json` (MONAI's ConfigParser syntax, see
+bundle_inference.py), `configs/logging.conf`, `models/model.pt` (the network's state dict), a README and a
+licence note. The code the config imports ships in `scripts/`, copied from fedmed modules that import nothing
+of fedmed (case finding, the per-case runner, fixed-grid resizing), as MONAI bundles ship their own code.
 """
 
 from __future__ import annotations
@@ -18,19 +17,30 @@ from typing import Any
 
 import torch
 
+import fedmed
 import fedmed.data
 import fedmed.models
 from fedmed.config import RunConfig, dump_toml
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import atomic_path, unwritable_reason, write_text_atomic
-from fedmed.data.loading import per_image_intensity
-from fedmed.data.scans import intensity_transform
 from fedmed.models import build_model
 from fedmed.models.enhancer import ResidualEnhancer
+from fedmed.runs.model_card import write_model_card
 
-from .bundle_docs import bundle_metadata, bundle_readme, handover_config, licence_note, provenance
-from .trained_model import BUNDLE_RUN_CONFIG, BUNDLE_WEIGHTS, TrainedModel
+from .bundle_docs import (
+    bundle_metadata,
+    bundle_readme,
+    channel_names,
+    handover_config,
+    licence_note,
+    logging_conf,
+    provenance,
+    temperature,
+)
+from .bundle_inference import inference_config
+from .trained_model import BUNDLE_MODEL_CARD_DIR, BUNDLE_RUN_CONFIG, BUNDLE_WEIGHTS, TrainedModel
 
+_CASE_SCRIPTS = {"case_layout.py": "data/case_layout.py", "runner.py": "workflows/bundle_runner.py"}  # in fedmed/
 _FIXED_GRID_SCRIPTS = ("preprocess.py", "fixed_grid.py")  # from fedmed/data
 EXPORT_FORMATS = ("bundle", "torchscript")
 
@@ -79,14 +89,15 @@ def _write_bundle_files(trained: TrainedModel, *, out_dir: Path, network: dict[s
     for folder in ("configs", "models"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     torch.save({key: value.detach().cpu() for key, value in trained.state_dict.items()}, out_dir / BUNDLE_WEIGHTS)
-    if not config.task.scan_geometry:  # scan geometry is pure MONAI
-        _copy_scripts(out_dir, enhancer=config.task.kind == "enhancement")
-    inference = (
-        _scan_inference(config, network) if config.task.scan_geometry else _fixed_grid_inference(config, network)
-    )
+    _copy_scripts(out_dir, fixed_grid=not config.task.scan_geometry, enhancer=config.task.kind == "enhancement")
+    names = channel_names(config)
+    inference = inference_config(config, network, channel_names=names, temperature=temperature(trained))
     _write_json(out_dir / "configs" / "inference.json", inference)
+    write_text_atomic(out_dir / "configs" / "logging.conf", logging_conf(), private=False)
     _write_json(out_dir / "configs" / "metadata.json", bundle_metadata(trained, weights=out_dir / BUNDLE_WEIGHTS))
     write_text_atomic(out_dir / BUNDLE_RUN_CONFIG, dump_toml(handover_config(config)), private=False)
+    if trained.card is not None:
+        write_model_card(out_dir / BUNDLE_MODEL_CARD_DIR, trained.card, private=False)
     write_text_atomic(out_dir / "README.md", bundle_readme(trained), private=False)
     write_text_atomic(out_dir / "LICENSE", licence_note(), private=False)
 
@@ -168,215 +179,15 @@ def _example_size(config: RunConfig) -> list[int]:
     return list(config.task.image_size)
 
 
-# inference.json ------------------------------------------------------------------------------------
-
-
-def _common(config: RunConfig, network: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "imports": ["$import glob", "$import os", "$import numpy", "$import torch", "$import monai"],
-        "bundle_root": ".",
-        "output_dir": "$@bundle_root + '/eval'",
-        "dataset_dir": "$@bundle_root + '/images'",
-        "datalist": "$sorted(glob.glob(os.path.join(@dataset_dir, '*.nii*')))",
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "network_def": network,
-        "network": "$@network_def.to(@device)",
-        "load_weights": "$@network.load_state_dict(torch.load(@bundle_root + '/models/model.pt', "
-        "map_location=@device, weights_only=True))",
-    }
-
-
-def _scan_inference(config: RunConfig, network: dict[str, Any]) -> dict[str, Any]:
-    task = config.task
-    steps: list[dict[str, Any]] = [
-        {
-            "_target_": "LoadImaged",
-            "keys": "image",
-            "image_only": True,
-            "ensure_channel_first": True,
-            "reader": "NibabelReader",
-        },
-        {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32", "track_meta": True},
-        {
-            "_target_": "Orientationd",
-            "keys": "image",
-            "axcodes": task.orientation,
-            "labels": [["L", "R"], ["P", "A"], ["I", "S"]],
-        },
-        {"_target_": "Spacingd", "keys": "image", "pixdim": list(task.spacing or []), "mode": "bilinear"},
-    ]
-    if task.crop_foreground:
-        steps.append(
-            {"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "allow_smaller": True, "margin": 2}
-        )
-    steps += [_as_config(transform) for transform in intensity_transform(task, config.normalization)]
-    inference = config.inference
-    segmentation = task.kind == "segmentation"
-    post: list[dict[str, Any]] = []
-    if segmentation:
-        post.append({"_target_": "Activationsd", "keys": "pred", "softmax": True})
-    else:
-        post.append({"_target_": "Lambdad", "keys": "pred", "func": "$lambda x: x.clamp(0.0, 1.0)"})
-    post += [
-        {
-            "_target_": "Invertd",
-            "keys": "pred",
-            "transform": "@preprocessing",
-            "orig_keys": "image",
-            "nearest_interp": False,
-            "to_tensor": True,
-        },
-    ]
-    if segmentation:
-        post.append({"_target_": "AsDiscreted", "keys": "pred", "argmax": True})
-    post.append(_saver("pred", postfix="seg" if segmentation else "enhanced", label=segmentation))
-    return {
-        **_common(config, network),
-        "preprocessing": {"_target_": "Compose", "transforms": steps},
-        "dataset": {
-            "_target_": "Dataset",
-            "data": "$[{'image': item} for item in @datalist]",
-            "transform": "@preprocessing",
-        },
-        "inferer": {
-            "_target_": "SlidingWindowInferer",
-            "roi_size": list(config.roi_size),
-            "sw_batch_size": inference.sw_batch_size,
-            "overlap": inference.overlap,
-            "mode": inference.blend,
-            "sw_device": "@device",
-            "device": "$torch.device('cpu')",
-        },
-        "postprocessing": {"_target_": "Compose", "transforms": post},
-        # The network's output takes the image's metadata, so Invertd finds the preprocessing to undo.
-        "predict": "$lambda d: @postprocessing(dict(d, pred=monai.data.MetaTensor(@inferer(d['image'].as_tensor()[None]"
-        ".float(), @network)[0].float().cpu(), meta=dict(d['image'].meta))))",
-        "run": [
-            "$@load_weights",
-            "$@network.eval()",
-            "$torch.set_grad_enabled(False)",
-            "$[@predict(item) for item in @dataset]",
-        ],
-    }
-
-
-def _fixed_grid_inference(config: RunConfig, network: dict[str, Any]) -> dict[str, Any]:
-    task = config.task
-    # A partial of fedmed's own function, shipped in scripts/ (bundle_root is on sys.path while it runs).
-    apply = {
-        "_target_": "scripts.fixed_grid.apply_on_source_grid",
-        "_mode_": "callable",
-        "network": "@network",
-        "kind": task.kind,
-        "spatial_dims": task.spatial_dims,
-        "image_size": list(task.image_size),
-        "intensity": per_image_intensity(task),
-    }
-    common = {
-        **_common(config, network),
-        "load_image": {
-            "_target_": "LoadImage",
-            "image_only": True,
-            "ensure_channel_first": True,
-            "reader": "NibabelReader",
-            "dtype": None,
-        },
-        "apply": apply,
-    }
-    setup = ["$@load_weights", "$@network.eval()", "$torch.set_grad_enabled(False)"]
-    if task.kind == "classification":
-        names = [task.class_name(value) for value in range(task.num_classes)]
-        header = "case," + ",".join(f"p_{name}" for name in names)
-        return {
-            **common,
-            "case_name": "$lambda f: os.path.basename(str(f if isinstance(f, str) else f[0])).split('.nii')[0]",
-            "probability_row": "$lambda f: @case_name(f) + ',' + ','.join('%.6f' % float(p) for p in "
-            "@apply(image=@load_image(f)))",
-            "run": [
-                *setup,
-                "$os.makedirs(@output_dir, exist_ok=True)",
-                f"$open(os.path.join(@output_dir, 'predictions.csv'), 'w').write('{header}\\n' + "
-                "''.join(@probability_row(f) + '\\n' for f in @datalist))",
-            ],
-        }
-    segmentation = task.kind == "segmentation"
-    return {
-        **common,
-        "saver": {
-            k: v
-            for k, v in _saver("pred", postfix="seg" if segmentation else "enhanced", label=segmentation).items()
-            if k != "keys"
-        }
-        | {"_target_": "SaveImage"},
-        "run": [
-            *setup,
-            "$[@saver(monai.data.MetaTensor(@apply(image=image), meta=dict(image.meta))) for image in "
-            "(@load_image(f) for f in @datalist)]",
-        ],
-    }
-
-
-def _saver(key: str, *, postfix: str, label: bool) -> dict[str, Any]:
-    return {
-        "_target_": "SaveImaged",
-        "keys": key,
-        "output_dir": "@output_dir",
-        "output_postfix": postfix,
-        "output_ext": ".nii.gz",
-        "output_dtype": "$numpy.uint8" if label else "$numpy.float32",
-        "resample": False,
-        "separate_folder": False,
-        "print_log": False,
-    }
-
-
-def _as_config(transform: Any) -> dict[str, Any]:
-    """A MONAI intensity transform that fedmed built, as a ConfigParser entry (same class, same arguments)."""
-    name = type(transform).__name__
-    if name == "NormalizeIntensityd":
-        inner = transform.normalizer
-        return {"_target_": name, "keys": "image", "nonzero": inner.nonzero, "channel_wise": inner.channel_wise}
-    if name == "ScaleIntensityRangePercentilesd":
-        inner = transform.scaler
-        return {
-            "_target_": name,
-            "keys": "image",
-            "lower": inner.lower,
-            "upper": inner.upper,
-            "b_min": inner.b_min,
-            "b_max": inner.b_max,
-            "clip": inner.clip,
-            "channel_wise": inner.channel_wise,
-        }
-    if name == "ScaleIntensityd":
-        inner = transform.scaler
-        return {
-            "_target_": name,
-            "keys": "image",
-            "minv": inner.minv,
-            "maxv": inner.maxv,
-            "channel_wise": inner.channel_wise,
-        }
-    if name == "ScaleIntensityRanged":
-        inner = transform.scaler
-        return {
-            "_target_": name,
-            "keys": "image",
-            "a_min": inner.a_min,
-            "a_max": inner.a_max,
-            "b_min": inner.b_min,
-            "b_max": inner.b_max,
-            "clip": inner.clip,
-        }
-    raise FedmedError(f"intensity transform {name} has no bundle form; export torchscript instead")
-
-
-def _copy_scripts(out_dir: Path, *, enhancer: bool) -> None:
+def _copy_scripts(out_dir: Path, *, fixed_grid: bool, enhancer: bool) -> None:
     scripts = out_dir / "scripts"
     scripts.mkdir(exist_ok=True)
     (scripts / "__init__.py").write_text("", encoding="utf-8")
+    package = Path(fedmed.__file__).parent
+    for name, source in _CASE_SCRIPTS.items():
+        shutil.copyfile(package / source, scripts / name)
     data = Path(fedmed.data.__file__).parent
-    for name in _FIXED_GRID_SCRIPTS:
+    for name in _FIXED_GRID_SCRIPTS if fixed_grid else ():
         shutil.copyfile(data / name, scripts / name)
     if enhancer:
         shutil.copyfile(Path(fedmed.models.__file__).parent / "enhancer.py", scripts / "enhancer.py")

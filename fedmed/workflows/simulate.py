@@ -13,6 +13,7 @@ from fedmed.core.errors import ConfigError, FedmedError
 from fedmed.core.files import unwritable_reason
 from fedmed.core.log import logger
 from fedmed.data import load_site, read_manifest, synthesize_federation
+from fedmed.data.manifest import parse_manifest
 from fedmed.data.npz import is_npz_site
 from fedmed.data.scan_site import open_scan_site
 from fedmed.flower.engines import run_federation_here
@@ -123,8 +124,7 @@ def run_engine(config: RunConfig, *, run_dir: RunDirectory) -> None:
 def _open_site(path: Path, *, config: RunConfig) -> Any:
     if config.task.scan_geometry:
         # Validation only: the sites' sessions open their own datasets and caches.
-        unused = config.model_copy(update={"data": config.data.model_copy(update={"cache": "none"})})
-        return open_scan_site(path, config=unused, cache_dir=None)
+        return open_scan_site(path, config=config, cache_dir=None, check_only=True)
     return load_site(path, task=config.task)
 
 
@@ -133,8 +133,9 @@ def _channels(data: Any) -> int:
 
 
 def resolve_from_data(config: RunConfig, *, channels: dict[str, int], source: str) -> RunConfig:
-    """Fill what the config leaves to the data: the network's input channels (one per modality) and, for
-    multi-class segmentation, the class names of the first site's dataset.json."""
+    """Fill what the config leaves to the data: the network's input channels (one per modality), their modality
+    names when the sites' dataset.json files agree on them and, for multi-class segmentation, the class names of
+    the first site's dataset.json."""
     counts = sorted(set(channels.values()))
     if len(counts) > 1:
         listing = ", ".join(f"{name}: {count}" for name, count in channels.items())
@@ -146,6 +147,9 @@ def resolve_from_data(config: RunConfig, *, channels: dict[str, int], source: st
     update: dict[str, Any] = {}
     if task.in_channels is None and counts:
         update["in_channels"] = counts[0]
+    names = _sites_channel_names(config) if task.channel_names is None else None
+    if names and len(names) == update.get("in_channels", task.channels):
+        update["channel_names"] = names  # what an exported bundle says goes in, and how it matches files
     first = config.sites[0].path if config.sites else None
     named = task.kind != "segmentation" or task.num_classes == 2 or task.class_names is not None
     if not named and first is not None and not is_npz_site(first):
@@ -157,6 +161,20 @@ def resolve_from_data(config: RunConfig, *, channels: dict[str, int], source: st
     resolved = config.model_copy(deep=True)
     resolved.task = task.model_copy(update=update)
     return resolved
+
+
+def _sites_channel_names(config: RunConfig) -> list[str] | None:
+    """The modality names of the sites' dataset.json files when every site names the same ones in the same order."""
+    if not config.sites or any(is_npz_site(site.path) for site in config.sites):
+        return None
+    manifests = [parse_manifest(site.path)[0] for site in config.sites]  # validated already: no warnings again
+    if any(manifest is None for manifest in manifests):
+        return None
+    named = [manifest.modality for manifest in manifests if manifest is not None]
+    lists = {tuple(modality[index].lower() for index in sorted(modality)) for modality in named}
+    if len(lists) != 1 or not named[0]:
+        return None
+    return [named[0][index] for index in sorted(named[0])]
 
 
 def resume_simulation(path: Path) -> SimulationResult:

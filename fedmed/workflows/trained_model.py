@@ -7,6 +7,7 @@ model, without the coordinator) or a bundle that `fedmed export` wrote.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 from dataclasses import dataclass, field
@@ -20,10 +21,13 @@ from fedmed.config import RunConfig, load_run_config
 from fedmed.core.errors import FedmedError
 from fedmed.models import build_model
 from fedmed.runs import RunDirectory
+from fedmed.runs.cross_site import final_evaluation, personal_model_name
+from fedmed.runs.model_card import ModelCard, read_model_card
 from fedmed.site.local_layers import DELIVERED_FILE, PERSONALIZED_FILE
 
 BUNDLE_RUN_CONFIG = "configs/fedmed_run.toml"
 BUNDLE_WEIGHTS = "models/model.pt"
+BUNDLE_MODEL_CARD_DIR = "configs"  # configs/model_card.json: the run's card travels with its bundle
 
 
 class ModelSourceError(FedmedError):
@@ -38,6 +42,7 @@ class TrainedModel:
     run_dir: RunDirectory | None = None
     site: str | None = None  # set for a site's personalized model
     provenance: dict[str, Any] = field(default_factory=dict)
+    card: ModelCard | None = None  # the run's model card: temperature, OOD reference (a bundle carries a copy)
 
     def build(self, *, device: torch.device) -> nn.Module:
         """The network with these weights, in eval mode, on `device`."""
@@ -67,6 +72,44 @@ def load_trained_model(path: Path, *, site: str | None = None) -> TrainedModel:
     raise ModelSourceError(
         f"{path}: holds no trained model; give a run directory ('fedmed simulate' or 'fedmed run' printed it), "
         f"a site's run folder (<site state>/runs/<run>, holding {PERSONALIZED_FILE}) or a bundle from 'fedmed export'"
+    )
+
+
+def ensemble_members(trained: TrainedModel) -> list[TrainedModel]:
+    """The models an ensemble prediction combines: the run's global model (unless FedBN left it without
+    normalization layers) and every site's personalized model that its site let travel, i.e. that the other
+    sites scored in the run's final cross-site evaluation. A model a site kept home is never used."""
+    run_dir = trained.run_dir
+    if run_dir is None:
+        raise ModelSourceError(
+            f"{trained.description}: an ensemble combines the personalized models the sites of a run shared, and "
+            "this holds one model; give the run directory, or use --uncertainty tta"
+        )
+    members: list[TrainedModel] = []
+    final = run_dir.checkpoints / "final.pt"
+    if final.is_file():
+        # FedBN: the global model was never trained whole; the sites' models are the ensemble
+        with contextlib.suppress(ModelSourceError):
+            members.append(_global(final, run_dir=run_dir))
+    for site in _travelling_sites(run_dir):
+        if (run_dir.site_dir(site) / PERSONALIZED_FILE).is_file():
+            members.append(_from_run_dir(run_dir, site=site))
+    if len(members) < 2:
+        raise ModelSourceError(
+            f"{run_dir.path}: an ensemble needs at least two models, and this run has {len(members)} it may use "
+            "(the global model, and sites' personalized models only where the site's policy "
+            "share_personalized_model let them travel); use --uncertainty tta"
+        )
+    return members
+
+
+def _travelling_sites(run_dir: RunDirectory) -> list[str]:
+    evaluation = final_evaluation(run_dir) or {}
+    metrics = evaluation.get("metrics", {})
+    return sorted(
+        site
+        for site in evaluation.get("sites", [])
+        if set(metrics.get(personal_model_name(site), {})) - {site}  # scored away from home: it travelled
     )
 
 
@@ -135,6 +178,7 @@ def _global(checkpoint_file: Path, *, run_dir: RunDirectory) -> TrainedModel:
         description=f"global model of run {run_dir.path.name} after {rounds} round(s)",
         run_dir=run_dir,
         provenance={"model": "global", "rounds": rounds},
+        card=read_model_card(run_dir.path),
     )
 
 
@@ -163,6 +207,7 @@ def _personalized(folder: Path, *, config_file: Path, name: str, run_dir: RunDir
         run_dir=run_dir,
         site=name,
         provenance={"model": model},
+        card=read_model_card(run_dir.path) if run_dir is not None else None,
     )
 
 
@@ -180,6 +225,7 @@ def _from_bundle(path: Path) -> TrainedModel:
         state_dict=_read_state_dict(path / BUNDLE_WEIGHTS, instead=", or export the bundle again from its run"),
         description=f"bundle {path.name}",
         provenance=metadata.get("fedmed", {}),
+        card=read_model_card(path / BUNDLE_MODEL_CARD_DIR),
     )
 
 

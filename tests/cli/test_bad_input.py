@@ -238,6 +238,8 @@ def test_predict_names_an_empty_image_and_still_predicts_the_others(trained_run:
     assert "1 of 2 case(s) predicted" in result.output
     rows = (out / "cases.csv").read_text().splitlines()
     assert (
-        rows[1].startswith("empty,failed,,") and "holds no voxels (shape (0, 64))" in rows[1] and "re-export" in rows[1]
+        rows[1].startswith(f"empty,failed,{empty},,")
+        and "holds no voxels (shape (0, 64))" in rows[1]
+        and "re-export" in rows[1]
     )
     assert rows[2].split(",")[1] == "ok"

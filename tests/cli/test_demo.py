@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -30,10 +31,17 @@ def test_demo_federation_beats_local_only_at_every_site(tmp_path: Path) -> None:
     assert "round 40/40" in completed.stderr
     assert (next(tmp_path.glob("demo-*")) / "report.html").exists()
 
-    # The closing message names a command that applies the demo's model; it runs as printed.
-    (command,) = re.findall(r"^apply the model: (fedmed predict .+)$", completed.stdout, re.MULTILINE)
-    arguments = command.split()
+    # The closing message names a command that applies the demo's model to new scans, and where a site's held-out
+    # validation cases are listed (never a training site's folder); with those in the placeholder's folder it runs.
+    (command,) = re.findall(r"^apply the model to new scans: (fedmed predict .+)$", completed.stdout, re.MULTILINE)
+    (manifest,) = map(Path, re.findall(r'listed under "validation" in (\S+dataset\.json)\)', completed.stdout))
+    new_scans = tmp_path / "new-scans"
+    new_scans.mkdir()
+    for entry in json.loads(manifest.read_text())["validation"]:
+        image = manifest.parent / (entry["image"] if isinstance(entry, dict) else entry)
+        (new_scans / image.name).symlink_to(image.resolve())
+    arguments = command.replace("NEW_SCANS_FOLDER", str(new_scans)).split()
     predicted = subprocess.run([str(fedmed), *arguments[1:]], capture_output=True, text=True, timeout=300)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     out = Path(arguments[arguments.index("--out") + 1])
-    assert len(list(out.glob("*_seg.nii.gz"))) == 22  # hospital-a: 6 training and 16 validation cases
+    assert len(list(out.glob("*_seg.nii.gz"))) == 16  # hospital-a's 16 validation cases, none of its 6 training

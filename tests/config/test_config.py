@@ -264,3 +264,32 @@ def test_pretrain_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"pretrain\.enabled: the phantoms are binary .*init_exclude"):
         load_run_config(write(tmp_path, three_classes))
     assert load_run_config(write(tmp_path, base + "[pretrain]\nenabled = true\n")).pretrain_seed == 5
+
+
+def test_eval_every_defaults_to_every_round_on_a_grid_and_about_five_evaluations_in_scan_geometry(
+    tmp_path: Path,
+) -> None:
+    from fedmed.config import TrainConfig
+
+    grid = TrainConfig(rounds=40)
+    assert grid.eval_every is None and grid.evaluation_interval(scan_geometry=False) == 1
+    assert all(grid.evaluates(number, scan_geometry=False) for number in range(1, 41))
+    scans = [number for number in range(1, 41) if grid.evaluates(number, scan_geometry=True)]
+    assert scans == [8, 16, 24, 32, 40]
+    odd = TrainConfig(rounds=7)  # every 2 rounds, and the last
+    assert [n for n in range(1, 8) if odd.evaluates(n, scan_geometry=True)] == [2, 4, 6, 7]
+    assert [n for n in range(1, 4) if TrainConfig(rounds=3).evaluates(n, scan_geometry=True)] == [1, 2, 3]
+    # An explicit value wins in both geometries; the last round is always evaluated.
+    explicit = TrainConfig(rounds=5, eval_every=2)
+    for scan_geometry in (False, True):
+        assert [n for n in range(1, 6) if explicit.evaluates(n, scan_geometry=scan_geometry)] == [2, 4, 5]
+    # Unset stays unset through the run directory's config.toml.
+    config = load_run_config(write(tmp_path, MINIMAL))
+    again = RunConfig.model_validate(read_toml(_dumped(tmp_path, config)))
+    assert again.train.eval_every is None
+
+
+def _dumped(tmp_path: Path, config: RunConfig) -> Path:
+    path = tmp_path / "dumped.toml"
+    path.write_text(dump_toml(config))
+    return path

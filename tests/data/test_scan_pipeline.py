@@ -161,3 +161,36 @@ def test_augmented_patches_differ_between_seeds_and_repeat_with_the_same_seed(sc
         draws.append(site.train[0]["image"])
     assert torch.equal(draws[0], draws[1])
     assert not torch.equal(draws[0], draws[2])
+
+
+def test_the_log_names_the_cache_in_use_and_how_full_it_is(scan_site: Path, tmp_path: Path) -> None:
+    import logging
+
+    from fedmed.core.log import logger
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(f"{record.levelname} {record.getMessage()}")  # type: ignore[method-assign]
+    saved = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        config = _config(tmp_path, data={"cache": "disk"})
+        cache = tmp_path / "state" / "preprocessed"
+        open_scan_site(scan_site, config=config, cache_dir=None, check_only=True)
+        site = open_scan_site(scan_site, config=config, cache_dir=cache)
+        for index in range(len(site.train)):
+            site.train[index]
+        site.val[0]
+        open_scan_site(scan_site, config=config, cache_dir=cache)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+    checked, first, again = [line for line in lines if " site 'site'" in line]
+    # simulate's look at the data, which logs the counts itself: no cache named, only at debug level
+    assert checked.startswith("DEBUG") and checked.endswith("(2 channels), checked") and "cache" not in checked
+    assert first.startswith("INFO") and again.startswith("INFO")
+    assert first.endswith(
+        f"cache disk in {cache} (0 of 4 cases preprocessed already; the first round preprocesses the rest)"
+    )
+    assert again.endswith(f"cache disk in {cache} (4 of 4 cases preprocessed already)")

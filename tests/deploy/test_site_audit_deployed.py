@@ -61,7 +61,12 @@ def test_the_audit_log_records_exactly_what_each_site_sent(federation: LocalFede
         assert updates[0]["metrics"]["metrics"]["train_loss"] == pytest.approx(train[0]["train_loss"], rel=1e-6)
         evaluated = [row for row in metrics if row["site"] == site and row["phase"] == "evaluate"]
         assert sum(r["message_type"] == "evaluate" for r in sent) == len(evaluated) == 1
-        assert {r["kind"] for r in sent} <= {"model-update", "metrics", "normalization-statistics"}
+        assert {r["kind"] for r in sent} <= {
+            "model-update",
+            "metrics",
+            "normalization-statistics",
+            "model-card-statistics",
+        }
         assert all(r["flower_run_id"] == sent[0]["flower_run_id"] and r["bytes"] > 0 for r in sent)
 
         site_config = str(federation.site_config(site))

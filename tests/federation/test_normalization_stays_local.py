@@ -32,6 +32,9 @@ REPLY_RECORDS = {
     "query.intensity_apply": {"intensity", "site"},
     "train": {"arrays", "metrics", "site"},
     "evaluate": {"metrics", "site"},
+    # the model card at the end of the run: sums and counts of the global model's outputs and features
+    "query.model_card_reference": {"model-card", "site"},
+    "query.model_card_calibrate": {"model-card", "site"},
 }
 SUMMARY_FIELDS = {"num_images", "before-counts", "before-range", "after-counts", "after-range"}
 

@@ -20,14 +20,14 @@ from typer.testing import CliRunner
 
 from fedmed.cli.main import app
 from fedmed.config import load_run_config, run_config_from_dict
-from fedmed.data import Case
+from fedmed.workflows.bundle_docs import monai_command
 from fedmed.workflows.export import write_bundle, write_torchscript
-from fedmed.workflows.predict import input_cases, predict_cases
+from fedmed.workflows.predict import PredictOptions, input_cases, predict_cases
 from fedmed.workflows.simulate import simulate
 from fedmed.workflows.trained_model import ModelSourceError, load_trained_model
 
 CPU = torch.device("cpu")
-# CI builds this interpreter's environment with only torch, monai and nibabel (see .ci/run).
+# CI builds this interpreter's environment with only torch, monai[fire] and nibabel (see .ci/run).
 BUNDLE_PYTHON = os.environ.get("FEDMED_BUNDLE_PYTHON")
 
 
@@ -118,10 +118,11 @@ def test_predict_scan_geometry_lands_on_each_source_grid_and_reproduces_the_repo
 ) -> None:
     manifest = _site_manifest_scan(scan_run, "site-b")  # stored LPS at 0.8 x 0.8 x 2 mm, trained at 1.2 mm
     out = tmp_path / "predicted"
-    outcomes = list(predict_cases(load_trained_model(scan_run), input_cases([manifest]), out_dir=out, device=CPU))
+    trained = load_trained_model(scan_run)
+    outcomes = list(predict_cases(trained, input_cases([manifest], task=trained.config.task), out_dir=out, device=CPU))
     assert all(outcome.ok for outcome in outcomes), [outcome.error for outcome in outcomes]
-    rows = {
-        row["case"]: row
+    rows = {  # by the case's first image file (the case column holds its id)
+        Path(row["images"].split(";")[0]).name: row
         for row in csv.DictReader((scan_run / "sites" / "site-b" / "evaluation" / "global-cases.csv").open())
     }
     entries = json.loads(manifest.read_text())["validation"]
@@ -150,7 +151,7 @@ def test_bad_cases_are_reported_with_the_fix_and_the_others_complete(scan_run: P
             {
                 "test": [
                     [str(path) for path in good],
-                    [str(good[0])],  # one modality of the two the model takes
+                    [str(good[1])],  # one modality of the two the model takes
                     [str(corrupt), str(good[1])],
                     [str(tmp_path / "missing.nii.gz"), str(good[1])],
                 ]
@@ -167,13 +168,15 @@ def test_bad_cases_are_reported_with_the_fix_and_the_others_complete(scan_run: P
     assert "corrupt" in rows[2]["error"] and "re-export or re-copy the file" in rows[2]["error"]
     assert "not found" in rows[3]["error"]
     assert Path(rows[0]["output"]).is_file()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cases.csv", Path(rows[0]["output"]).name]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(["cases.csv", "report.html", Path(rows[0]["output"]).name])
 
 
 def test_fixed_grid_prediction_goes_back_to_the_stored_grid(grid_run: Path, tmp_path: Path) -> None:
     manifest = _site_manifest(grid_run, "site-c")  # half-resolution images: the model grid is larger
     files = [paths[0] for paths in _validation_files(manifest)]
-    outcomes = list(predict_cases(load_trained_model(grid_run), input_cases(files), out_dir=tmp_path, device=CPU))
+    trained = load_trained_model(grid_run)
+    outcomes = list(predict_cases(trained, input_cases(files, task=trained.config.task), out_dir=tmp_path, device=CPU))
     assert all(outcome.ok for outcome in outcomes)
     for source in files:
         written = tmp_path / f"{source.name.removesuffix('.nii.gz')}_seg.nii.gz"
@@ -236,19 +239,61 @@ def test_torchscript_export_gives_the_models_output(grid_run: Path, tmp_path: Pa
     torch.testing.assert_close(loaded(image), trained.build(device=CPU)(image))
 
 
-def _run_bundle(bundle: Path, *, images: Path, out: Path) -> None:
+def _bundle_python() -> str:
     if BUNDLE_PYTHON is None:
         if os.environ.get("FEDMED_REQUIRE_BUNDLE_PYTHON"):
             pytest.fail("FEDMED_BUNDLE_PYTHON is not set; .ci/run builds that environment")
-        pytest.skip("set FEDMED_BUNDLE_PYTHON to a Python with only torch, monai and nibabel (.ci/run builds one)")
-    probe = subprocess.run([BUNDLE_PYTHON, "-c", "import fedmed"], cwd=bundle, capture_output=True)
+        pytest.skip(
+            "set FEDMED_BUNDLE_PYTHON to a Python with only torch, monai[fire] and nibabel (.ci/run builds one)"
+        )
+    return BUNDLE_PYTHON
+
+
+def _monai_run(bundle: Path, *, images: Path, out: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """MONAI's documented command, as the bundle's README gives it, from a folder that is not the bundle's."""
+    python = _bundle_python()
+    probe = subprocess.run([python, "-c", "import fedmed"], cwd=bundle, capture_output=True)
     assert probe.returncode != 0, "the bundle's environment must not have fedmed"
-    code = (
-        "from monai.bundle import run; run(config_file='configs/inference.json', meta_file='configs/metadata.json', "
-        f"bundle_root='.', dataset_dir={str(images)!r}, output_dir={str(out)!r})"
+    words = {"IN": str(images), "OUT": str(out)}
+    command = [words.get(word, word) for word in monai_command(str(bundle)).split()]
+    assert command[:4] == ["python", "-m", "monai.bundle", "run"]
+    return subprocess.run(
+        [python, *command[1:], *extra],
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_without_pythonpath(),
     )
-    done = subprocess.run([BUNDLE_PYTHON, "-c", code], cwd=bundle, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _without_pythonpath() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+
+def _run_bundle(bundle: Path, *, images: Path, out: Path, extra: tuple[str, ...] = ()) -> str:
+    done = _monai_run(bundle, images=images, out=out, extra=extra)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "optional_packages_version" not in done.stderr  # MONAI warns on deprecated metadata keys
+    return done.stdout
+
+
+def _brats_subjects(run_dir: Path, images: Path) -> list[list[Path]]:
+    """Site-b's validation cases as BraTS keeps them: one folder per subject, every subject's files named alike
+    (the source files' headers with their units set, so the outputs must carry them)."""
+    subjects = []
+    for number, paths in enumerate(_validation_files(_site_manifest_scan(run_dir, "site-b"))):
+        folder = images / f"subject-{number}"
+        folder.mkdir(parents=True)
+        written = []
+        for path, name in zip(paths, ("FLAIR", "T1"), strict=True):
+            source = nib.load(str(path))
+            image = nib.Nifti1Image(np.asarray(source.dataobj), source.affine)
+            image.header.set_xyzt_units("mm", "sec")
+            nib.save(image, str(folder / f"{name}.nii.gz"))
+            written.append(folder / f"{name}.nii.gz")
+        subjects.append(written)
+    return subjects
 
 
 @pytest.mark.slow
@@ -268,26 +313,102 @@ def test_monai_runs_the_exported_bundle_without_fedmed_and_agrees_with_predict(
     images = tmp_path / "images"
     images.mkdir()
     if run_name == "scan_run":
-        # Single-file cases for MONAI's default datalist: the two modalities as one 4D NIfTI (channels last).
-        for paths in _validation_files(_site_manifest_scan(run_dir, "site-b")):
-            first = nib.load(str(paths[0]))
-            stacked = np.stack([np.asarray(nib.load(str(p)).dataobj) for p in paths], axis=-1)
-            nib.save(nib.Nifti1Image(stacked, first.affine), str(images / paths[0].name.replace("_flair", "")))
+        subjects = _brats_subjects(run_dir, images)
+        expected = [f"subject-{number}_seg.nii.gz" for number in range(len(subjects))]
     else:
         for paths in _validation_files(_site_manifest(run_dir, "site-c")):
             (images / paths[0].name).write_bytes(paths[0].read_bytes())
+        expected = sorted(f"{p.name.removesuffix('.nii.gz')}_seg.nii.gz" for p in images.iterdir())
     predicted = tmp_path / "predicted"
-    outcomes = list(predict_cases(trained, input_cases([images]), out_dir=predicted, device=CPU))
+    cases = input_cases([images], task=trained.config.task)
+    outcomes = list(predict_cases(trained, cases, out_dir=predicted, device=CPU))
     assert all(outcome.ok for outcome in outcomes), [outcome.error for outcome in outcomes]
+    assert [Path(outcome.output).name for outcome in outcomes] == expected
 
-    _run_bundle(bundle, images=images, out=tmp_path / "bundle-out")
+    printed = _run_bundle(bundle, images=images, out=tmp_path / "bundle-out")
 
+    out = tmp_path / "bundle-out"
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".nii.gz")) == expected  # none overwrote another
+    for number, name in enumerate(expected, start=1):
+        assert (
+            f"case {number}/{len(expected)} {name.removesuffix('_seg.nii.gz')} → {out / name}" in printed.splitlines()
+        )
     for outcome in outcomes:
-        ours = Path(outcome.output)
-        theirs = tmp_path / "bundle-out" / ours.name
-        assert theirs.is_file(), sorted(p.name for p in (tmp_path / "bundle-out").iterdir())
+        ours, theirs = Path(outcome.output), out / Path(outcome.output).name
         np.testing.assert_allclose(nib.load(str(theirs)).affine, nib.load(str(ours)).affine, atol=1e-5)
         np.testing.assert_array_equal(_array(theirs).reshape(_array(ours).shape), _array(ours))
+        if run_name == "scan_run":
+            assert nib.load(str(theirs)).header.get_xyzt_units() == ("mm", "sec")
+    rows = {row["case"]: row for row in csv.DictReader((out / "cases.csv").open())}
+    assert {case.case_id: ";".join(map(str, case.images)) for case in cases} == {
+        case: row["inputs"] for case, row in rows.items()
+    }
+
+
+@pytest.mark.slow
+def test_the_bundles_tta_option_writes_the_uncertainty_map_predict_writes(scan_run: Path, tmp_path: Path) -> None:
+    trained = load_trained_model(scan_run)
+    bundle = write_bundle(trained, out_dir=tmp_path / "bundle")
+    images = tmp_path / "images"
+    _brats_subjects(scan_run, images)
+    cases = input_cases([images], task=trained.config.task)
+    options = PredictOptions(uncertainty="tta", report=False)
+    outcomes = list(predict_cases(trained, cases, out_dir=tmp_path / "predicted", device=CPU, options=options))
+    assert all(outcome.ok and outcome.uncertainty_map for outcome in outcomes), [o.error for o in outcomes]
+
+    _run_bundle(bundle, images=images, out=tmp_path / "bundle-out", extra=("--tta", "True"))
+
+    rows = {row["case"]: row for row in csv.DictReader((tmp_path / "bundle-out" / "cases.csv").open())}
+    sources = {case.case_id: nib.load(str(case.images[0])) for case in cases}
+    for outcome in outcomes:
+        theirs = tmp_path / "bundle-out" / Path(outcome.uncertainty_map).name
+        assert rows[outcome.case]["uncertainty_map"] == str(theirs)
+        source = sources[outcome.case]
+        assert nib.load(str(theirs)).shape == source.shape and nib.load(str(theirs)).header.get_xyzt_units()[0] == "mm"
+        np.testing.assert_allclose(_array(theirs), _array(Path(outcome.uncertainty_map)), atol=1e-4)
+        assert float(rows[outcome.case]["uncertainty"]) == pytest.approx(outcome.uncertainty, abs=1e-4)
+        ours_labels = _array(Path(outcome.output))
+        assert np.mean(_array(theirs.with_name(Path(outcome.output).name)) == ours_labels) > 0.999
+
+
+@pytest.mark.slow
+def test_the_bundle_says_what_goes_in(scan_run: Path, tmp_path: Path) -> None:
+    # The simulation took the channel names from the sites' dataset.json ("modality": FLAIR, T1).
+    assert load_run_config(scan_run / "config.toml").task.channel_names == ["FLAIR", "T1"]
+    bundle = write_bundle(load_trained_model(scan_run), out_dir=tmp_path / "bundle")
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    image = metadata["network_data_format"]["inputs"]["image"]
+    assert image["channel_def"] == {"0": "FLAIR", "1": "T1"} and image["modality"] == "MR"
+    assert image["spatial_shape"] == ["*", "*", "*"] and image["is_patch_data"] is False
+    assert "segmentation (oedema, core) of MR images (FLAIR, T1)" in metadata["intended_use"]
+    use = metadata["intended_use_details"]
+    assert use["input_channels"] == ["FLAIR", "T1"] and use["labels"] == {"1": "oedema", "2": "core"}
+    assert use["trained_spacing_mm"] == [1.2, 1.2, 1.2] and use["trained_orientation"] == "RAS"
+    assert use["patch_size"] == [16, 16, 16]
+    assert "optional_packages_version" not in metadata and "nibabel" in metadata["required_packages_version"]
+    readme = (bundle / "README.md").read_text()
+    assert monai_command() in readme and '"monai[fire]==' in readme and "FLAIR.nii.gz, T1.nii.gz" in readme
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["channel_names"] == ["FLAIR", "T1"]
+
+
+@pytest.mark.slow
+def test_the_bundle_stops_on_a_wrong_layout_or_an_empty_folder_with_the_reason(scan_run: Path, tmp_path: Path) -> None:
+    bundle = write_bundle(load_trained_model(scan_run), out_dir=tmp_path / "bundle")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = _monai_run(bundle, images=empty, out=tmp_path / "out-empty")
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith(f"fedmed bundle: {empty}: no NIfTI files")
+    # One case's folder whose files do not name the model's channels (FLAIR, T1): the finder's reason, first.
+    one_case = tmp_path / "one-case"
+    one_case.mkdir()
+    for name in ("scan_a.nii.gz", "scan_b.nii.gz"):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(one_case / name))
+    done = _monai_run(bundle, images=one_case, out=tmp_path / "out-layout")
+    assert done.returncode != 0 and "Failed to evaluate" not in done.stderr
+    assert "no file for channel 'FLAIR'" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out-layout").exists()
 
 
 def _strings(value: object) -> list[str]:
@@ -328,14 +449,15 @@ def test_the_bundle_names_no_data_or_run_folder(grid_run: Path, tmp_path: Path, 
 
 
 def test_input_cases_read_files_folders_and_manifests(grid_run: Path, tmp_path: Path) -> None:
+    task = load_trained_model(grid_run).config.task
     manifest = _site_manifest(grid_run, "site-a")
-    from_manifest = input_cases([manifest])
-    assert len(from_manifest) == 6 and all(isinstance(case, Case) for case in from_manifest)
-    assert len(input_cases([manifest.parent / "imagesTr"])) == len(
+    from_manifest = input_cases([manifest], task=task)
+    assert len(from_manifest) == 6 and all(len(case.images) == 1 for case in from_manifest)
+    assert len(input_cases([manifest.parent / "imagesTr"], task=task)) == len(
         list((manifest.parent / "imagesTr").glob("*.nii.gz"))
     )
     with pytest.raises(Exception, match="no NIfTI files"):
-        input_cases([tmp_path])
+        input_cases([tmp_path], task=task)
 
 
 @pytest.mark.parametrize("kind", ["classification", "enhancement"])
@@ -346,7 +468,7 @@ def test_classification_and_enhancement_outputs(kind: str, tiny_config, tmp_path
     files = [paths[0] for paths in _validation_files(manifest)]
     out = tmp_path / "out"
     trained = load_trained_model(run_dir)
-    outcomes = list(predict_cases(trained, input_cases(files), out_dir=out, device=CPU))
+    outcomes = list(predict_cases(trained, input_cases(files, task=trained.config.task), out_dir=out, device=CPU))
     assert all(outcome.ok for outcome in outcomes), [outcome.error for outcome in outcomes]
     if kind == "classification":
         rows = list(csv.DictReader((out / "predictions.csv").open()))
@@ -366,6 +488,7 @@ def test_classification_and_enhancement_outputs(kind: str, tiny_config, tmp_path
             for key in their:
                 if key.startswith("p_"):
                     assert float(their[key]) == pytest.approx(float(ours[key]), abs=1e-5)
+            assert their["predicted"] == ours["predicted"]
     else:
         for source in files:
             written = out / f"{source.name.removesuffix('.nii.gz')}_enhanced.nii.gz"

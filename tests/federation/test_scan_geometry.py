@@ -51,12 +51,22 @@ def test_two_modality_federation_reports_classes_and_regions_in_millimetres(
     assert result.config.task.class_names == ["oedema", "core"]
     for site in SITES:
         metrics = result.summary["sites"][site]["federated"]
-        for key in ("dice", "dice_oedema", "dice_core", "dice_whole_lesion", "hd95", "msd"):
+        for key in (
+            "dice",
+            "dice_oedema",
+            "dice_core",
+            "dice_whole_lesion",
+            "hd95",
+            "msd",
+            "hd95_core",
+            "msd_whole_lesion",
+        ):
             assert key in metrics, f"{site}: {key} missing from {sorted(metrics)}"
         assert 0.0 <= metrics["dice"] <= 1.0
         assert math.isfinite(metrics["hd95"]) or math.isnan(metrics["hd95"])
         rows = list(csv.DictReader((result.run_dir.site_dir(site) / "evaluation" / "global-cases.csv").open()))
         assert len(rows) == 2, "one row per validation case"
+        assert len({row["case"] for row in rows}) == 2 and all(row["images"] for row in rows), rows
         mean = float(np.nanmean([float(row["dice"]) for row in rows]))
         assert mean == pytest.approx(metrics["dice"], abs=1e-6)
     assert set(result.summary["sites"]) == set(SITES)

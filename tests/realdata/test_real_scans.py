@@ -23,7 +23,7 @@ from fedmed.data.scan_site import ScanSite, open_scan_site
 from fedmed.models import build_model
 from fedmed.tasks import get_task, train_local
 from fedmed.tasks.volumes import evaluate_segmentation_volumes, predict_labelmap, sliding_window_inferer
-from fedmed.workflows.predict import predict_cases
+from fedmed.workflows.predict import input_cases, predict_cases
 from fedmed.workflows.simulate import simulate
 from fedmed.workflows.trained_model import load_trained_model
 
@@ -136,16 +136,42 @@ def test_hippocampus_federation_scores_per_class_in_original_space(shared_data: 
     record = open_scan_site(site.path, config=result.config, cache_dir=None).val.records[0]
     written = _predict_with_cli_path(result.run_dir.path, record, out_dir=tmp_path / "predicted")
     _assert_written_on_source_grid(written, _first_image(record))
-    (row,) = [row for row in rows if row["case"] == record["case"]]
+    (row,) = [row for row in rows if row["images"].split(";")[0] == str(_first_image(record))]
     dice = _dice(torch.from_numpy(np.asarray(nibabel.load(str(written)).dataobj))[None], record["label"], num_classes=3)
     assert dice == pytest.approx(float(row["dice"]), abs=1e-5)
+
+    # The out-of-distribution score, from the sites' model card, puts a CT far from MRI the federation never saw.
+    held_back = [case.image for case in cases_from_folder_pairs(root / "imagesTr", root / "labelsTr")[12:15]]
+    ct = _crop(shared_data / "msd-spleen-ct-1" / "imagesTr" / "spleen_8.nii.gz", tmp_path / "ct.nii.gz")
+    trained = load_trained_model(result.run_dir.path)
+    inputs = input_cases([*held_back, ct], task=trained.config.task)
+    outcomes = list(predict_cases(trained, inputs, out_dir=tmp_path / "ood", device=CPU))
+    *mri, ct_outcome = [outcome.ood_score for outcome in outcomes]
+    assert None not in mri and ct_outcome is not None and ct_outcome > 2 * max(mri), (mri, ct_outcome)
+    assert outcomes[-1].ood_flagged
+
+
+def _crop(source: Path, target: Path) -> Path:
+    """A hippocampus-sized block (about 40 x 56 x 40 mm) from the middle of a volume, with its affine."""
+    image = nibabel.load(str(source))
+    spacing = np.abs(np.diag(image.affine)[:3])
+    size = [min(max(8, round(float(mm / s))), n) for mm, s, n in zip((40, 56, 40), spacing, image.shape, strict=True)]
+    start = [(n - s) // 2 for n, s in zip(image.shape, size, strict=True)]
+    block = np.asarray(image.dataobj)[tuple(slice(a, a + s) for a, s in zip(start, size, strict=True))]
+    affine = image.affine.copy()
+    affine[:3, 3] = image.affine[:3, :3] @ np.asarray(start) + image.affine[:3, 3]
+    nibabel.save(nibabel.Nifti1Image(block.astype(np.float32), affine), str(target))
+    return target
 
 
 def _predict_with_cli_path(model: Path, record: dict[str, Any], *, out_dir: Path) -> Path:
     """What `fedmed predict MODEL IMAGE --out DIR` does, for one validation case of a run."""
     images = record["image"] if isinstance(record["image"], list) else [record["image"]]
-    case = Case(image=Path(images[0]), other_modalities=tuple(Path(path) for path in images[1:]))
-    (outcome,) = list(predict_cases(load_trained_model(model), [case], out_dir=out_dir, device=CPU))
+    assert len(images) == 1, "one-modality cases only: a folder or dataset.json gives the others"
+    trained = load_trained_model(model)
+    (outcome,) = list(
+        predict_cases(trained, input_cases([Path(images[0])], task=trained.config.task), out_dir=out_dir, device=CPU)
+    )
     assert outcome.ok, outcome.error
     return Path(outcome.output)
 

@@ -439,7 +439,8 @@ def test_browser_renders_the_report_of_a_real_run(chromium: Path, tmp_path: Path
     run = simulate(config).run_dir
     page = run.report_html.read_text(encoding="utf-8")
     total = len(_image_sources(page))
-    assert total == 5 and all(section in page for section in SECTION_ORDER)
+    # five PNGs and the model card's reliability diagram (SVG)
+    assert total == 6 and all(section in page for section in SECTION_ORDER)
     dom, console = _dump_dom(chromium, run.report_html, tmp_path / "dom")
     assert console == [], f"console messages: {console}"
     assert f'data-figures="{total}/{total}"' in dom
@@ -448,3 +449,17 @@ def test_browser_renders_the_report_of_a_real_run(chromium: Path, tmp_path: Path
         chromium, run.report_html, extra=[f"--screenshot={shot}", "--window-size=1200,2400"], scratch=shot.parent
     )
     assert _blank_screenshot(shot) is None, f"screenshot looks blank: {_blank_screenshot(shot)}"
+
+
+def test_per_class_surface_distances_turn_the_metrics_table_to_one_row_per_metric() -> None:
+    from fedmed.runs.report import _metrics_table
+
+    names = ["oedema", "core", "whole_lesion"]
+    metrics = {"dice": 0.7, "hd95": 4.0, "msd": 1.0, "loss": 0.3}
+    metrics |= {f"{kind}_{name}": 1.5 for kind in ("dice", "hd95", "msd") for name in names}
+    summary = {"sites": {site: {"federated": dict(metrics)} for site in SITES}}
+    table = _metrics_table(summary)
+    assert "<tr><th>metric</th><th>site-a</th><th>site-b</th><th>site-c</th></tr>" in table
+    assert table.count("<tr><td>hd95_") == 3 and "<tr><td>msd_core</td>" in table and "<tr><td>loss" not in table
+    narrow = _metrics_table({"sites": {"site-a": {"federated": {"dice": 0.7, "hd95": 4.0, "msd": 1.0}}}})
+    assert "<tr><th>site</th><th>dice</th><th>hd95</th><th>msd</th></tr>" in narrow

@@ -86,3 +86,102 @@ def test_per_site_details_only_at_debug(console: FakeTerminal) -> None:
     _log_to(console, logging.DEBUG)
     _two_rounds()
     assert "round 1  site a  train_loss 0.500, dice 0.250" in console.getvalue()
+
+
+class Clock:
+    """The progress module's clock, moved by hand: each phase of a round takes the seconds a test gives it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1000.0
+        monkeypatch.setattr("fedmed.runs.progress.time.perf_counter", lambda: self.now)
+
+    def round(self, progress: RoundProgress, number: int, *, train_s: float, validate_s: float = 0.0) -> None:
+        progress.start_round(number)
+        self.now += train_s
+        evaluation = {}
+        if validate_s:
+            progress.phase(number, "evaluating")
+            self.now += validate_s
+            evaluation = {"a": {"dice": 0.5}}
+        progress.report(number, train={"a": {"train_loss": 0.5}}, evaluation=evaluation)
+
+
+def _round_lines(terminal: FakeTerminal) -> list[str]:
+    return [line for line in terminal.getvalue().splitlines() if " INFO round " in line]
+
+
+def test_a_round_that_fills_the_disk_cache_is_announced_and_not_extrapolated(
+    console: FakeTerminal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _log_to(console, logging.INFO)
+    clock = Clock(monkeypatch)
+    with RoundProgress(total_rounds=10, metric="dice", eval_every=5, cache="disk") as progress:
+        clock.round(progress, 1, train_s=300.0)  # preprocessing every case on the way
+        clock.round(progress, 2, train_s=10.0)
+        clock.round(progress, 3, train_s=10.0)
+    output = console.getvalue()
+    assert "fill their disk caches of preprocessed cases in round 1 (unless an earlier run" in output
+    assert "slower than later rounds; the ETA waits for the next one" in output
+    lines = _round_lines(console)
+    assert lines[0].endswith("300.0 s/round  ETA estimating"), lines
+    # 8 rounds of 10 s left; two of them (5 and 10) evaluate and no validation was timed yet.
+    assert lines[1].endswith("10.0 s/round  ETA 80 s + validation"), lines
+
+
+def test_the_eta_costs_validation_only_in_the_rounds_that_validate(
+    console: FakeTerminal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _log_to(console, logging.INFO)
+    clock = Clock(monkeypatch)
+    with RoundProgress(total_rounds=6, metric="dice", eval_every=2) as progress:
+        clock.round(progress, 1, train_s=10.0)
+        clock.round(progress, 2, train_s=10.0, validate_s=30.0)
+    assert "fill their" not in console.getvalue()  # a fixed-grid run has no cache to fill
+    lines = _round_lines(console)
+    assert lines[0].endswith("ETA 50 s + validation"), lines
+    assert lines[1].endswith("25.0 s/round  ETA 100 s"), lines  # 4 x 10 s + 2 x 30 s (rounds 4 and 6)
+
+
+def test_validation_longer_than_training_names_the_eval_every_that_fixes_it(
+    console: FakeTerminal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _log_to(console, logging.INFO)
+    clock = Clock(monkeypatch)
+    with RoundProgress(total_rounds=40, metric="dice", eval_every=2) as progress:
+        clock.round(progress, 1, train_s=6.0)
+        clock.round(progress, 2, train_s=6.0, validate_s=5.0)  # shorter than training: nothing to say
+        assert "WARNING" not in console.getvalue()
+        clock.round(progress, 3, train_s=6.0)
+        clock.round(progress, 4, train_s=6.0, validate_s=48.0)
+        clock.round(progress, 6, train_s=6.0, validate_s=48.0)
+    (warning,) = [line for line in console.getvalue().splitlines() if "WARNING" in line]  # once a run
+    assert "round 4: validation took 48 s and training 6 s" in warning
+    assert "set train.eval_every = 16 to keep validation under a third of the run" in warning  # 2 x 48 / 6
+
+
+def test_an_interval_long_enough_already_gets_no_advice(console: FakeTerminal, monkeypatch: pytest.MonkeyPatch) -> None:
+    _log_to(console, logging.INFO)
+    clock = Clock(monkeypatch)
+    with RoundProgress(total_rounds=10, metric="dice", eval_every=10) as progress:
+        clock.round(progress, 10, train_s=6.0, validate_s=20.0)  # needs every 7: every 10 is enough
+    assert "WARNING" not in console.getvalue()
+    with RoundProgress(total_rounds=10, metric="dice", eval_every=1) as progress:
+        clock.round(progress, 1, train_s=6.0, validate_s=600.0)
+    assert "set train.eval_every = 10 (the last round only)" in console.getvalue()
+
+
+def test_a_deployed_runs_rows_give_the_same_estimate() -> None:
+    """`fedmed run --wait` prints its lines from rounds.jsonl: the same rule, from the rows' phase times."""
+    from fedmed.runs.progress import RoundTiming, estimate_pace
+
+    rows = [
+        {"round": 1, "train_phase_s": 300.0, "evaluate_phase_s": 0.0, "sites_evaluated": []},
+        {"round": 2, "train_phase_s": 10.0, "evaluate_phase_s": 60.0, "sites_evaluated": ["a"]},
+        {"round": 3, "train_phase_s": 10.0, "evaluate_phase_s": 0.0, "sites_evaluated": []},
+    ]
+    timings = [RoundTiming.from_row(row) for row in rows]
+    pace = {"total_rounds": 10, "eval_every": 2, "first_filled_cache": True}
+    assert estimate_pace(timings[:1], server_round=1, **pace) == (300.0, None)
+    per_round, eta = estimate_pace(timings, server_round=3, **pace)
+    assert per_round == 40.0 and eta == 7 * 10.0 + 4 * 60.0  # rounds 4-10; 4, 6, 8 and 10 evaluate
+    assert estimate_pace(timings, server_round=3, **{**pace, "first_filled_cache": False})[0] == pytest.approx(380 / 3)

@@ -13,6 +13,11 @@ from fedmed.core.log import logger
 from fedmed.flower.records import Layout, encode_summary
 from fedmed.flower.wire import (
     ARRAYS,
+    CARD_FOLD_TEMPERATURES,
+    CARD_OOD_GROUPS,
+    CARD_OOD_MEAN,
+    CARD_OOD_VAR,
+    CARD_STATISTICS,
     CONFIG,
     CROSS_EVALUATE,
     DP_PLAN,
@@ -21,6 +26,8 @@ from fedmed.flower.wire import (
     INTENSITY_FIT,
     LOCAL_BASELINE,
     METRICS,
+    MODEL_CARD_CALIBRATE,
+    MODEL_CARD_REFERENCE,
     MODELS,
     PERSONAL,
     PERSONALIZE,
@@ -36,6 +43,7 @@ from fedmed.flower.wire import (
 )
 from fedmed.runs.cross_site import personal_model_name
 from fedmed.site.local_baseline import local_baseline
+from fedmed.site.model_card import calibration_statistics, reference_statistics
 from fedmed.site.privacy import plan_numbers
 from fedmed.site.session import SiteSession
 
@@ -131,6 +139,39 @@ def cross_evaluate(msg: Message, context: Context) -> Message:
         }
         results = session.evaluate_models(received(msg, session_layout(session)), personal)
         return {model_metrics_record(name): MetricRecord(metrics) for name, metrics in results.items()}
+
+    return _answer(msg, context, answer)
+
+
+@app.query(MODEL_CARD_REFERENCE.action)
+def model_card_reference(msg: Message, context: Context) -> Message:
+    """The final global model on this site's data: NLL sums per temperature and training feature sums, numbers only."""
+
+    def answer(session: SiteSession) -> dict:
+        statistics = reference_statistics(session, received(msg, session_layout(session)))
+        return {CARD_STATISTICS: MetricRecord(statistics)}
+
+    return _answer(msg, context, answer)
+
+
+@app.query(MODEL_CARD_CALIBRATE.action)
+def model_card_calibrate(msg: Message, context: Context) -> Message:
+    """Reliability bins before and after temperature scaling (cross-fitted), and the histogram of OOD scores."""
+
+    def answer(session: SiteSession) -> dict:
+        config = msg.content[CONFIG]
+        folds = config.get(CARD_FOLD_TEMPERATURES)
+        temperatures = [float(value) for value in folds] if folds is not None else None
+        mean = [float(value) for value in config[CARD_OOD_MEAN]] if CARD_OOD_MEAN in config else None
+        var = [float(value) for value in config[CARD_OOD_VAR]] if CARD_OOD_VAR in config else None
+        groups = [int(value) for value in config.get(CARD_OOD_GROUPS) or []]
+        statistics = calibration_statistics(
+            session,
+            received(msg, session_layout(session)),
+            fold_temperatures=temperatures,
+            reference=None if mean is None or var is None else (mean, var, groups),
+        )
+        return {CARD_STATISTICS: MetricRecord(statistics)}
 
     return _answer(msg, context, answer)
 

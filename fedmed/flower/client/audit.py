@@ -26,6 +26,8 @@ from fedmed.flower.wire import (
     DP_PLAN,
     INTENSITY_APPLY,
     INTENSITY_FIT,
+    MODEL_CARD_CALIBRATE,
+    MODEL_CARD_REFERENCE,
     PERSONAL,
     PERSONALIZE,
     RUN_DIR_KEY,
@@ -52,6 +54,8 @@ _KINDS = {
     str(PERSONALIZE): "metrics",  # "personalized-model" when the site lends its model
     str(CROSS_EVALUATE): "metrics",
     str(DP_PLAN): "metrics",  # the site's DP-SGD plan: σ, sampling rate, steps, ε target
+    str(MODEL_CARD_REFERENCE): "model-card-statistics",  # NLL sums per temperature, feature sums: no case, no model
+    str(MODEL_CARD_CALIBRATE): "model-card-statistics",  # reliability bins, OOD score histogram
     str(SECAGG_SETUP): "secagg-public-keys",
     str(SECAGG_SHARE_KEYS): "secagg-key-shares",
     str(SECAGG_MASK): "secagg-masked-update",

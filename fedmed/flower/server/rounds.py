@@ -34,6 +34,7 @@ from .cross_site import cross_site_evaluation
 from .dp_plan import DpPlans, ask_dp_plans, stop_if_mostly_noise
 from .exchange import NodesAsOfNow, send_and_receive
 from .intensity import fit_intensities
+from .model_card import build_model_card
 from .replies import Outcome, by_site, outcome_of, record_metrics, usable_replies, with_deadline
 from .secure_round import SecureRoundError, secure_train_round
 from .start import GlobalStart, check_resumed_start, global_start, record_start
@@ -59,8 +60,13 @@ def run_federation(
         grid=grid, config=config, task=task, run_dir=run_dir, site_names=dict(site_names or {}), held=start.held
     )
     start_fields = record_start(run_dir, start)
+    scan_geometry = config.task.scan_geometry
     progress = RoundProgress(
-        total_rounds=config.train.rounds, first_round=begun.first_round, metric=task.primary_metric
+        total_rounds=config.train.rounds,
+        first_round=begun.first_round,
+        metric=task.primary_metric,
+        eval_every=config.train.evaluation_interval(scan_geometry=scan_geometry),
+        cache=config.data.cache if scan_geometry else None,
     )
     # The live bar (a terminal only) and the tracker's files are closed however the loop ends.
     with progress, RunTracker.open(run_dir, config=config, first_round=begun.first_round) as tracker:
@@ -83,6 +89,7 @@ def run_federation(
             "task": config.task.kind,
         },
     )
+    build_model_card(run, arrays)
 
 
 @dataclass
@@ -165,7 +172,7 @@ def _run_round(
     trained_at = time.perf_counter()
     evaluation: dict[str, dict[str, float]] = {}
     last = server_round == config.train.rounds
-    if server_round % config.train.eval_every == 0 or last:
+    if config.train.evaluates(server_round, scan_geometry=config.task.scan_geometry):
         progress.phase(server_round, "evaluating")
         evaluation = _evaluate_round(run, strategy, arrays, server_round=server_round)
     every = config.evaluation.cross_site_every
