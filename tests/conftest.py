@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from browser import CHROMIUM, CONSOLE_LINE, run_chromium
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,11 +76,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # A real headless browser (Debian Chromium), for pages a person opens offline ------------------------------
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_TIMEOUT_S = 60
-# Chromium writes console messages to stderr as `[pid:tid:time:INFO:CONSOLE:<line>] "text", source: ...`
-# (older builds: `CONSOLE(<line>)`), whatever the console level.
-CONSOLE_LINE = re.compile(r"^\[[^\]]*:CONSOLE[(:]\d+\)?\] (?P<message>.*)$", re.MULTILINE)
 BrowserDom = Callable[[Path, Path], tuple[str, list[str]]]
 
 
@@ -103,46 +95,7 @@ def browser_dom(chromium: Path) -> BrowserDom:
     """`dom, console = browser_dom(page, scratch)`: the page's DOM after its scripts ran, and its console lines."""
 
     def dump(page: Path, scratch: Path) -> tuple[str, list[str]]:
-        stdout, stderr = _run_chromium(chromium, page, extra=["--dump-dom"], scratch=scratch)
+        stdout, stderr = run_chromium(chromium, page, extra=["--dump-dom"], scratch=scratch)
         return stdout, CONSOLE_LINE.findall(stderr)
 
     return dump
-
-
-def _run_chromium(chromium: Path, page: Path, *, extra: list[str], scratch: Path) -> tuple[str, str]:
-    """Run headless Chromium on a file:// page; return stdout and stderr. Nothing it started outlives the call."""
-    profile = scratch / "profile"
-    # Without the background-networking flags Chromium dials out at start-up; HOME under scratch keeps it off
-    # the user's own profile.
-    command = [
-        str(chromium),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        "--enable-logging=stderr",
-        "--v=0",
-        "--virtual-time-budget=5000",
-        *extra,
-        page.resolve().as_uri(),
-    ]
-    env = {**os.environ, "HOME": str(scratch), "XDG_CONFIG_HOME": str(scratch / "config")}
-    env["XDG_CACHE_HOME"] = str(scratch / "cache")
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=CHROMIUM_TIMEOUT_S)
-    finally:
-        # The Debian launcher is a shell script; the browser, its zygote and crashpad are its children in the
-        # session started here, so the whole group goes, also after a timeout.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=CHROMIUM_TIMEOUT_S)
-    assert process.returncode == 0, f"chromium exited with {process.returncode}:\n{stderr[-3000:]}"
-    return stdout, stderr

@@ -259,7 +259,7 @@ def predict(
     Raises:
         FedmedError: The model or the inputs cannot be found or read, or `out` cannot be written.
     """
-    trained = load_trained_model(Path(model), site=site)
+    trained = load_trained_model(Path(model), site=site, ensemble=uncertainty == "ensemble")
     inputs = [images] if isinstance(images, str | os.PathLike) else list(images)
     cases = input_cases([Path(path) for path in inputs], task=trained.config.task)
     options = PredictOptions(uncertainty=uncertainty, explain=explain, report=report)

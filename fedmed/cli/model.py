@@ -61,7 +61,7 @@ def predict(
 
     setup_logging(verbose)
     with user_errors():
-        trained = load_trained_model(model, site=site)
+        trained = load_trained_model(model, site=site, ensemble=uncertainty == "ensemble")
         cases = input_cases(images, task=trained.config.task)
         options = PredictOptions(uncertainty=uncertainty, passes=passes, explain=explain, report=report)
         logger.info("applying the %s to %d case(s)", trained.description, len(cases))

@@ -105,7 +105,8 @@ def predict_cases(
 
 def _predictor(trained: TrainedModel, *, card: ModelCard | None, device: Any, options: PredictOptions) -> Predictor:
     task = trained.config.task
-    members = ensemble_members(trained) if options.uncertainty == "ensemble" else [trained]
+    ensemble = options.uncertainty == "ensemble"
+    members = ensemble_members(trained.run_dir, source=trained.description) if ensemble else [trained]
     if len(members) > 1:
         logger.info("ensemble of %d models: %s", len(members), "; ".join(m.description for m in members))
     temperature = card.temperature if card is not None and task.kind == "classification" else None

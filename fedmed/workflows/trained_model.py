@@ -57,8 +57,12 @@ class TrainedModel:
         return model.to(device).eval()
 
 
-def load_trained_model(path: Path, *, site: str | None = None) -> TrainedModel:
+def load_trained_model(path: Path, *, site: str | None = None, ensemble: bool = False) -> TrainedModel:
+    """The model at `path`; with `ensemble`, a run directory whose global model FedBN left untrained gives its first
+    shared personalized model instead (the ensemble's members come from `ensemble_members`)."""
     path = Path(path)
+    if ensemble and site is None and (path / "checkpoints").is_dir() and (path / "config.toml").is_file():
+        return ensemble_members(RunDirectory(path))[0]
     if not path.exists():
         raise ModelSourceError(f"{path}: not found; give a run directory, a checkpoint (.pt) or an exported bundle")
     if path.is_file():
@@ -75,15 +79,14 @@ def load_trained_model(path: Path, *, site: str | None = None) -> TrainedModel:
     )
 
 
-def ensemble_members(trained: TrainedModel) -> list[TrainedModel]:
+def ensemble_members(run_dir: RunDirectory | None, *, source: str = "the model") -> list[TrainedModel]:
     """The models an ensemble prediction combines: the run's global model (unless FedBN left it without
     normalization layers) and every site's personalized model that its site let travel, i.e. that the other
     sites scored in the run's final cross-site evaluation. A model a site kept home is never used."""
-    run_dir = trained.run_dir
     if run_dir is None:
         raise ModelSourceError(
-            f"{trained.description}: an ensemble combines the personalized models the sites of a run shared, and "
-            "this holds one model; give the run directory, or use --uncertainty tta"
+            f"{source}: an ensemble combines the personalized models the sites of a run shared, and this holds one "
+            "model; give the run directory, or use --uncertainty tta"
         )
     members: list[TrainedModel] = []
     final = run_dir.checkpoints / "final.pt"

@@ -21,7 +21,7 @@ from fedmed.core.errors import FedmedError
 from fedmed.workflows.export import write_bundle
 from fedmed.workflows.predict import PredictOptions, input_cases, predict_cases
 from fedmed.workflows.simulate import simulate
-from fedmed.workflows.trained_model import load_trained_model
+from fedmed.workflows.trained_model import ensemble_members, load_trained_model
 
 CPU = torch.device("cpu")
 
@@ -62,7 +62,7 @@ def subjects(scan_run: Path, tmp_path: Path) -> Path:
 
 
 def _predict(run: Path, inputs: list[Path], out: Path, **options: object) -> list:
-    trained = load_trained_model(run)
+    trained = load_trained_model(run, ensemble=options.get("uncertainty") == "ensemble")
     cases = input_cases(inputs, task=trained.config.task)
     return list(predict_cases(trained, cases, out_dir=out, device=CPU, options=PredictOptions(**options)))
 
@@ -179,3 +179,15 @@ def test_a_bundle_carries_the_model_card_so_its_cases_score_alike(
     from_run = _predict(scan_run, [subjects], tmp_path / "run-out")
     from_bundle = _predict(bundle, [subjects], tmp_path / "bundle-out")
     assert [o.ood_score for o in from_bundle] == pytest.approx([o.ood_score for o in from_run], rel=1e-6)
+
+
+def test_an_ensemble_combines_the_personalized_models_that_travelled(tiny_config, tmp_path: Path) -> None:
+    config = tiny_config(train={"rounds": 1}, strategy={"fedbn": True}, evaluation={"cross_site": True})
+    run = simulate(config).run_dir.path
+    (manifest,) = (run.parent / "data").glob("*/site-c/dataset.json")
+    images = sorted((manifest.parent / "imagesTr").glob("*.nii.gz"))[:2]
+    outcomes = _predict(run, images, tmp_path / "out", uncertainty="ensemble")
+    assert all(outcome.ok and Path(outcome.uncertainty_map).is_file() for outcome in outcomes)
+    # Under FedBN the global model was never trained whole: the ensemble is the three sites' models.
+    members = ensemble_members(load_trained_model(run, ensemble=True).run_dir)
+    assert sorted(member.site for member in members) == ["site-a", "site-b", "site-c"]

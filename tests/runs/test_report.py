@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from browser import CONSOLE_LINE, run_chromium
 from matplotlib import image as mpimg
 
 from fedmed.runs import plots
@@ -23,11 +20,6 @@ from fedmed.runs.summary import COLUMNS
 SITES = ("site-a", "site-b", "site-c")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTION_ORDER = ("Cross-site evaluation", "Learning curves", "Privacy", "Intensity normalization")
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_TIMEOUT_S = 60
-# Chromium 156 (Debian) writes console messages to stderr as `[pid:tid:time:INFO:CONSOLE:<line>] "text", source: ...`
-# (older builds: `CONSOLE(<line>)`), at INFO whatever the console level; see the negative tests below.
-CONSOLE_LINE = re.compile(r"^\[[^\]]*:CONSOLE[(:]\d+\)?\] (?P<message>.*)$", re.MULTILINE)
 # The grey matplotlib draws for a masked (missing) heatmap cell: plots.MISSING_CELL_COLOUR = "0.85".
 MISSING_GREY = round(0.85 * 255)
 
@@ -275,77 +267,9 @@ def test_many_sites_stay_legible(tmp_path: Path) -> None:
 
 
 # In a real browser -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    if not CHROMIUM.exists():
-        reason = f"Debian Chromium not found at {CHROMIUM}; install it with `apt-get install chromium`"
-        if os.environ.get("FEDMED_REQUIRE_CHROMIUM") == "1":
-            pytest.fail(f"{reason} (FEDMED_REQUIRE_CHROMIUM=1 makes this a failure, not a skip)")
-        pytest.skip(f"{reason}, or set FEDMED_REQUIRE_CHROMIUM=1 to fail instead of skipping")
-    return CHROMIUM
-
-
-def _run_chromium(chromium: Path, page: Path, *, extra: list[str], scratch: Path) -> str:
-    """Run headless Chromium on a file:// page; return stderr. Nothing it started outlives the call."""
-    profile = scratch / "profile"
-    # Without the background-networking flags Chromium dials out at start-up, and those connections are refused
-    # here; the profile and HOME under scratch keep it off the user's own profile.
-    command = [
-        str(chromium),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        "--enable-logging=stderr",
-        "--v=0",
-        "--virtual-time-budget=5000",
-        *extra,
-        page.resolve().as_uri(),
-    ]
-    env = {
-        **os.environ,
-        "HOME": str(scratch),
-        "XDG_CONFIG_HOME": str(scratch / "config"),
-        "XDG_CACHE_HOME": str(scratch / "cache"),
-    }
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=CHROMIUM_TIMEOUT_S)
-    finally:
-        # The Debian launcher is a shell script; the browser, its zygote and crashpad are its children in the
-        # session we started, so the whole group goes, also after a timeout.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=CHROMIUM_TIMEOUT_S)
-    assert process.returncode == 0, f"chromium exited with {process.returncode}:\n{stderr[-3000:]}"
-    leftovers = _processes_using(profile)
-    assert not leftovers, f"chromium processes still running after the call: {leftovers}"
-    (scratch / "stdout.txt").write_text(stdout, encoding="utf-8")
-    return stderr
-
-
-def _processes_using(profile: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if str(profile).encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:  # the process ended while we looked
-                continue
-    return found
-
-
 def _dump_dom(chromium: Path, page: Path, scratch: Path) -> tuple[str, list[str]]:
-    stderr = _run_chromium(chromium, page, extra=["--dump-dom"], scratch=scratch)
-    return (scratch / "stdout.txt").read_text(encoding="utf-8"), CONSOLE_LINE.findall(stderr)
+    stdout, stderr = run_chromium(chromium, page, extra=["--dump-dom"], scratch=scratch)
+    return stdout, CONSOLE_LINE.findall(stderr)
 
 
 def test_browser_loads_every_figure_without_console_errors(
@@ -371,7 +295,7 @@ def _blank_screenshot(shot: Path) -> str | None:
 
 def test_browser_screenshot_is_not_blank(report: RunDirectory, chromium: Path, tmp_path: Path) -> None:
     shot = tmp_path / "report.png"
-    _run_chromium(
+    run_chromium(
         chromium, report.report_html, extra=[f"--screenshot={shot}", "--window-size=1200,2400"], scratch=tmp_path
     )
     assert mpimg.imread(shot).shape[:2] == (2400, 1200)
@@ -407,7 +331,7 @@ def test_screenshot_check_rejects_a_blank_page(chromium: Path, tmp_path: Path) -
     page = tmp_path / "blank.html"
     page.write_text("<!DOCTYPE html><html><body><p>only a line of text</p></body></html>", encoding="utf-8")
     shot = tmp_path / "blank.png"
-    _run_chromium(chromium, page, extra=[f"--screenshot={shot}", "--window-size=1200,2400"], scratch=tmp_path)
+    run_chromium(chromium, page, extra=[f"--screenshot={shot}", "--window-size=1200,2400"], scratch=tmp_path)
     assert _blank_screenshot(shot) is not None
 
 
@@ -445,7 +369,7 @@ def test_browser_renders_the_report_of_a_real_run(chromium: Path, tmp_path: Path
     assert console == [], f"console messages: {console}"
     assert f'data-figures="{total}/{total}"' in dom
     shot = tmp_path / "shot" / "report.png"
-    _run_chromium(
+    run_chromium(
         chromium, run.report_html, extra=[f"--screenshot={shot}", "--window-size=1200,2400"], scratch=shot.parent
     )
     assert _blank_screenshot(shot) is None, f"screenshot looks blank: {_blank_screenshot(shot)}"
