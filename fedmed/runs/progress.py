@@ -24,6 +24,9 @@ SITES_NAMED = 4
 # Metrics a site reports that are bookkeeping, not a score: left out of the -v lines.
 BOOKKEEPING = ("num-examples", "train_steps")
 
+# Validation this short is not worth a line, however it compares with a round of a tiny run's training.
+ADVICE_MIN_S = 10.0
+
 SiteMetrics = dict[str, dict[str, Any]]
 
 
@@ -128,7 +131,12 @@ class RoundProgress:
     def _advise(self, server_round: int, timing: RoundTiming) -> None:
         """Once a run: validation took longer than the round's training and, at this interval, more than about a
         third of the run; the line names the train.eval_every that brings it under."""
-        if self._advised or timing.validate_s <= timing.train_s or timing.train_s <= 0:
+        if (
+            self._advised
+            or timing.validate_s < ADVICE_MIN_S
+            or timing.validate_s <= timing.train_s
+            or timing.train_s <= 0
+        ):
             return
         needed = math.ceil(2 * timing.validate_s / timing.train_s)  # e / (N t + e) <= 1/3
         fix = min(needed, self.total_rounds)

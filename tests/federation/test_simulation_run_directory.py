@@ -53,6 +53,7 @@ def test_run_directory_is_complete_and_consistent(tiny_config) -> None:
         "final_by_site",
         "cross_site",
         "intensity_histograms",
+        "reliability",  # the model card's, pooled over the sites
     }
     assert all((run.path / image).stat().st_size > 1000 for image in images)
     assert "hospital" not in page and "site-b" in page

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-from test_report import _dump_dom, chromium  # noqa: F401 - the fixture, shared with the run report's browser test
 
 from fedmed.runs import RunDirectory
 from fedmed.runs.model_card import (
@@ -82,7 +81,7 @@ def test_a_run_without_a_card_says_so(tmp_path: Path) -> None:
     assert not (run_dir.path / "plots" / "reliability.svg").exists()
 
 
-def test_the_browser_loads_the_reliability_diagram(report: RunDirectory, chromium: Path, tmp_path: Path) -> None:  # noqa: F811
-    dom, console = _dump_dom(chromium, report.report_html, tmp_path)
+def test_the_browser_loads_the_reliability_diagram(report: RunDirectory, browser_dom, tmp_path: Path) -> None:
+    dom, console = browser_dom(report.report_html, tmp_path)
     assert console == [], f"console messages: {console}"
     assert 'data-figures="1/1"' in dom, re.search(r"<body[^>]*>", dom).group(0)
