@@ -25,21 +25,27 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; display: block;
 .figure-missing { border: 1px dashed #b00; color: #b00; background: #fff4f4; padding: 0.6rem; }
 """
 
+
 # Runs after every image has loaded or failed: a report copied without its plots/ folder says so on the page,
 # and data-figures="loaded/total" lets a headless browser check the page without a screenshot diff.
-SCRIPT = """
+def figure_check_script(*, named_by: str) -> str:
+    """The page's check of its images; a missing one is replaced by a note naming it by its `named_by` attribute."""
+    return """
 window.addEventListener("load", function () {
   var images = Array.prototype.slice.call(document.images), loaded = 0;
   images.forEach(function (image) {
     if (image.complete && image.naturalWidth > 0) { loaded += 1; return; }
     var note = document.createElement("p");
     note.className = "figure-missing";
-    note.textContent = "figure missing: " + image.getAttribute("src");
+    note.textContent = "figure missing: " + image.getAttribute("NAMED_BY");
     image.replaceWith(note);
   });
   document.body.dataset.figures = loaded + "/" + images.length;
 });
-"""
+""".replace("NAMED_BY", named_by)
+
+
+SCRIPT = figure_check_script(named_by="src")
 
 
 def write_report(run_dir: RunDirectory) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 from fedmed.core.files import write_text_atomic
 from fedmed.core.log import logger
 from fedmed.runs import slices
+from fedmed.runs.report import figure_check_script
 from fedmed.runs.slices import DisplayImage
 
 REPORT_FILE = "report.html"
@@ -50,21 +51,7 @@ pre.error { white-space: pre-wrap; background: #fff4f4; border: 1px solid #e99; 
 .figure-missing { border: 1px dashed #b00; color: #b00; background: #fff4f4; padding: 0.6rem; }
 """
 
-# As in the run report: once every image has loaded or failed, data-figures="loaded/total" on <body> lets a
-# headless browser check the page, and an image that cannot be shown says so in its place.
-SCRIPT = """
-window.addEventListener("load", function () {
-  var images = Array.prototype.slice.call(document.images), loaded = 0;
-  images.forEach(function (image) {
-    if (image.complete && image.naturalWidth > 0) { loaded += 1; return; }
-    var note = document.createElement("p");
-    note.className = "figure-missing";
-    note.textContent = "figure missing: " + image.getAttribute("alt");
-    image.replaceWith(note);
-  });
-  document.body.dataset.figures = loaded + "/" + images.length;
-});
-"""
+SCRIPT = figure_check_script(named_by="alt")  # images are embedded: their alt text names them
 
 
 @dataclass
