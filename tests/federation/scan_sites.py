@@ -8,6 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from fedmed.config import run_config_from_dict
+from fedmed.workflows.simulate import simulate
+
 # Each site stores its volumes differently: spacing, orientation and size all differ.
 SITES = {
     "site-a": (np.diag([1.0, 1.0, 1.0, 1.0]), (28, 28, 24)),
@@ -46,3 +49,24 @@ def write_scan_site(root: Path, name: str, *, cases: int, seed: int) -> Path:
     }
     (site / "dataset.json").write_text(json.dumps(manifest))
     return site
+
+
+def simulate_scan_run(root: Path, *, name: str) -> Path:
+    """A finished one-round federation of site-a and site-b (two modalities, FLAIR and T1, at native spacing)."""
+    sites = [
+        {"name": site, "path": str(write_scan_site(root, site, cases=4, seed=i))}
+        for i, site in enumerate(("site-a", "site-b"))
+    ]
+    config = run_config_from_dict(
+        {
+            "name": name,
+            "output_dir": str(root / "runs"),
+            "task": {"kind": "segmentation", "spatial_dims": 3, "num_classes": 3, "spacing": [1.2, 1.2, 1.2]},
+            "model": {"channels": [8, 16, 32]},
+            "train": {"rounds": 1, "batch_size": 2, "learning_rate": 0.01, "patch_size": [16, 16, 16]},
+            "sites": sites,
+            "evaluation": {"cross_site": False},
+        },
+        base=root,
+    )
+    return simulate(config).run_dir.path

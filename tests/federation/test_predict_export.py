@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scan_sites import write_scan_site
+from scan_sites import simulate_scan_run
 from typer.testing import CliRunner
 
 from fedmed.cli.main import app
@@ -34,24 +34,7 @@ BUNDLE_PYTHON = os.environ.get("FEDMED_BUNDLE_PYTHON")
 @pytest.fixture(scope="module")
 def scan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished one-round federation of two-modality volumes at native spacing (scan geometry)."""
-    root = tmp_path_factory.mktemp("scan-run")
-    sites = [
-        {"name": name, "path": str(write_scan_site(root, name, cases=4, seed=i))}
-        for i, name in enumerate(("site-a", "site-b"))
-    ]
-    config = run_config_from_dict(
-        {
-            "name": "scan",
-            "output_dir": str(root / "runs"),
-            "task": {"kind": "segmentation", "spatial_dims": 3, "num_classes": 3, "spacing": [1.2, 1.2, 1.2]},
-            "model": {"channels": [8, 16, 32]},
-            "train": {"rounds": 1, "batch_size": 2, "learning_rate": 0.01, "patch_size": [16, 16, 16]},
-            "sites": sites,
-            "evaluation": {"cross_site": False},
-        },
-        base=root,
-    )
-    return simulate(config).run_dir.path
+    return simulate_scan_run(tmp_path_factory.mktemp("scan-run"), name="scan")
 
 
 @pytest.fixture(scope="module")

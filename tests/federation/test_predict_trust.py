@@ -12,11 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scan_sites import write_scan_site
+from scan_sites import simulate_scan_run
 from typer.testing import CliRunner
 
 from fedmed.cli.main import app
-from fedmed.config import run_config_from_dict
 from fedmed.core.errors import FedmedError
 from fedmed.workflows.export import write_bundle
 from fedmed.workflows.predict import PredictOptions, input_cases, predict_cases
@@ -29,24 +28,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def scan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One round of two-modality (FLAIR, T1) volumes at native spacing; the sites' dataset.json name the modalities."""
-    root = tmp_path_factory.mktemp("trust-run")
-    sites = [
-        {"name": name, "path": str(write_scan_site(root, name, cases=4, seed=i))}
-        for i, name in enumerate(("site-a", "site-b"))
-    ]
-    config = run_config_from_dict(
-        {
-            "name": "trust",
-            "output_dir": str(root / "runs"),
-            "task": {"kind": "segmentation", "spatial_dims": 3, "num_classes": 3, "spacing": [1.2, 1.2, 1.2]},
-            "model": {"channels": [8, 16, 32]},
-            "train": {"rounds": 1, "batch_size": 2, "learning_rate": 0.01, "patch_size": [16, 16, 16]},
-            "sites": sites,
-            "evaluation": {"cross_site": False},
-        },
-        base=root,
-    )
-    return simulate(config).run_dir.path
+    return simulate_scan_run(tmp_path_factory.mktemp("trust-run"), name="trust")
 
 
 @pytest.fixture
