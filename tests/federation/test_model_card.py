@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,10 @@ from fedmed.flower.engines.inprocess import InProcessGrid
 from fedmed.flower.records import sender
 from fedmed.runs.model_card import ALL_SITES, MODEL_CARD_FILE, read_model_card
 from fedmed.site.audit import AuditLog
-from fedmed.workflows.simulate import simulate
+from fedmed.site.model_card import ModelCardRefusedError, calibration_statistics, reference_statistics
+from fedmed.site.privacy import SitePrivacyTerms, ledger_path, simulated_policy
+from fedmed.site.session import SiteSession, SiteSpec
+from fedmed.workflows.simulate import materialize_sites, simulate
 
 SITES = [{"name": "site-a"}, {"name": "site-b", "intensity_scale": 2.0, "intensity_offset": 10.0}]
 CARD_MESSAGES = {"query.model_card_reference", "query.model_card_calibrate"}
@@ -125,3 +129,28 @@ def test_a_site_that_vanishes_is_left_out_of_the_card_and_named(tiny_config, mon
     assert card.calibration[ALL_SITES]["cases"] == card.calibration["site-a"]["cases"] == 3
     assert any(note.startswith("model_card_calibrate: site site-b left out") for note in card.notes), card.notes
     assert card.ood_threshold is not None, "from site-a's validation cases"
+
+
+def test_a_site_refuses_model_card_statistics_in_a_private_run_whatever_the_coordinator_asks(
+    tiny_config, tmp_path: Path
+) -> None:
+    """The coordinator skips the card in private runs; one that asks anyway (modified, or hostile) gets a refusal
+    from the site itself, before any case is read."""
+    config = materialize_sites(
+        tiny_config("classification", 2, synth={"sites": SITES}, dp_sgd={"enabled": True, "epsilon": 5.0})
+    )
+    site = config.sites[0]
+    spec = SiteSpec(
+        name=site.name,
+        data_path=site.path,
+        state_dir=tmp_path / "state",
+        run_id="run-1",
+        privacy=SitePrivacyTerms(ledger_path=ledger_path(tmp_path / "state"), policy=simulated_policy(config)),
+    )
+    session = SiteSession(spec, config)
+    state = session.shared_template()
+    with pytest.raises(ModelCardRefusedError, match="not privacy-protected"):
+        reference_statistics(session, state)
+    with pytest.raises(ModelCardRefusedError, match="not privacy-protected"):
+        calibration_statistics(session, state, fold_temperatures=[1.0, 1.0], reference=None)
+    assert not ledger_path(tmp_path / "state").exists(), "nothing was charged to the site's ledger"
