@@ -82,6 +82,31 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("pretrained-start", ("experiments/bench_pretrained_init.py",), "5"),
     Benchmark("trust", ("experiments/bench_trust.py",), "8"),
     Benchmark("calibration", ("experiments/bench_calibration.py",), "2"),
+    Benchmark("robustness", ("experiments/bench_robustness.py", "--out", "runs/bench-robustness"), "75"),
+    Benchmark(
+        "robustness-pneumonia",
+        (
+            "experiments/bench_robustness.py",
+            "--datasets",
+            "pneumonia",
+            "--seeds",
+            "0",
+            "--out",
+            "runs/bench-robustness",
+        ),
+        "25",
+    ),
+    Benchmark(
+        "robustness-7",
+        (
+            "experiments/bench_robustness.py",
+            *("--datasets", "synthetic", "--sites", "7", "--bad-sites", "2", "--seeds", "0"),
+            *("--attacks", "clean", "labels_flipped", "update_negated"),
+            *("--defences", "default", "median", "multi_krum", "fedavgm"),
+            *("--out", "runs/bench-robustness"),
+        ),
+        "30",
+    ),
 )
 
 

@@ -180,6 +180,10 @@ def run(
     resume: Annotated[Path | None, typer.Option(help="Continue this run directory from its last checkpoint.")] = None,
     wait: Annotated[bool, typer.Option(help="Follow the run until it ends.")] = False,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a config value (repeatable).")] = None,
+    readmit: Annotated[
+        list[str] | None,
+        typer.Option(help="With --resume: take this quarantined site back into aggregation (repeatable)."),
+    ] = None,
 ) -> None:
     """Launch a federated run on the live federation (or resume one)."""
     # Deferred: start-up cost (see provision).
@@ -196,9 +200,11 @@ def run(
             # Checked before the server config is even read: nothing is contacted or written for a bad config.
             config = load_run_config(config_file, overrides=overrides or [])
             deployed_run.check_deployable(config, source=str(config_file))
+        if readmit and resume is None:
+            raise FedmedError("--readmit takes a quarantined site back into a run: use it with --resume RUN_DIR")
         server = load_server_config(server_config)
         if resume is not None:
-            deployed = deployed_run.resume(server, resume)
+            deployed = deployed_run.resume(server, resume, readmit=readmit)
         elif config is not None:
             deployed = deployed_run.launch(server, config)
         else:

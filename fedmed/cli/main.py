@@ -74,6 +74,10 @@ def simulate(
         Path | None, typer.Option(help="Continue this interrupted run directory from its last checkpoint.")
     ] = None,
     overrides: Overrides = None,
+    readmit: Annotated[
+        list[str] | None,
+        typer.Option(help="With --resume: take this quarantined site back into aggregation (repeatable)."),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Simulate a federation on this machine and write a run directory with a report."""
@@ -84,7 +88,9 @@ def simulate(
         if resume is not None:
             if config_file is not None or overrides:
                 raise FedmedError("--resume continues a run with its own config.toml; drop CONFIG and --set")
-            _simulate_and_print(None, verbose=verbose, resume=resume)
+            _simulate_and_print(None, verbose=verbose, resume=resume, readmit=readmit or [])
+        elif readmit:
+            raise FedmedError("--readmit takes a quarantined site back into a run: use it with --resume RUN_DIR")
         elif config_file is None:
             raise FedmedError("give a run CONFIG, or --resume RUN_DIR")
         else:
@@ -154,6 +160,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.", meta
     from fedmed.runs.outputs import write_outputs
     from fedmed.runs.report import write_report
     from fedmed.runs.run_dir import SUMMARY_FILE
+    from fedmed.runs.status import run_contribution_lines
     from fedmed.runs.summary import format_summary
     from fedmed.tasks import get_task
     from fedmed.workflows.results import existing_run
@@ -170,20 +177,30 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.", meta
         else:
             write_report(directory)
     typer.echo(format_summary(summary))
+    for line in run_contribution_lines(directory):
+        typer.echo(line)
     typer.echo(f"report: {directory.report_html}")
 
 
 def _simulate_and_print(
-    config: RunConfig | None, *, verbose: bool, source: str = "run config", resume: Path | None = None
+    config: RunConfig | None,
+    *,
+    verbose: bool,
+    source: str = "run config",
+    resume: Path | None = None,
+    readmit: list[str] | None = None,
 ) -> None:
     # Deferred: start-up cost (see demo).
+    from fedmed.runs.status import run_contribution_lines
     from fedmed.workflows.simulate import resume_simulation
     from fedmed.workflows.simulate import simulate as run_simulation
 
     set_flower_verbosity(verbose)
-    result = resume_simulation(resume) if config is None else run_simulation(config, source=source)
+    result = resume_simulation(resume, readmit=readmit) if config is None else run_simulation(config, source=source)
     typer.echo("")
     typer.echo(result.table())
+    for line in run_contribution_lines(result.run_dir):
+        typer.echo(line)
     typer.echo(f"\nrun directory: {result.run_dir.path}\nreport: {result.run_dir.report_html}")
     if result.config.sites:
         # Never a training site's folder: a model scored on the cases it learned from looks better than it is.

@@ -1,5 +1,6 @@
 """How `fedmed status` prints the federation: sites, and per run its state, resume command, rounds with
-their refusals and metrics; with --watch, again every few seconds while a run is running."""
+their refusals, metrics, each site's contribution to the latest round and the quarantined sites with the
+command that re-admits each; with --watch, again every few seconds while a run is running."""
 
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ class _LiveScreen:
 def run_lines(run: dict[str, Any]) -> list[str]:
     # Deferred: fedmed.runs loads torch, which `fedmed --help` (this module is imported for `fedmed status`)
     # must not wait for.
+    from fedmed.runs.contributions import contribution_lines
     from fedmed.runs.summary import describe_client_privacy
 
     name = run["run"]
@@ -146,4 +148,6 @@ def run_lines(run: dict[str, Any]) -> list[str]:
         )
         stale = f"  (stale: from round {metrics.get('round')})" if metrics.get("stale") else ""
         lines.append(f"      {site:<20} {shown}{stale}")
+    # Each site's part in the latest round and any quarantine: absent for runs older than the robust rules.
+    lines += [f"      {line}" for line in contribution_lines(run)]
     return lines

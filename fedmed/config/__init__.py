@@ -20,6 +20,7 @@ from .model import ModelConfig
 from .normalization import NormalizationConfig
 from .pretrain import PretrainConfig, pretraining_unsupported
 from .privacy import ClientDpConfig, DpSgdConfig, PrivacyBudget, SecAggConfig, SitePrivacyPolicy
+from .robust import RobustConfig
 from .run import RunConfig
 from .scan_geometry import DataConfig, InferenceConfig
 from .sites import SiteEntry
@@ -42,6 +43,7 @@ __all__ = [
     "NormalizationConfig",
     "PretrainConfig",
     "PrivacyBudget",
+    "RobustConfig",
     "RunConfig",
     "SecAggConfig",
     "ServerConfig",

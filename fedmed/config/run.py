@@ -24,6 +24,7 @@ from .privacy import (
     check_privacy,
     check_secagg_sites,
 )
+from .robust import RobustConfig, check_robust
 from .scan_geometry import DataConfig, InferenceConfig, check_scan_geometry
 from .sites import SiteEntry, check_unique_names
 from .strategy import StrategyConfig, check_quorum
@@ -52,6 +53,7 @@ class RunConfig(StrictModel):
     dp_sgd: DpSgdConfig = Field(default_factory=DpSgdConfig)
     client_dp: ClientDpConfig = Field(default_factory=ClientDpConfig)
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
+    robust: RobustConfig = Field(default_factory=RobustConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
@@ -80,6 +82,7 @@ class RunConfig(StrictModel):
         check_privacy(self)
         check_baselines(self)
         check_secagg_sites(self)
+        check_robust(self)
         check_scan_geometry(self)
         check_dp_sgd_patches(self)
         check_pretrain(self)

@@ -88,11 +88,6 @@ class TaskConfig(StrictModel):
                 )
             if len(self.spacing) != 3 or any(value <= 0 for value in self.spacing):
                 raise ValueError(f"task.spacing {self.spacing} must be 3 positive voxel sizes in mm, e.g. [1, 1, 1]")
-            if self.intensity in ("site_zscore", "site_percentile", "nyul"):
-                raise ValueError(
-                    f"task.intensity '{self.intensity}' needs every image in memory and is not available with "
-                    "task.spacing; use 'zscore' (MRI, per channel), 'percentile' or 'ct_window' (CT)"
-                )
         if self.class_names is not None and len(self.class_names) != self.num_classes - 1:
             raise ValueError(
                 f"task.class_names has {len(self.class_names)} names but task.num_classes = {self.num_classes} "

@@ -228,7 +228,8 @@ class CaseChecker:
                     f"set task.in_channels = {channels}, or give every case {self.task.in_channels} channel(s)",
                 )
             )
-        if channels > 1 and self.task.intensity in SINGLE_CHANNEL_INTENSITY_MODES:
+        # Scan geometry fits these modes per channel (fedmed.data.normalization.scan_stats); the fixed grid pools them.
+        if channels > 1 and self.task.intensity in SINGLE_CHANNEL_INTENSITY_MODES and not self.task.scan_geometry:
             problems.append(
                 DataProblem(
                     str(self.manifest.source),

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
@@ -25,6 +26,10 @@ from .problems import DataValidationError
 from .report import ValidationReport, raise_if_errors
 from .tuning import tuning_split
 from .validation import iter_site_cases
+
+if TYPE_CHECKING:
+    from .normalization.scan_stats import ScanIntensityStats
+    from .scans import SiteIntensityd
 
 Record = dict[str, Any]
 
@@ -135,10 +140,29 @@ class ScanSite:
     # The training cases whole, as validation and `fedmed predict` see a case (never cached: read once, at the end
     # of a run, for the out-of-distribution reference of the model card).
     train_volumes: VolumeCases | None = None
+    # Site-level intensity modes: the step every pipeline of the site shares, the training volumes as the caches hold
+    # them (resampled, in scanner units) for the one streamed pass that fits its statistics, and what identifies them.
+    intensity: SiteIntensityd | None = None
+    unnormalized_train: Dataset | None = None
+    intensity_key: str = ""
 
     @property
     def num_train(self) -> int:
         return self.train.num_cases
+
+    def training_volumes(self) -> Iterator[torch.Tensor]:
+        """The training cases' images one at a time, resampled but not normalized (read through the disk cache when
+        it holds them, else preprocessed once): what the site's statistics are fitted on."""
+        if self.unnormalized_train is None:
+            raise ValueError(f"site '{self.name}': task.intensity is not a site-level mode; nothing to fit")
+        for index in range(self.num_train):
+            yield _plain(self.unnormalized_train[index]["image"])
+
+    def use_intensity(self, stats: ScanIntensityStats, *, standard_landmarks: list[float] | None = None) -> None:
+        """Normalize every case (training patches, tuning and validation volumes) with these statistics from now on."""
+        if self.intensity is None:
+            raise ValueError(f"site '{self.name}': task.intensity is not a site-level mode; no statistics to use")
+        self.intensity.use(stats, standard_landmarks=standard_landmarks)
 
     @property
     def num_val(self) -> int:
@@ -149,7 +173,7 @@ def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None, che
     """Validate every case (each file read once), then build datasets that preprocess each case when first read.
     `check_only`: opened to check the data (and count channels), never cached; the site's session caches."""
     # scans imports MONAI: loaded when a scan-geometry site opens, so that importing fedmed.data stays cheap.
-    from .scans import preprocessing, training_transform
+    from .scans import SiteIntensityd, preprocessing, training_transform
 
     if check_only:
         config = config.model_copy(update={"data": config.data.model_copy(update={"cache": "none"})})
@@ -158,16 +182,18 @@ def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None, che
     task, data = config.task, config.data
     train_records, val_records = splits["training"], splits["validation"]
     fingerprint = preprocessing_fingerprint(config)
+    step = SiteIntensityd(method=task.intensity, settings=config.normalization) if _site_level(config) else None
+    training = training_transform(task, config.train, config.normalization, site_step=step)
     train_source = _dataset(
         train_records,
-        transform=training_transform(task, config.train, config.normalization),
+        transform=training,
         cache=data.cache,
         cache_num=min(len(train_records), data.max_cached_cases),
         cache_dir=cache_dir,
         fingerprint=fingerprint,
         workers=config.data.workers,
     )
-    whole = preprocessing(task, config.normalization, with_label=False)
+    whole = preprocessing(task, config.normalization, with_label=False, site_step=step)
 
     def volumes(records: list[Record], *, cache: str = "none", cache_num: int = 0) -> VolumeCases:
         # Read in the site's own process, each keeping the record of its preprocessing that Invertd needs.
@@ -181,7 +207,7 @@ def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None, che
             workers=0,
             keep_meta=True,
         )
-        return _volume_cases(records, dataset, preprocessing=whole, config=config)
+        return _volume_cases(records, dataset, preprocessing=whole, config=config, site_step=step)
 
     val = volumes(
         val_records,
@@ -194,6 +220,8 @@ def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None, che
     (logger.debug if check_only else logger.info)(
         "site '%s': %s (%d channels), %s", name, _counts(splits), channels, cache
     )
+    # Site-level modes: the training volumes before their intensity step, for the pass that fits the statistics.
+    unnormalized = None if step is None else _unnormalized(train_records, training, config, cache_dir=cache_dir)
     personal_train, tune = None, None
     if config.evaluation.personal_training:
         kept, held = tuning_split(
@@ -210,7 +238,52 @@ def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None, che
         personal_train=personal_train,
         tune=tune,
         train_volumes=volumes(train_records),  # never cached: read once, for the model card's reference
+        intensity=step,
+        unnormalized_train=unnormalized,
+        intensity_key="" if step is None else _intensity_key(train_records, config),
     )
+
+
+def _site_level(config: RunConfig) -> bool:
+    from .normalization.scan_stats import STREAMED_MODES
+
+    return config.task.intensity in STREAMED_MODES
+
+
+def _unnormalized(records: list[Record], training: Any, config: RunConfig, *, cache_dir: Path | None) -> Dataset:
+    """The training volumes up to the site-level intensity step. With the disk cache, the training dataset's own
+    cached steps on the same files: a case preprocessed for training is read back, and one read here first is
+    cached for training (MONAI names a cached case by its record alone)."""
+    from monai.data import Dataset as MonaiDataset
+    from monai.transforms import Compose
+
+    from .scans import SiteIntensityd, preprocessing
+
+    if config.data.cache == "disk" and cache_dir is not None:
+        steps = list(training.transforms)
+        cached = Compose(steps[: next(i for i, step in enumerate(steps) if isinstance(step, SiteIntensityd))])
+        fingerprint = preprocessing_fingerprint(config)
+        return _dataset(
+            records,
+            transform=cached,
+            cache="disk",
+            cache_num=0,
+            cache_dir=cache_dir,
+            fingerprint=fingerprint,
+            workers=0,
+        )
+    # Without a disk cache each case is loaded and resampled once, image only.
+    image_only = preprocessing(config.task, config.normalization, with_label=False).transforms
+    return MonaiDataset(
+        records, transform=Compose([step for step in image_only if not isinstance(step, SiteIntensityd)])
+    )
+
+
+def _intensity_key(records: list[Record], config: RunConfig) -> str:
+    """Names the fitted statistics: the same training files, preprocessed the same way, fitted the same way."""
+    files = [[record["image"], record["stamp"]] for record in records]
+    named = json.dumps([preprocessing_fingerprint(config), files], sort_keys=True)
+    return hashlib.sha256(named.encode()).hexdigest()[:16]
 
 
 def _patches(source: Dataset, num_cases: int, *, config: RunConfig) -> PatchDataset:
@@ -222,14 +295,16 @@ def _patches(source: Dataset, num_cases: int, *, config: RunConfig) -> PatchData
     )
 
 
-def _volume_cases(records: list[Record], dataset: Dataset, *, preprocessing: Any, config: RunConfig) -> VolumeCases:
+def _volume_cases(
+    records: list[Record], dataset: Dataset, *, preprocessing: Any, config: RunConfig, site_step: Any = None
+) -> VolumeCases:
     from .scans import intensity_transform
 
     return VolumeCases(
         dataset=dataset,
         records=records,
         preprocessing=preprocessing,
-        reference_intensity=intensity_transform(config.task, config.normalization),
+        reference_intensity=intensity_transform(config.task, config.normalization, site_step=site_step),
         roi_size=config.roi_size,
         inference=config.inference,
     )

@@ -17,6 +17,7 @@ from monai.transforms import MapTransform
 
 from fedmed.config import AugmentationConfig, NormalizationConfig, TaskConfig, TrainConfig
 
+from .normalization.scan_stats import STREAMED_MODES, ScanIntensityStats
 from .preprocess import AXIS_LABELS
 
 
@@ -43,10 +44,75 @@ class MapLabelsd(MapTransform):
         return out
 
 
-def intensity_transform(task: TaskConfig, normalization: NormalizationConfig) -> list[Any]:
-    """Per-image, per-channel intensity normalization of the "image" key (or a fixed CT window)."""
+class SiteIntensityd:
+    """The site's own statistics (site_zscore, site_percentile) or the federation's Nyúl landmarks, per channel.
+
+    Deliberately not a MONAI Transform: MONAI's dataset caches stop before the first step that is not one, so the
+    disk and memory caches keep the resampled volumes in scanner units and refitted statistics (or new landmarks)
+    apply without preprocessing any case again. The statistics are set once the site has fitted them
+    (`use`); the pipelines that share this step all see them."""
+
+    def __init__(self, *, method: str, settings: NormalizationConfig) -> None:
+        self.method = method
+        self.settings = settings
+        self.stats: ScanIntensityStats | None = None
+        self.standard_landmarks: list[float] | None = None
+
+    def use(self, stats: ScanIntensityStats, *, standard_landmarks: list[float] | None) -> None:
+        if stats.method != self.method:
+            raise ValueError(
+                f"the site's intensity statistics were fitted for {stats.method}, not task.intensity '{self.method}'; "
+                f"delete the site's normalization.json so it refits them"
+            )
+        per_channel = len(self.settings.landmarks)
+        if self.method == "nyul" and (
+            standard_landmarks is None or len(standard_landmarks) != per_channel * len(stats.channels)
+        ):
+            found = "none" if standard_landmarks is None else f"{len(standard_landmarks)} values"
+            raise ValueError(
+                f"nyul needs the federation's standard landmarks, {per_channel} per channel for "
+                f"{len(stats.channels)} channel(s), but got {found}; the coordinator sends them after every site "
+                f"shared its landmarks (coordinator and sites must run the same fedmed and run config)"
+            )
+        self.stats, self.standard_landmarks = stats, standard_landmarks
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from .normalization import normalize_image
+
+        if self.stats is None:
+            raise ValueError(
+                f"task.intensity '{self.method}' needs the site's statistics, streamed over its training cases "
+                f"before any case is normalized; open the site through its session (fedmed.site) or call "
+                f"ScanSite.use_intensity first"
+            )
+        out = dict(data)
+        image = out["image"]
+        if image.shape[0] != len(self.stats.channels):
+            raise ValueError(
+                f"case {out.get('case', '?')} has {image.shape[0]} channel(s) but the site's statistics have "
+                f"{len(self.stats.channels)}; every case must list the same modalities"
+            )
+        block = len(self.settings.landmarks)
+        normalized = image.clone().float()  # keeps a MetaTensor's record of its preprocessing (Invertd needs it)
+        for c, stats in enumerate(self.stats.channels):
+            standard = None if self.standard_landmarks is None else self.standard_landmarks[c * block : (c + 1) * block]
+            plain = image[c].as_tensor() if hasattr(image, "as_tensor") else image[c]
+            normalized[c] = normalize_image(
+                plain, method=self.method, stats=stats, standard_landmarks=standard, settings=self.settings
+            )
+        out["image"] = normalized
+        return out
+
+
+def intensity_transform(
+    task: TaskConfig, normalization: NormalizationConfig, *, site_step: SiteIntensityd | None = None
+) -> list[Any]:
+    """Per-image, per-channel intensity normalization of the "image" key (or a fixed CT window); for the site-level
+    modes, `site_step` (or a fresh one that refuses to run until given the site's statistics)."""
     t = _transforms()
     mode = task.intensity
+    if mode in STREAMED_MODES:
+        return [site_step or SiteIntensityd(method=mode, settings=normalization)]
     if mode == "zscore":
         return [t.NormalizeIntensityd(keys="image", nonzero=normalization.foreground == "nonzero", channel_wise=True)]
     if mode == "percentile":
@@ -75,8 +141,11 @@ def intensity_transform(task: TaskConfig, normalization: NormalizationConfig) ->
     raise ValueError(f"task.intensity '{mode}' is not available with scan geometry")
 
 
-def preprocessing(task: TaskConfig, normalization: NormalizationConfig, *, with_label: bool) -> Any:
-    """Load → channel first → reorient → resample to task.spacing → optional foreground crop → normalize."""
+def preprocessing(
+    task: TaskConfig, normalization: NormalizationConfig, *, with_label: bool, site_step: SiteIntensityd | None = None
+) -> Any:
+    """Load → channel first → reorient → resample to task.spacing → optional foreground crop → normalize (the
+    site-level modes last, after the cached steps)."""
     t = _transforms()
     keys = ("image", "label") if with_label else ("image",)
     modes = ("bilinear", "nearest")[: len(keys)]
@@ -88,9 +157,13 @@ def preprocessing(task: TaskConfig, normalization: NormalizationConfig, *, with_
     ]
     if task.crop_foreground:
         steps.append(t.CropForegroundd(keys=keys, source_key="image", allow_smaller=True, margin=2))
-    steps += intensity_transform(task, normalization)
+    site_level = task.intensity in STREAMED_MODES
+    if not site_level:
+        steps += intensity_transform(task, normalization)
     if with_label and task.kind == "segmentation":
         steps.append(MapLabelsd(("label",), binarize=task.binarize_labels))
+    if site_level:
+        steps += intensity_transform(task, normalization, site_step=site_step)
     return t.Compose(steps)
 
 
@@ -166,7 +239,13 @@ def augmentations(
     return steps
 
 
-def training_transform(task: TaskConfig, train: TrainConfig, normalization: NormalizationConfig) -> Any:
+def training_transform(
+    task: TaskConfig,
+    train: TrainConfig,
+    normalization: NormalizationConfig,
+    *,
+    site_step: SiteIntensityd | None = None,
+) -> Any:
     """Preprocessing (cacheable) followed by patch sampling and augmentations (random every draw)."""
     t = _transforms()
     labelled = task.kind == "segmentation"
@@ -174,4 +253,5 @@ def training_transform(task: TaskConfig, train: TrainConfig, normalization: Norm
     random_steps = patch_sampling(task, train)
     if train.augment:
         random_steps += augmentations(train.augmentation, spatial_dims=task.spatial_dims, keys=keys)
-    return t.Compose([*preprocessing(task, normalization, with_label=labelled).transforms, *random_steps])
+    steps = preprocessing(task, normalization, with_label=labelled, site_step=site_step).transforms
+    return t.Compose([*steps, *random_steps])

@@ -271,3 +271,87 @@ def _draw_site_curves(axis: Any, curves: dict[str, tuple[list[float], list[float
         stacked = [np.interp(grid, centres, density, left=0.0, right=0.0) for centres, density in curves.values()]
         axis.plot(grid, np.mean(stacked, axis=0), color="C0", linewidth=2, label="mean")
     axis.legend(fontsize=7)
+
+
+# Site contributions ------------------------------------------------------------------------------
+def outlier_scores(
+    series: dict[str, list[tuple[int, float]]],
+    *,
+    quarantined: dict[str, list[int]],
+    threshold: float,
+    path: Path,
+) -> Path | None:
+    """Each site's outlier score per round, the flag threshold as a line, and a red cross on every round a
+    site spent in quarantine (at its score, or on the threshold when it sent none that round)."""
+    finite = {site: [(r, v) for r, v in sorted(points) if math.isfinite(v)] for site, points in series.items()}
+    finite = {site: points for site, points in finite.items() if points}
+    if not finite:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7.6, 3.8), dpi=DPI)
+    many = len(finite) > MAX_LEGEND_SITES
+    for site, points in sorted(finite.items()):
+        rounds, values = [p[0] for p in points], [p[1] for p in points]
+        # With many sites only those above the line or in quarantine get a colour and a legend entry.
+        notable = site in quarantined or any(v >= threshold for v in values)
+        if many and not notable:
+            axis.plot(rounds, values, color="0.6", linewidth=0.6, alpha=0.5)
+        else:
+            axis.plot(rounds, values, marker="o", markersize=3, label=site)
+    crosses = [
+        (server_round, dict(finite.get(site, [])).get(server_round, threshold))
+        for site, rounds in quarantined.items()
+        for server_round in rounds
+    ]
+    if crosses:
+        axis.scatter(
+            [c[0] for c in crosses],
+            [c[1] for c in crosses],
+            marker="x",
+            s=60,
+            color="red",
+            zorder=3,
+            label="quarantined",
+        )
+    axis.axhline(threshold, color="C3", linestyle="--", linewidth=1, label=f"flag threshold ({threshold:g})")
+    top = max(v for points in finite.values() for _, v in points)
+    if top > 10 * threshold:  # one wild site would flatten the honest ones against zero on a linear axis
+        axis.set_yscale("symlog", linthresh=threshold)
+        axis.set_ylim(0, top * 2)
+    else:
+        axis.set_ylim(0, max(top, threshold) * 1.15)
+    _whole_rounds(axis)
+    axis.set_xlabel("round")
+    axis.set_ylabel("outlier score")
+    axis.set_title("each site's update against the others'")
+    axis.grid(alpha=0.3)
+    # Beside the axes: a flagged site's line climbs into the corner a legend would take.
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(figure, path)
+
+
+def _whole_rounds(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def aggregate_norms(points: list[tuple[Any, Any, Any]], *, path: Path) -> Path | None:
+    """Secure aggregation: the aggregated update's norm per round against the bound each site enforced."""
+    rows = sorted((int(r), _number(norm), _number(bound)) for r, norm, bound in points if isinstance(r, int))
+    if not rows or all(math.isnan(row[1]) for row in rows):
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 3.2), dpi=DPI)
+    rounds = [row[0] for row in rows]
+    axis.plot(rounds, [row[1] for row in rows], marker="o", markersize=3, label="norm of the aggregated update")
+    if not all(math.isnan(row[2]) for row in rows):
+        axis.plot(rounds, [row[2] for row in rows], color="C3", linestyle="--", label="update norm bound")
+    axis.set_xlabel("round")
+    axis.set_ylabel("L2 norm")
+    axis.set_title("aggregated update's norm against the bound")
+    axis.set_ylim(bottom=0)
+    _whole_rounds(axis)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _save(figure, path)

@@ -11,6 +11,7 @@ from fedmed.core.files import write_text_atomic
 
 from . import plots
 from .calibration_report import calibration_section
+from .contributions import contributions_section
 from .run_dir import CROSS_SITE_FILE, NORMALIZATION_FILE, STATUS_FILE, SUMMARY_FILE, RunDirectory
 from .summary import COLUMNS, describe_client_privacy, describe_gains, describe_starting_point
 
@@ -19,6 +20,7 @@ body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 960px; 
 table { border-collapse: collapse; margin: 1rem 0; }
 th, td { border: 1px solid #ccc; padding: 0.3rem 0.7rem; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
+th.text, td.text { text-align: left; }
 td.na { color: #888; background: #eee; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; display: block; }
 .muted { color: #777; }
@@ -54,6 +56,7 @@ def write_report(run_dir: RunDirectory) -> Path:
     cross_site = _json_object(run_dir, CROSS_SITE_FILE)
     normalization = _json_object(run_dir, NORMALIZATION_FILE)
     rows = run_dir.read_metrics()
+    rounds = run_dir.read_rounds()
     metric = str(summary.get("primary_metric", "loss"))
     plot_dir = run_dir.path / "plots"
     plot_dir.mkdir(exist_ok=True)
@@ -79,7 +82,8 @@ def write_report(run_dir: RunDirectory) -> Path:
             figure=plots.intensity_histograms(normalization, path=plot_dir / "intensity_histograms.png"),
         ),
         calibration_section(run_dir.path, plot_dir=plot_dir),
-        _participation_section(run_dir.read_rounds(), status=_json_object(run_dir, STATUS_FILE)),
+        contributions_section(rounds, plot_dir=plot_dir),
+        _participation_section(rounds, status=_json_object(run_dir, STATUS_FILE)),
     ]
     name = html.escape(run_dir.path.name)
     page = f"""<!DOCTYPE html>

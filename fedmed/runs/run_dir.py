@@ -41,6 +41,7 @@ NORMALIZATION_FILE = "normalization.json"  # the sites' intensity summaries and 
 CROSS_SITE_FILE = "cross_site.json"  # models x sites scores (fedmed.runs.cross_site)
 DP_PLAN_FILE = "dp_plan.json"  # [dp_sgd]: each site's planned σ, sampling and steps, and the verdict on them
 STOPPED_FILE = "stopped.json"  # deployed runs: 'fedmed stop' ended the latest submission (removed on resume)
+READMIT_FILE = "readmit.json"  # quarantined sites to take back when the run resumes (fedmed run --readmit)
 FLOWER_RUNS = "flower-runs.jsonl"  # deployed runs: each Flower run submitted for it, with the app's FAB hash
 STARTING_POINT_FILE = "starting_point.json"  # start kind; model.init's file and sha256; model.freeze's keys
 PRETRAIN_DIR = "pretrain"  # [pretrain]: the pretrained starting weights and their record (fedmed.tasks.pretrain)

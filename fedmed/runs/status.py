@@ -1,6 +1,7 @@
 """What a run directory says about its run, told truthfully: its state (an `interrupted` run names the
-command that resumes it), per round which sites trained, dropped or refused and why, and per-site metrics
-marked stale when a site did not evaluate in the run's latest evaluation round.
+command that resumes it), per round which sites trained, dropped or refused and why, per-site metrics
+marked stale when a site did not evaluate in the run's latest evaluation round, each site's contribution to
+the latest round and the quarantined sites, each with its evidence and the command that re-admits it.
 
 A run folder that cannot be read is reported as `broken` with the reason; it never stops the others.
 """
@@ -15,7 +16,8 @@ from typing import Any
 from fedmed.config import load_run_config
 from fedmed.core.errors import FedmedError
 
-from .run_dir import STATUS_FILE, STOPPED_FILE, RunDirectory
+from .contributions import SECURE_VIEW, contribution_lines, contribution_rows, latest_contributions, quarantined_sites
+from .run_dir import FLOWER_RUNS, STATUS_FILE, STOPPED_FILE, RunDirectory
 from .summary import client_level_privacy
 
 FINAL_STATES = ("completed", "failed", "interrupted")
@@ -56,6 +58,52 @@ def resume_command(run_dir: Path, *, server_file: Path | None) -> str:
     if server_file is None:  # a simulation
         return f"fedmed simulate --resume {run_dir}"
     return f"fedmed run --resume {run_dir} --server {server_file}"
+
+
+def readmit_command(run_dir: Path, *, site: str, server_file: Path | None, running: bool) -> str:
+    """The command(s) that let a quarantined site back in: a run takes it back only when resumed."""
+    deployed = server_file is not None or (run_dir / FLOWER_RUNS).exists()
+    if not deployed:  # a simulation: Ctrl-C ends it, resuming re-admits
+        resume = f"fedmed simulate --resume {run_dir} --readmit {site}"
+        return f"stop it (Ctrl-C), then {resume}" if running else resume
+    server = f" --server {server_file}" if server_file is not None else ""
+    resume = f"fedmed run --resume {run_dir}{server} --readmit {site}"
+    return f"fedmed stop {run_dir.name}{server}, then {resume}" if running else resume
+
+
+def contribution_status(
+    rounds: list[dict[str, Any]], *, run_dir: Path, server_file: Path | None, running: bool, finished: bool
+) -> dict[str, Any]:
+    """The latest round's per-site contributions and the sites in quarantine, each with its evidence and the
+    command that re-admits it (none once the run has finished); empty for runs that recorded neither."""
+    entry: dict[str, Any] = {}
+    if latest := latest_contributions(rounds):
+        entry["contributions"] = latest
+    if quarantined := quarantined_sites(rounds):
+        for site in quarantined:
+            site["readmit"] = (
+                None
+                if finished
+                else readmit_command(run_dir, site=site["site"], server_file=server_file, running=running)
+            )
+        entry["quarantined"] = quarantined
+    return entry
+
+
+def run_contribution_lines(run_dir: RunDirectory) -> list[str]:
+    """What the end of a simulation and `fedmed report` print of the sites' contributions: one line when no site
+    was ever flagged, else the latest round's table and any quarantine; nothing for runs that recorded none."""
+    rounds = run_dir.read_rounds()
+    rows = contribution_rows(rounds)
+    if not rows:
+        return []
+    finished = (run_dir.checkpoints / "final.pt").exists()
+    entry = contribution_status(rounds, run_dir=run_dir.path, server_file=None, running=False, finished=finished)
+    flagged = any(v.get("flagged") for row in rows for v in row["contributions"].values() if isinstance(v, dict))
+    if flagged or entry.get("quarantined") or rows[-1].get("contribution_view") == SECURE_VIEW:
+        return contribution_lines(entry)
+    rule = f" (rule {rows[-1]['robust_rule']})" if rows[-1].get("robust_rule") else ""
+    return [f"site contributions: no site was flagged in {len(rows)} round(s){rule}"]
 
 
 def round_history(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -134,6 +182,13 @@ def _describe(
     }
     if client_dp := client_level_privacy(run_dir):
         entry["client_privacy"] = client_dp
+    entry |= contribution_status(
+        rounds,
+        run_dir=run_dir.path,
+        server_file=server_file,
+        running=state in ("running", "submitted"),
+        finished=finished,
+    )
     if state == "interrupted" and not finished:
         entry["resume"] = resume_command(run_dir.path, server_file=server_file)
         if entry["reason"] is None:

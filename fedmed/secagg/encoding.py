@@ -9,6 +9,7 @@ Layout (length num_params + 2 + extra_length):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,16 @@ class DecodedSum:
     total_weight: int
     clipped_values: int
     extra_sums: np.ndarray | None  # int64
+
+
+def l2_norm(arrays: Sequence[np.ndarray]) -> float:
+    """The L2 norm of a list of arrays taken as one flat vector, accumulated in float64: what a site bounds
+    (robust.update_norm_bound) and what the coordinator checks on the unmasked mean."""
+    total = 0.0
+    for array in arrays:
+        flat = np.asarray(array, dtype=np.float64).ravel()
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
 
 
 def flatten_update(update: Sequence[np.ndarray], *, num_params: int) -> np.ndarray:

@@ -46,13 +46,20 @@ class SiteCases:
         """The site's data as the model sees it (normalized per image or with the site's statistics); in scan
         geometry, datasets that preprocess cases when first read and cache them within data.max_cached_cases."""
         if self.config.task.scan_geometry:
-            data = open_scan_site(self.spec.data_path, config=self.config, cache_dir=self.spec.preprocessed_dir)
+            data = self._scan_site
+            if self.normalization.streamed:
+                self.normalization.use_on_scans(data)
         elif self.normalization.site_level:
             data = self.normalization.apply(self.raw_data)
         else:
             data = load_site(self.spec.data_path, task=self.config.task)
         self._check_channels(data)
         return data
+
+    @cached_property
+    def _scan_site(self) -> ScanSite:
+        """Opened once: refitted statistics or new Nyúl landmarks apply after the caches, so nothing reopens."""
+        return open_scan_site(self.spec.data_path, config=self.config, cache_dir=self.spec.preprocessed_dir)
 
     @cached_property
     def _split(self) -> tuple[Sequence, Sequence | None]:
@@ -98,6 +105,10 @@ class SiteCases:
 
     def describe_intensities(self) -> dict:
         """Fit the site's normalization; what it shares: image count, histograms, Nyúl landmarks."""
+        if self.config.task.scan_geometry:
+            shared = self.normalization.describe_scans(self._scan_site)
+            self._forget_data()
+            return shared
         shared = self.normalization.fit(self.raw_data)
         self._forget_data()  # refitted statistics: normalize again
         if self.config.task.intensity != "nyul":  # Nyúl's result needs the federation's landmarks first
@@ -116,4 +127,7 @@ class SiteCases:
             self.__dict__.pop(name, None)
 
     def harmonized_histogram(self) -> dict:
+        if self.config.task.scan_geometry:
+            # Nyúl's mapping differs per volume: its histogram would cost one more pass; the report says not recorded.
+            return {"counts": [0] * self.config.normalization.histogram_bins, "low": 0.0, "high": 0.0}
         return self.normalization.histogram(self.raw_data, self.data)

@@ -2,6 +2,10 @@
 
 Only summaries leave the site: for federated harmonization (Nyúl) its mean standardized landmarks, and
 for the run report a histogram of its foreground intensities before and after normalization.
+
+In scan geometry the statistics are per channel, streamed over the training volumes once (through the disk
+cache), and kept under "scan" with the key of the cases they came from: a restart, or a new run on the same
+cases with the same preprocessing, reuses them without reading a volume.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from typing import Any
 from fedmed.config import RunConfig
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
+from fedmed.core.log import logger
 from fedmed.data.normalization import (
     SITE_LEVEL_MODES,
+    STREAMED_MODES,
+    ScanIntensityStats,
     SiteIntensityStats,
+    fit_scan_stats,
     fit_site_stats,
     foreground_mask,
     intensity_histogram,
@@ -101,6 +109,58 @@ class SiteNormalization:
             masks=masks,
             value_range=None if data is raw else AFTER_HISTOGRAM_RANGES.get(self.method),
         )
+
+    @property
+    def streamed(self) -> bool:
+        """Scan geometry fits this mode's statistics in a streamed pass (ct_window is fixed: applied per image)."""
+        return self.method in STREAMED_MODES
+
+    def describe_scans(self, site: Any) -> dict[str, Any]:
+        """Scan geometry's INTENSITY_FIT: the site's statistics (fitted now unless kept for these very cases) and
+        what it shares: volume count, the first channel's histograms, and for Nyúl its landmarks per channel."""
+        _, shared = self._scan_stats(site)
+        return dict(shared)
+
+    def use_on_scans(self, site: Any) -> None:
+        """Give a ScanSite's pipelines the site's statistics (and the federation's Nyúl landmarks)."""
+        stats, _ = self._scan_stats(site)
+        landmarks = (self._read() or {}).get("standard_landmarks")
+        if self.method == "nyul" and landmarks is None:
+            raise NormalizationStateError(
+                f"site {self.site}: no federation landmarks for Nyúl harmonization in {self.path}; the coordinator "
+                f"sends them at the start of the run and with every round: update fedmed at the coordinator"
+            )
+        try:
+            site.use_intensity(stats, standard_landmarks=landmarks if self.method == "nyul" else None)
+        except ValueError as error:  # landmarks from another run config, or another number of modalities
+            raise NormalizationStateError(f"site {self.site}: {error} (state in {self.path})") from error
+
+    def _scan_stats(self, site: Any) -> tuple[ScanIntensityStats, dict[str, Any]]:
+        state = self._read() or {}
+        kept = state.get("scan")
+        if state.get("method") == self.method and isinstance(kept, dict) and kept.get("key") == site.intensity_key:
+            try:
+                return ScanIntensityStats.from_json(kept.get("stats")), dict(kept.get("shared") or {})
+            except ValueError as error:
+                logger.warning("site %s: refitting its intensity statistics: %s (%s)", self.site, error, self.path)
+        try:
+            stats, histograms = fit_scan_stats(site.training_volumes(), method=self.method, settings=self.settings)
+        except ValueError as error:
+            raise NormalizationStateError(f"site {self.site}: {error}") from error
+        shared: dict[str, Any] = {"num_images": stats.num_images, **histograms}
+        if self.method == "nyul":
+            shared["landmarks"] = stats.landmarks
+        # A fixed-grid fit ("stats") of another run must not be mistaken for this one.
+        rest = {key: value for key, value in state.items() if key not in ("stats", "scan")}
+        self._write(
+            {
+                **rest,
+                "method": self.method,
+                "scan": {"key": site.intensity_key, "stats": stats.to_json(), "shared": shared},
+            }
+        )
+        logger.info("site %s: %s statistics fitted on %d training volumes", self.site, self.method, site.num_train)
+        return stats, shared
 
     def _read(self) -> dict[str, Any] | None:
         if not self.path.exists():

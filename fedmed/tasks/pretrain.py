@@ -51,7 +51,14 @@ from fedmed.core.errors import ConfigError
 from fedmed.core.files import atomic_path, write_text_atomic
 from fedmed.core.log import logger
 from fedmed.data import load_site, synthesize_federation
-from fedmed.data.normalization import SITE_LEVEL_MODES, average_landmarks, fit_site_stats, normalize_site
+from fedmed.data.normalization import (
+    SITE_LEVEL_MODES,
+    STREAMED_MODES,
+    average_landmarks,
+    fit_site_stats,
+    normalize_scan_sites,
+    normalize_site,
+)
 from fedmed.data.scan_site import open_scan_site, pooled_training_set
 from fedmed.models import InitialWeights, build_model, load_initial_weights
 
@@ -256,9 +263,12 @@ def _deal(total: int, parts: int) -> list[int]:
 
 def _open_phantom_sites(config: RunConfig, paths: list[Path], *, cache: Path) -> list[Any]:
     """The phantom sites as a site's preprocessing presents them (fedmed.site.cases does the same)."""
-    if config.task.scan_geometry:
-        return [open_scan_site(path, config=config, cache_dir=cache / path.name) for path in paths]
     task, settings = config.task, config.normalization
+    if task.scan_geometry:
+        scans = [open_scan_site(path, config=config, cache_dir=cache / path.name) for path in paths]
+        if task.intensity in STREAMED_MODES:  # per scanner, as each site fits its own; Nyúl's landmarks averaged
+            normalize_scan_sites(scans, method=task.intensity, settings=settings)
+        return scans
     # Site-level modes load the raw intensities; each scanner is then normalized with its own statistics.
     sites = [load_site(path, task=task, cache=False) for path in paths]
     if task.intensity not in SITE_LEVEL_MODES:

@@ -26,6 +26,7 @@ from fedmed.flower.server.strategies import check_strategy_name
 from fedmed.models import check_starting_model
 from fedmed.runs import RunDirectory, submissions
 from fedmed.runs.progress import RoundTiming, estimate_pace, round_line
+from fedmed.runs.readmission import request_readmission
 from fedmed.runs.run_dir import FLOWER_RUNS, STATUS_FILE, STOPPED_FILE
 from fedmed.runs.status import describe_run, effective_state
 from fedmed.runs.tracking import check_tracking
@@ -73,9 +74,11 @@ def launch(server: ServerConfig, config: RunConfig) -> DeployedRun:
     return _submit(server, config, run_dir, resume=False)
 
 
-def resume(server: ServerConfig, run_dir: Path) -> DeployedRun:
-    """Continue a run from its last checkpoint (after a coordinator crash or a failed round)."""
+def resume(server: ServerConfig, run_dir: Path, *, readmit: list[str] | None = None) -> DeployedRun:
+    """Continue a run from its last checkpoint (after a coordinator crash, a failed round or a stop), taking back
+    the quarantined sites in `readmit`."""
     directory = RunDirectory.to_resume(run_dir, launcher="fedmed run")
+    request_readmission(directory, readmit or [])
     return _submit(server, load_run_config(directory.config_file), directory, resume=True)
 
 
@@ -220,9 +223,10 @@ def _record_interruption(run_dir: RunDirectory, *, flower_status: str) -> None:
 
 def status(server: ServerConfig, *, server_file: Path | None = None) -> dict[str, Any]:
     """Sites (connected or not), nodes the SuperLink knows that are not enrolled, and every run with its
-    state (an interrupted one with the command that resumes it), per-round participation and latest
-    per-site metrics; an unreadable run is `broken`. With the server down, the runs as their folders
-    tell them."""
+    state (an interrupted one with the command that resumes it), per-round participation, latest
+    per-site metrics, each site's contribution to the latest round and the quarantined sites with the
+    command that re-admits each; an unreadable run is `broken`. With the server down, the runs as their
+    folders tell them."""
     problem = None
     try:
         nodes = {int(node["node-id"]): node for node in flower_cli.list_nodes_with_keys(server)}

@@ -24,6 +24,7 @@ from fedmed.models.memory import check_training_memory
 from fedmed.runs import RunDirectory
 from fedmed.runs.cross_site import final_evaluation, local_only_model_name, record_evaluation
 from fedmed.runs.outputs import write_outputs
+from fedmed.runs.readmission import request_readmission
 from fedmed.runs.run_dir import BASELINES_FILE, DP_PLAN_FILE, PRETRAIN_DIR, STATUS_FILE, SUMMARY_FILE
 from fedmed.runs.status import resume_command
 from fedmed.runs.summary import format_summary
@@ -177,9 +178,10 @@ def _sites_channel_names(config: RunConfig) -> list[str] | None:
     return [named[0][index] for index in sorted(named[0])]
 
 
-def resume_simulation(path: Path) -> SimulationResult:
-    """Continue an interrupted simulation from its last checkpoint."""
+def resume_simulation(path: Path, *, readmit: list[str] | None = None) -> SimulationResult:
+    """Continue an interrupted simulation from its last checkpoint, taking back the quarantined sites in `readmit`."""
     run_dir = RunDirectory.to_resume(path, launcher="fedmed simulate")
+    request_readmission(run_dir, readmit or [])
     return simulate(load_run_config(run_dir.config_file), run_dir=run_dir, source=str(run_dir.config_file))
 
 

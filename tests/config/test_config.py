@@ -293,3 +293,20 @@ def _dumped(tmp_path: Path, config: RunConfig) -> Path:
     path = tmp_path / "dumped.toml"
     path.write_text(dump_toml(config))
     return path
+
+
+def test_robust_rules_that_read_each_update_are_refused_under_secagg(tmp_path: Path) -> None:
+    two_sites = MINIMAL + '[[sites]]\nname = "b"\npath = "data/b"\n'
+    secure = two_sites + "[secagg]\nenabled = true\n"
+    with pytest.raises(ConfigError) as error:
+        load_run_config(write(tmp_path, secure + '[robust]\nrule = "median"\n'))
+    message = str(error.value)
+    assert "robust.rule 'median'" in message and "masked sum" in message
+    assert "robust.rule = 'norm_bound' with robust.update_norm_bound" in message, "the alternative is named"
+    bounded = load_run_config(write(tmp_path, secure + "[robust]\nupdate_norm_bound = 0.5\n"))
+    assert bounded.robust.update_norm_bound == 0.5 and bounded.robust.rule == "norm_bound"
+    with pytest.raises(ConfigError) as error:
+        load_run_config(write(tmp_path, two_sites + "[robust]\nupdate_norm_bound = 0.5\n"))
+    message = str(error.value)
+    assert "robust.update_norm_bound applies under secagg only" in message
+    assert "robust.norm_bound_multiple" in message, "the plaintext alternative is named"

@@ -20,6 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmed.config import RunConfig, run_config_from_dict
 from fedmed.core.errors import ConfigError
 from fedmed.flower.server.normalized_averaging import NormalizedAveraging, NormalizedAveragingError
+from fedmed.flower.server.robust import RobustAggregation
 from fedmed.flower.server.secure_round import step_from_mean
 from fedmed.flower.server.strategies import build_strategy, restore_strategy_state, strategy_state
 from fedmed.flower.wire import ARRAYS, METRICS, SITE, SITE_NAME
@@ -50,6 +51,11 @@ def config(tmp_path: Path, **changes: Any) -> RunConfig:
         **changes,
     }
     return run_config_from_dict(raw, base=tmp_path)
+
+
+def inner(strategy: Strategy) -> Strategy:
+    """The strategy the run config names, inside the robust layer every plaintext run has."""
+    return strategy.strategy if isinstance(strategy, RobustAggregation) else strategy
 
 
 def arrays(values: list[float]) -> ArrayRecord:
@@ -85,7 +91,7 @@ ROUND_1 = [([1.0, 2.0], 1, 2), ([5.0, 6.0], 3, 2)]
 
 def test_fedavgm_without_momentum_at_rate_1_is_fedavg(tmp_path: Path) -> None:
     strategy = build_strategy(config(tmp_path, strategy={"name": "fedavgm", "server_momentum": 0.0}))
-    assert isinstance(strategy, FedAvgM) and strategy.server_learning_rate == 1.0
+    assert isinstance(inner(strategy), FedAvgM) and inner(strategy).server_learning_rate == 1.0
     assert train_round(strategy, 1, [0.0, 0.0], ROUND_1) == [4.0, 5.0]
     assert train_round(FedAvg(min_train_nodes=2), 1, [0.0, 0.0], ROUND_1) == [4.0, 5.0]
 
@@ -102,7 +108,9 @@ def test_fedavgm_adds_the_momentum_of_earlier_rounds(tmp_path: Path) -> None:
 
 
 def test_under_secagg_fedavgm_steps_from_the_unmasked_mean_alone(tmp_path: Path) -> None:
-    strategy = build_strategy(config(tmp_path, strategy={"name": "fedavgm", "server_momentum": 0.9}))
+    strategy = build_strategy(
+        config(tmp_path, strategy={"name": "fedavgm", "server_momentum": 0.9}, secagg={"enabled": True})
+    )
     # The secure round hands the strategy only the mean it unmasked: the same averages as in the test above
     # give the same steps, [4, 5] then [9.6, 9.5].
     for server_round, start, mean in ((1, [0.0, 0.0], [4.0, 5.0]), (2, [4.0, 5.0], [6.0, 5.0])):
@@ -128,12 +136,12 @@ def test_the_server_learning_rate_defaults_per_strategy(tmp_path: Path) -> None:
     }
     assert rates == {"fedavgm": 1.0, "fedadam": 0.03, "fedyogi": 0.03}
     chosen = config(tmp_path, strategy={"name": "fedavgm", "server_learning_rate": 0.5})
-    assert build_strategy(chosen).server_learning_rate == 0.5  # type: ignore[attr-defined]
+    assert inner(build_strategy(chosen)).server_learning_rate == 0.5  # type: ignore[attr-defined]
 
 
 def test_normalized_averaging_with_equal_steps_is_weighted_fedavg(tmp_path: Path) -> None:
     strategy = build_strategy(config(tmp_path, strategy={"normalized_averaging": True}))
-    assert isinstance(strategy, NormalizedAveraging)
+    assert isinstance(inner(strategy), NormalizedAveraging)
     assert train_round(strategy, 1, [0.0, 0.0], ROUND_1) == [4.0, 5.0]
 
 
@@ -144,7 +152,7 @@ def test_normalized_averaging_divides_each_update_by_its_steps(tmp_path: Path) -
     # [1, 0.5]; new = [1, 1] + 3.25 * [1, 0.5] = [4.25, 2.625]. (FedAvg: [1, 1] + [1/4 + 3, 1/2] = [4.25, 1.5].)
     replies = [([2.0, 3.0], 1, 1), ([5.0, 1.0], 3, 4)]
     assert train_round(strategy, 1, [1.0, 1.0], replies) == [4.25, 2.625]
-    assert strategy.effective_steps == 3.25  # type: ignore[attr-defined]
+    assert inner(strategy).effective_steps == 3.25  # type: ignore[attr-defined]
 
 
 def test_normalized_averaging_leaves_the_received_replies_as_they_were() -> None:

@@ -363,8 +363,10 @@ def test_browser_renders_the_report_of_a_real_run(chromium: Path, tmp_path: Path
     run = simulate(config).run_dir
     page = run.report_html.read_text(encoding="utf-8")
     total = len(_image_sources(page))
-    # five PNGs and the model card's reliability diagram (SVG)
-    assert total == 6 and all(section in page for section in SECTION_ORDER)
+    # five PNGs and the model card's reliability diagram (SVG), and the outlier scores when the rounds recorded them
+    measured = any("contributions" in row for row in run.read_rounds())
+    assert total == 6 + measured and all(section in page for section in SECTION_ORDER)
+    assert ("plots/contribution_scores.png" in page) == measured
     dom, console = _dump_dom(chromium, run.report_html, tmp_path / "dom")
     assert console == [], f"console messages: {console}"
     assert f'data-figures="{total}/{total}"' in dom

@@ -201,8 +201,13 @@ def _fit_nyul(images: Sequence[torch.Tensor], *, settings: NormalizationConfig) 
     )
 
 
-def average_landmarks(site_landmarks: Sequence[tuple[Sequence[float], int]]) -> list[float]:
-    """The server's step of federated Nyúl: the image-count weighted mean of the sites' landmarks."""
+def average_landmarks(
+    site_landmarks: Sequence[tuple[Sequence[float], int]], *, block: int | None = None
+) -> list[float]:
+    """The server's step of federated Nyúl: the image-count weighted mean of the sites' landmarks.
+
+    `block`: the number of landmarks per channel; scan geometry sends one list per channel, concatenated, and each
+    channel's block is kept in order on its own (None: one list)."""
     if len(site_landmarks) == 0:
         raise ValueError("cannot average landmarks: no site sent any; every site must fit nyul statistics first")
     lengths = {len(marks) for marks, _ in site_landmarks}
@@ -224,4 +229,10 @@ def average_landmarks(site_landmarks: Sequence[tuple[Sequence[float], int]]) -> 
             f"total; at least one site needs training images"
         )
     average = (weights[:, None] * marks).sum(axis=0) / weights.sum()
-    return [float(value) for value in np.maximum.accumulate(average)]
+    size = average.size if block is None else block
+    if size < 1 or average.size % size:
+        raise ValueError(
+            f"cannot average landmarks: sites sent {average.size} values, not a whole number of channels of {size} "
+            f"landmarks; every site must use the run config's normalization.landmarks"
+        )
+    return [float(value) for part in average.reshape(-1, size) for value in np.maximum.accumulate(part)]

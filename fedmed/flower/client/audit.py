@@ -45,6 +45,7 @@ from .site_context import site_state_root
 
 MESSAGE = "message-sent"  # the audit event of a reply that left the site
 REFUSAL = "refusal"
+UPDATE_BOUNDED = "update-bounded"  # the site scaled its own update down to robust.update_norm_bound before masking
 
 _KINDS = {
     "train": "model-update",
@@ -118,6 +119,15 @@ def describe(msg: Message, reply: Message) -> dict[str, Any]:
         "flower_content_id": content.object_id,
     }
     return {"kind": kind, "payload": recorddict_to_proto(content).SerializeToString(deterministic=True), "extra": extra}
+
+
+def record_site_event(msg: Message, context: Context, event: str, **fields: Any) -> None:
+    """Something the site's own code did to what it is about to send (not a message itself), written before the
+    reply it concerns leaves; raises AuditLogError (a FedmedError, so the handler refuses) if it cannot be."""
+    root = site_state_root(context)
+    if root is None:  # no site to audit for (the handler refuses such a node itself)
+        return
+    AuditLog(audit_path(root)).append(event, run_id=_run_id(context), round=_round(msg), **fields)
 
 
 def _record(log: AuditLog, msg: Message, context: Context, *, kind: str, payload: bytes, extra: dict) -> None:

@@ -3,8 +3,9 @@ keeps the site's secrets between stages in the node's context (each stage may ru
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -14,8 +15,10 @@ from fedmed.core.errors import FedmedError
 from fedmed.core.log import logger
 from fedmed.flower.wire import ARRAYS, CONFIG, MASKED, METRICS, SECAGG, VECTOR
 from fedmed.secagg import SecAggClient
+from fedmed.secagg.encoding import l2_norm
 from fedmed.site.session import NUM_EXAMPLES
 
+from .audit import UPDATE_BOUNDED, record_site_event
 from .common import log_start_up, refuse, reply, train_round
 from .mods import clip_update_inplace
 from .site_context import site_session
@@ -51,6 +54,9 @@ def mask(msg: Message, context: Context) -> Message:
         if KEY_CLIPPING_NORM in round_config:
             clipped = clip_update_inplace(update, clipping_norm=float(round_config[KEY_CLIPPING_NORM]))
             extra = [int(clipped)]
+        bound = session.config.robust.update_norm_bound
+        if bound is not None:
+            _bound_update(msg, context, update, bound=bound, site=session.spec.name, server_round=server_round)
         client = _client(context)
         vector, fields = client.mask(
             dict(msg.content[SECAGG]), update=update, weight=int(metrics.pop(NUM_EXAMPLES)), extra_counts=extra
@@ -71,6 +77,48 @@ def mask(msg: Message, context: Context) -> Message:
         msg,
         session,
         {MASKED: ArrayRecord({VECTOR: Array(vector)}), SECAGG: ConfigRecord(fields), METRICS: MetricRecord(metrics)},
+    )
+
+
+def bound_update_inplace(update: Sequence[np.ndarray], *, bound: float) -> float | None:
+    """Scale the update down to L2 norm `bound` if it is longer; its measured norm when it was, else None.
+
+    Scaled in float64 and stored back in the update's dtype: each value moves by at most one float32 rounding
+    (relative 2^-24), which the coordinator's check allows for (fedmed.flower.server.secure_round)."""
+    norm = l2_norm(update)
+    if not math.isfinite(norm) or norm <= bound:
+        return None  # a NaN or infinite update is refused, with the reason, by the SecAgg+ encoder
+    scale = bound / norm
+    for array in update:
+        array[...] = (array.astype(np.float64) * scale).astype(array.dtype)
+    return norm
+
+
+def _bound_update(
+    msg: Message, context: Context, update: list[np.ndarray], *, bound: float, site: str, server_round: int
+) -> None:
+    """robust.update_norm_bound, enforced by the site's own code: the coordinator sees only the masked sum, so
+    this is the one place a single update's norm can be bounded; the longer update never leaves the site."""
+    measured = bound_update_inplace(update, bound=bound)
+    if measured is None:
+        return
+    logger.warning(
+        "site %s: round %d update norm %.6g is over robust.update_norm_bound %g; scaled down to the bound before "
+        "masking",
+        site,
+        server_round,
+        measured,
+        bound,
+    )
+    # The norm stays in the site's own log: the coordinator must not learn one site's update norm.
+    record_site_event(
+        msg,
+        context,
+        UPDATE_BOUNDED,
+        update_norm=measured,
+        update_norm_bound=bound,
+        reason=f"update norm {measured:.6g} over robust.update_norm_bound {bound:g}: scaled to the bound "
+        "before masking",
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import ConfigRecord, RecordDict
 
 from fedmed.core.errors import FedmedError
-from fedmed.data.normalization import average_landmarks
+from fedmed.data.normalization import STREAMED_MODES, average_landmarks
 from fedmed.flower.records import decode_summary
 from fedmed.flower.wire import CONFIG, INTENSITY_APPLY, INTENSITY_FIT, STANDARD_LANDMARKS, SUMMARY, MessageType
 from fedmed.runs.run_dir import NORMALIZATION_FILE
@@ -30,7 +30,7 @@ class HarmonizationError(FedmedError):
 def fit_intensities(run: RunContext) -> list[float] | None:
     """Run the exchange; returns the federation's Nyúl landmarks (None for other normalizations)."""
     config = run.config
-    if config.task.scan_geometry:
+    if config.task.scan_geometry and config.task.intensity not in STREAMED_MODES:
         # Per-image normalization inside each site's pipeline; histograms would mean reading every case once more.
         return None
     summaries = _ask(run, message_type=INTENSITY_FIT, extra={})
@@ -47,7 +47,8 @@ def fit_intensities(run: RunContext) -> list[float] | None:
                 "errors above or choose another task.intensity"
             )
         try:
-            standard = average_landmarks(shared)
+            # Scan geometry shares one landmark list per channel, concatenated: each is averaged on its own.
+            standard = average_landmarks(shared, block=len(config.normalization.landmarks))
         except ValueError as error:
             raise HarmonizationError(f"the sites' landmarks cannot be averaged: {error}") from error
         after = _ask(run, message_type=INTENSITY_APPLY, extra={STANDARD_LANDMARKS: standard})

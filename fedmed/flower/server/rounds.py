@@ -36,6 +36,15 @@ from .exchange import NodesAsOfNow, send_and_receive
 from .intensity import fit_intensities
 from .model_card import build_model_card
 from .replies import Outcome, by_site, outcome_of, record_metrics, usable_replies, with_deadline
+from .reply_checks import refuse_implausible
+from .robust.round_loop import (
+    readmissions_recorded,
+    resume_state,
+    robust_layer,
+    save_state,
+    secure_contributions,
+    without_quarantined,
+)
 from .secure_round import SecureRoundError, secure_train_round
 from .start import GlobalStart, check_resumed_start, global_start, record_start
 from .strategies import build_strategy, check_strategy_name, quorum, restore_strategy_state, strategy_state
@@ -121,6 +130,7 @@ def _start_or_resume(config: RunConfig, *, run_dir: RunDirectory) -> _Begun:
         check_resumed_start(checkpoint, start, run_dir=run_dir)
         arrays = start.layout.pack(checkpoint["shared_state"])
         restore_strategy_state(strategy, checkpoint["strategy_state"])
+        resume_state(robust_layer(strategy), checkpoint, run_dir=run_dir)
         random.setstate(checkpoint["random_state"])
         if "numpy_random_state" in checkpoint:
             np.random.set_state(checkpoint["numpy_random_state"])
@@ -200,6 +210,7 @@ def _commit_round(
     # The row goes first: a crash between the two leaves a row the resume drops, never a checkpointed round
     # without its row.
     run.run_dir.append_round(done.row)
+    readmissions_recorded(run.run_dir)
     run.run_dir.save_checkpoint(
         "latest",
         {
@@ -208,6 +219,7 @@ def _commit_round(
             "strategy_state": strategy_state(strategy),
             "random_state": random.getstate(),
             "numpy_random_state": np.random.get_state(),
+            **save_state(robust_layer(strategy)),
             **start_fields,
         },
     )
@@ -225,14 +237,25 @@ def _train_round(
         round_config[CLIPPING_MODE] = config.client_dp.clipping
     if config.secagg.enabled:
         return _secure_train_round(run, strategy, arrays, server_round=server_round, round_config=round_config)
-    messages = with_deadline(
-        strategy.configure_train(server_round, arrays, round_config, NodesAsOfNow(run.grid)), run.timeout
+    robust = robust_layer(strategy)
+    messages, quarantined = without_quarantined(
+        with_deadline(
+            strategy.configure_train(server_round, arrays, round_config, NodesAsOfNow(run.grid)), run.timeout
+        ),
+        robust=robust,
+        site_of=run.site_of,
     )
     replies = send_and_receive(run, messages, timeout=run.timeout)
-    usable = usable_replies(replies, phase="train", site_names=run.site_names)
+    usable, implausible = refuse_implausible(
+        usable_replies(replies, phase="train", site_names=run.site_names), sent=arrays, settings=config.robust
+    )
     outcome = outcome_of(messages, replies, run=run)
+    outcome.refused = dict(sorted({**outcome.refused, **implausible}.items()))
     failures = outcome.describe()
+    # A quarantined site is not asked to train: the quorum counts the sites that are.
     needed = quorum(config)
+    if quarantined:
+        needed = min(needed, max(1, len(set(run.site_names.values()) | set(config.site_names)) - len(quarantined)))
     if len(usable) < needed:
         raise RoundFailedError(
             f"round {server_round}: {len(usable)} of {len(messages)} site(s) returned an update, quorum is "
@@ -249,6 +272,7 @@ def _train_round(
         "upload_bytes_per_site": max((payload_bytes(reply.content) for reply in usable), default=0),
         "sites_dropped": outcome.dropped,
         "sites_refused": outcome.refused,
+        **(robust.last_record if robust is not None else {}),
     }
     return aggregated, by_site(rows), record
 
@@ -264,7 +288,8 @@ def _secure_train_round(
         raise RoundFailedError(str(error)) from error
     usable = usable_replies(outcome.replies, phase="train", site_names=run.site_names)
     rows = record_metrics(run.run_dir, usable, phase="train", server_round=server_round)
-    return outcome.arrays, by_site(rows), outcome.record
+    trained = by_site(rows)
+    return outcome.arrays, trained, {**outcome.record, **secure_contributions(trained)}
 
 
 def _evaluate_round(
@@ -275,8 +300,10 @@ def _evaluate_round(
         strategy.configure_evaluate(server_round, arrays, round_config, NodesAsOfNow(run.grid)), run.timeout
     )
     replies = send_and_receive(run, messages, timeout=run.timeout)
-    usable = usable_replies(replies, phase="evaluate", site_names=run.site_names)
-    for failure in outcome_of(messages, replies, run=run).describe():
+    usable, implausible = refuse_implausible(
+        usable_replies(replies, phase="evaluate", site_names=run.site_names), sent=None, settings=run.config.robust
+    )
+    for failure in [*outcome_of(messages, replies, run=run).describe(), *implausible.values()]:
         logger.warning("round %d: evaluation missing from %s", server_round, failure)
     return by_site(record_metrics(run.run_dir, usable, phase="evaluate", server_round=server_round))
 

@@ -12,8 +12,9 @@ kept silently.
 from __future__ import annotations
 
 import copy
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ from fedmed.flower.wire import (
     VECTOR,
 )
 from fedmed.secagg import SecAggResult, SecAggRoundError, SecAggServer, SecAggSettings
+from fedmed.secagg.encoding import l2_norm
 from fedmed.secagg.messages import MASKED_INPUT, SETUP, SHARE_KEYS, UNMASK
 from fedmed.site.session import NUM_EXAMPLES
 
@@ -134,13 +136,11 @@ def _attempt(
         message.metadata.dst_node_id: message
         for message in strategy.configure_train(server_round, arrays, round_config, NodesAsOfNow(run.grid))
     }
-    global_arrays = arrays.to_numpy_ndarrays()
-    client_dp = isinstance(strategy, ClientDpStrategy)
     server = SecAggServer(
         node_ids=sorted(train_messages),
-        shapes=[array.shape for array in global_arrays],
+        shapes=[array.shape for array in arrays.to_numpy_ndarrays()],
         settings=secagg_settings(config),
-        extra_length=1 if client_dp else 0,
+        extra_length=1 if isinstance(strategy, ClientDpStrategy) else 0,
     )
     exchange = _Exchange(run, server_round=server_round, site_errors=site_errors)
     site_of = run.site_of
@@ -170,12 +170,15 @@ def _attempt(
             stage=UNMASK,
             lost=dict(result.sites_dropped.items()),
         )
-    averaged = _averaged(strategy, result, arrays=arrays, global_arrays=global_arrays, client_dp=client_dp)
     aggregated = [masked[node] for node in result.sites_aggregated if node in masked]
-    if client_dp:  # plain FedAvg only (fedmed.config.privacy.check_privacy): the noise on the mean is the step
-        new_arrays = averaged
-    else:
-        new_arrays = step_from_mean(strategy, averaged, server_round=server_round, like=aggregated[0])
+    new_arrays, bound_record = _new_global(
+        strategy,
+        result,
+        arrays=arrays,
+        server_round=server_round,
+        bound=config.robust.update_norm_bound,
+        like=aggregated[0],
+    )
     _warn_about_clipping(result, server_round=server_round, config=config)
     return SecureRound(
         arrays=new_arrays,
@@ -188,8 +191,75 @@ def _attempt(
             "secagg_keys_s": round(keys_done - stage_started, 4),
             "secagg_unmask_s": round(unmasked_done - trained_done, 4),
             "upload_bytes_per_site": exchange.upload_bytes_per_site(),
+            **bound_record,
         },
     )
+
+
+def check_aggregate_norm(
+    mean_update: Sequence[np.ndarray], *, bound: float, max_quantization_error: float, server_round: int
+) -> dict[str, Any]:
+    """What rounds.jsonl keeps of the check of robust.update_norm_bound on the unmasked mean update, with
+    "aggregate_rejected" (and a warning) when the mean is longer than any mean of bounded updates can be.
+
+    Every site running fedmed's code scales its own update to norm <= B before masking, so the weighted mean of
+    the updates has norm <= B (a convex combination). A longer mean means some site did not; which one, the
+    coordinator cannot know under secure aggregation."""
+    norm = l2_norm(mean_update)
+    tolerance = aggregate_norm_tolerance(
+        bound=bound,
+        max_quantization_error=max_quantization_error,
+        num_params=sum(int(np.size(array)) for array in mean_update),
+    )
+    record: dict[str, Any] = {"aggregate_update_norm": norm, "update_norm_bound": bound}
+    if not norm <= bound + tolerance:  # a NaN norm is rejected too
+        reason = (
+            f"the unmasked mean update has norm {norm:.6g}, over robust.update_norm_bound {bound:g} (+ {tolerance:.3g} "
+            "for secagg's quantization): every site running fedmed's code bounds its own update, so at least one "
+            "site did not; the aggregate is rejected and the global model stays as it was. Secure aggregation "
+            "cannot say which site: ask the sites to check their fedmed version and 'fedmed site audit'"
+        )
+        logger.warning("round %d: %s", server_round, reason)
+        record["aggregate_rejected"] = reason
+    return record
+
+
+def aggregate_norm_tolerance(*, bound: float, max_quantization_error: float, num_params: int) -> float:
+    """How far over `bound` the unmasked mean of bounded updates can come out, worst case.
+
+    Clipping to secagg.clipping_range only shortens values, so never lengthens an update. Quantization moves each
+    element of the mean by at most max_quantization_error (fedmed.secagg.quantize), so the error vector is at most
+    sqrt(P) times that long. The site's float32 rescaling moves each value by at most 2^-24 of itself, so a
+    bounded update is at most B (1 + 2^-24) long; B 2^-22 covers that and the float64 norms on both sides."""
+    return math.sqrt(num_params) * max_quantization_error + bound * 2.0**-22
+
+
+def _new_global(
+    strategy: Strategy,
+    result: SecAggResult,
+    *,
+    arrays: ArrayRecord,
+    server_round: int,
+    bound: float | None,
+    like: Message,
+) -> tuple[ArrayRecord, dict[str, Any]]:
+    """The round's new global arrays from the unmasked mean, and the record of robust.update_norm_bound's check."""
+    bound_record: dict[str, Any] = {}
+    if bound is not None:  # before any noise is added: the sites bound their updates, not the noised mean
+        bound_record = check_aggregate_norm(
+            result.mean_update,
+            bound=bound,
+            max_quantization_error=result.max_quantization_error,
+            server_round=server_round,
+        )
+    if "aggregate_rejected" in bound_record:
+        return arrays, bound_record  # the round counts (metrics, checkpoint); the global model and momentum stay
+    client_dp = isinstance(strategy, ClientDpStrategy)
+    global_arrays = arrays.to_numpy_ndarrays()
+    averaged = _averaged(strategy, result, arrays=arrays, global_arrays=global_arrays, client_dp=client_dp)
+    if client_dp:  # plain FedAvg only (fedmed.config.privacy.check_privacy): the noise on the mean is the step
+        return averaged, bound_record
+    return step_from_mean(strategy, averaged, server_round=server_round, like=like), bound_record
 
 
 def _with_training(

@@ -1,0 +1,12 @@
+"""median: the coordinate-wise median of the updates (Yin et al. 2018), unweighted, as Flower's FedMedian."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .registry import RULES, Aggregation, RoundUpdates
+
+
+@RULES.register("median")
+def median(round_updates: RoundUpdates) -> Aggregation:
+    return Aggregation(update=np.median(np.stack(round_updates.updates), axis=0))
