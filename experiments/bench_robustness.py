@@ -299,7 +299,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {_mean_sd([r['honest'] for r in runs])} {runs[0]['metric']} "
             f"| {_mean_sd(deltas, signed=True) if deltas and attack != 'clean' else '–'} "
             f"| {_rounds([r['first_flag'] for r in runs])} | {_rounds([r['quarantined'] for r in runs])} "
-            f"| {sum(r['false_flags'] for r in runs)} | {_share([r['robust_share'] for r in runs if 'robust_share' in r])} "
+            f"| {sum(r['false_flags'] for r in runs)} | {_share(runs)} "
             f"| {f'{_mean_sd(success)} ({_mean_sd(without)})' if success else '–'} |"
         )
     seeds = sorted({row["seed"] for row in rows})
@@ -313,7 +313,8 @@ def _mean_sd(values: list[float], *, signed: bool = False) -> str:
     return f"{np.mean(values):{sign}.3f} ± {np.std(values, ddof=1):.3f}"
 
 
-def _share(values: list[float]) -> str:
+def _share(runs: list[dict[str, Any]]) -> str:
+    values = [run["robust_share"] for run in runs if "robust_share" in run]
     return f"{np.mean(values):.4f}" if values else "–"
 
 
