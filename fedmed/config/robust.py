@@ -2,8 +2,8 @@
 
 Every round each site's update is measured against the round's robust centre (its norm against the median
 norm, its cosine to the coordinate-wise median update against the other sites' cosines), the robust rule
-aggregates, and a site flagged in `quarantine_after` consecutive rounds is left out until the coordinator
-re-admits it (fedmed.flower.server.robust).
+aggregates, and a site flagged in `quarantine_after` of its last `quarantine_window` rounds is left out until
+the coordinator re-admits it (fedmed.flower.server.robust).
 """
 
 from __future__ import annotations
@@ -52,7 +52,16 @@ class RobustConfig(StrictModel):
         "flipped labels fell 0.9 below from round 1)",
     )
     quarantine_after: int = Field(
-        3, ge=0, description="leave a site out from the round it is flagged for this many rounds in a row (0: never)"
+        3,
+        ge=0,
+        description="leave a site out once it is flagged in this many of its last quarantine_window rounds "
+        "(0: never quarantine)",
+    )
+    quarantine_window: int = Field(
+        6,
+        ge=1,
+        description="quarantine_after counts the flags of a site's latest this-many rounds (broken labels "
+        "were flagged every other round in the benchmark)",
     )
     max_case_ratio: float = Field(
         10.0,
@@ -74,6 +83,11 @@ class RobustConfig(StrictModel):
 def check_robust(run: RunConfig) -> None:
     """Rules that need each update cannot run where the coordinator never sees one."""
     rule = run.robust.rule
+    if run.robust.quarantine_after > run.robust.quarantine_window:
+        raise ValueError(
+            f"robust.quarantine_after ({run.robust.quarantine_after}) flags cannot fit in robust.quarantine_window "
+            f"({run.robust.quarantine_window}) rounds; raise quarantine_window or lower quarantine_after"
+        )
     if run.secagg.enabled and rule in RULES_NEEDING_EACH_UPDATE:
         raise ValueError(
             f"robust.rule '{rule}' needs every site's update, but with secagg.enabled the coordinator sees only "

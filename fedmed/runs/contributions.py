@@ -254,9 +254,9 @@ def _events_table(rounds: list[dict[str, Any]]) -> str:
     )
     head = "".join(f'<th class="text">{key}</th>' for key in EVENT_TEXT)
     return (
-        "<h3>Quarantine events</h3>\n<p>A site flagged in consecutive rounds is left out of aggregation until the "
-        "coordinator re-admits it (<code>fedmed run --resume RUN_DIR --readmit SITE</code>); nothing it sent is "
-        f"deleted.</p>\n<table><tr><th>round</th>{head}</tr>{body}</table>\n"
+        "<h3>Quarantine events</h3>\n<p>A site flagged in robust.quarantine_after of its latest rounds is left out "
+        "of aggregation until the coordinator re-admits it (<code>fedmed run --resume RUN_DIR --readmit SITE</code>); "
+        f"nothing it sent is deleted.</p>\n<table><tr><th>round</th>{head}</tr>{body}</table>\n"
     )
 
 

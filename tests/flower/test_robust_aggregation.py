@@ -148,21 +148,35 @@ def test_diagnostics_flag_long_and_opposed_updates_but_not_honest_spread() -> No
     assert not any(c.flagged for c in two.values())  # with two sites neither can be called the outlier
 
 
-def test_quarantine_after_k_consecutive_flags_until_readmitted() -> None:
-    book = QuarantineBook(quarantine_after=3)
+def test_quarantine_after_k_flags_within_the_window_until_readmitted() -> None:
     bad = measure({"a": np.ones(2), "b": np.ones(2), "c": np.ones(2), "d": -10 * np.ones(2)}, settings=RobustConfig())
     good = measure({site: np.ones(2) for site in "abcd"}, settings=RobustConfig())
-    assert book.note_round(bad, server_round=1) == [] and book.note_round(good, server_round=2) == []
-    assert book.streaks == {}  # an unflagged round resets the count
-    assert book.note_round(bad, server_round=3) == [] and book.note_round(bad, server_round=4) == []
-    events = book.note_round(bad, server_round=5)
-    assert [(e["site"], e["round"], e["event"]) for e in events] == [("d", 5, "quarantined")]
-    assert "round 3:" in events[0]["evidence"] and "round 5:" in events[0]["evidence"]
-    restored = QuarantineBook(quarantine_after=3)
+
+    def quarantined_at(pattern: str) -> int | None:
+        """The round at which d is quarantined when it is flagged in the rounds marked B (3 flags within 6 rounds)."""
+        book = QuarantineBook(quarantine_after=3, window=6)
+        for server_round, mark in enumerate(pattern, start=1):
+            if book.note_round(bad if mark == "B" else good, server_round=server_round):
+                return server_round
+        return None
+
+    assert quarantined_at("BBB") == 3
+    assert quarantined_at("BGBGB") == 5  # broken labels can be flagged every other round
+    assert quarantined_at("BGGGGBB") is None  # round 1's flag has left the window of rounds 2-7
+    assert quarantined_at("BGGGBB") == 6  # ... but is within rounds 1-6
+    book = QuarantineBook(quarantine_after=3, window=6)
+    for server_round in (1, 2, 3):
+        events = book.note_round(bad, server_round=server_round)
+    assert [(e["site"], e["round"], e["event"]) for e in events] == [("d", 3, "quarantined")]
+    assert (
+        "flagged in 3 of its last 3 rounds: round 1:" in events[0]["evidence"] and "round 3:" in events[0]["evidence"]
+    )
+    restored = QuarantineBook(quarantine_after=3, window=6)
     restored.restore(book.state())
     assert restored.holds("d")
-    assert [e["event"] for e in restored.readmit(["d", "a"], server_round=6)] == ["readmitted"]
-    assert not restored.holds("d") and restored.streaks == {}
+    assert [e["event"] for e in restored.readmit(["d", "a"], server_round=4)] == ["readmitted"]
+    assert not restored.holds("d") and "d" not in restored.recent
+    assert restored.note_round(bad, server_round=4) == []  # its count starts afresh
 
 
 def test_a_site_cannot_claim_the_federation_with_its_case_count() -> None:

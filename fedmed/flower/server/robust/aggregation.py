@@ -48,7 +48,9 @@ class RobustAggregation(Strategy):
         self.acts = acts
         self.rule = RULES.get(settings.rule)
         self.weighted_by_key: str = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
-        self.book = QuarantineBook(quarantine_after=settings.quarantine_after if acts else 0)
+        self.book = QuarantineBook(
+            quarantine_after=settings.quarantine_after if acts else 0, window=settings.quarantine_window
+        )
         self._sent: dict[str, np.ndarray] = {}
         self.last_record: dict[str, Any] = {}
         self.pending_events: list[dict[str, Any]] = []  # re-admissions on resume, recorded in the next round's row

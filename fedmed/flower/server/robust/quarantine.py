@@ -1,9 +1,12 @@
-"""Quarantine: a site flagged in `quarantine_after` consecutive rounds is left out until a person re-admits it.
+"""Quarantine: a site flagged in `quarantine_after` of its last `quarantine_window` rounds is left out until a
+person re-admits it.
 
-The book is the coordinator's memory across rounds (consecutive flags per site, who is quarantined and on what
-evidence); it is saved in every checkpoint so a resumed run keeps it, and only the coordinator's
-`fedmed run --resume RUN --readmit SITE` clears a site. Nothing is deleted: a quarantined site's past rounds,
-metrics and evidence stay in the run directory.
+Not only consecutive flags count: a site with broken labels can alternate (its flagged update is left out, so
+the next global model sits where its update looks less unusual), and no honest site was flagged at all in the
+benchmarks (docs/benchmarks/robustness.md). The book is the coordinator's memory across rounds (each site's
+recent flags and their evidence, who is quarantined and why); it is saved in every checkpoint so a resumed run
+keeps it, and only the coordinator's `fedmed run --resume RUN --readmit SITE` clears a site. Nothing is
+deleted: a quarantined site's past rounds, metrics and evidence stay in the run directory.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from .diagnostics import Contribution
 
 @dataclass
 class QuarantineBook:
-    quarantine_after: int  # 0: never quarantine
-    streaks: dict[str, int] = field(default_factory=dict)  # consecutive flagged rounds, by site
+    quarantine_after: int  # flags that quarantine a site; 0: never
+    window: int  # ... within this many of its latest rounds
+    recent: dict[str, list[bool]] = field(default_factory=dict)  # each site's latest rounds: flagged or not
     evidence: dict[str, list[str]] = field(default_factory=dict)  # the flagged rounds' evidence, by site
     quarantined: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> {"round", "evidence"}
 
@@ -30,26 +34,27 @@ class QuarantineBook:
         """Count this round's flags; the events of the sites quarantined by them."""
         events = []
         for site, contribution in sorted(contributions.items()):
-            if not contribution.flagged:
-                self.streaks.pop(site, None)
-                self.evidence.pop(site, None)
+            self.recent[site] = [*self.recent.get(site, []), contribution.flagged][-self.window :]
+            lines = self.evidence.get(site, [])
+            if contribution.flagged:
+                lines = [*lines, f"round {server_round}: {contribution.evidence()}"]
+            self.evidence[site] = lines[-self.quarantine_after :] if self.quarantine_after else []
+            flags = sum(self.recent[site])
+            if not self.quarantine_after or flags < self.quarantine_after or self.holds(site):
                 continue
-            self.streaks[site] = self.streaks.get(site, 0) + 1
-            self.evidence.setdefault(site, []).append(f"round {server_round}: {contribution.evidence()}")
-            if self.quarantine_after and self.streaks[site] >= self.quarantine_after and not self.holds(site):
-                evidence = f"flagged {self.quarantine_after} rounds in a row: " + "; ".join(
-                    self.evidence[site][-self.quarantine_after :]
-                )
-                self.quarantined[site] = {"round": server_round, "evidence": evidence}
-                events.append({"site": site, "round": server_round, "event": "quarantined", "evidence": evidence})
-                logger.warning(
-                    "round %d: site %s quarantined: left out of aggregation from now on (%s). Re-admit it with: "
-                    "fedmed stop, then fedmed run --resume RUN_DIR --readmit %s",
-                    server_round,
-                    site,
-                    evidence,
-                    site,
-                )
+            evidence = f"flagged in {flags} of its last {len(self.recent[site])} rounds: " + "; ".join(
+                self.evidence[site]
+            )
+            self.quarantined[site] = {"round": server_round, "evidence": evidence}
+            events.append({"site": site, "round": server_round, "event": "quarantined", "evidence": evidence})
+            logger.warning(
+                "round %d: site %s quarantined: left out of aggregation from now on (%s). Re-admit it with: "
+                "fedmed stop, then fedmed run --resume RUN_DIR --readmit %s",
+                server_round,
+                site,
+                evidence,
+                site,
+            )
         return events
 
     def readmit(self, sites: list[str], *, server_round: int) -> list[dict[str, Any]]:
@@ -59,7 +64,7 @@ class QuarantineBook:
             if self.quarantined.pop(site, None) is None:
                 logger.warning("--readmit %s: the site is not quarantined in this run; nothing to re-admit", site)
                 continue
-            self.streaks.pop(site, None)
+            self.recent.pop(site, None)
             self.evidence.pop(site, None)
             events.append(
                 {
@@ -73,9 +78,9 @@ class QuarantineBook:
         return events
 
     def state(self) -> dict[str, Any]:
-        return {"streaks": dict(self.streaks), "evidence": dict(self.evidence), "quarantined": dict(self.quarantined)}
+        return {"recent": dict(self.recent), "evidence": dict(self.evidence), "quarantined": dict(self.quarantined)}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.streaks = dict(state.get("streaks", {}))
+        self.recent = {site: list(flags) for site, flags in state.get("recent", {}).items()}
         self.evidence = {site: list(lines) for site, lines in state.get("evidence", {}).items()}
         self.quarantined = dict(state.get("quarantined", {}))
