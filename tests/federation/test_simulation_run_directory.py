@@ -54,6 +54,7 @@ def test_run_directory_is_complete_and_consistent(tiny_config) -> None:
         "cross_site",
         "intensity_histograms",
         "reliability",  # the model card's, pooled over the sites
+        "contribution_scores",  # each site's outlier score over the rounds
     }
     assert all((run.path / image).stat().st_size > 1000 for image in images)
     assert "hospital" not in page and "site-b" in page

@@ -206,6 +206,13 @@ def test_a_reply_for_another_model_is_refused() -> None:
     assert passed == [] and "shape (3,)" in refused["a"] and "(4,)" in refused["a"]
 
 
+def test_a_float32_update_to_a_float64_round_is_accepted() -> None:
+    # FedAdam's step makes the global arrays float64; the sites still train and reply in float32.
+    sent = ArrayRecord({"w": Array(np.asarray(START, np.float64))})
+    passed, refused = refuse_implausible([reply("a", [0.1, 0.0, 0.0])], sent=sent, settings=RobustConfig())
+    assert len(passed) == 1 and refused == {}
+
+
 def run_config(tmp_path: Path, sites: int, **sections: Any) -> RunConfig:
     raw = {
         "name": "t",

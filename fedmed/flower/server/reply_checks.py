@@ -61,7 +61,8 @@ def _arrays_problem(received: ArrayRecord, *, sent: ArrayRecord) -> str | None:
         return f"its update holds other parameters than the round sent ({differ[:3]}); it runs another model"
     for key, array in received.items():
         local, start = array.numpy(), sent[key]
-        if tuple(local.shape) != tuple(start.shape) or str(local.dtype) != start.dtype:
+        # Kinds, not exact dtypes: a server optimizer (FedAdam) sends float64 to sites that train in float32.
+        if tuple(local.shape) != tuple(start.shape) or local.dtype.kind != np.dtype(start.dtype).kind:
             return (
                 f"parameter '{key}' has shape {tuple(local.shape)} {local.dtype}, the round sent "
                 f"{tuple(start.shape)} {start.dtype}; it runs another model"
