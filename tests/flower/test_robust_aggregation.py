@@ -186,7 +186,7 @@ def test_a_site_cannot_claim_the_federation_with_its_case_count() -> None:
 @pytest.mark.parametrize(
     ("metrics", "update", "reason"),
     [
-        ({"train_loss": float("nan")}, [0.0, 0.0, 0.0], "metric 'train_loss' is nan"),
+        ({"train_loss": float("nan")}, [0.0, 0.0, 0.0], "training loss is nan"),
         ({"dice": 1.5}, [0.0, 0.0, 0.0], "outside [0, 1]"),
         ({"num-examples": 1_000_000}, [0.0, 0.0, 0.0], "claims 1000000 cases"),
         ({}, [0.0, float("inf"), 0.0], "NaN or infinite"),
@@ -198,6 +198,13 @@ def test_an_implausible_reply_is_refused_for_its_site_alone(metrics: dict, updat
     passed, refused = refuse_implausible([reply("a", [0.1, 0, 0]), bad], sent=sent, settings=RobustConfig())
     assert [m.content[SITE][SITE_NAME] for m in passed] == ["a"]
     assert reason in refused["b"] and refused["b"].startswith("site b:")
+
+
+def test_an_undefined_metric_is_not_an_impossible_one() -> None:
+    # An evaluation on a site whose validation cases hold one class has no AUC: NaN, as the task reports it.
+    evaluated = reply("a", [0.0, 0.0, 0.0], auc=float("nan"), dice=float("nan"))
+    passed, refused = refuse_implausible([evaluated], sent=None, settings=RobustConfig())
+    assert len(passed) == 1 and refused == {}
 
 
 def test_a_reply_for_another_model_is_refused() -> None:

@@ -1,5 +1,6 @@
-"""Replies the coordinator refuses to use: implausible case counts, NaN or impossible metrics, arrays that do not
-match what the round sent. Each is refused for its site alone, with the reason; the round goes on with the rest."""
+"""Replies the coordinator refuses to use: implausible case counts, a diverged training loss, impossible metrics,
+arrays that do not match what the round sent. Each is refused for its site alone, with the reason; the round goes
+on with the rest."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fedmed.flower.records import sender
 from fedmed.flower.wire import ARRAYS, METRICS
 from fedmed.site.session import NUM_EXAMPLES
 
+TRAIN_LOSS = "train_loss"  # fedmed.site.trainer's name for it
 # Metrics that are fractions by definition (Dice, AUC, accuracy, ...), matched by name prefix.
 FRACTION_METRICS = ("dice", "auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ssim", "f1")
 
@@ -38,10 +40,15 @@ def _metrics_problem(metrics: object, *, settings: RobustConfig, trained: bool) 
         return "it carries no metrics; the site runs a different fedmed version"
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            return f"metric '{key}' is {value!r}; the site's training or evaluation diverged or its data hold NaNs"
-        if key.lower().startswith(FRACTION_METRICS) and any(not 0.0 <= float(v) <= 1.0 for v in values):
+        # NaN is how a site says a metric is undefined on its cases (an AUC with one class, a Dice with no
+        # lesion); a finite value outside a fraction's range is impossible.
+        if key.lower().startswith(FRACTION_METRICS) and any(
+            math.isfinite(float(v)) and not 0.0 <= float(v) <= 1.0 for v in values
+        ):
             return f"metric '{key}' = {value!r} lies outside [0, 1], which no {key} can"
+    loss = metrics.get(TRAIN_LOSS)
+    if trained and isinstance(loss, int | float) and not math.isfinite(loss):
+        return f"its training loss is {loss!r}; its training diverged or its data hold NaNs"
     cases = metrics.get(NUM_EXAMPLES)
     if cases is None:
         return f"it reports no '{NUM_EXAMPLES}'" if trained else None
