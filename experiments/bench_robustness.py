@@ -360,7 +360,17 @@ def main() -> None:
                     done.append(row)
                     with store.open("a") as handle:
                         handle.write(json.dumps(row) + "\n")
-    wanted = [row for row in done if row["dataset"] in args.datasets and row["seed"] in args.seeds]
+    wanted = [
+        row
+        for row in done
+        if row["dataset"] in args.datasets
+        and row["seed"] in args.seeds
+        and row["attack"] in args.attacks
+        and row["defence"] in args.defences
+        and (row["dataset"] in ("drift", "demo") or (row["sites"], row["bad_sites"]) == (args.sites, args.bad_sites))
+    ]
+    order = {name: index for index, name in enumerate([*args.datasets, *ATTACKS, *args.defences])}
+    wanted.sort(key=lambda row: (order[row["dataset"]], order[row["attack"]], order[row["defence"]], row["seed"]))
     print(table(wanted))
 
 
