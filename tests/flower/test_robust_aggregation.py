@@ -5,16 +5,13 @@ Sites send models; every expected value below is worked out by hand on the updat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg, FedAvgM
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmed.config import RobustConfig, RunConfig, run_config_from_dict
 from fedmed.core.errors import ConfigError
@@ -23,15 +20,9 @@ from fedmed.flower.server.robust import QuarantineBook, RobustAggregation, cappe
 from fedmed.flower.server.strategies import build_strategy
 from fedmed.flower.wire import ARRAYS, METRICS, SITE, SITE_NAME
 
+pytestmark = pytest.mark.usefixtures("server_task")
+
 START = [1.0, 1.0, 1.0]
-
-
-@pytest.fixture(autouse=True)
-def server_task() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 class Nodes:

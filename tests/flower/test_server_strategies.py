@@ -6,16 +6,13 @@ Every expected value is worked out by hand in the test, on two sites with weight
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmed.config import RunConfig, run_config_from_dict
 from fedmed.core.errors import ConfigError
@@ -26,16 +23,9 @@ from fedmed.flower.server.strategies import build_strategy, restore_strategy_sta
 from fedmed.flower.wire import ARRAYS, METRICS, SITE, SITE_NAME
 from fedmed.runs import RunDirectory
 
+pytestmark = pytest.mark.usefixtures("server_task")
+
 SITES = [{"name": "a", "path": "data/a"}, {"name": "b", "path": "data/b"}]
-
-
-@pytest.fixture(autouse=True)
-def server_task() -> Iterator[None]:
-    """Messages take their run and sender from the process's task identity, as in a ServerApp."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 class TwoSites:
