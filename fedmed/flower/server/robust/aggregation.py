@@ -85,10 +85,8 @@ class RobustAggregation(Strategy):
         claimed = {site: self._claimed(reply) for site, reply in by_site.items()}
         weights = capped_weights(claimed, max_ratio=self.settings.max_case_ratio)
         contributions = measure(updates, settings=self.settings)
-        events, self.pending_events = (
-            self.pending_events + self.book.note_round(contributions, server_round=server_round),
-            [],
-        )
+        events = [*self.pending_events, *self.book.note_round(contributions, server_round=server_round)]
+        self.pending_events = []
         left_out = self._left_out(contributions)
         kept = [site for site in sorted(by_site) if site not in left_out]
         if not kept:
