@@ -94,3 +94,11 @@ def test_config_errors_are_one_clean_message(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "run.toml: invalid configuration" in result.output and "'task.kind'" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["simulate", "run.toml"], ["run", "run.toml"]])
+def test_readmit_without_resume_is_refused_with_the_fix(command: list[str], tmp_path) -> None:
+    (tmp_path / "run.toml").write_text('name = "r"\n[task]\nkind = "segmentation"\n')
+    result = runner.invoke(app, [*command[:1], str(tmp_path / command[1]), "--readmit", "site-a"])
+    assert result.exit_code == 2
+    assert "--readmit" in result.output and "--resume RUN_DIR" in result.output

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmed.flower.server.exchange import NodesAsOfNow
 
@@ -23,15 +18,6 @@ class SiteConnectsWhileSampling:
     def get_node_ids(self) -> list[int]:
         self.looks += 1
         return [1, 2] if self.looks == 1 else [1, 2, 3]
-
-
-@pytest.fixture
-def server_task() -> Iterator[None]:
-    """Messages take their run and sender from the process's task identity, as in a ServerApp."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _sampled(grid: object) -> list[int]:
