@@ -66,6 +66,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("drift-ixi", ("experiments/drift/run_drift.py", "--dataset", "ixi"), "1"),
     _every_site("synthetic", "5"),
     _every_site("ixi", "2.4"),
+    _every_site("ixi-brats", "8"),
     _every_site("brats", "38"),
     _every_site("hippocampus", "42"),
     Benchmark("overhead", ("experiments/bench_overhead.py", "--repeats", "7", "--ray")),

@@ -6,7 +6,9 @@ Datasets (`--dataset`; one whose files are missing from ../shared/data is skippe
 - `ixi`: 12 IXI T1 volumes, 3 sites behind simulated scanners, brain mask (experiments/drift/ixi.toml), site
   z-score;
 - `hippocampus`: MSD Task04, 200 crops dealt onto 3 simulated scanners at 32^3 (hippocampus.toml);
-- `brats`: BraTS 2018, 10 cases split by acquisition source, CBICA and the merged TCIA centres (brats.toml).
+- `brats`: BraTS 2018, 10 cases split by acquisition source, CBICA and the merged TCIA centres (brats.toml);
+- `ixi-brats`: `ixi`'s three sites and a small out-of-domain one: BraTS 2018's T1 volumes (another scanner and
+  population, skull-stripped) with the brain mask = T1 > 0, 5 training and 5 validation cases, on IXI's grid.
 
 Arms (arms.toml): fedavg, defaults (fedmed's defaults), fedprox, fedbn, finetune, ditto, fedbn_finetune. For every site
 of every arm: `global`, the federated global model's final Dice at the site; `delivered`, the model the site is
@@ -42,7 +44,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from fedmed.api import FedmedError, cases_from_folder_pairs, read_toml, set_flower_verbosity
+from fedmed.api import Case, FedmedError, cases_from_folder_pairs, read_toml, set_flower_verbosity
 
 # Shared helpers live in scripts, not in an installed package: the drift runner's (base configs, arms, drifted
 # sites) and bench_real_scans.py's split of BraTS by acquisition source.
@@ -61,8 +63,13 @@ from run_drift import (
 )
 
 HERE = Path(__file__).resolve().parent
-DATASETS = ("synthetic", "ixi", "hippocampus", "brats")
-SHARED = {"ixi": "ixi-hh-t1-12", "hippocampus": "msd-hippocampus", "brats": "brats2018-10"}
+DATASETS = ("synthetic", "ixi", "ixi-brats", "hippocampus", "brats")
+SHARED = {
+    "ixi": ("ixi-hh-t1-12",),
+    "ixi-brats": ("ixi-hh-t1-12", "brats2018-10"),
+    "hippocampus": ("msd-hippocampus",),
+    "brats": ("brats2018-10",),
+}
 HIPPOCAMPUS_LABELS = {0: "background", 1: "anterior", 2: "posterior"}
 LOCAL_ONLY_MARGIN = 0.005  # target 1: delivered >= local-only - this, at every site
 DELIVERED_OF_POOLED = 0.98  # target 2: mean delivered >= this x mean pooled
@@ -97,9 +104,10 @@ def main() -> None:
     args.output = args.output.resolve()
     args.output.mkdir(parents=True, exist_ok=True)
     for dataset in DATASETS if args.dataset == "all" else [args.dataset]:
-        needed = args.shared_data / SHARED[dataset] if dataset in SHARED else None
-        if needed is not None and not needed.is_dir():
-            print(f"skipping {dataset}: {needed} not found (pass --shared-data)\n", flush=True)
+        needed = [args.shared_data / name for name in SHARED.get(dataset, ())]
+        missing = [folder for folder in needed if not folder.is_dir()]
+        if missing:
+            print(f"skipping {dataset}: {missing[0]} not found (pass --shared-data)\n", flush=True)
             continue
         started = time.perf_counter()
         try:
@@ -136,10 +144,21 @@ def dataset_config(dataset: str, *, output: Path, shared_data: Path, quick: bool
         # from the normalization that benchmark found best (site z-score), so the arms differ in training only.
         raw["task"]["intensity"] = "site_zscore"
         return raw
+    if dataset == "ixi-brats":
+        raw = dataset_config("ixi", output=output, shared_data=shared_data, quick=quick)
+        raw["name"] = "every-site-ixi-brats"
+        raw["sites"] += drifted_sites(
+            brats_brain_masks(shared_data / "brats2018-10", out_dir=output / "data" / "brats-t1-masks"),
+            scanners=[{"name": "brats-t1"}],  # its own scanner already: no simulated drift
+            out_dir=output / "data" / "ixi-brats-sites",
+            task=raw["task"],
+            val_fraction=0.5,
+        )
+        return raw
     raw = read_dataset_toml(HERE / f"{dataset}.toml", quick=quick)
     raw["output_dir"] = str(output)
     if dataset == "hippocampus":
-        root = shared_data / SHARED[dataset]
+        root = shared_data / SHARED[dataset][0]
         split = raw.pop("split")
         cases = cases_from_folder_pairs(root / "imagesTr", root / "labelsTr")[: split["max_cases"]]
         raw["sites"] = drifted_sites(
@@ -155,6 +174,23 @@ def dataset_config(dataset: str, *, output: Path, shared_data: Path, quick: bool
         folders = brats_sites(shared_data, output / "data", quick=False)
         raw["sites"] = [{"name": name, "path": str(path)} for name, path in folders.items()]
     return raw
+
+
+def brats_brain_masks(root: Path, *, out_dir: Path) -> list[Any]:
+    """BraTS' T1 volumes (skull-stripped) paired with their brain masks, T1 > 0, written once under `out_dir`."""
+    import nibabel as nib
+    import numpy as np
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for folder in sorted(root.glob("case_*")):
+        image, mask = folder / "T1.nii.gz", out_dir / f"{folder.name}_brain.nii.gz"
+        if not mask.exists():
+            volume = nib.load(image)
+            brain = (np.asarray(volume.dataobj) > 0).astype(np.uint8)
+            nib.save(nib.Nifti1Image(brain, volume.affine), mask)
+        cases.append(Case(image=image.resolve(), label=mask.resolve()))
+    return cases
 
 
 # --- running the arms ------------------------------------------------------------------------------------------
@@ -306,12 +342,13 @@ def format_markdown(report: dict[str, Any]) -> str:
         "",
         f"{report['rounds']} rounds x {report['local_epochs']} local epoch(s). Dice per site on its validation "
         "cases: global = the federated global model; delivered = the model the site is handed (the better of "
-        "global and personalized on its tuning split); local-only and pooled: baselines for rounds x local "
-        "epochs epochs."
+        "global and personalized on its tuning split, or by cross-validation over its training cases); local-only "
+        "and pooled: baselines for rounds x local epochs epochs."
         + (
             f" Personalizing arms ({', '.join(report['personal'])}): each site's own model trains without its "
-            "tuning split (evaluation.tuning_fraction of its training cases), on which the choice is made; the "
-            "federation and the baselines train on all of them."
+            "tuning split (evaluation.tuning_fraction of its training cases), on which the choice is made, unless "
+            "that split would hold fewer than evaluation.cross_validate_below cases: then folds over all of them "
+            "choose, and the fine-tune is refitted on all; the federation and the baselines train on all of them."
             if report["personal"]
             else ""
         ),
@@ -427,8 +464,31 @@ def format_across_seeds(reports: list[dict[str, Any]]) -> str:
         )
     baselines = [baseline for report in reports for baseline in report["baselines"].values()]
     pooled = statistics.mean(mean(baseline["pooled"]) for baseline in baselines)
-    lines += ["", f"Mean pooled Dice over the seeds: {pooled:.3f}."]
+    lines += ["", f"Mean pooled Dice over the seeds: {pooled:.3f}.", "", *_site_margins(reports)]
     return "\n".join(lines)
+
+
+def _site_margins(reports: list[dict[str, Any]]) -> list[str]:
+    """Per arm and site: delivered − local-only in each seed, and in how many seeds it is ≥ −LOCAL_ONLY_MARGIN."""
+    sites = reports[0]["sites"]
+    lines = [
+        f"Delivered − local-only per site, seeds {', '.join(str(report['seed']) for report in reports)} "
+        f"(seeds within −{LOCAL_ONLY_MARGIN}):",
+        "",
+        "| arm | " + " | ".join(sites) + " |",
+        "| --- | " + " | ".join("---:" for _ in sites) + " |",
+    ]
+    for arm in reports[0]["arms"]:
+        found = [report["arms"].get(arm, {}).get("targets") for report in reports]
+        if not all(found):
+            continue
+        cells = []
+        for site in sites:
+            margins = [targets["every_site_vs_local_only"]["margins"][site] for targets in found]
+            met = sum(margin >= -LOCAL_ONLY_MARGIN for margin in margins)
+            cells.append(" / ".join(f"{margin:+.3f}" for margin in margins) + f" ({met} of {len(margins)})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _row(arm: str, model: str, dice: dict[str, float], *, sites: list[str], wall: str) -> str:

@@ -12,6 +12,12 @@ if TYPE_CHECKING:
     from .run import RunConfig
 
 
+# A run config that leaves evaluation.finetune_epochs unset fine-tunes this many epochs at most (RunConfig's default):
+# a cap against a runaway; the early stop ends the fine-tune (BraTS' CBICA stopped itself after 8, cut at 5 it fell
+# short of its local-only model: docs/benchmarks/every-site.md).
+DEFAULT_FINETUNE_EPOCHS = 20
+
+
 class EvaluationConfig(StrictModel):
     """Cross-site evaluation: the global and every site's personalized model on every site's validation data."""
 
@@ -21,7 +27,8 @@ class EvaluationConfig(StrictModel):
         0,
         ge=0,
         description="personalization: at most this many epochs of local fine-tuning of global + local layers at the "
-        "end, stopped early on the site's tuning split",
+        "end, stopped early on the site's tuning split (or its folds); unset in a run config: 20, or 0 under DP-SGD "
+        "or with Ditto",
     )
     ditto_lambda: float = Field(
         0.0,
@@ -35,6 +42,14 @@ class EvaluationConfig(StrictModel):
         lt=1,
         description="fine-tuning or Ditto: share of each site's training cases held out of training to stop the "
         "fine-tune and choose the delivered model (global or personalized); never the validation cases",
+    )
+    cross_validate_below: int = Field(
+        5,
+        ge=0,
+        description="fine-tuning: a site whose tuning split would hold fewer cases than this chooses the fine-tune's "
+        "length and its delivered model by k-fold cross-validation over all its training cases instead (leave-one-out "
+        "up to 5 cases, else 5 folds), then fine-tunes on all of them; 0: always the tuning split. Ditto keeps the "
+        "tuning split (its personal model trains through the run)",
     )
     local_baseline: bool = Field(
         False,
@@ -53,6 +68,11 @@ class EvaluationConfig(StrictModel):
     def personal_training(self) -> bool:
         """Whether sites train a model of their own (fine-tune or Ditto) and so hold out a tuning split."""
         return self.finetune_epochs > 0 or self.ditto_lambda > 0
+
+    @property
+    def may_cross_validate(self) -> bool:
+        """Whether a small site chooses by cross-validation (fedmed.data.tuning.cross_validates decides per site)."""
+        return self.finetune_epochs > 0 and self.ditto_lambda == 0 and self.cross_validate_below > 0
 
 
 class BaselinesConfig(StrictModel):

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from .base import StrictModel
 from .engine import EngineConfig
-from .evaluation import BaselinesConfig, EvaluationConfig, check_baselines
+from .evaluation import DEFAULT_FINETUNE_EPOCHS, BaselinesConfig, EvaluationConfig, check_baselines
 from .model import ModelConfig
 from .normalization import NormalizationConfig
 from .pretrain import PretrainConfig, check_pretrain
@@ -73,6 +73,23 @@ class RunConfig(StrictModel):
             return bool(values.get("enabled")) if isinstance(values, dict) else bool(getattr(values, "enabled", False))
 
         return {**data, "strategy": {**strategy, "name": "fedavg" if enabled("client_dp") else "fedavgm"}}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_finetune(cls, data: object) -> object:
+        """Every site is fine-tuned at the end by default, the fine-tune stopped early and delivered only where it
+        beats the global model on cases it did not train on: no site is handed a worse model for it, and the global
+        model is untouched. Not under DP-SGD (it would spend budget beyond the plan) nor with Ditto (its personal
+        model is the site's own already)."""
+        if not isinstance(data, dict):
+            return data
+        evaluation = data.get("evaluation") or {}
+        if not isinstance(evaluation, dict) or "finetune_epochs" in evaluation:
+            return data
+        dp_sgd = data.get("dp_sgd")
+        dp = bool(dp_sgd.get("enabled")) if isinstance(dp_sgd, dict) else bool(getattr(dp_sgd, "enabled", False))
+        epochs = 0 if dp or evaluation.get("ditto_lambda") else DEFAULT_FINETUNE_EPOCHS
+        return {**data, "evaluation": {**evaluation, "finetune_epochs": epochs}}
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from fedmed.core.log import logger
 from .manifest import MANIFEST_NAME, Case, parse_manifest
 from .problems import DataValidationError
 from .report import ValidationReport, raise_if_errors
-from .tuning import tuning_split
+from .tuning import cross_validates, tuning_split
 from .validation import iter_site_cases
 
 if TYPE_CHECKING:
@@ -137,6 +137,8 @@ class ScanSite:
     # cases) stops the fine-tune and chooses the delivered model; the federation trains on every training case.
     personal_train: PatchDataset | None = None
     tune: VolumeCases | None = None
+    # Training patches of the cases at some indices and whole volumes of others: a small site's cross-validation folds.
+    split_training: Callable[[list[int], list[int]], tuple[PatchDataset, VolumeCases]] | None = None
     # The training cases whole, as validation and `fedmed predict` see a case (never cached: read once, at the end
     # of a run, for the out-of-distribution reference of the model card).
     train_volumes: VolumeCases | None = None
@@ -222,13 +224,17 @@ def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None, che
     )
     # Site-level modes: the training volumes before their intensity step, for the pass that fits the statistics.
     unnormalized = None if step is None else _unnormalized(train_records, training, config, cache_dir=cache_dir)
-    personal_train, tune = None, None
-    if config.evaluation.personal_training:
-        kept, held = tuning_split(
-            len(train_records), fraction=config.evaluation.tuning_fraction, seed=config.seed, site=name
+
+    def split_training(kept: list[int], held: list[int]) -> tuple[PatchDataset, VolumeCases]:
+        return _patches(Subset(train_source, kept), len(kept), config=config), volumes(
+            [train_records[i] for i in held], cache=data.cache
         )
-        personal_train = _patches(Subset(train_source, kept), len(kept), config=config)
-        tune = volumes([train_records[i] for i in held], cache=data.cache)
+
+    personal_train, tune = None, None
+    if config.evaluation.personal_training and not cross_validates(len(train_records), evaluation=config.evaluation):
+        personal_train, tune = split_training(
+            *tuning_split(len(train_records), fraction=config.evaluation.tuning_fraction, seed=config.seed, site=name)
+        )
     return ScanSite(
         name=name,
         train=_patches(train_source, len(train_records), config=config),
@@ -237,6 +243,7 @@ def open_scan_site(path: Path, *, config: RunConfig, cache_dir: Path | None, che
         channels=channels,
         personal_train=personal_train,
         tune=tune,
+        split_training=split_training,
         train_volumes=volumes(train_records),  # never cached: read once, for the model card's reference
         intensity=step,
         unnormalized_train=unnormalized,

@@ -11,7 +11,7 @@ from fedmed.config import RunConfig
 from fedmed.core.errors import FedmedError
 from fedmed.data import SiteData, load_site
 from fedmed.data.scan_site import ScanSite, open_scan_site
-from fedmed.data.tuning import tuning_split
+from fedmed.data.tuning import choice_folds, cross_validates, tuning_split
 from fedmed.site.normalization import SiteNormalization
 from fedmed.site.spec import SiteSpec
 
@@ -68,7 +68,7 @@ class SiteCases:
         of a small site's cases out of it cost the global model more than the choice gained
         (docs/benchmarks/every-site.md)."""
         data = self.data
-        if not self.config.evaluation.personal_training:
+        if not self.config.evaluation.personal_training or self.cross_validated:
             return data.train, None
         if getattr(data, "tune", None) is not None:  # scan geometry: split into datasets when the site was opened
             return data.personal_train, data.tune
@@ -90,6 +90,30 @@ class SiteCases:
     @property
     def tuning_cases(self) -> Sequence | None:
         return self._split[1]
+
+    @property
+    def cross_validated(self) -> bool:
+        """A small site fine-tuning: its fine-tune and delivered model are chosen by folds over every training case."""
+        return cross_validates(self.training_case_count, evaluation=self.config.evaluation)
+
+    @property
+    def training_case_count(self) -> int:
+        """Training cases (not patches)."""
+        data = self.data
+        return data.num_train if isinstance(data, ScanSite) else len(data.train)  # scan geometry: train yields patches
+
+    def choice_folds(self) -> list[tuple[Sequence, Sequence]]:
+        """Per fold: the cases its fine-tune trains on and those it is scored on (every case is held out once)."""
+        data, count = self.data, self.training_case_count
+        folds = []
+        for held in choice_folds(count, seed=self.config.seed, site=self.spec.name):
+            kept = [index for index in range(count) if index not in held]
+            if isinstance(data, ScanSite):
+                assert data.split_training is not None
+                folds.append(data.split_training(kept, held))
+            else:
+                folds.append(([data.train[i] for i in kept], [data.train[i] for i in held]))
+        return folds
 
     def _check_channels(self, data: SiteData | ScanSite) -> None:
         """The run's network takes task.channels inputs; a site with other modalities must not train on it."""

@@ -14,6 +14,7 @@ from torch import nn
 from fedmed.core.errors import FedmedError
 from fedmed.core.log import logger
 from fedmed.runs.summary import DELIVERED_PERSONALIZED
+from fedmed.site.fold_choice import cross_validated_finetune
 from fedmed.site.local_layers import DITTO_FILE, DITTO_OPTIMIZER_FILE, LocalParameterStore
 from fedmed.site.parts import SiteParts
 from fedmed.site.spec import StateDict, site_seed
@@ -80,14 +81,26 @@ def personal_candidate(site: SiteParts, global_model: nn.Module, *, server_round
             )
         candidate.load_state_dict(stored)
     metric = site.task.primary_metric
-    global_score = _tuning_score(site, global_model)
-    score, tuned = _tuning_score(site, candidate), {}
-    if site.config.evaluation.finetune_epochs:
-        score, tuned = _finetune(site, candidate, start_score=score, server_round=server_round)
+    if site.config.evaluation.ditto_lambda == 0 and site.cases.training_case_count < 2:
+        logger.warning(
+            "site %s: %d training case, none to spare to judge a fine-tune by: delivers the global model",
+            site.spec.name,
+            site.cases.training_case_count,
+        )
+        return candidate, {DELIVERED_PERSONALIZED: 0.0, "tuning_cases": 0}
+    if site.cases.cross_validated:
+        global_score, score, tuned = _cross_validated(site, candidate, server_round=server_round)
+    else:
+        global_score = _tuning_score(site, global_model)
+        score, tuned = _tuning_score(site, candidate), {"tuning_cases": len(site.cases.tuning_cases)}
+        if site.config.evaluation.finetune_epochs:
+            finetuned_score, finetuned = _finetune(site, candidate, start_score=score, server_round=server_round)
+            score, tuned = finetuned_score, {**tuned, **finetuned}
     chosen = _better(site, score, global_score)
     logger.info(
-        "site %s: tuning %s global %.4f, personalized %.4f: delivers the %s model",
+        "site %s: %s %s global %.4f, personalized %.4f: delivers the %s model",
         site.spec.name,
+        f"cross-validated ({tuned['choice_folds']} folds)" if "choice_folds" in tuned else "tuning",
         metric,
         global_score,
         score,
@@ -96,10 +109,31 @@ def personal_candidate(site: SiteParts, global_model: nn.Module, *, server_round
     return candidate, {
         f"tuning_{metric}_global": global_score,
         f"tuning_{metric}_personalized": score,
-        "tuning_cases": len(site.cases.tuning_cases),
         DELIVERED_PERSONALIZED: float(chosen),
         **tuned,
     }
+
+
+def _cross_validated(site: SiteParts, candidate: nn.Module, *, server_round: int) -> tuple[float, float, dict]:
+    """A small site: the fine-tune's length and the choice from folds over every training case (fold_choice)."""
+    choice = cross_validated_finetune(
+        site,
+        candidate,
+        server_round=server_round,
+        patience=FINETUNE_PATIENCE,
+        better=lambda score, than: _better(site, score, than),
+    )
+    return (
+        choice.global_score,
+        choice.best_score,
+        {
+            "tuning_cases": choice.cases,
+            "choice_folds": choice.folds,
+            "finetune_epochs_run": len(choice.curve) - 1,
+            "finetune_best_epoch": choice.best_epoch,
+            "finetune_seconds": choice.seconds,
+        },
+    )
 
 
 def _finetune(site: SiteParts, model: nn.Module, *, start_score: float, server_round: int) -> tuple[float, dict]:

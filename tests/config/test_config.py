@@ -41,6 +41,22 @@ def test_client_dp_defaults_to_fedavg_and_an_explicit_strategy_stays(tmp_path: P
     assert explicit.strategy.name == "fedprox"
 
 
+@pytest.mark.parametrize(
+    ("extra", "epochs"),
+    [
+        ("", 20),  # every site fine-tuned, early-stopped, delivered only where it wins
+        ("\n[dp_sgd]\nenabled = true\n", 0),  # it would spend budget beyond the plan
+        ("\n[evaluation]\nditto_lambda = 0.1\n", 0),  # Ditto's personal model is the site's own already
+        ("\n[evaluation]\nfinetune_epochs = 3\n", 3),
+        ("\n[evaluation]\nfinetune_epochs = 0\n", 0),
+    ],
+)
+def test_sites_fine_tune_by_default_where_nothing_forbids_it(tmp_path: Path, extra: str, epochs: int) -> None:
+    config = load_run_config(write(tmp_path, MINIMAL + extra))
+    assert config.evaluation.finetune_epochs == epochs
+    assert load_run_config(write(tmp_path, dump_toml(config))).evaluation.finetune_epochs == epochs
+
+
 def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_run_config(write(tmp_path, MINIMAL + "[train]\nepochs = 3\n"))

@@ -129,8 +129,8 @@ def test_cross_site_matrix_with_personalized_models_and_baselines(tiny_config) -
     assert summary["personalized"]["worst_site"] == min(summary["sites"][s]["personalized"]["dice"] for s in sites)
 
 
-def test_without_fedbn_the_matrix_has_the_global_model_only(tiny_config) -> None:
-    result = simulate(tiny_config())
+def test_without_fedbn_or_a_fine_tune_the_matrix_has_the_global_model_only(tiny_config) -> None:
+    result = simulate(tiny_config(evaluation={"finetune_epochs": 0}))
     final = result.run_dir.read_json("cross_site.json")["evaluations"][-1]
     assert final["models"] == ["global"]
     assert set(final["metrics"]["global"]) == {"site-a", "site-b", "site-c"}

@@ -14,7 +14,13 @@ import torch
 
 from fedmed.core.errors import ConfigError
 from fedmed.site.audit import AuditLog
-from fedmed.site.local_layers import DITTO_FILE, DITTO_OPTIMIZER_FILE, OPTIMIZER_FILE, SiteStateFileError
+from fedmed.site.local_layers import (
+    DELIVERED_FILE,
+    DITTO_FILE,
+    DITTO_OPTIMIZER_FILE,
+    OPTIMIZER_FILE,
+    SiteStateFileError,
+)
 from fedmed.site.session import SiteSession, SiteSpec
 from fedmed.workflows.simulate import materialize_sites, simulate
 
@@ -71,8 +77,14 @@ def _invert_validation_labels(site_dir: Path) -> None:
         nib.save(nib.Nifti1Image(inverted.astype(np.uint8), label.affine), path)
 
 
-def test_the_delivered_model_is_chosen_on_the_tuning_split_never_on_validation_labels(tiny_config, tmp_path) -> None:
-    config = tiny_config(evaluation={"finetune_epochs": 3, "tuning_fraction": 0.25})
+@pytest.mark.parametrize(("cross_validate_below", "personal", "tuning"), [(0, 3, 1), (5, 4, None)])
+def test_the_delivered_model_is_chosen_on_training_cases_never_on_validation_labels(
+    tiny_config, tmp_path, cross_validate_below: int, personal: int, tuning: int | None
+) -> None:
+    """A tuning split of 1 case of 4, or (the default for a site this small) leave-one-out over all 4."""
+    config = tiny_config(
+        evaluation={"finetune_epochs": 3, "tuning_fraction": 0.25, "cross_validate_below": cross_validate_below}
+    )
     site = materialize_sites(config).sites[0]
     relabelled = tmp_path / "relabelled"
     shutil.copytree(site.path, relabelled)
@@ -80,7 +92,8 @@ def test_the_delivered_model_is_chosen_on_the_tuning_split_never_on_validation_l
     results, start = {}, None
     for name, path in (("original", site.path), ("relabelled", relabelled)):
         session = _session(config, site, tmp_path / f"state-{name}", data_path=path)
-        assert len(session.personal_training_cases) == 3 and len(session.tuning_cases) == 1
+        assert len(session.personal_training_cases) == personal
+        assert (session.tuning_cases and len(session.tuning_cases)) == tuning
         assert len(session.training_cases) == 4  # the federation trains on every training case
         start = start or {key: value.clone() for key, value in session.shared_template().items()}
         trained, _ = session.train(start, server_round=1, proximal_mu=0.0)
@@ -89,6 +102,8 @@ def test_the_delivered_model_is_chosen_on_the_tuning_split_never_on_validation_l
     assert original["dice"] != pytest.approx(relabelled_metrics["dice"]), "the validation labels changed the score"
     for key in ("tuning_dice_global", "tuning_dice_personalized", "delivered_personalized", "finetune_best_epoch"):
         assert original[key] == relabelled_metrics[key], key
+    assert original["tuning_cases"] == (tuning or 4)
+    assert original.get("choice_folds") == (None if tuning else 4)
 
 
 def test_ditto_runs_under_secure_aggregation_and_its_personal_model_never_leaves(tiny_config) -> None:
@@ -144,3 +159,51 @@ def test_each_site_trains_its_local_baseline_and_the_summary_leads_with_the_answ
 def test_the_local_baselines_of_the_simulation_and_of_the_sites_are_not_both_asked_for(tiny_config) -> None:
     with pytest.raises(ConfigError, match="keep one"):
         tiny_config(evaluation={"local_baseline": True}, baselines={"local_only": True})
+
+
+def test_a_small_sites_fine_tune_that_hurts_every_fold_is_never_delivered(tiny_config, tmp_path) -> None:
+    """Leave-one-out over the site's 4 training cases: a fine-tune at a learning rate that wrecks the model loses to
+    the global model on the held-out cases, so the site is delivered the global model, untouched."""
+    config = tiny_config(evaluation={"finetune_epochs": 5}, train={"local_epochs": 60})
+    site = materialize_sites(config).sites[0]
+    trained, _ = _session(config, site, tmp_path / "train").train(
+        _session(config, site, tmp_path / "start").shared_template(), server_round=1, proximal_mu=0.0
+    )
+    trained = {key: value.clone() for key, value in trained.items()}
+    wrecking = _session(
+        tiny_config(evaluation={"finetune_epochs": 5}, train={"learning_rate": 1000.0}), site, tmp_path / "wrecking"
+    )
+    personal, metrics = wrecking.personalize(trained, server_round=2, final=True)
+    assert metrics["choice_folds"] == 4 and metrics["tuning_cases"] == 4
+    assert metrics["finetune_best_epoch"] == 0 and metrics["finetune_epochs_run"] == 2  # patience: 2 epochs
+    assert metrics["delivered_personalized"] == 0.0
+    assert _close({key: personal[key] for key in trained}, trained)
+
+
+def test_a_small_sites_fine_tune_that_helps_is_refitted_on_every_training_case(tiny_config, tmp_path) -> None:
+    """From an untrained model, fine-tuning helps the held-out cases: the folds choose a length, and the delivered
+    model is that many epochs on all 4 cases (not on any fold's 3)."""
+    config = tiny_config(evaluation={"finetune_epochs": 4})
+    site = materialize_sites(config).sites[0]
+    session = _session(config, site, tmp_path / "state")
+    assert session.tuning_cases is None and len(session.personal_training_cases) == 4
+    start = {key: value.clone() for key, value in session.shared_template().items()}
+    personal, metrics = session.personalize(start, server_round=1, final=True)
+    assert metrics["tuning_dice_personalized"] > metrics["tuning_dice_global"]
+    assert metrics["finetune_best_epoch"] >= 1 and metrics["delivered_personalized"] == 1.0
+    delivered = torch.load(tmp_path / "state" / DELIVERED_FILE, weights_only=True)
+    assert _close({key: delivered[key] for key in personal}, personal)
+    assert not _close({key: personal[key] for key in start}, start)
+
+
+def test_a_site_with_one_training_case_is_delivered_the_global_model_and_told_why(
+    tiny_config, tmp_path, caplog
+) -> None:
+    config = tiny_config(synth={"train_cases": 1}, evaluation={"finetune_epochs": 3})
+    site = materialize_sites(config).sites[0]
+    session = _session(config, site, tmp_path / "state")
+    start = {key: value.clone() for key, value in session.shared_template().items()}
+    personal, metrics = session.personalize(start, server_round=1, final=True)
+    assert metrics["delivered_personalized"] == 0.0 and metrics["tuning_cases"] == 0
+    assert _close({key: personal[key] for key in start}, start)
+    assert "1 training case, none to spare to judge a fine-tune by" in caplog.text

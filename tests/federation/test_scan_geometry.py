@@ -113,19 +113,27 @@ def test_denoising_is_scored_on_the_whole_volume_in_original_space(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("cross_validate_below", "held_out"), [(0, 1), (5, 4)])
 def test_fine_tuning_in_scan_geometry_holds_out_whole_volumes_and_chooses_on_them(
-    scan_sites: list[dict[str, str]], tmp_path: Path
+    scan_sites: list[dict[str, str]], tmp_path: Path, cross_validate_below: int, held_out: int
 ) -> None:
+    """A tuning split of 1 training volume of 4, or leave-one-out over all 4 (the default for a site this small)."""
     config = _config(
         tmp_path,
         scan_sites,
         train={"rounds": 1, "local_epochs": 1},
-        evaluation={"cross_site": True, "finetune_epochs": 2, "tuning_fraction": 0.25},
+        evaluation={
+            "cross_site": True,
+            "finetune_epochs": 2,
+            "tuning_fraction": 0.25,
+            "cross_validate_below": cross_validate_below,
+        },
     )
     result = simulate(config)
     final = result.run_dir.read_json("cross_site.json")["evaluations"][-1]
     for site in SITES:
         home = final["metrics"][f"personalized:{site}"][site]
-        assert home["tuning_cases"] == 1  # of the 4 training volumes, scored whole by sliding window
+        assert home["tuning_cases"] == held_out  # training volumes scored whole by sliding window
+        assert home.get("choice_folds") == (4 if cross_validate_below else None)
         assert 0.0 <= home["tuning_dice_global"] <= 1.0 and 0.0 <= home["tuning_dice_personalized"] <= 1.0
         assert result.summary["sites"][site]["delivered_model"] in ("global", "personalized")
