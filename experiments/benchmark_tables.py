@@ -92,10 +92,12 @@ BENCHMARKS: tuple[Benchmark, ...] = (
             "pneumonia",
             "--seeds",
             "0",
+            "1",
+            "2",
             "--out",
             "runs/bench-robustness",
         ),
-        "25",
+        "75",
     ),
     Benchmark(
         "robustness-7",
