@@ -92,14 +92,18 @@ def _latest_lines(latest: dict[str, Any]) -> list[str]:
         return lines
     shown = sites
     if len(sites) > MAX_SITES_SHOWN:
-        shown = {site: values for site, values in sites.items() if values.get("flagged") or values.get("left_out")}
+        shown = {
+            site: values
+            for site, values in sites.items()
+            if values.get("flagged") or values.get("unusual") or values.get("left_out")
+        }
     lines = [
         f"{head}:",
         f"  {'site':<20} {'flagged':<8}{'score':>7}{'norm x':>8}{'cosine':>8}{'train loss':>11}{'weight':>8}  left out",
     ]
     for site, values in shown.items():
         lines.append(
-            f"  {site:<20} {'FLAGGED' if values.get('flagged') else '-':<8}{_number(values.get('score'), '.2f'):>7}"
+            f"  {site:<20} {_verdict(values):<8}{_number(values.get('score'), '.2f'):>7}"
             f"{_number(values.get('norm_ratio'), '.2f'):>8}{_number(values.get('cosine'), '+.2f'):>8}"
             f"{_number(values.get('train_loss'), '.3f'):>11}{_number(values.get('weight'), '.3g'):>8}  "
             f"{values.get('left_out') or '-'}"
@@ -107,6 +111,12 @@ def _latest_lines(latest: dict[str, Any]) -> list[str]:
     if len(shown) < len(sites):
         lines.append(f"  and {len(sites) - len(shown)} more sites, none flagged or left out")
     return lines
+
+
+def _verdict(values: dict[str, Any]) -> str:
+    """FLAGGED: left out, counts to quarantine; unusual: kept, down-weighted (an honest site of another population
+    looks like this)."""
+    return "FLAGGED" if values.get("flagged") else ("unusual" if values.get("unusual") else "-")
 
 
 def _bound_note(latest: dict[str, Any]) -> str:
@@ -155,7 +165,10 @@ def contributions_section(rounds: list[dict[str, Any]], *, plot_dir: Path) -> st
         body = (
             "<p>Each round every site's update is measured against the other sites' updates: its norm as a multiple "
             "of their median norm and its cosine to their coordinate-wise median update, combined into an outlier "
-            "score. A score of 1 or more flags the update (dashed line); red crosses mark rounds a site spent in "
+            "score. A score of 1 or more (dashed line) flags an update that is oversized or points against the "
+            "others: it is left out and counts towards quarantine. One that still points their way is only "
+            "unusual: an honest site of another population looks like that, so it is kept, its weight scaled by its "
+            "cosine over the sites' median cosine. Red crosses mark rounds a site spent in "
             "quarantine, left out of aggregation until the coordinator re-admits it (on the dashed line when it "
             "was not asked to train). Honest sites on different "
             "scanners differ, so a site is judged only against the others, never against a fixed expectation.</p>\n"
@@ -228,18 +241,24 @@ def _quarantined_rounds(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
 
 def _flags_summary(rows: list[dict[str, Any]]) -> str:
     flagged: dict[str, list[str]] = {}
+    unusual: dict[str, list[str]] = {}
     for row in rows:
         for site, values in row["contributions"].items():
             if isinstance(values, dict) and values.get("flagged"):
                 left_out = f" (left out: {values['left_out']})" if values.get("left_out") else " (kept)"
                 flagged.setdefault(str(site), []).append(f"{row.get('round')}{left_out}")
-    if not flagged:
-        return "<p>No site was flagged.</p>\n"
-    items = "".join(
-        f"<li>{html.escape(site)}: round{'s' if len(numbers) > 1 else ''} {html.escape(', '.join(numbers))}</li>"
-        for site, numbers in sorted(flagged.items())
-    )
-    return f"<p>Flagged updates, by site and round:</p><ul>{items}</ul>\n"
+            elif isinstance(values, dict) and values.get("unusual"):
+                unusual.setdefault(str(site), []).append(f"{row.get('round')} (weight × {values.get('trust', 1):.2f})")
+    summary = "" if flagged else "<p>No site was flagged.</p>\n"
+    for title, found in (("Flagged updates", flagged), ("Unusual updates, kept", unusual)):
+        if found:
+            items = "".join(
+                f"<li>{html.escape(site)}: {'rounds' if len(numbers) > 1 else 'round'} "
+                f"{html.escape(', '.join(numbers))}</li>"
+                for site, numbers in sorted(found.items())
+            )
+            summary += f"<p>{title}, by site and round:</p><ul>{items}</ul>\n"
+    return summary
 
 
 def _events_table(rounds: list[dict[str, Any]]) -> str:

@@ -107,6 +107,23 @@ def test_a_flagged_update_is_left_out_of_the_round_and_shown() -> None:
     assert not any(strategy.last_record["contributions"][site]["flagged"] for site in "abcd")
 
 
+def test_an_unusual_update_that_points_the_federations_way_is_kept_at_a_weight_scaled_by_its_cosine() -> None:
+    # e = (0.3, 0, 1): cosine 0.2873 to the median (1, 0, 0), 0.6828 below the median cosine 0.9701; weight
+    # 10 x 0.2873/0.9701 = 2.962 beside the others' 10 each; norm 1.044, under 2 x the median norm 1.0770.
+    strategy = RobustAggregation(FedAvg(), settings=RobustConfig(rule="mean"))
+    unusual = [0.3, 0.0, 1.0]
+    result = aggregate(strategy, {**HONEST, "e": unusual})
+    trust = (0.3 / np.hypot(0.3, 1.0)) / (0.8 / np.hypot(0.8, 0.2))
+    expected = (10 * np.sum([HONEST[site] for site in "abcd"], axis=0) + 10 * trust * np.asarray(unusual)) / (
+        40 + 10 * trust
+    )
+    assert result == pytest.approx(expected, abs=1e-5)
+    row = strategy.last_record["contributions"]["e"]
+    assert row["unusual"] and not row["flagged"] and row["left_out"] is None
+    assert row["weight"] == pytest.approx(10 * trust, abs=1e-3) and row["trust"] == pytest.approx(trust, abs=1e-4)
+    assert not strategy.book.recent["e"][-1]  # it does not count towards quarantine
+
+
 def test_the_rule_hands_fedavgm_its_result_so_momentum_steps_from_it() -> None:
     # Median update (1, 0, 0); FedAvgM with server learning rate 1 and momentum 0.5: round 1 steps by the
     # median, round 2 (same updates, from the new global) by median + 0.5 x previous = (1.5, 0, 0).
@@ -125,14 +142,21 @@ def test_diagnostics_flag_long_and_opposed_updates_but_not_honest_spread() -> No
     settings = RobustConfig()
     updates = {site: np.asarray(update) for site, update in HONEST.items()}
     honest = measure(updates, settings=settings)
-    assert not any(contribution.flagged for contribution in honest.values())
-    noisy = measure({**updates, "e": np.asarray([0.0, 0.0, 3.0])}, settings=settings)
+    assert not any(contribution.flagged or contribution.unusual for contribution in honest.values())
+    noisy = measure({**updates, "e": np.asarray([-0.1, 0.0, 3.0])}, settings=settings)
     # The coordinate-wise median of the five is (1, 0, 0). Cosines: a 1, b 1.2/1.2166 = 0.9864, c 0.8/0.8246 =
-    # 0.9701, d 1/1.0770 = 0.9285, e 0; their median 0.9701, so e is 0.9701 below it: score 0.9701 / 0.3.
-    # e's norm, 3 / median(1, 1.2166, 0.8246, 1.0770, 3) = 2.786, stays under 4: the direction flags it.
-    assert noisy["e"].cosine_gap == pytest.approx(0.8 / np.hypot(0.8, 0.2), abs=1e-4)
-    assert noisy["e"].score == pytest.approx(0.8 / np.hypot(0.8, 0.2) / 0.3, abs=1e-3) and noisy["e"].flagged
-    assert noisy["e"].norm_ratio == pytest.approx(3 / np.hypot(1.0, 0.4), abs=1e-4)
+    # 0.9701, d 1/1.0770 = 0.9285, e -0.1/3.0017; their median 0.9701, so e is 1.0034 below it: score 1.0034 / 0.3.
+    # e's norm, 3.0017 / median(1, 1.2166, 0.8246, 1.0770, 3.0017) = 2.787, stays under 4: its direction, far
+    # below the others' and against them, flags it.
+    assert noisy["e"].cosine_gap == pytest.approx(0.8 / np.hypot(0.8, 0.2) + 0.1 / np.hypot(0.1, 3), abs=1e-4)
+    assert noisy["e"].score == pytest.approx(noisy["e"].cosine_gap / 0.3, abs=1e-6) and noisy["e"].flagged
+    assert noisy["e"].norm_ratio == pytest.approx(np.hypot(0.1, 3) / np.hypot(1.0, 0.4), abs=1e-4)
+    # As far below the others but still their way (cosine 0.3/1.0440 = 0.2873): unusual, kept, weight x 0.2873/0.9701.
+    other = measure({**updates, "e": np.asarray([0.3, 0.0, 1.0])}, settings=settings)["e"]
+    assert other.unusual and not other.flagged and other.score > 1
+    assert other.trust == pytest.approx((0.3 / np.hypot(0.3, 1.0)) / (0.8 / np.hypot(0.8, 0.2)), abs=1e-6)
+    orthogonal = measure({**updates, "e": np.asarray([0.0, 0.0, 3.0])}, settings=settings)["e"]
+    assert orthogonal.unusual and orthogonal.trust == 0.0  # no agreement at all: kept at weight 0
     scaled = measure({**updates, "e": np.asarray([5.0, 0.0, 0.0])}, settings=settings)
     assert scaled["e"].flagged and scaled["e"].cosine == pytest.approx(1.0)  # same direction, 5x as long
     two = measure({"a": np.asarray([1.0, 0.0]), "b": np.asarray([-50.0, 0.0])}, settings=settings)

@@ -83,8 +83,10 @@ class RobustAggregation(Strategy):
         by_site = {sender(reply): reply for reply in replies}
         updates = {site: self._update(reply) for site, reply in by_site.items()}
         claimed = {site: self._claimed(reply) for site, reply in by_site.items()}
-        weights = capped_weights(claimed, max_ratio=self.settings.max_case_ratio)
         contributions = measure(updates, settings=self.settings)
+        weights = capped_weights(claimed, max_ratio=self.settings.max_case_ratio)
+        if self.acts and self.settings.down_weight_unusual:
+            weights = {site: weight * contributions[site].trust for site, weight in weights.items()}
         events = [*self.pending_events, *self.book.note_round(contributions, server_round=server_round)]
         self.pending_events = []
         left_out = self._left_out(contributions)
@@ -223,6 +225,8 @@ def _contributions(
             "cosine_gap": round(contribution.cosine_gap, 4),
             "score": _finite(contribution.score),
             "flagged": contribution.flagged,
+            "unusual": contribution.unusual,
+            "trust": round(contribution.trust, 4),
             "train_loss": float(loss) if isinstance(loss, int | float) else None,
             "claimed_cases": int(claimed[site]),
             # The weight of a kept update (None: the rule aggregates unweighted) and the factor its update was

@@ -12,6 +12,12 @@ the round:
 - direction: an update whose cosine to the centre is far below the sites' median cosine (flipped labels,
   a broken label export, a sign flip). How well honest updates agree changes over a run (near 0.9 early,
   toward 0 late in the demo), so the gap to the round's median cosine is judged, not the cosine itself.
+
+Far below is two things. An update that points against the federation (a negative cosine: flipped labels, a sign
+flip) or is oversized is *flagged*: left out, and counted towards quarantine. One that still points the federation's
+way is *unusual*: an honest site of another population looks exactly like that (a small skull-stripped BraTS site
+beside three IXI sites fell 0.3-0.7 below the median cosine, as far as a broken label export did), so it stays in,
+its weight scaled by its cosine over the median cosine, and is never quarantined for it.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ class Contribution:
     norm_ratio: float  # its norm / the median norm of the round's updates
     cosine: float  # to the coordinate-wise median of the round's updates
     cosine_gap: float  # the sites' median cosine minus this one
-    score: float  # >= 1 flags: the larger of the norm and the direction criteria, each divided by its threshold
-    flagged: bool
+    score: float  # >= 1: flagged or unusual; the larger of the norm and the direction criteria over their thresholds
+    flagged: bool  # oversized, or far from the others and pointing against them: left out, counts to quarantine
+    unusual: bool = False  # far from the others but pointing their way: kept, weighted by `trust`
+    trust: float = 1.0  # the factor on its aggregation weight: its cosine over the sites' median cosine if unusual
 
     def evidence(self) -> str:
         return (
@@ -59,8 +67,14 @@ def measure(updates: dict[str, np.ndarray], *, settings: RobustConfig) -> dict[s
         gap = median_cosine - cosines[name]
         # Each criterion divided by its threshold: 1 flags.
         score = max(ratio / settings.flag_norm_ratio, max(0.0, gap) / settings.flag_cosine_gap)
+        oversized = ratio >= settings.flag_norm_ratio
+        far = gap >= settings.flag_cosine_gap
+        flagged = judged and (oversized or (far and cosines[name] < 0))
+        unusual = judged and far and not flagged
+        # An unusual cosine is >= 0 and at least flag_cosine_gap below the median, so the median is positive.
+        trust = min(1.0, cosines[name] / median_cosine) if unusual else 1.0
         contributions[name] = Contribution(
-            norms[name], ratio, cosines[name], gap, score, flagged=judged and score >= 1.0
+            norms[name], ratio, cosines[name], gap, score, flagged=flagged, unusual=unusual, trust=trust
         )
     return contributions
 
