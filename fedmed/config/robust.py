@@ -43,9 +43,9 @@ class RobustConfig(StrictModel):
     )
     down_weight_unusual: bool = Field(
         True,
-        description="an unusual update (far below the others' cosine but still pointing their way, as an honest site of "
-        "another population's is) is kept with its weight scaled by its cosine over the sites' median cosine; false: "
-        "kept at full weight (it is still shown)",
+        description="an unusual update (far below the others' cosine but still pointing their way, as an honest "
+        "site of another population's is) is kept with its weight scaled by its cosine over the sites' median cosine; "
+        "false: kept at full weight (it is still shown)",
     )
     flag_norm_ratio: float = Field(
         4.0, gt=1, description="flag an update longer than this × the median norm of the round's updates"
