@@ -3,8 +3,8 @@
 Every round each site's update is measured against the round's robust centre (its norm against the median
 norm, its cosine to the coordinate-wise median update against the other sites' cosines), the robust rule
 aggregates, and a site flagged in `quarantine_after` of its last `quarantine_window` rounds is left out until
-the coordinator re-admits it; an unusual update that still points the federation's way is kept, down-weighted,
-and never counts towards quarantine (fedmed.flower.server.robust).
+the coordinator re-admits it; from then on an update of that site that still points the federation's way is kept,
+down-weighted, and not counted (fedmed.flower.server.robust).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ class RobustConfig(StrictModel):
     )
     down_weight_unusual: bool = Field(
         True,
-        description="an unusual update (far below the others' cosine but still pointing their way, as an honest "
-        "site of another population's is) is kept with its weight scaled by its cosine over the sites' median cosine; "
-        "false: kept at full weight (it is still shown)",
+        description="an unusual update (from a site the coordinator re-admitted: far below the others' cosine but "
+        "still pointing their way, as an honest site of another population's is) is kept with its weight scaled by "
+        "its cosine over the sites' median cosine; false: kept at full weight (it is still shown)",
     )
     flag_norm_ratio: float = Field(
         4.0, gt=1, description="flag an update longer than this × the median norm of the round's updates"
@@ -54,10 +54,10 @@ class RobustConfig(StrictModel):
         0.3,
         gt=0,
         le=2,
-        description="an update whose cosine to the round's coordinate-wise median update is this far below the "
-        "sites' median cosine is flagged if its cosine is negative, else unusual (honest drifted sites stayed within "
-        "0.17 of it in the demo and the drift benchmark; flipped labels fell 0.9 below from round 1; a small honest "
-        "site of another population 0.3-0.7 below)",
+        description="flag an update whose cosine to the round's coordinate-wise median update is this far below the "
+        "sites' median cosine, or for a re-admitted site only if its cosine is also negative, else call it unusual "
+        "(honest drifted sites stayed within 0.17 of it in the demo and the drift benchmark; flipped labels fell 0.9 "
+        "below from round 1; a small honest site of another population 0.3-0.7 below)",
     )
     quarantine_after: int = Field(
         3,

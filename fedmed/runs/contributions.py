@@ -114,8 +114,8 @@ def _latest_lines(latest: dict[str, Any]) -> list[str]:
 
 
 def _verdict(values: dict[str, Any]) -> str:
-    """FLAGGED: left out, counts to quarantine; unusual: kept, down-weighted (an honest site of another population
-    looks like this)."""
+    """FLAGGED: left out, counts to quarantine; unusual: a re-admitted site's update that differs but still points
+    the others' way, kept at a lower weight."""
     return "FLAGGED" if values.get("flagged") else ("unusual" if values.get("unusual") else "-")
 
 
@@ -165,10 +165,10 @@ def contributions_section(rounds: list[dict[str, Any]], *, plot_dir: Path) -> st
         body = (
             "<p>Each round every site's update is measured against the other sites' updates: its norm as a multiple "
             "of their median norm and its cosine to their coordinate-wise median update, combined into an outlier "
-            "score. A score of 1 or more (dashed line) flags an update that is oversized or points against the "
-            "others: it is left out and counts towards quarantine. One that still points their way is only "
-            "unusual: an honest site of another population looks like that, so it is kept, its weight scaled by its "
-            "cosine over the sites' median cosine. Red crosses mark rounds a site spent in "
+            "score. A score of 1 or more flags the update (dashed line): it is left out and counts towards "
+            "quarantine. For a site the coordinator re-admitted, an update that still points the others' way is only "
+            "unusual: kept, its weight scaled by its cosine over the sites' median cosine. Red crosses mark rounds a "
+            "site spent in "
             "quarantine, left out of aggregation until the coordinator re-admits it (on the dashed line when it "
             "was not asked to train). Honest sites on different "
             "scanners differ, so a site is judged only against the others, never against a fixed expectation.</p>\n"

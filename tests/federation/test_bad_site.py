@@ -61,4 +61,5 @@ def test_a_hostile_site_is_quarantined_until_the_coordinator_readmits_it(tiny_co
     fourth = run_dir.read_rounds()[-1]
     assert fourth["round"] == 4 and fourth["sites_trained"] == ["site-a", "site-b", HOSTILE]
     assert [(e["site"], e["event"]) for e in fourth["quarantine_events"]] == [(HOSTILE, "readmitted")]
+    assert "kept at a lower weight" in fourth["quarantine_events"][0]["evidence"]  # vouched for from now on
     assert fourth["sites_quarantined"] == [] and not (run_dir.path / READMIT_FILE).exists()

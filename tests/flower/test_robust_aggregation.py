@@ -107,10 +107,13 @@ def test_a_flagged_update_is_left_out_of_the_round_and_shown() -> None:
     assert not any(strategy.last_record["contributions"][site]["flagged"] for site in "abcd")
 
 
-def test_an_unusual_update_that_points_the_federations_way_is_kept_at_a_weight_scaled_by_its_cosine() -> None:
-    # e = (0.3, 0, 1): cosine 0.2873 to the median (1, 0, 0), 0.6828 below the median cosine 0.9701; weight
-    # 10 x 0.2873/0.9701 = 2.962 beside the others' 10 each; norm 1.044, under 2 x the median norm 1.0770.
+def test_a_vouched_for_sites_unusual_update_is_kept_at_a_weight_scaled_by_its_cosine() -> None:
+    # e = (0.3, 0, 1): cosine 0.2873 to the median (1, 0, 0), 0.6828 below the median cosine 0.9701; re-admitted by
+    # the coordinator, its weight is 10 x 0.2873/0.9701 = 2.962 beside the others' 10 each; norm 1.044, under
+    # 2 x the median norm 1.0770.
     strategy = RobustAggregation(FedAvg(), settings=RobustConfig(rule="mean"))
+    strategy.book.restore({"quarantined": {"e": {"round": 3, "evidence": "..."}}})
+    strategy.book.readmit(["e"], server_round=4)
     unusual = [0.3, 0.0, 1.0]
     result = aggregate(strategy, {**HONEST, "e": unusual})
     trust = (0.3 / np.hypot(0.3, 1.0)) / (0.8 / np.hypot(0.8, 0.2))
@@ -151,12 +154,14 @@ def test_diagnostics_flag_long_and_opposed_updates_but_not_honest_spread() -> No
     assert noisy["e"].cosine_gap == pytest.approx(0.8 / np.hypot(0.8, 0.2) + 0.1 / np.hypot(0.1, 3), abs=1e-4)
     assert noisy["e"].score == pytest.approx(noisy["e"].cosine_gap / 0.3, abs=1e-6) and noisy["e"].flagged
     assert noisy["e"].norm_ratio == pytest.approx(np.hypot(0.1, 3) / np.hypot(1.0, 0.4), abs=1e-4)
-    # As far below the others but still their way (cosine 0.3/1.0440 = 0.2873): unusual, kept, weight x 0.2873/0.9701.
-    other = measure({**updates, "e": np.asarray([0.3, 0.0, 1.0])}, settings=settings)["e"]
+    # As far below the others but still their way (cosine 0.3/1.0440 = 0.2873): flagged, unless the coordinator has
+    # vouched for e (re-admitted it): then unusual, kept, weight x 0.2873/0.9701; against them it is flagged still.
+    different = {**updates, "e": np.asarray([0.3, 0.0, 1.0])}
+    assert measure(different, settings=settings)["e"].flagged
+    other = measure(different, settings=settings, vouched={"e"})["e"]
     assert other.unusual and not other.flagged and other.score > 1
     assert other.trust == pytest.approx((0.3 / np.hypot(0.3, 1.0)) / (0.8 / np.hypot(0.8, 0.2)), abs=1e-6)
-    orthogonal = measure({**updates, "e": np.asarray([0.0, 0.0, 3.0])}, settings=settings)["e"]
-    assert orthogonal.unusual and orthogonal.trust == 0.0  # no agreement at all: kept at weight 0
+    assert measure({**updates, "e": np.asarray([-0.1, 0.0, 3.0])}, settings=settings, vouched={"e"})["e"].flagged
     scaled = measure({**updates, "e": np.asarray([5.0, 0.0, 0.0])}, settings=settings)
     assert scaled["e"].flagged and scaled["e"].cosine == pytest.approx(1.0)  # same direction, 5x as long
     two = measure({"a": np.asarray([1.0, 0.0]), "b": np.asarray([-50.0, 0.0])}, settings=settings)
@@ -192,6 +197,8 @@ def test_quarantine_after_k_flags_within_the_window_until_readmitted() -> None:
     assert [e["event"] for e in restored.readmit(["d", "a"], server_round=4)] == ["readmitted"]
     assert not restored.holds("d") and "d" not in restored.recent
     assert restored.note_round(bad, server_round=4) == []  # its count starts afresh
+    assert restored.vouched == {"d"} and restored.state()["vouched"] == ["d"]
+    assert bad["d"].flagged  # pointing against the others: flagged even once vouched for (measure's golden test)
 
 
 def test_a_site_cannot_claim_the_federation_with_its_case_count() -> None:

@@ -83,7 +83,7 @@ class RobustAggregation(Strategy):
         by_site = {sender(reply): reply for reply in replies}
         updates = {site: self._update(reply) for site, reply in by_site.items()}
         claimed = {site: self._claimed(reply) for site, reply in by_site.items()}
-        contributions = measure(updates, settings=self.settings)
+        contributions = measure(updates, settings=self.settings, vouched=self.book.vouched)
         weights = capped_weights(claimed, max_ratio=self.settings.max_case_ratio)
         if self.acts and self.settings.down_weight_unusual:
             weights = {site: weight * contributions[site].trust for site, weight in weights.items()}

@@ -13,15 +13,18 @@ the round:
   a broken label export, a sign flip). How well honest updates agree changes over a run (near 0.9 early,
   toward 0 late in the demo), so the gap to the round's median cosine is judged, not the cosine itself.
 
-Far below is two things. An update that points against the federation (a negative cosine: flipped labels, a sign
-flip) or is oversized is *flagged*: left out, and counted towards quarantine. One that still points the federation's
-way is *unusual*: an honest site of another population looks exactly like that (a small skull-stripped BraTS site
-beside three IXI sites fell 0.3-0.7 below the median cosine, as far as a broken label export did), so it stays in,
-its weight scaled by its cosine over the median cosine, and is never quarantined for it.
+Either criterion flags an update: it is left out, and counts towards quarantine. An honest site of another
+population looks exactly like a broken label export here (a small skull-stripped BraTS site beside three IXI sites
+fell 0.3-0.7 below the median cosine with a positive cosine, as an inverted label export did), so the updates cannot
+tell them apart; a person can. Once the coordinator has re-admitted a quarantined site (its admin has checked the
+data), the site is *vouched for*: an update of it far from the others but still pointing their way is *unusual*,
+kept with its weight scaled by its cosine over the median cosine, and not counted; an oversized update, or one
+pointing against the others (a negative cosine), is still flagged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,8 +44,8 @@ class Contribution:
     cosine: float  # to the coordinate-wise median of the round's updates
     cosine_gap: float  # the sites' median cosine minus this one
     score: float  # >= 1: flagged or unusual; the larger of the norm and the direction criteria over their thresholds
-    flagged: bool  # oversized, or far from the others and pointing against them: left out, counts to quarantine
-    unusual: bool = False  # far from the others but pointing their way: kept, weighted by `trust`
+    flagged: bool  # left out, counts towards quarantine
+    unusual: bool = False  # a vouched-for site far from the others but pointing their way: kept, weighted by `trust`
     trust: float = 1.0  # the factor on its aggregation weight: its cosine over the sites' median cosine if unusual
 
     def evidence(self) -> str:
@@ -52,8 +55,11 @@ class Contribution:
         )
 
 
-def measure(updates: dict[str, np.ndarray], *, settings: RobustConfig) -> dict[str, Contribution]:
-    """Every site's contribution; `updates` are the flat update vectors (local - global) by site."""
+def measure(
+    updates: dict[str, np.ndarray], *, settings: RobustConfig, vouched: Collection[str] = ()
+) -> dict[str, Contribution]:
+    """Every site's contribution; `updates` are the flat update vectors (local - global) by site, `vouched` the
+    sites the coordinator re-admitted."""
     names = sorted(updates)
     norms = {name: float(np.linalg.norm(updates[name])) for name in names}
     judged = len(names) >= MIN_SITES_TO_FLAG
@@ -69,7 +75,7 @@ def measure(updates: dict[str, np.ndarray], *, settings: RobustConfig) -> dict[s
         score = max(ratio / settings.flag_norm_ratio, max(0.0, gap) / settings.flag_cosine_gap)
         oversized = ratio >= settings.flag_norm_ratio
         far = gap >= settings.flag_cosine_gap
-        flagged = judged and (oversized or (far and cosines[name] < 0))
+        flagged = judged and (oversized or (far and (cosines[name] < 0 or name not in vouched)))
         unusual = judged and far and not flagged
         # An unusual cosine is >= 0 and at least flag_cosine_gap below the median, so the median is positive.
         trust = min(1.0, cosines[name] / median_cosine) if unusual else 1.0

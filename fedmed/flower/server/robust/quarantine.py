@@ -5,8 +5,10 @@ Not only consecutive flags count: a site with broken labels can alternate (its f
 the next global model sits where its update looks less unusual), and no honest site was flagged at all in the
 benchmarks (docs/benchmarks/robustness.md). The book is the coordinator's memory across rounds (each site's
 recent flags and their evidence, who is quarantined and why); it is saved in every checkpoint so a resumed run
-keeps it, and only the coordinator's `fedmed run --resume RUN --readmit SITE` clears a site. Nothing is
-deleted: a quarantined site's past rounds, metrics and evidence stay in the run directory.
+keeps it, and only the coordinator's `fedmed run --resume RUN --readmit SITE` clears a site. A re-admitted site is
+vouched for from then on (fedmed.flower.server.robust.diagnostics): its updates far from the others but still
+pointing their way are kept, down-weighted, and not counted. Nothing is deleted: a quarantined site's past rounds,
+metrics and evidence stay in the run directory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class QuarantineBook:
     recent: dict[str, list[bool]] = field(default_factory=dict)  # each site's latest rounds: flagged or not
     evidence: dict[str, list[str]] = field(default_factory=dict)  # the flagged rounds' evidence, by site
     quarantined: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> {"round", "evidence"}
+    vouched: set[str] = field(default_factory=set)  # re-admitted by the coordinator
 
     def holds(self, site: str) -> bool:
         return site in self.quarantined
@@ -66,21 +69,29 @@ class QuarantineBook:
                 continue
             self.recent.pop(site, None)
             self.evidence.pop(site, None)
+            self.vouched.add(site)
             events.append(
                 {
                     "site": site,
                     "round": server_round,
                     "event": "readmitted",
-                    "evidence": "re-admitted by the coordinator",
+                    "evidence": "re-admitted by the coordinator; from now on its updates that differ from the others "
+                    "but still point their way are kept at a lower weight, not counted",
                 }
             )
             logger.info("round %d: site %s re-admitted by the coordinator", server_round, site)
         return events
 
     def state(self) -> dict[str, Any]:
-        return {"recent": dict(self.recent), "evidence": dict(self.evidence), "quarantined": dict(self.quarantined)}
+        return {
+            "recent": dict(self.recent),
+            "evidence": dict(self.evidence),
+            "quarantined": dict(self.quarantined),
+            "vouched": sorted(self.vouched),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.recent = {site: list(flags) for site, flags in state.get("recent", {}).items()}
         self.evidence = {site: list(lines) for site, lines in state.get("evidence", {}).items()}
         self.quarantined = dict(state.get("quarantined", {}))
+        self.vouched = set(state.get("vouched", []))
