@@ -10,7 +10,8 @@ Datasets (`--dataset`; one whose files are missing from ../shared/data is skippe
 - `ixi-brats`: `ixi`'s three sites and a small out-of-domain one: BraTS 2018's T1 volumes (another scanner and
   population, skull-stripped) with the brain mask = T1 > 0, 5 training and 5 validation cases, on IXI's grid.
 
-Arms (arms.toml): fedavg, defaults (fedmed's defaults), fedprox, fedbn, finetune, ditto, fedbn_finetune. For every site
+Arms (arms.toml): fedavg, defaults (fedmed's defaults, the end-of-run fine-tune included), fedprox, fedbn,
+finetune_tuning_split, ditto, fedbn_finetune, fedbn_finetune_tuning_split. For every site
 of every arm: `global`, the federated global model's final Dice at the site; `delivered`, the model the site is
 handed (the better of global and personalized on the site's tuning split; global where the run does not report
 one); and the baselines, trained once per dataset and seed (per intensity handling): `local-only` (the site alone) and
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.api import Case, FedmedError, cases_from_folder_pairs, read_toml, set_flower_verbosity
+from fedmed.config.evaluation import DEFAULT_FINETUNE_EPOCHS
 
 # Shared helpers live in scripts, not in an installed package: the drift runner's (base configs, arms, drifted
 # sites) and bench_real_scans.py's split of BraTS by acquisition source.
@@ -224,9 +226,11 @@ def run_arms(
 
 
 def trains_personal_model(changes: dict[str, Any]) -> bool:
-    """Whether the arm's sites train a model of their own, and so hold a tuning split out of its training."""
+    """Whether the arm's sites train a model of their own (the default fine-tune included, which Ditto turns off)."""
     evaluation = changes.get("evaluation", {})
-    return evaluation.get("finetune_epochs", 0) > 0 or evaluation.get("ditto_lambda", 0) > 0
+    if evaluation.get("ditto_lambda", 0) > 0:
+        return True
+    return evaluation.get("finetune_epochs", DEFAULT_FINETUNE_EPOCHS) > 0
 
 
 def describe_progress(result: dict[str, Any]) -> str:
