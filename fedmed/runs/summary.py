@@ -184,7 +184,7 @@ def describe_delivered(sites: dict[str, dict[str, Any]]) -> str:
     chosen = [f"{site} {row['delivered_model']}" for site, row in sites.items() if row.get("delivered_model")]
     if not chosen:
         return ""
-    return "delivered (better on each site's tuning split, not its validation data): " + ", ".join(chosen)
+    return "delivered (better on each site's training cases held out, not its validation data): " + ", ".join(chosen)
 
 
 def describe_dp_plan(dp_plan: dict[str, Any] | None) -> list[str]:
