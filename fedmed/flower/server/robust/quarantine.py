@@ -2,13 +2,14 @@
 person re-admits it.
 
 Not only consecutive flags count: a site with broken labels can alternate (its flagged update is left out, so
-the next global model sits where its update looks less unusual), and no honest site was flagged at all in the
-benchmarks (docs/benchmarks/robustness.md). The book is the coordinator's memory across rounds (each site's
-recent flags and their evidence, who is quarantined and why); it is saved in every checkpoint so a resumed run
-keeps it, and only the coordinator's `fedmed run --resume RUN --readmit SITE` clears a site. A re-admitted site is
-vouched for from then on (fedmed.flower.server.robust.diagnostics): its updates far from the others but still
-pointing their way are kept, down-weighted, and not counted. Nothing is deleted: a quarantined site's past rounds,
-metrics and evidence stay in the run directory.
+the next global model sits where its update looks less unusual), and no honest scanner-drifted site was flagged at
+all in the robustness benchmark (docs/benchmarks/robustness.md); an honest site of another population was
+(docs/benchmarks/every-site.md), which is why a person decides. The book is the coordinator's memory across
+rounds (each site's recent flags and their evidence, who is quarantined and why); it is saved in every checkpoint
+so a resumed run keeps it, and only the coordinator's `fedmed run --resume RUN --readmit SITE` clears a site.
+A re-admitted site is vouched for from then on (fedmed.flower.server.robust.diagnostics): its updates far from
+the others but still pointing their way are kept, down-weighted, and not counted. Nothing is deleted: a
+quarantined site's past rounds, metrics and evidence stay in the run directory.
 """
 
 from __future__ import annotations
