@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.api import Case, FedmedError, cases_from_folder_pairs, read_toml, set_flower_verbosity
-from fedmed.config.evaluation import DEFAULT_FINETUNE_EPOCHS
 
 # Shared helpers live in scripts, not in an installed package: the drift runner's (base configs, arms, drifted
 # sites) and bench_real_scans.py's split of BraTS by acquisition source.
@@ -226,11 +225,9 @@ def run_arms(
 
 
 def trains_personal_model(changes: dict[str, Any]) -> bool:
-    """Whether the arm's sites train a model of their own (the default fine-tune included, which Ditto turns off)."""
+    """Whether the arm's sites train a model of their own: Ditto, or a fine-tune (the default one when unset)."""
     evaluation = changes.get("evaluation", {})
-    if evaluation.get("ditto_lambda", 0) > 0:
-        return True
-    return evaluation.get("finetune_epochs", DEFAULT_FINETUNE_EPOCHS) > 0
+    return evaluation.get("ditto_lambda", 0) > 0 or evaluation.get("finetune_epochs") != 0
 
 
 def describe_progress(result: dict[str, Any]) -> str:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from fedmed.config import load_run_config
-from fedmed.site.session import SiteSession, SiteSpec
+from fedmed.api import load_config
+from fedmed.api.bench import SiteSession, SiteSpec
 
 
 def outsider_scores(run: Path) -> dict[str, float]:
-    config = load_run_config(run / "config.toml")
+    config = load_config(run / "config.toml")
     outsider = config.model_copy(update={"strategy": config.strategy.model_copy(update={"fedbn": False})})
     state = torch.load(run / "checkpoints" / "final.pt", weights_only=False)["state_dict"]
     scores = {}
@@ -44,7 +44,7 @@ def main() -> None:
     print("| run | fedbn | seed | " + "mean Dice, the global model as an outsider applies it |")
     print("| --- | --- | ---: | ---: |")
     for run in args.runs:
-        config = load_run_config(run / "config.toml")
+        config = load_config(run / "config.toml")
         scores = outsider_scores(run)
         print(f"| {run.name} | {config.strategy.fedbn} | {config.seed} | {statistics.mean(scores.values()):.3f} |")
 

@@ -13,6 +13,7 @@ reorient, resample and normalize), `write_nifti`.
 Inference: `sliding_window_inferer`, `predict_volume`, `to_original_grid`.
 Privacy: `calibrate_noise_multiplier`; SecAgg+: `SecAggClient`, `SecAggServer`, `SecAggSettings`, `mask_stream`.
 Attacks: `SiteTrainer` (one site's rounds; a benchmark's hostile site is a patch of its `train`).
+Sites: `SiteSession`, `SiteSpec` (one site's data and models as a run sees them: score a checkpoint as it would).
 Engines and deployment: `run_engine`, `LocalFederation` (a federation of real processes on 127.0.0.1),
 `wait_for`, `start_flower_run`, `preload_client_app` and `CLIENT_APP_PRELOAD`.
 """
@@ -32,7 +33,7 @@ from fedmed.privacy.accounting import calibrate_noise_multiplier
 from fedmed.runs import RunDirectory
 from fedmed.secagg import SecAggClient, SecAggServer, SecAggSettings
 from fedmed.secagg.masking import mask_stream
-from fedmed.site.session import site_seed
+from fedmed.site.session import SiteSession, SiteSpec, site_seed
 from fedmed.site.trainer import SiteTrainer
 from fedmed.tasks import DpSgdStep, check_private_model, select_device, train_local
 from fedmed.tasks.volumes import predict_volume, sliding_window_inferer, to_original_grid
@@ -45,6 +46,8 @@ __all__ = [
     "SecAggClient",
     "SecAggServer",
     "SecAggSettings",
+    "SiteSession",
+    "SiteSpec",
     "SiteTrainer",
     "calibrate_noise_multiplier",
     "check_private_model",
