@@ -107,7 +107,7 @@ class SiteCases:
         data, count = self.data, self.training_case_count
         folds = []
         for held in choice_folds(count, seed=self.config.seed, site=self.spec.name):
-            kept = [index for index in range(count) if index not in held]
+            kept = sorted(set(range(count)) - set(held))
             if isinstance(data, ScanSite):
                 assert data.split_training is not None
                 folds.append(data.split_training(kept, held))
