@@ -65,7 +65,7 @@ ATTACKS = (
 )
 TRIGGER = 4  # the backdoor's trigger: a white 4 x 4 patch in the image's last corner
 
-UNDEFENDED = {"rule": "mean", "leave_out_flagged": False, "down_weight_unusual": False, "quarantine_after": 0}
+UNDEFENDED = {"rule": "mean", "leave_out_flagged": False, "quarantine_after": 0}
 SCANNERS = [  # five honest scanners for the synthetic federation: drift the per-image z-score mostly absorbs
     {},
     {"intensity_scale": 4.0, "intensity_offset": 300.0, "gamma": 0.5, "bias_field": 0.4, "noise_std": 0.05},
@@ -254,25 +254,19 @@ def outcome(results: Any, *, bad: set[str]) -> dict[str, Any]:
     scores = results.scores
     honest = [site for site in scores if site not in bad]
     flagged: dict[str, list[int]] = {site: [] for site in scores}
-    unusual: dict[str, list[int]] = {site: [] for site in scores}
     quarantined: dict[str, int] = {}
     for row in results.rounds:
         for site, contribution in (row.get("contributions") or {}).items():
             if contribution.get("flagged"):
                 flagged.setdefault(site, []).append(row["round"])
-            elif contribution.get("unusual"):
-                unusual.setdefault(site, []).append(row["round"])
         for event in row.get("quarantine_events") or []:
             if event["event"] == "quarantined":
                 quarantined.setdefault(event["site"], event["round"])
     first_flag = [min(flagged[site]) for site in bad if flagged.get(site)]
-    first_unusual = [min(unusual[site]) for site in bad if unusual.get(site)]
     return {
         "metric": metric,
         "honest": float(np.mean([scores[site]["federated"][metric] for site in honest])),
         "first_flag": min(first_flag) if first_flag else None,
-        "first_unusual": min(first_unusual) if first_unusual else None,
-        "false_unusual": sum(len(unusual.get(site, [])) for site in honest),
         "quarantined": min((quarantined[site] for site in bad if site in quarantined), default=None),
         "false_flags": sum(len(flagged.get(site, [])) for site in honest),
         "train_s": float(np.mean([row["train_phase_s"] for row in results.rounds])),
@@ -306,31 +300,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {dataset} | {sites} ({bad_sites if attack != 'clean' else 0}) | {attack} | {defence} "
             f"| {_mean_sd([r['honest'] for r in runs])} {runs[0]['metric']} "
             f"| {_mean_sd(deltas, signed=True) if deltas and attack != 'clean' else '–'} "
-            f"| {_flag_rounds(runs)} | {_rounds([r['quarantined'] for r in runs])} "
-            f"| {_false_flags(runs)} | {_share(runs)} "
+            f"| {_rounds([r['first_flag'] for r in runs])} | {_rounds([r['quarantined'] for r in runs])} "
+            f"| {sum(r['false_flags'] for r in runs)} | {_share(runs)} "
             f"| {f'{_mean_sd(success)} ({_mean_sd(without)})' if success else '–'} |"
         )
     seeds = sorted({row["seed"] for row in rows})
     return "\n".join(lines) + f"\n\nSeeds: {', '.join(map(str, seeds))} (mean ± sd over seeds where more than one)."
-
-
-def _flag_rounds(runs: list[dict[str, Any]]) -> str:
-    """The round the bad site was first flagged in each seed, else first found unusual (u), else –."""
-    cells = []
-    for run in runs:
-        if run["first_flag"] is not None:
-            cells.append(str(run["first_flag"]))
-        elif run.get("first_unusual") is not None:
-            cells.append(f"u{run['first_unusual']}")
-        else:
-            cells.append("–")
-    return ", ".join(cells)
-
-
-def _false_flags(runs: list[dict[str, Any]]) -> str:
-    """Honest site-rounds flagged, and those found unusual (kept, down-weighted) where any."""
-    unusual = sum(run.get("false_unusual", 0) for run in runs)
-    return f"{sum(run['false_flags'] for run in runs)}" + (f" (+{unusual} unusual)" if unusual else "")
 
 
 def _mean_sd(values: list[float], *, signed: bool = False) -> str:
