@@ -85,6 +85,28 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("calibration", ("experiments/bench_calibration.py",), "2"),
     Benchmark("robustness", ("experiments/bench_robustness.py", "--out", "runs/bench-robustness"), "75"),
     Benchmark(
+        "compression",
+        ("experiments/bench_compression.py", "--datasets", "pneumonia", "ixi", "--out", "runs/bench-compression"),
+        "25",
+    ),
+    Benchmark(
+        "compression-hippocampus",
+        (
+            "experiments/bench_compression.py",
+            *("--datasets", "hippocampus", "--seeds", "0", "--out", "runs/bench-compression"),
+        ),
+        "20",
+    ),
+    Benchmark(
+        "compression-long-run",
+        (
+            "experiments/bench_compression.py",
+            *("--datasets", "ixi", "--rounds", "40", "--arms", "top-1%+8-bit", "--seeds", "0"),
+            *("--out", "runs/bench-compression"),
+        ),
+        "5",
+    ),
+    Benchmark(
         "robustness-pneumonia",
         (
             "experiments/bench_robustness.py",

@@ -120,6 +120,7 @@ def run_lines(run: dict[str, Any]) -> list[str]:
     # must not wait for.
     from fedmed.runs.contributions import contribution_lines
     from fedmed.runs.summary import describe_client_privacy
+    from fedmed.runs.traffic import round_traffic_line
 
     name = run["run"]
     if run["state"] == "broken":
@@ -137,6 +138,8 @@ def run_lines(run: dict[str, Any]) -> list[str]:
         if row["dropped"]:
             parts.append(f"dropped {', '.join(row['dropped'])} (no reply)")
         parts += [f"refused by {site}: {reason}" for site, reason in row["refused"].items()]
+        if traffic := round_traffic_line(row):
+            parts.append(traffic)
         lines.append(f"      round {row['round']}: " + "; ".join(parts))
     if run.get("client_privacy"):
         lines.append(f"      {describe_client_privacy(run['client_privacy'])}")

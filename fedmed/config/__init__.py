@@ -4,6 +4,7 @@ One module per section of a run config ([task] in task.py, [strategy] in strateg
 checks across sections that its feature needs; run.py puts them together. Imports only fedmed.core.
 """
 
+from .compression import CompressionConfig
 from .deployment import ServerConfig, SiteConfig, load_server_config, load_site_config
 from .engine import EngineConfig
 from .evaluation import BaselinesConfig, EvaluationConfig
@@ -34,6 +35,7 @@ __all__ = [
     "AugmentationConfig",
     "BaselinesConfig",
     "ClientDpConfig",
+    "CompressionConfig",
     "DataConfig",
     "DpSgdConfig",
     "EngineConfig",

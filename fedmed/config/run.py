@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from .base import StrictModel
+from .compression import CompressionConfig, check_compression
 from .engine import EngineConfig
 from .evaluation import DEFAULT_FINETUNE_EPOCHS, BaselinesConfig, EvaluationConfig, check_baselines
 from .model import ModelConfig
@@ -54,6 +55,7 @@ class RunConfig(StrictModel):
     client_dp: ClientDpConfig = Field(default_factory=ClientDpConfig)
     secagg: SecAggConfig = Field(default_factory=SecAggConfig)
     robust: RobustConfig = Field(default_factory=RobustConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
@@ -100,6 +102,7 @@ class RunConfig(StrictModel):
         check_baselines(self)
         check_secagg_sites(self)
         check_robust(self)
+        check_compression(self)
         check_scan_geometry(self)
         check_dp_sgd_patches(self)
         check_pretrain(self)

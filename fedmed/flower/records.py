@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict, UserConfig
+from flwr.common.serde import recorddict_to_proto
 
 from fedmed.config import RunConfig, run_config_from_dict
 from fedmed.core.errors import FedmedError
@@ -192,14 +193,7 @@ def decode_summary(record: ConfigRecord) -> dict[str, Any]:
     return summary
 
 
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of what a message carries (arrays, byte strings, numbers), without Flower's framing."""
-    total = 0
-    for record in content.values():
-        if isinstance(record, ArrayRecord):
-            total += sum(len(array.data) for array in record.values())
-            continue
-        for value in record.values():
-            for item in value if isinstance(value, list) else [value]:
-                total += len(item) if isinstance(item, (bytes, str)) else 8
-    return total
+def wire_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content as Flower serializes it to send it (its RecordDict protobuf): what crossed the
+    wire, less gRPC's and TLS's framing. The site's audit log records the same count for the same reply."""
+    return recorddict_to_proto(content).ByteSize()

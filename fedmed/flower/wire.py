@@ -45,6 +45,7 @@ LOCAL_BASELINE = "local-baseline"  # MetricRecord: a site's local-only model on 
 PLAN = "dp-plan"  # MetricRecord: a site's DP-SGD plan (fedmed.site.privacy.DpPlanPreview), numbers only
 SECAGG = "secagg"  # ConfigRecord: one SecAgg+ protocol message
 CARD_STATISTICS = "model-card"  # MetricRecord: a site's model-card statistics (fedmed.site.model_card), numbers only
+COMPRESSED = "compressed"  # ArrayRecord: a site's update (local - global) encoded by [compression] (fedmed.compression)
 MASKED = "masked"  # ArrayRecord {VECTOR: the masked uint32 vector}
 VECTOR = "vector"
 

@@ -14,6 +14,7 @@ from .calibration_report import calibration_section
 from .contributions import contributions_section
 from .run_dir import CROSS_SITE_FILE, NORMALIZATION_FILE, STATUS_FILE, SUMMARY_FILE, RunDirectory
 from .summary import COLUMNS, describe_client_privacy, describe_gains, describe_starting_point
+from .traffic import traffic_section
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 960px; color: #222; padding: 0 1rem; }
@@ -84,6 +85,7 @@ def write_report(run_dir: RunDirectory) -> Path:
         calibration_section(run_dir.path, plot_dir=plot_dir),
         contributions_section(rounds, plot_dir=plot_dir),
         _participation_section(rounds, status=_json_object(run_dir, STATUS_FILE)),
+        traffic_section(rounds),
     ]
     name = html.escape(run_dir.path.name)
     page = f"""<!DOCTYPE html>

@@ -107,13 +107,16 @@ def run_contribution_lines(run_dir: RunDirectory) -> list[str]:
 
 
 def round_history(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per round: the sites that trained, dropped (no reply in time) and refused (with the reason they gave)."""
+    """Per round: the sites that trained, dropped (no reply in time) and refused (with the reason they gave), and the
+    bytes each site was sent and sent back."""
     return [
         {
             "round": row.get("round"),
             "trained": list(row.get("sites_trained", [])),
             "dropped": list(row.get("sites_dropped", [])),
             "refused": dict(row.get("sites_refused", {})),
+            "upload_bytes": dict(row.get("upload_bytes", {})),
+            "download_bytes": dict(row.get("download_bytes", {})),
         }
         for row in rounds
     ]

@@ -48,7 +48,7 @@ from fedmed.secagg.primitives import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
-from fedmed.secagg.quantize import quantization_levels
+from fedmed.secagg.quantize import FIELD_BITS, dequantize, quantization_levels, quantize
 
 
 class SecAggClient:
@@ -89,6 +89,7 @@ class SecAggClient:
         clipping_range = m.read_float(message, m.CLIPPING_RANGE, stage=stage)
         max_total_weight = m.read_int(message, m.MAX_TOTAL_WEIGHT, stage=stage, minimum=1)
         levels = m.read_int(message, m.LEVELS, stage=stage, minimum=2)
+        field_bits = m.read_int(message, m.FIELD_BITS, stage=stage, minimum=16)
         num_params = m.read_int(message, m.NUM_PARAMS, stage=stage, minimum=1)
         extra_length = m.read_int(message, m.EXTRA_LENGTH, stage=stage)
         if threshold > num_sites:
@@ -98,12 +99,14 @@ class SecAggClient:
             )
         if not math.isfinite(clipping_range) or clipping_range <= 0:
             raise SecAggProtocolError(f"SecAgg setup: clipping_range must be finite and > 0, got {clipping_range}")
-        # Recompute rather than trust: a larger L than this would let the uint32 sum wrap.
-        if levels != quantization_levels(max_total_weight):
+        if field_bits not in FIELD_BITS:
+            raise SecAggProtocolError(f"SecAgg setup: field_bits must be one of {FIELD_BITS}, got {field_bits}")
+        # Recompute rather than trust: a larger L than this would let the field's sum wrap.
+        expected = quantization_levels(max_total_weight, field_bits=field_bits)
+        if levels != expected:
             raise SecAggProtocolError(
-                f"SecAgg setup: levels={levels} does not match max_total_weight={max_total_weight} "
-                f"(expected {quantization_levels(max_total_weight)}); coordinator and site run different "
-                "fedmed versions"
+                f"SecAgg setup: levels={levels} does not match max_total_weight={max_total_weight} in a "
+                f"{field_bits}-bit field (expected {expected}); coordinator and site run different fedmed versions"
             )
         sk1, pk1 = generate_key_pairs()
         sk2, pk2 = generate_key_pairs()
@@ -116,6 +119,7 @@ class SecAggClient:
             clipping_range=clipping_range,
             max_total_weight=max_total_weight,
             levels=levels,
+            field_bits=field_bits,
             num_params=num_params,
             extra_length=extra_length,
             sk1=private_key_to_bytes(sk1),
@@ -189,7 +193,7 @@ class SecAggClient:
         weight: int,
         extra_counts: Sequence[int] | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Store the neighbours' shares; return the masked uint32 vector and the reply fields.
+        """Store the neighbours' shares; return the masked vector (of the round's field) and the reply fields.
 
         `update` is local - global (float arrays, any shapes, C order), `weight` the site's number
         of training examples. The clipped count travels inside the masked vector (the server learns
@@ -211,7 +215,7 @@ class SecAggClient:
                 f"itself that is below the threshold {s.threshold}, so its masks could not be removed if "
                 "it dropped — refusing; too many sites dropped at share-keys"
             )
-        layout = VectorLayout(num_params=s.num_params, extra_length=s.extra_length)
+        layout = VectorLayout(num_params=s.num_params, extra_length=s.extra_length, field_bits=s.field_bits)
         # Validate and encode the input before touching the round state: a bad input leaves the
         # client at share-keys, so a corrected retry is still possible.
         vector, clipped = encode_contribution(
@@ -225,9 +229,9 @@ class SecAggClient:
             num_sites=s.num_sites,
         )
         seed_shares, sk1_shares = _open_shares(s, srcs=srcs, ciphertexts=ciphertexts)
-        vector += self_mask(s.seed, round_id=s.round_id, length=layout.length)
+        vector += self_mask(s.seed, round_id=s.round_id, length=layout.length, dtype=layout.dtype)
         for src in srcs:
-            mask = pairwise_mask(s.sk1, s.pk1s[src], round_id=s.round_id, length=layout.length)
+            mask = pairwise_mask(s.sk1, s.pk1s[src], round_id=s.round_id, length=layout.length, dtype=layout.dtype)
             apply_pairwise(vector, mask, adder=s.node_id, other=src)
         # Commit before returning: these masks must never hide a second, different vector.
         s.seed_shares, s.sk1_shares, s.stage = seed_shares, sk1_shares, stage
@@ -245,6 +249,17 @@ class SecAggClient:
             "SecAgg node %d: masked vector of %d values ready (%d pairwise masks)", s.node_id, layout.length, len(srcs)
         )
         return vector, {m.STAGE: stage, m.ROUND_ID: s.round_id}
+
+    def contribution(self, update: Sequence[np.ndarray]) -> np.ndarray:
+        """The flat float32 values `update` contributes to the round's mean once clipped and quantized as mask()
+        does: what a site keeps the difference to for error feedback."""
+        s = self._s
+        if s.stage not in (m.SETUP, m.SHARE_KEYS, m.MASKED_INPUT):
+            raise SecAggProtocolError(f"SecAgg node {s.node_id}: no round is set up to quantize for")
+        levels_vec, _ = quantize(
+            flatten_update(update, num_params=s.num_params), clipping_range=s.clipping_range, levels=s.levels
+        )
+        return dequantize(levels_vec, clipping_range=s.clipping_range, levels=s.levels)
 
     # ------------------------------------------------------------------ stage 3
     def unmask(self, message: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 from fedmed.secagg.errors import SecAggProtocolError
 
 IDLE = "idle"  # no round in progress (initial, and after unmask wipes the round's secrets)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: field_bits
 
 _SCALARS = (
     "stage",
@@ -23,6 +23,7 @@ _SCALARS = (
     "clipping_range",
     "max_total_weight",
     "levels",
+    "field_bits",
     "num_params",
     "extra_length",
     "sk1",
@@ -44,6 +45,7 @@ class _ClientState:
     clipping_range: float = 0.0
     max_total_weight: int = 0
     levels: int = 0
+    field_bits: int = 32
     num_params: int = 0
     extra_length: int = 0
     sk1: bytes = b""  # secret key for pairwise masks; its shares let the server undo a dropped site

@@ -1,9 +1,10 @@
-"""The uint32 vector one site contributes, and how the server decodes the unmasked sum.
+"""The vector one site contributes, and how the server decodes the unmasked sum.
 
-Layout (length num_params + 2 + extra_length):
-    [0, P)        w * q      the site's quantised update times its weight (w * L <= 2^32 - 1)
+Elements of the field Z_(2^b), b = 32 (uint32) or 16 (uint16). Layout (length num_params + 2 + extra_length):
+    [0, P)        w * q      the site's quantised update times its weight (W * L <= 2^b - 1)
     P             w          its weight, so the server learns only the total W = sum w
-    P + 1         clipped    how many update values were clipped, so only the total is learnt
+    P + 1         clipped    how many update values were clipped (capped at (2^b - 1) / sites, so the sum
+                             cannot wrap), so only the total is learnt
     P + 2 ...     extra      optional small signed integers (e.g. DP norm-bit counts), two's complement
 """
 
@@ -16,15 +17,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedmed.secagg.errors import SecAggInputError
-from fedmed.secagg.quantize import MODULUS, quantize
-
-_INT32_LIMIT = 2**31
+from fedmed.secagg.quantize import field_dtype, quantize
 
 
 @dataclass(frozen=True)
 class VectorLayout:
     num_params: int
     extra_length: int = 0
+    field_bits: int = 32
+
+    @property
+    def dtype(self) -> type[np.unsignedinteger]:
+        return field_dtype(self.field_bits)
 
     @property
     def weight_index(self) -> int:
@@ -45,7 +49,7 @@ class VectorLayout:
 
 @dataclass(frozen=True)
 class DecodedSum:
-    weighted_sum: np.ndarray  # uint32, sum_i w_i q_i
+    weighted_sum: np.ndarray  # the field's dtype, sum_i w_i q_i
     total_weight: int
     clipped_values: int
     extra_sums: np.ndarray | None  # int64
@@ -102,20 +106,20 @@ def encode_contribution(
     max_total_weight: int,
     num_sites: int,
 ) -> tuple[np.ndarray, int]:
-    """The unmasked uint32 vector of one site and the number of values clipped."""
+    """The unmasked vector of one site (in the layout's field) and the number of values clipped."""
     if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or not 1 <= weight <= max_total_weight:
         raise SecAggInputError(
             f"site weight {weight!r} must be an integer in [1, max_total_weight={max_total_weight}]: "
-            "larger weights could wrap the uint32 sum; raise SecAggSettings.max_total_weight on the "
+            "larger weights could wrap the field's sum; raise SecAggSettings.max_total_weight on the "
             "coordinator to at least the total number of training examples of a round"
         )
     weight = int(weight)
-    vector = np.empty(layout.length, dtype=np.uint32)
+    vector = np.empty(layout.length, dtype=layout.dtype)
     levels_vec, clipped = quantize(flat_update, clipping_range=clipping_range, levels=levels)
-    # w * q <= max_total_weight * L <= 2^32 - 1: exact in uint32.
-    np.multiply(levels_vec, np.uint32(weight), out=vector[: layout.num_params])
+    # w * q <= max_total_weight * L <= 2^b - 1: exact in the field.
+    np.multiply(levels_vec, weight, out=vector[: layout.num_params], casting="unsafe")
     vector[layout.weight_index] = weight
-    vector[layout.clipped_index] = clipped
+    vector[layout.clipped_index] = min(clipped, (2**layout.field_bits - 1) // num_sites)
     vector[layout.extra_start :] = _encode_extra(extra_counts, layout=layout, num_sites=num_sites)
     return vector, clipped
 
@@ -127,7 +131,7 @@ def _encode_extra(extra_counts: Sequence[int] | None, *, layout: VectorLayout, n
                 f"this round also sums {layout.extra_length} extra counts per site; pass extra_counts "
                 f"with {layout.extra_length} integers to mask()"
             )
-        return np.zeros(0, dtype=np.uint32)
+        return np.zeros(0, dtype=layout.dtype)
     counts = np.asarray(extra_counts)
     if (
         counts.ndim != 1
@@ -139,18 +143,19 @@ def _encode_extra(extra_counts: Sequence[int] | None, *, layout: VectorLayout, n
             f"{counts.dtype}; the coordinator's extra_length and the site's counts must match"
         )
     counts = counts.astype(np.int64)
-    # The sum of num_sites values must stay inside int32 so its two's complement decodes exactly.
-    limit = _INT32_LIMIT // num_sites
+    # The sum of num_sites values must stay inside the field's signed range so its two's complement decodes exactly.
+    limit = 2 ** (layout.field_bits - 1) // num_sites
     if counts.size and int(np.abs(counts).max()) >= limit:
         raise SecAggInputError(
             f"extra count {int(np.abs(counts).max())} is too large: with {num_sites} sites each must "
             f"satisfy |count| < {limit}; extra counts are for small integers such as DP norm bits"
         )
-    return (counts % MODULUS).astype(np.uint32)
+    return (counts % 2**layout.field_bits).astype(layout.dtype)
 
 
 def decode_sum(total: np.ndarray, *, layout: VectorLayout) -> DecodedSum:
-    extra = total[layout.extra_start :].view(np.int32).astype(np.int64) if layout.extra_length else None
+    signed = np.int32 if layout.field_bits == 32 else np.int16
+    extra = total[layout.extra_start :].view(signed).astype(np.int64) if layout.extra_length else None
     return DecodedSum(
         weighted_sum=total[: layout.num_params],
         total_weight=int(total[layout.weight_index]),

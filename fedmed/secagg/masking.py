@@ -33,22 +33,26 @@ def _stream_key(secret: bytes, *, label: bytes, round_id: str) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label + round_id.encode()).derive(secret)
 
 
-def mask_stream(key: bytes, length: int) -> np.ndarray:
-    """`length` pseudo-random uint32 values: the AES-256-CTR keystream under `key`."""
+def mask_stream(key: bytes, length: int, *, dtype: type[np.unsignedinteger] = np.uint32) -> np.ndarray:
+    """`length` pseudo-random field elements (uint32 or uint16): the AES-256-CTR keystream under `key`, uniform
+    over the field because each element takes exactly its width of keystream bytes."""
+    width = np.dtype(dtype).itemsize
     encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    keystream = encryptor.update(bytes(4 * length)) + encryptor.finalize()
-    return np.frombuffer(keystream, dtype="<u4").astype(np.uint32, copy=False)
+    keystream = encryptor.update(bytes(width * length)) + encryptor.finalize()
+    return np.frombuffer(keystream, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=False)
 
 
-def self_mask(seed: bytes, *, round_id: str, length: int) -> np.ndarray:
+def self_mask(seed: bytes, *, round_id: str, length: int, dtype: type[np.unsignedinteger] = np.uint32) -> np.ndarray:
     """The private mask b_u a site adds to its own vector (removed with its reconstructed seed)."""
-    return mask_stream(_stream_key(seed, label=_SELF_MASK, round_id=round_id), length)
+    return mask_stream(_stream_key(seed, label=_SELF_MASK, round_id=round_id), length, dtype=dtype)
 
 
-def pairwise_mask(own_sk1: bytes, peer_pk1: bytes, *, round_id: str, length: int) -> np.ndarray:
+def pairwise_mask(
+    own_sk1: bytes, peer_pk1: bytes, *, round_id: str, length: int, dtype: type[np.unsignedinteger] = np.uint32
+) -> np.ndarray:
     """The mask s_uv shared by two sites, from ECDH(sk1_u, pk1_v) == ECDH(sk1_v, pk1_u)."""
     shared = generate_shared_key(bytes_to_private_key(own_sk1), bytes_to_public_key(peer_pk1))
-    return mask_stream(_stream_key(shared, label=_PAIR_MASK, round_id=round_id), length)
+    return mask_stream(_stream_key(shared, label=_PAIR_MASK, round_id=round_id), length, dtype=dtype)
 
 
 def apply_pairwise(vector: np.ndarray, mask: np.ndarray, *, adder: int, other: int, sign: int = 1) -> None:

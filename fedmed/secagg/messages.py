@@ -25,6 +25,7 @@ THRESHOLD = "threshold"
 CLIPPING_RANGE = "clipping_range"
 MAX_TOTAL_WEIGHT = "max_total_weight"
 LEVELS = "levels"
+FIELD_BITS = "field_bits"
 NUM_PARAMS = "num_params"
 EXTRA_LENGTH = "extra_length"
 PK1 = "pk1"  # public key for pairwise masks

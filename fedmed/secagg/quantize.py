@@ -1,4 +1,4 @@
-"""Fixed-point quantisation of clipped update values onto L integer levels, and its error bound.
+"""Fixed-point quantisation of clipped update values onto L integer levels, and its error bound; the field.
 
 A value x is clipped to [-R, R] and mapped to q = rint((x + R) * L / (2R)), an integer in [0, L];
 it decodes as q * (2R / L) - R. Round-to-nearest (not Flower's stochastic rounding) gives the
@@ -12,22 +12,30 @@ import numpy as np
 
 from fedmed.secagg.errors import SecAggInputError
 
-MODULUS = 2**32  # every vector on the wire is uint32, arithmetic wraps modulo 2^32
-_UINT32_MAX = MODULUS - 1
+FIELD_BITS = (32, 16)  # the field Z_(2^b) of every vector on the wire; arithmetic wraps modulo 2^b
+MODULUS = 2**32  # the default field's
 
 
-def quantization_levels(max_total_weight: int) -> int:
-    """L: the largest even integer with max_total_weight * L <= 2^32 - 1.
+def field_dtype(field_bits: int) -> type[np.unsignedinteger]:
+    """The unsigned integer type whose arithmetic is the field's: numpy wraps it modulo 2^field_bits."""
+    if field_bits not in FIELD_BITS:
+        raise SecAggInputError(f"field_bits must be one of {FIELD_BITS}, got {field_bits!r}")
+    return np.uint32 if field_bits == 32 else np.uint16
+
+
+def quantization_levels(max_total_weight: int, *, field_bits: int = 32) -> int:
+    """L: the largest even integer with max_total_weight * L <= 2^field_bits - 1.
 
     The server sums w_i * q_i with q_i <= L and sum_i w_i <= max_total_weight, so this L is the
-    finest grid for which the weighted integer sum cannot wrap modulo 2^32.
+    finest grid for which the weighted integer sum cannot wrap modulo 2^field_bits.
     """
-    levels = _UINT32_MAX // max_total_weight
+    largest = 2**field_bits - 1
+    levels = largest // max_total_weight
     levels -= levels % 2
     if levels < 2:
         raise SecAggInputError(
-            f"max_total_weight={max_total_weight} leaves fewer than 2 quantisation levels in a uint32 "
-            f"sum; set max_total_weight to at most {_UINT32_MAX // 2}"
+            f"max_total_weight={max_total_weight} leaves fewer than 2 quantisation levels in a {field_bits}-bit "
+            f"sum; set max_total_weight to at most {largest // 2}"
         )
     return levels
 
@@ -43,7 +51,7 @@ def max_quantization_error(*, clipping_range: float, levels: int) -> float:
 
 
 def quantize(values: np.ndarray, *, clipping_range: float, levels: int) -> tuple[np.ndarray, int]:
-    """uint32 levels in [0, L] for a flat float array, and how many values had to be clipped."""
+    """Levels in [0, L] (uint32) for a flat float array, and how many values had to be clipped."""
     as_float = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(as_float)):
         bad = int(np.count_nonzero(~np.isfinite(as_float)))
@@ -59,6 +67,13 @@ def quantize(values: np.ndarray, *, clipping_range: float, levels: int) -> tuple
     # Float noise cannot push an endpoint past [0, L], but clamp anyway: a wrapped level is a wrong sum.
     np.clip(scaled, 0, levels, out=scaled)
     return scaled.astype(np.uint32), clipped
+
+
+def dequantize(levels_vec: np.ndarray, *, clipping_range: float, levels: int) -> np.ndarray:
+    """float32 values of one site's levels: what it contributes to the mean (its clipped, rounded update)."""
+    values = levels_vec.astype(np.float64) * (2.0 * clipping_range / levels)
+    values -= clipping_range
+    return values.astype(np.float32)
 
 
 def dequantize_mean(weighted_sum: np.ndarray, *, total_weight: int, clipping_range: float, levels: int) -> np.ndarray:

@@ -42,14 +42,16 @@ def read_encrypted_shares(
     return dict(zip(dsts, ctxts, strict=True)), commitment
 
 
-def read_masked_vector(reply: tuple[np.ndarray, Mapping[str, Any]], *, round_id: str, length: int) -> np.ndarray:
+def read_masked_vector(
+    reply: tuple[np.ndarray, Mapping[str, Any]], *, round_id: str, length: int, dtype: type[np.unsignedinteger]
+) -> np.ndarray:
     if not isinstance(reply, (tuple, list)) or len(reply) != 2:
-        raise SecAggProtocolError("SecAgg masked-input reply must be (uint32 vector, metadata dict)")
+        raise SecAggProtocolError("SecAgg masked-input reply must be (field vector, metadata dict)")
     vector, meta = reply
     m.check_header(meta, stage=m.MASKED_INPUT, round_id=round_id)
-    if not isinstance(vector, np.ndarray) or vector.dtype != np.uint32 or vector.shape != (length,):
+    if not isinstance(vector, np.ndarray) or vector.dtype != dtype or vector.shape != (length,):
         raise SecAggProtocolError(
-            f"SecAgg masked-input reply: vector must be uint32 of shape ({length},), got "
+            f"SecAgg masked-input reply: vector must be {np.dtype(dtype).name} of shape ({length},), got "
             f"{getattr(vector, 'dtype', type(vector).__name__)} {getattr(vector, 'shape', '')}"
         )
     return vector

@@ -30,7 +30,6 @@ from fedmed.secagg.dropouts import _FAILED, DropoutBookkeeping
 from fedmed.secagg.encoding import VectorLayout
 from fedmed.secagg.errors import SecAggInputError, SecAggProtocolError
 from fedmed.secagg.neighbours import build_neighbourhoods, neighbourhood_size, resolve_threshold
-from fedmed.secagg.quantize import MODULUS
 from fedmed.secagg.replies import read_encrypted_shares, read_masked_vector, read_public_keys, read_unmask_shares
 from fedmed.secagg.settings import SecAggSettings
 from fedmed.secagg.unmasking import SecAggResult, decode_result, remove_masks
@@ -77,13 +76,16 @@ class SecAggServer(DropoutBookkeeping):
         if isinstance(extra_length, bool) or not isinstance(extra_length, int) or extra_length < 0:
             raise SecAggInputError(f"extra_length must be an integer >= 0, got {extra_length!r}")
         n = len(ids)
-        # Sums that must not wrap modulo 2^32: the weights and the clipped counts.
-        if n * self.settings.max_total_weight >= MODULUS or n * num_params >= MODULUS:
+        # A sum that must not wrap modulo 2^b: the weights (the clipped counts are capped per site).
+        modulus = 2**self.settings.field_bits
+        if n * self.settings.max_total_weight >= modulus:
             raise SecAggInputError(
-                f"{n} sites x max_total_weight {self.settings.max_total_weight} (or x {num_params} values) "
-                "reaches 2^32, so the weight or clip-count sum could wrap; lower max_total_weight"
+                f"{n} sites x max_total_weight {self.settings.max_total_weight} reaches 2^{self.settings.field_bits}, "
+                "so the weight sum could wrap; lower max_total_weight"
             )
-        self.layout = VectorLayout(num_params=num_params, extra_length=extra_length)
+        self.layout = VectorLayout(
+            num_params=num_params, extra_length=extra_length, field_bits=self.settings.field_bits
+        )
         self.round_id = round_id or secrets.token_hex(8)
         self._sampled = sorted(ids)
         rng = random.Random(shuffle_seed) if shuffle_seed is not None else random.SystemRandom()
@@ -122,7 +124,7 @@ class SecAggServer(DropoutBookkeeping):
     # ------------------------------------------------------------------ views
     @property
     def vector_length(self) -> int:
-        """Length of every masked uint32 vector: parameters + weight + clipped count + extras."""
+        """Length of every masked vector: parameters + weight + clipped count + extras."""
         return self.layout.length
 
     @property
@@ -151,6 +153,7 @@ class SecAggServer(DropoutBookkeeping):
             m.CLIPPING_RANGE: float(s.clipping_range),
             m.MAX_TOTAL_WEIGHT: s.max_total_weight,
             m.LEVELS: s.levels,
+            m.FIELD_BITS: s.field_bits,
             m.NUM_PARAMS: self.layout.num_params,
             m.EXTRA_LENGTH: self.layout.extra_length,
         }
@@ -231,16 +234,18 @@ class SecAggServer(DropoutBookkeeping):
         vectors = self._collect(
             replies,
             stage=m.MASKED_INPUT,
-            parse=lambda nid, reply: read_masked_vector(reply, round_id=self.round_id, length=length),
+            parse=lambda nid, reply: read_masked_vector(
+                reply, round_id=self.round_id, length=length, dtype=self.layout.dtype
+            ),
         )
         masked = set(vectors)
         # Every secret (seeds of the masked, mask keys of the dropped) needs threshold live holders.
         self._require_coverage(
             self._shared, owners=masked, stage=m.MASKED_INPUT, what="masked-input survivors holding its shares"
         )
-        total = np.zeros(length, dtype=np.uint32)
+        total = np.zeros(length, dtype=self.layout.dtype)
         for vector in vectors.values():
-            total += vector  # wraps modulo 2^32 by design
+            total += vector  # wraps modulo 2^b by design
         self._sum, self._masked = total, masked
         dropped_now = self._shared - masked
         out: dict[int, dict[str, Any]] = {}

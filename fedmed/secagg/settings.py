@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from fedmed.secagg.errors import SecAggInputError
-from fedmed.secagg.quantize import max_quantization_error, quantization_levels
+from fedmed.secagg.quantize import FIELD_BITS, max_quantization_error, quantization_levels
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class SecAggSettings:
         None -> the smallest odd k >= max(11, 2 * ceil(log2 n) + 1). With <= 10 sites, or
         k >= n, every site is every other's neighbour (plain SecAgg).
     stage_timeout_s: how long the transport waits for the replies of one stage.
+    field_bits: every vector element lives in Z_(2^field_bits): 32 (uint32 on the wire) or 16 (uint16, half
+        the bytes; with max_total_weight * L <= 2^16 - 1 the levels are far fewer).
     """
 
     clipping_range: float = 0.5
@@ -31,6 +33,7 @@ class SecAggSettings:
     reconstruction_threshold: int | None = None
     num_shares: int | None = None
     stage_timeout_s: float = 120.0
+    field_bits: int = 32
 
     def __post_init__(self) -> None:
         if (
@@ -48,7 +51,9 @@ class SecAggSettings:
                 f"max_total_weight must be an integer >= 1, got {self.max_total_weight!r}; set it to an "
                 "upper bound on the training examples summed over all sites in one round, e.g. 65536"
             )
-        quantization_levels(self.max_total_weight)  # raises when too few levels remain
+        if self.field_bits not in FIELD_BITS:
+            raise SecAggInputError(f"field_bits must be one of {FIELD_BITS}, got {self.field_bits!r}")
+        quantization_levels(self.max_total_weight, field_bits=self.field_bits)  # raises when too few levels remain
         if self.reconstruction_threshold is not None and (
             not _is_int(self.reconstruction_threshold) or self.reconstruction_threshold < 2
         ):
@@ -76,7 +81,7 @@ class SecAggSettings:
     @property
     def levels(self) -> int:
         """L, the number of quantisation steps across [-R, R]."""
-        return quantization_levels(self.max_total_weight)
+        return quantization_levels(self.max_total_weight, field_bits=self.field_bits)
 
     @property
     def max_quantization_error(self) -> float:

@@ -68,7 +68,7 @@ def remove_masks(
                 f"the rebuilt self-mask seed of node {owner} does not match its commitment (corrupt shares)",
                 fix="rerun the round; if it recurs, check the sites' fedmed versions",
             )
-        total -= self_mask(seed, round_id=round_id, length=length)
+        total -= self_mask(seed, round_id=round_id, length=length, dtype=total.dtype.type)
     for owner in sorted(key_shares):
         sk1 = _combine(key_shares[owner], owner=owner, what="mask key", threshold=threshold, fail=fail)
         try:
@@ -83,7 +83,7 @@ def remove_masks(
             )
         # Only survivors' vectors carry a mask shared with the dropped node; undo each of them.
         for peer in sorted((nbrs[owner] & masked) - {owner}):
-            mask = pairwise_mask(sk1, pk1[peer], round_id=round_id, length=length)
+            mask = pairwise_mask(sk1, pk1[peer], round_id=round_id, length=length, dtype=total.dtype.type)
             apply_pairwise(total, mask, adder=peer, other=owner, sign=-1)
 
 
@@ -106,7 +106,7 @@ def decode_result(
         fail(
             m.UNMASK,
             f"the total weight of the aggregated sites is {weight}, outside [1, "
-            f"max_total_weight={s.max_total_weight}], so the weighted sum may have wrapped modulo 2^32",
+            f"max_total_weight={s.max_total_weight}], so the weighted sum may have wrapped modulo 2^{s.field_bits}",
             fix=f"set SecAggSettings.max_total_weight to at least {max(weight, 1)} (the training "
             "examples of all sites in one round) and rerun",
         )

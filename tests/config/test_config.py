@@ -326,3 +326,30 @@ def test_robust_rules_that_read_each_update_are_refused_under_secagg(tmp_path: P
     message = str(error.value)
     assert "robust.update_norm_bound applies under secagg only" in message
     assert "robust.norm_bound_multiple" in message, "the plaintext alternative is named"
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("bits = 12", "compression.bits"),
+        ("top_k = 0", "compression.top_k"),
+        ("top_k = 1.5", "compression.top_k"),
+        ("chunk = 4", "compression.chunk"),
+    ],
+)
+def test_compression_settings_are_checked(tmp_path: Path, section: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(write(tmp_path, MINIMAL + f"[compression]\n{section}\n"))
+
+
+@pytest.mark.parametrize(
+    ("compression", "message"),
+    [("bits = 8", "compression.bits = 8 cannot be combined with secagg"), ("bits = 16\ntop_k = 0.1", "top_k < 1")],
+)
+def test_compression_that_secure_aggregation_cannot_carry_is_refused(
+    tmp_path: Path, compression: str, message: str
+) -> None:
+    text = MINIMAL + f"[[sites]]\nname = 'b'\npath = 'data/b'\n[secagg]\nenabled = true\n[compression]\n{compression}\n"
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(write(tmp_path, text))
+    load_run_config(write(tmp_path, text.replace(compression, "bits = 16")))  # 16-bit masked vectors

@@ -56,7 +56,7 @@ def test_the_audit_log_records_exactly_what_each_site_sent(federation: LocalFede
         updates = [r for r in sent if r["kind"] == "model-update"]
         assert [r["round"] for r in updates] == [row["round"] for row in train] == [1]
         # What the server measured on receipt, and the values it recorded, are what the site logged.
-        assert updates[0]["content_bytes"] == rounds[0]["upload_bytes_per_site"]
+        assert updates[0]["bytes"] == rounds[0]["upload_bytes"][site]
         assert updates[0]["array_bytes"] == model_bytes
         assert updates[0]["metrics"]["metrics"]["train_loss"] == pytest.approx(train[0]["train_loss"], rel=1e-6)
         evaluated = [row for row in metrics if row["site"] == site and row["phase"] == "evaluate"]

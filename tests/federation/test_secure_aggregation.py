@@ -170,3 +170,22 @@ def test_fedavgm_is_the_default_and_keeps_its_momentum_under_secagg(tiny_config)
     assert latest is not None and latest["round"] == 2
     momentum = latest["strategy_state"]["momentum_vector"]
     assert momentum is not None and any(np.abs(array).max() > 0 for array in momentum), "FedAvgM stepped"
+
+
+def test_a_16_bit_field_halves_the_masked_bytes_and_stays_within_its_bound(tiny_config) -> None:
+    """compression.bits = 16 under SecAgg+: 16-bit masked vectors, every site weighing one (the sites hold 4 training
+    cases each, so the plain weighted mean is the same mean), error feedback kept at each site."""
+    plain = simulate(tiny_config(train={"rounds": 1}))
+    wide = simulate(tiny_config(train={"rounds": 1}, secagg={"enabled": True}))
+    narrow = simulate(tiny_config(train={"rounds": 1}, secagg={"enabled": True}, compression={"bits": 16}))
+    row, wide_row = _rounds(narrow)[0], _rounds(wide)[0]
+    bound = row["secagg_max_quantization_error"]
+    assert wide_row["secagg_max_quantization_error"] < bound < 1e-4  # fewer levels: a coarser, still small grid
+    plain_state, narrow_state = _final_state(plain), _final_state(narrow)
+    worst = max(float((plain_state[key].float() - narrow_state[key].float()).abs().max()) for key in plain_state)
+    assert 0 < worst <= bound + 1e-6
+    values = sum(tensor.numel() for tensor in plain_state.values()) + 2  # the update, the weight, the clipped count
+    for site in ("site-a", "site-b", "site-c"):
+        # The key exchanges cost the same; the masked vector is 2 bytes per value instead of 4.
+        assert 2 * values <= wide_row["upload_bytes"][site] - row["upload_bytes"][site] < 2 * values + 64
+        assert (narrow.run_dir.path / "sites" / site / "compression_residual.pt").exists()

@@ -28,8 +28,8 @@ def test_the_audit_log_holds_exactly_what_each_site_sent(tiny_config) -> None:
         updates = [record for record in sent if record["kind"] == "model-update"]
         assert [record["round"] for record in updates] == [row["round"] for row in train] == [1, 2]
         for record, row, round_row in zip(updates, train, rounds, strict=True):
-            # What the server measured on receipt (the same size for every site: one model shape).
-            assert record["content_bytes"] == round_row["upload_bytes_per_site"]
+            # The bytes the server counted on receipt are the bytes the site logged as sent.
+            assert record["bytes"] == round_row["upload_bytes"][site]
             # The values the server recorded are the values the site says it sent.
             assert record["metrics"]["metrics"]["train_loss"] == pytest.approx(row["train_loss"], rel=1e-6)
             assert record["metrics"]["metrics"]["epsilon"] == pytest.approx(row["epsilon"], rel=1e-6)

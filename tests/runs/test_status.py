@@ -74,7 +74,14 @@ def test_an_interrupted_run_names_the_command_that_resumes_it(tmp_path: Path) ->
 
 def test_rounds_show_who_trained_dropped_and_refused_with_the_reason(tmp_path: Path) -> None:
     history = round_history(_run(tmp_path).read_rounds())
-    assert history[0] == {"round": 1, "trained": ["a", "b"], "dropped": ["c"], "refused": {}}
+    assert history[0] == {
+        "round": 1,
+        "trained": ["a", "b"],
+        "dropped": ["c"],
+        "refused": {},
+        "upload_bytes": {},
+        "download_bytes": {},
+    }
     assert history[1]["refused"] == {"c": "site c refused app 1234: not among its approved apps"}
     assert round_history([{"round": 1, "sites_trained": ["a"]}])[0]["refused"] == {}, "rows of older runs"
 

@@ -50,6 +50,7 @@ from fedmed.site.session import SiteSession
 from . import secagg
 from .audit import audit_mod
 from .common import log_start_up, received, refuse, reply, session_for, train_round
+from .compression import compression_mod
 from .mods import client_dp_mod
 from .site_context import session_layout
 
@@ -57,7 +58,8 @@ from .site_context import session_layout
 app = ClientApp(mods=[audit_mod])
 
 
-@app.train(mods=[client_dp_mod])
+# Compression outside the clipping mod: it encodes the clipped update (fedmed.flower.client.compression).
+@app.train(mods=[compression_mod, client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     log_start_up()
     started = time.perf_counter()

@@ -19,7 +19,6 @@ from flwr.common.serde import recorddict_to_proto
 
 from fedmed.core.errors import FedmedError
 from fedmed.core.log import logger
-from fedmed.flower.records import payload_bytes
 from fedmed.flower.wire import (
     CONFIG,
     CROSS_EVALUATE,
@@ -114,7 +113,6 @@ def describe(msg: Message, reply: Message) -> dict[str, Any]:
     extra = {
         "records": sorted(content.keys()),
         "array_bytes": array_bytes,
-        "content_bytes": payload_bytes(content),  # the count the server logs per round (upload_bytes_per_site)
         "metrics": metrics,
         "flower_content_id": content.object_id,
     }

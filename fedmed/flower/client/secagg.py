@@ -16,6 +16,7 @@ from fedmed.core.log import logger
 from fedmed.flower.wire import ARRAYS, CONFIG, MASKED, METRICS, SECAGG, VECTOR
 from fedmed.secagg import SecAggClient
 from fedmed.secagg.encoding import l2_norm
+from fedmed.site.compression import ErrorFeedback
 from fedmed.site.session import NUM_EXAMPLES
 
 from .audit import UPDATE_BOUNDED, record_site_event
@@ -50,6 +51,13 @@ def mask(msg: Message, context: Context) -> Message:
             np.subtract(local, start, dtype=np.float32)
             for local, start in zip(layout.pack(trained).to_numpy_ndarrays(), sent, strict=True)
         ]
+        compression = session.config.compression
+        # A 16-bit field: the site's error feedback carries what its quantization (and clipping) left out.
+        feedback = (
+            ErrorFeedback(session.spec.state_dir) if compression.bits == 16 and compression.error_feedback else None
+        )
+        if feedback is not None:
+            feedback.add_to(dict(zip(msg.content[ARRAYS].keys(), update, strict=True)))  # in place
         extra = None
         if KEY_CLIPPING_NORM in round_config:
             clipped = clip_update_inplace(update, clipping_norm=float(round_config[KEY_CLIPPING_NORM]))
@@ -58,9 +66,14 @@ def mask(msg: Message, context: Context) -> Message:
         if bound is not None:
             _bound_update(msg, context, update, bound=bound, site=session.spec.name, server_round=server_round)
         client = _client(context)
-        vector, fields = client.mask(
-            dict(msg.content[SECAGG]), update=update, weight=int(metrics.pop(NUM_EXAMPLES)), extra_counts=extra
-        )
+        examples = int(metrics.pop(NUM_EXAMPLES))
+        # Over a 16-bit field every site counts once: the field holds no room for case counts as weights.
+        weight = 1 if compression.bits == 16 else examples
+        vector, fields = client.mask(dict(msg.content[SECAGG]), update=update, weight=weight, extra_counts=extra)
+        if feedback is not None:
+            _keep_residual(
+                feedback, client.contribution(update), update=update, groups=list(msg.content[ARRAYS].keys())
+            )
         _keep(context, client)
     except FedmedError as error:
         return refuse(msg, error)
@@ -77,6 +90,17 @@ def mask(msg: Message, context: Context) -> Message:
         msg,
         session,
         {MASKED: ArrayRecord({VECTOR: Array(vector)}), SECAGG: ConfigRecord(fields), METRICS: MetricRecord(metrics)},
+    )
+
+
+def _keep_residual(
+    feedback: ErrorFeedback, contributed: np.ndarray, *, update: list[np.ndarray], groups: list[str]
+) -> None:
+    """What the site's clipped, quantized contribution left out of its update, for the next round."""
+    offsets = np.cumsum([0, *(array.size for array in update)])
+    feedback.keep(
+        {group: array.reshape(-1) for group, array in zip(groups, update, strict=True)},
+        sent={group: contributed[offsets[i] : offsets[i + 1]] for i, group in enumerate(groups)},
     )
 
 

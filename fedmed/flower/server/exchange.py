@@ -11,7 +11,7 @@ keep their `send_and_receive`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -19,7 +19,7 @@ from flwr.supercore.run import Run
 from flwr.superlink.grid import HttpGrid
 
 from fedmed.core.log import logger
-from fedmed.flower.records import sender
+from fedmed.flower.records import sender, wire_bytes
 from fedmed.flower.wire import ARRAYS, HELD, MessageType
 
 from .context import RunContext
@@ -90,6 +90,18 @@ def send_and_receive(run: RunContext, messages: Iterable[Message], *, timeout: f
             break
         time.sleep(REPLY_POLL_INTERVAL_S)
     return replies
+
+
+def round_traffic(messages: list[Message], replies: list[Message], *, site_of: Callable[[int], str]) -> dict:
+    """What rounds.jsonl keeps of an exchange's bytes: per site, its message's content as sent and its reply's as
+    received (before any decoding), and the largest upload."""
+    download = {site_of(m.metadata.dst_node_id): wire_bytes(m.content) for m in messages if m.has_content()}
+    upload = {site_of(r.metadata.src_node_id): wire_bytes(r.content) for r in replies if r.has_content()}
+    return {
+        "upload_bytes": dict(sorted(upload.items())),
+        "download_bytes": dict(sorted(download.items())),
+        "upload_bytes_per_site": max(upload.values(), default=0),
+    }
 
 
 def ask_every_site(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from flwr.app import Message
 
 from fedmed.flower.records import sender
-from fedmed.flower.wire import ARRAYS, MASKED, METRICS
+from fedmed.flower.wire import ARRAYS, COMPRESSED, MASKED, METRICS
 from fedmed.runs import RunDirectory
 
 from .context import RunContext
@@ -35,7 +35,7 @@ def usable_replies(replies: Iterable[Message], *, phase: str, site_names: dict[i
         if reply.has_error():
             continue
         site_names[reply.metadata.src_node_id] = sender(reply)
-        if phase == "train" and ARRAYS not in reply.content and MASKED not in reply.content:
+        if phase == "train" and not {ARRAYS, COMPRESSED, MASKED} & set(reply.content.keys()):
             continue
         usable.append(reply)
     # Replies arrive in completion order; aggregating in a fixed order makes the float sums, and so

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from fedmed.config import RunConfig
 from fedmed.core.errors import FedmedError
 from fedmed.core.log import logger
-from fedmed.flower.records import Layout, payload_bytes
+from fedmed.flower.records import Layout
 from fedmed.flower.wire import CLIPPING_MODE, LAYOUT_DIGEST, STANDARD_LANDMARKS
 from fedmed.runs import RunDirectory
 from fedmed.runs.progress import RoundProgress
@@ -29,10 +29,11 @@ from fedmed.runs.tracking import RunTracker
 from fedmed.tasks import Task
 
 from .client_dp import client_dp_round_record, client_level_privacy
+from .compressed import decode_replies
 from .context import RunContext
 from .cross_site import cross_site_evaluation
 from .dp_plan import DpPlans, ask_dp_plans, stop_if_mostly_noise
-from .exchange import NodesAsOfNow, send_and_receive
+from .exchange import NodesAsOfNow, round_traffic, send_and_receive
 from .intensity import fit_intensities
 from .model_card import build_model_card
 from .replies import Outcome, by_site, outcome_of, record_metrics, usable_replies, with_deadline
@@ -246,11 +247,13 @@ def _train_round(
         site_of=run.site_of,
     )
     replies = send_and_receive(run, messages, timeout=run.timeout)
-    usable, implausible = refuse_implausible(
-        usable_replies(replies, phase="train", site_names=run.site_names), sent=arrays, settings=config.robust
+    traffic = round_traffic(messages, replies, site_of=run.site_of)
+    usable, undecodable, decode_seconds = decode_replies(
+        usable_replies(replies, phase="train", site_names=run.site_names), sent=arrays, settings=config.compression
     )
+    usable, implausible = refuse_implausible(usable, sent=arrays, settings=config.robust)
     outcome = outcome_of(messages, replies, run=run)
-    outcome.refused = dict(sorted({**outcome.refused, **implausible}.items()))
+    outcome.refused = dict(sorted({**outcome.refused, **undecodable, **implausible}.items()))
     failures = outcome.describe()
     # A quarantined site is not asked to train: the quorum counts the sites that are.
     needed = quorum(config)
@@ -269,7 +272,8 @@ def _train_round(
     if aggregated is None:
         raise RoundFailedError(f"round {server_round}: the strategy produced no aggregate from {len(usable)} updates")
     record = {
-        "upload_bytes_per_site": max((payload_bytes(reply.content) for reply in usable), default=0),
+        **traffic,
+        **({"decode_s": round(decode_seconds, 4)} if config.compression.enabled else {}),
         "sites_dropped": outcome.dropped,
         "sites_refused": outcome.refused,
         **(robust.last_record if robust is not None else {}),

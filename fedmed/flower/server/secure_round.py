@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from fedmed.config import RunConfig
 from fedmed.core.errors import FedmedError
 from fedmed.core.log import logger
-from fedmed.flower.records import payload_bytes, sender
+from fedmed.flower.records import sender, wire_bytes
 from fedmed.flower.wire import (
     ARRAYS,
     CONFIG,
@@ -69,13 +69,17 @@ class SecureRound:
     record: dict[str, Any] = field(default_factory=dict)  # what rounds.jsonl keeps about the protocol
 
 
-def secagg_settings(config: RunConfig) -> SecAggSettings:
+def secagg_settings(config: RunConfig, *, sites: int) -> SecAggSettings:
+    """The round's protocol settings. With compression.bits = 16 the masked vectors are 16-bit: every site weighs
+    one (the field has room for sites x levels, not case counts x levels), so the levels are (2^16 - 1) / sites."""
     settings = config.secagg
+    field16 = config.compression.bits == 16
     return SecAggSettings(
         clipping_range=settings.clipping_range,
-        max_total_weight=settings.max_total_weight,
+        max_total_weight=sites if field16 else settings.max_total_weight,
         reconstruction_threshold=settings.reconstruction_threshold,
         stage_timeout_s=settings.stage_timeout_s,
+        field_bits=16 if field16 else 32,
     )
 
 
@@ -139,7 +143,7 @@ def _attempt(
     server = SecAggServer(
         node_ids=sorted(train_messages),
         shapes=[array.shape for array in arrays.to_numpy_ndarrays()],
-        settings=secagg_settings(config),
+        settings=secagg_settings(config, sites=len(train_messages)),
         extra_length=1 if isinstance(strategy, ClientDpStrategy) else 0,
     )
     exchange = _Exchange(run, server_round=server_round, site_errors=site_errors)
@@ -190,7 +194,7 @@ def _attempt(
             "secagg_clipped_values": result.clipped_values,
             "secagg_keys_s": round(keys_done - stage_started, 4),
             "secagg_unmask_s": round(unmasked_done - trained_done, 4),
-            "upload_bytes_per_site": exchange.upload_bytes_per_site(),
+            **exchange.traffic(),
             **bound_record,
         },
     )
@@ -332,7 +336,8 @@ class _Exchange:
         self.run = run
         self.site_errors = site_errors  # site -> the reason it gave for failing a stage
         self.server_round = server_round
-        self.uploaded: dict[int, int] = {}
+        self.uploaded: dict[int, int] = {}  # by node, over the round's stages
+        self.downloaded: dict[int, int] = {}
 
     def send(
         self, stage: str, outgoing: Mapping[int, Any], *, timeout: float | None = None, wrap: bool = True
@@ -347,7 +352,11 @@ class _Exchange:
         answered: dict[int, Message] = {}
         replied = set()
         site_of = self.run.site_of
-        for reply in send_and_receive(self.run, messages, timeout=timeout):
+        replies = send_and_receive(self.run, messages, timeout=timeout)
+        for message in messages:  # as sent: send_and_receive adds the held values to a message with weights
+            node = message.metadata.dst_node_id
+            self.downloaded[node] = self.downloaded.get(node, 0) + wire_bytes(message.content)
+        for reply in replies:
             node = reply.metadata.src_node_id
             replied.add(node)
             if reply.has_error():
@@ -363,7 +372,7 @@ class _Exchange:
             answered[node] = reply
             if SITE in reply.content:
                 self.run.site_names[node] = sender(reply)
-            self.uploaded[node] = self.uploaded.get(node, 0) + payload_bytes(reply.content)
+            self.uploaded[node] = self.uploaded.get(node, 0) + wire_bytes(reply.content)
         for node in sorted(set(outgoing) - replied):
             logger.warning(
                 "round %d: %s did not answer SecAgg %s within %.0f s",
@@ -374,5 +383,11 @@ class _Exchange:
             )
         return answered
 
-    def upload_bytes_per_site(self) -> int:
-        return int(max(self.uploaded.values(), default=0))
+    def traffic(self) -> dict[str, Any]:
+        """rounds.jsonl's byte counts (as fedmed.flower.server.exchange.round_traffic), summed over the stages."""
+        site_of = self.run.site_of
+        return {
+            "upload_bytes": dict(sorted((site_of(node), count) for node, count in self.uploaded.items())),
+            "download_bytes": dict(sorted((site_of(node), count) for node, count in self.downloaded.items())),
+            "upload_bytes_per_site": max(self.uploaded.values(), default=0),
+        }

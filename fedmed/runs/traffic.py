@@ -1,0 +1,66 @@
+"""What crossed the wire in a run: each site's bytes per round, as rounds.jsonl records them (upload_bytes: its
+replies as the coordinator received them; download_bytes: the messages it was sent; both as Flower serializes the
+message content), for the report and `fedmed status`."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def round_traffic_line(row: dict[str, Any]) -> str | None:
+    """'sent 190.2 kB, received 12.6 kB per site' for one round (the largest site's), or None if not recorded."""
+    upload, download = row.get("upload_bytes") or {}, row.get("download_bytes") or {}
+    if not upload and not download:
+        return None
+    return (
+        f"sent {format_bytes(max(download.values(), default=0))}, "
+        f"received {format_bytes(max(upload.values(), default=0))} per site"
+    )
+
+
+def site_totals(rounds: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per site: bytes received from it and sent to it over the recorded rounds, and the rounds it took part in."""
+    totals: dict[str, dict[str, int]] = {}
+    for row in rounds:
+        for field, direction in (("upload_bytes", "upload"), ("download_bytes", "download")):
+            for site, count in (row.get(field) or {}).items():
+                entry = totals.setdefault(site, {"upload": 0, "download": 0, "rounds": 0})
+                entry[direction] += int(count)
+        for site in row.get("upload_bytes") or {}:
+            totals[site]["rounds"] += 1
+    return dict(sorted(totals.items()))
+
+
+def traffic_section(rounds: list[dict[str, Any]]) -> str:
+    """The report's table of each site's bytes over the run's training rounds."""
+    totals = site_totals(rounds)
+    head = "<h2>Traffic</h2>\n"
+    if not totals:
+        return head + '<p class="muted">Not recorded for this run (its rounds.jsonl predates byte counts).</p>\n'
+    body = "".join(
+        f"<tr><td>{html.escape(site)}</td><td>{entry['rounds']}</td>"
+        f"<td>{format_bytes(entry['upload'] / max(entry['rounds'], 1))}</td>"
+        f"<td>{format_bytes(entry['download'] / max(entry['rounds'], 1))}</td>"
+        f"<td>{entry['upload'] / entry['download']:.3f}</td>"
+        f"<td>{format_bytes(entry['upload'])}</td><td>{format_bytes(entry['download'])}</td></tr>"
+        if entry["download"]
+        else ""
+        for site, entry in totals.items()
+    )
+    return head + (
+        '<p class="muted">Training rounds only: message contents as Flower serializes them, the site\'s update '
+        "as it arrived (compressed with [compression]) and the global model as sent. Each site's audit log "
+        "records the same count for each update it sent.</p>\n"
+        "<table><tr><th>site</th><th>rounds</th><th>received per round</th><th>sent per round</th>"
+        "<th>received / sent</th><th>received in all</th><th>sent in all</th></tr>"
+        f"{body}</table>\n"
+    )
