@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +27,21 @@ def require_nginx() -> None:
         if os.environ.get("FEDMED_REQUIRE_NGINX") == "1":
             pytest.fail(f"{missing} (FEDMED_REQUIRE_NGINX=1 makes this a failure, not a skip)")
         pytest.skip(f"{missing}; or set FEDMED_REQUIRE_NGINX=1 to fail instead of skipping")
+
+
+@contextmanager
+def running_federation(root: Path, synth: SynthConfig) -> Iterator[LocalFederation]:
+    """A coordinator and one site per site of `synth`, provisioned, started and, at the end, stopped with nothing
+    left running."""
+    require_nginx()
+    sites = synthesize_federation(synth, root / "data")
+    federation = LocalFederation(root, site_data={site.name: site.path for site in sites})
+    federation.provision()
+    try:
+        federation.start()
+        yield federation
+    finally:
+        close_leaving_nothing(federation)
 
 
 def run_config(federation: LocalFederation, name: str, **sections: dict[str, Any]) -> Path:

@@ -8,10 +8,9 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from deploy_helpers import close_leaving_nothing, require_nginx, run_config
+from deploy_helpers import run_config, running_federation
 
 from fedmed.config import SiteDrift, SynthConfig, load_site_config
-from fedmed.data import synthesize_federation
 from fedmed.deploy.local import LocalFederation
 from fedmed.site.audit import AuditLog, audit_path
 
@@ -23,8 +22,6 @@ PARAMETERS = 54_345_692
 
 @pytest.fixture(scope="module")
 def federation_3d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    require_nginx()
-    root = tmp_path_factory.mktemp("large-model")
     synth = SynthConfig(
         task="segmentation",
         spatial_dims=3,
@@ -34,14 +31,8 @@ def federation_3d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFed
         seed=1,
         sites=[SiteDrift(name=name) for name in ("a", "b", "c")],
     )
-    sites = synthesize_federation(synth, root / "data")
-    federation = LocalFederation(root, site_data={site.name: site.path for site in sites})
-    federation.provision()
-    try:
-        federation.start()
+    with running_federation(tmp_path_factory.mktemp("large-model"), synth) as federation:
         yield federation
-    finally:
-        close_leaving_nothing(federation)
 
 
 def test_a_54m_parameter_model_trains_a_round_through_the_proxy(federation_3d: LocalFederation) -> None:
