@@ -153,6 +153,17 @@ def test_client_level_dp_noise_is_recorded_per_round(tiny_config, clipping: str,
     assert moved > 1e-3, "clipping and noise change the model"
 
 
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_client_level_dp_clips_a_run_with_frozen_layers(tiny_config, clipping: str) -> None:
+    """The frozen values travel beside the weights; Flower's clipping mods still see the weights alone."""
+    dp = {"enabled": True, "clipping": clipping, "clipped_count_stddev": 1.0}
+    run = simulate(tiny_config(train={"rounds": 1}, model={"freeze": ["model.0"]}, client_dp=dp))
+    assert _rounds(run)[0]["sites_trained"] == ["site-a", "site-b", "site-c"]
+    plain = simulate(tiny_config(train={"rounds": 1}, model={"freeze": ["model.0"]}))
+    frozen = [key for key in _final_state(plain) if key.startswith("model.0.")]
+    assert frozen and all(torch.equal(_final_state(run)[key], _final_state(plain)[key]) for key in frozen)
+
+
 def test_client_level_dp_reports_the_participant_epsilon_opacus_gives(tiny_config) -> None:
     from opacus.accountants import RDPAccountant
 
