@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+import httpx
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -83,13 +84,27 @@ def send_and_receive(run: RunContext, messages: Iterable[Message], *, timeout: f
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while waiting:
-        arrived = list(grid.pull_messages(waiting))
+        arrived = _pull(grid, waiting)
         replies.extend(arrived)
         waiting.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(REPLY_POLL_INTERVAL_S)
     return replies
+
+
+def _pull(grid: Grid, waiting: set[str]) -> list[Message]:
+    """The replies that arrived. A SuperLink under load answers 500 now and then ("database is locked": its SQLite
+    state, while sites upload 200 MB updates); nothing was delivered then, so the next poll asks again. Until the
+    round's deadline: replies still missing then are the sites' that dropped, as ever."""
+    try:
+        return list(grid.pull_messages(waiting))
+    except httpx.HTTPStatusError as error:
+        if error.response.status_code < 500:
+            raise
+        logger.warning("the SuperLink failed to hand over replies (%s); asking again", error.response.status_code)
+        time.sleep(1.0)
+        return []
 
 
 def round_traffic(messages: list[Message], replies: list[Message], *, site_of: Callable[[int], str]) -> dict:
