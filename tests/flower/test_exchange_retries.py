@@ -17,7 +17,8 @@ class FlakyGrid:
         self.calls += 1
         if self.calls == 1:
             request = httpx.Request("POST", "https://127.0.0.1/v1/runtime/pull-messages")
-            raise httpx.HTTPStatusError("locked", request=request, response=httpx.Response(self.status, request=request))
+            response = httpx.Response(self.status, request=request)
+            raise httpx.HTTPStatusError("locked", request=request, response=response)
         return ["reply"]
 
 
