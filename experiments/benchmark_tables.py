@@ -106,6 +106,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         ),
         "5",
     ),
+    Benchmark("coordinator-memory", ("experiments/bench_coordinator_memory.py",), "25"),
     Benchmark(
         "robustness-pneumonia",
         (

@@ -4,6 +4,7 @@ and sites lost at any protocol stage are tolerated or fail the round loudly."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedmed.flower.engines.inprocess import FIRST_NODE_ID, InProcessGrid
 from fedmed.flower.server.rounds import RoundFailedError
@@ -32,17 +33,24 @@ def _rounds(run) -> list[dict]:
 
 @contextmanager
 def _captured_replies(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
-    """Everything the server receives, as it receives it."""
+    """Everything the server receives, as it receives it (the coordinator lets a reply's arrays go once it has
+    written the update to disk)."""
     received: list = []
     original = InProcessGrid.send_and_receive
 
     def recording(self, messages, *, timeout=None):
         replies = list(original(self, messages, timeout=timeout))
-        received.extend(replies)
+        received.extend(_snapshot(reply) for reply in replies)
         return replies
 
     monkeypatch.setattr(InProcessGrid, "send_and_receive", recording)
     yield received
+
+
+def _snapshot(reply: Message) -> Message:
+    if reply.has_error():
+        return reply
+    return Message(RecordDict(dict(reply.content.items())), metadata=copy.copy(reply.metadata))
 
 
 @contextmanager

@@ -74,9 +74,10 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [
+        # A generator: each site runs when its reply is read, so the server can take one reply at a time.
+        return (
             self._deliver(self._pending.pop(message_id)) for message_id in message_ids if message_id in self._pending
-        ]
+        )
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))

@@ -4,8 +4,6 @@ weights, as from an uncompressed site. A reply that does not decode is refused f
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
@@ -16,12 +14,11 @@ from fedmed.flower.wire import ARRAYS, COMPRESSED
 
 
 def decode_replies(
-    replies: list[Message], *, sent: ArrayRecord, settings: CompressionConfig
-) -> tuple[list[Message], dict[str, str], float]:
-    """The replies with their updates decoded into ARRAYS, the refused ones' reasons by site, and the seconds taken."""
-    started = time.perf_counter()
+    replies: list[Message], *, start: dict[str, np.ndarray], settings: CompressionConfig
+) -> tuple[list[Message], dict[str, str]]:
+    """The replies with their updates decoded into ARRAYS, and the refused ones' reasons by site. `start`: the round's
+    global arrays."""
     codec = UpdateCodec.of(settings)
-    start = {key: array.numpy() for key, array in sent.items()}
     passed, refused = [], {}
     for reply in replies:
         if COMPRESSED in reply.content:
@@ -33,7 +30,7 @@ def decode_replies(
                 continue
             del reply.content[COMPRESSED]
         passed.append(reply)
-    return passed, refused, time.perf_counter() - started
+    return passed, refused
 
 
 def _decoded(record: ArrayRecord, *, start: dict[str, np.ndarray], codec: UpdateCodec) -> ArrayRecord:

@@ -4,20 +4,22 @@ strategies one consistent list of the connected sites.
 Replies are collected without Flower's fixed 3 s wait between checks: Flower's deployed Grid
 (HttpGrid) looks for replies every 3 s, so every exchange with the sites costs up to 3 s on top of
 the work; a round under SecAgg+ makes four exchanges. Looking every 0.1 s costs one small local
-request to the SuperLink each time. The in-process and Ray grids deliver on their own schedule and
-keep their `send_and_receive`.
+request to the SuperLink per waiting site each time. Each reply is pulled by itself and handed on as it
+arrives: the deployed grid inflates every reply one pull returns, so pulling them together held every site's
+update at once (twenty 217 MB updates of a 54 M-parameter model). Ray's grid (Flower's in-memory one) is read
+the same way; the in-process grid delivers each reply as it is read from its `send_and_receive`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import httpx
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
-from flwr.superlink.grid import HttpGrid
+from flwr.superlink.grid import HttpGrid, InMemoryGrid
 
 from fedmed.core.log import logger
 from fedmed.flower.records import sender, wire_bytes
@@ -66,7 +68,13 @@ class NodesAsOfNow(Grid):
 
 
 def send_and_receive(run: RunContext, messages: Iterable[Message], *, timeout: float) -> list[Message]:
-    """Push `messages`, then collect their replies until all arrived or `timeout` seconds passed.
+    """Push `messages`, then collect their replies until all arrived or `timeout` seconds passed."""
+    return list(arriving(run, messages, timeout=timeout))
+
+
+def arriving(run: RunContext, messages: Iterable[Message], *, timeout: float) -> Iterator[Message]:
+    """Push `messages`, then yield their replies one at a time as they arrive, until all arrived or `timeout`
+    seconds passed.
 
     A message carrying the global weights also carries the values the coordinator holds for the keys
     those weights leave out (frozen parameters, site-local starting values), when the run has any: a
@@ -78,22 +86,23 @@ def send_and_receive(run: RunContext, messages: Iterable[Message], *, timeout: f
         for message in messages:
             if message.has_content() and ARRAYS in message.content:
                 message.content[HELD] = run.held
-    if not isinstance(getattr(grid, "base", grid), HttpGrid):  # EnrolledNodes wraps the deployed grid
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    waiting = set(grid.push_messages(messages))
+    if not isinstance(getattr(grid, "base", grid), HttpGrid | InMemoryGrid):  # EnrolledNodes wraps the deployed grid
+        yield from grid.send_and_receive(messages, timeout=timeout)
+        return
+    waiting = list(grid.push_messages(messages))
+    del messages  # the global weights are the grid's to send now
     deadline = time.monotonic() + timeout
-    replies: list[Message] = []
     while waiting:
-        arrived = _pull(grid, waiting)
-        replies.extend(arrived)
-        waiting.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
+        for message_id in list(waiting):
+            for reply in _pull(grid, [message_id]):
+                waiting.remove(message_id)
+                yield reply
         if not waiting or time.monotonic() >= deadline:
-            break
+            return
         time.sleep(REPLY_POLL_INTERVAL_S)
-    return replies
 
 
-def _pull(grid: Grid, waiting: set[str]) -> list[Message]:
+def _pull(grid: Grid, waiting: list[str]) -> list[Message]:
     """The replies that arrived. A SuperLink under load answers 500 now and then ("database is locked": its SQLite
     state, while sites upload 200 MB updates); nothing was delivered then, so the next poll asks again. Until the
     round's deadline: replies still missing then are the sites' that dropped, as ever."""
@@ -107,11 +116,10 @@ def _pull(grid: Grid, waiting: set[str]) -> list[Message]:
         return []
 
 
-def round_traffic(messages: list[Message], replies: list[Message], *, site_of: Callable[[int], str]) -> dict:
+def round_traffic(messages: list[Message], *, upload: dict[str, int], site_of: Callable[[int], str]) -> dict:
     """What rounds.jsonl keeps of an exchange's bytes: per site, its message's content as sent and its reply's as
-    received (before any decoding), and the largest upload."""
+    received (before any decoding, `upload`), and the largest upload."""
     download = {site_of(m.metadata.dst_node_id): wire_bytes(m.content) for m in messages if m.has_content()}
-    upload = {site_of(r.metadata.src_node_id): wire_bytes(r.content) for r in replies if r.has_content()}
     return {
         "upload_bytes": dict(sorted(upload.items())),
         "download_bytes": dict(sorted(download.items())),

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -28,6 +29,7 @@ from fedmed.site.session import NUM_EXAMPLES
 
 # The site's metric: its optimizer steps this round (fedmed.site.session).
 TRAIN_STEPS = "train_steps"
+K = TypeVar("K", bound=Hashable)
 
 
 class NormalizedAveragingError(FedmedError):
@@ -42,7 +44,7 @@ class NormalizedAveraging(Strategy):
         self.strategy = strategy
         self.weighted_by_key: str = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
         # The global arrays each round was sent, by round: the sites' updates are measured from them.
-        self._sent: dict[int, dict[str, np.ndarray]] = {}
+        self._sent: dict[int, ArrayRecord] = {}
         self.effective_steps: float | None = None  # the last round's tau_eff, for the log
 
     def summary(self) -> None:
@@ -52,15 +54,15 @@ class NormalizedAveraging(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # Only the current round's starting point is ever needed.
-        self._sent = {server_round: {key: array.numpy() for key, array in arrays.items()}}
+        # Only the current round's starting point is ever needed; kept as the record, unpacked only when used.
+        self._sent = {server_round: arrays}
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        sent = self._sent.get(server_round)
+        sent = self._sent.pop(server_round, None)
         if sent is None:
             raise NormalizedAveragingError(
                 f"round {server_round}: normalized averaging has no global arrays for this round; configure_train "
@@ -69,22 +71,33 @@ class NormalizedAveraging(Strategy):
         trained = [reply for reply in replies if reply.has_content() and ARRAYS in reply.content]
         if not trained:
             return self.strategy.aggregate_train(server_round, replies)
-        weights = [self._number(reply, self.weighted_by_key) for reply in trained]
-        steps = [self._number(reply, TRAIN_STEPS) for reply in trained]
-        total = sum(weights)
-        if total <= 0:
-            raise NormalizedAveragingError(
-                f"round {server_round}: the sites' {self.weighted_by_key} sum to {total}; normalized averaging needs "
-                "a positive total weight"
-            )
-        tau_eff = sum(weight * step for weight, step in zip(weights, steps, strict=True)) / total
-        self.effective_steps = tau_eff
-        logger.info("round %d: normalized averaging, effective local steps %.4g", server_round, tau_eff)
+        sent = {key: array.numpy() for key, array in sent.items()}
+        weights = {index: self._number(reply, self.weighted_by_key) for index, reply in enumerate(trained)}
+        steps = {index: self.steps_of(reply) for index, reply in enumerate(trained)}
+        factors = self.step_factors(weights, steps=steps, server_round=server_round)
         rewritten = {
-            id(reply): _rescaled(reply, sent=sent, scale=tau_eff / step if step > 0 else 0.0)
-            for reply, step in zip(trained, steps, strict=True)
+            id(reply): _rescaled(reply, sent=sent, scale=factors[index]) for index, reply in enumerate(trained)
         }
         return self.strategy.aggregate_train(server_round, [rewritten.get(id(reply), reply) for reply in replies])
+
+    def steps_of(self, reply: Message) -> float:
+        """The optimizer steps the site took this round."""
+        return self._number(reply, TRAIN_STEPS)
+
+    def step_factors(
+        self, weights: dict[K, float], *, steps: dict[K, float], server_round: int | None = None
+    ) -> dict[K, float]:
+        """Each update's factor tau_eff / tau_i, from the sites' weights and step counts; 0 for a site that took no
+        step (it leaves the global arrays)."""
+        total = sum(weights.values())
+        if total <= 0:
+            raise NormalizedAveragingError(
+                f"the sites' {self.weighted_by_key} sum to {total}; normalized averaging needs a positive total weight"
+            )
+        tau_eff = sum(weight * steps[key] for key, weight in weights.items()) / total
+        self.effective_steps = tau_eff
+        logger.info("round %s: normalized averaging, effective local steps %.4g", server_round or "-", tau_eff)
+        return {key: tau_eff / step if step > 0 else 0.0 for key, step in steps.items()}
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -28,8 +29,8 @@ from fedmed.runs.progress import RoundProgress
 from fedmed.runs.tracking import RunTracker
 from fedmed.tasks import Task
 
+from .arrivals import collect_train_replies
 from .client_dp import client_dp_round_record, client_level_privacy
-from .compressed import decode_replies
 from .context import RunContext
 from .cross_site import cross_site_evaluation
 from .dp_plan import DpPlans, ask_dp_plans, stop_if_mostly_noise
@@ -46,6 +47,7 @@ from .robust.round_loop import (
     secure_contributions,
     without_quarantined,
 )
+from .robust.updates import SpilledUpdates
 from .secure_round import SecureRoundError, secure_train_round
 from .start import GlobalStart, check_resumed_start, global_start, record_start
 from .strategies import build_strategy, check_strategy_name, quorum, restore_strategy_state, strategy_state
@@ -70,6 +72,7 @@ def run_federation(
         grid=grid, config=config, task=task, run_dir=run_dir, site_names=dict(site_names or {}), held=start.held
     )
     start_fields = record_start(run_dir, start)
+    start.release_shared()
     scan_geometry = config.task.scan_geometry
     progress = RoundProgress(
         total_rounds=config.train.rounds,
@@ -246,39 +249,58 @@ def _train_round(
         robust=robust,
         site_of=run.site_of,
     )
-    replies = send_and_receive(run, messages, timeout=run.timeout)
-    traffic = round_traffic(messages, replies, site_of=run.site_of)
-    usable, undecodable, decode_seconds = decode_replies(
-        usable_replies(replies, phase="train", site_names=run.site_names), sent=arrays, settings=config.compression
-    )
-    usable, implausible = refuse_implausible(usable, sent=arrays, settings=config.robust)
-    outcome = outcome_of(messages, replies, run=run)
-    outcome.refused = dict(sorted({**outcome.refused, **undecodable, **implausible}.items()))
+    # Each update is written to disk as it arrives (fedmed.flower.server.robust.updates) and read back a slice at a
+    # time by the robust layer; the files go with the round.
+    with SpilledUpdates(robust.sent, folder=run.run_dir.path) as updates:
+        collected = collect_train_replies(run, messages, arrays=arrays, start=robust.sent, updates=updates)
+        outcome = outcome_of(messages, collected.replies, run=run)
+        outcome.refused = dict(sorted({**outcome.refused, **collected.refused}.items()))
+        usable = collected.usable
+        _check_train_quorum(
+            run, server_round=server_round, usable=usable, asked=len(messages), outcome=outcome, quarantined=quarantined
+        )
+        rows = record_metrics(run.run_dir, usable, phase="train", server_round=server_round)
+        robust.spilled = updates
+        try:
+            aggregated, _ = strategy.aggregate_train(server_round, usable)
+        finally:
+            robust.spilled = None
+    if aggregated is None:
+        raise RoundFailedError(f"round {server_round}: the strategy produced no aggregate from {len(usable)} updates")
+    record = {
+        **round_traffic(messages, upload=collected.upload_bytes, site_of=run.site_of),
+        **({"decode_s": round(collected.decode_seconds, 4)} if config.compression.enabled else {}),
+        "sites_dropped": outcome.dropped,
+        "sites_refused": outcome.refused,
+        **robust.last_record,
+    }
+    return aggregated, by_site(rows), record
+
+
+def _check_train_quorum(
+    run: RunContext,
+    *,
+    server_round: int,
+    usable: list[Message],
+    asked: int,
+    outcome: Outcome,
+    quarantined: Collection[str],
+) -> None:
+    """Enough usable updates for the round to count, else RoundFailedError naming every failed site."""
     failures = outcome.describe()
     # A quarantined site is not asked to train: the quorum counts the sites that are.
-    needed = quorum(config)
+    needed = quorum(run.config)
     if quarantined:
-        needed = min(needed, max(1, len(set(run.site_names.values()) | set(config.site_names)) - len(quarantined)))
+        sites = set(run.site_names.values()) | set(run.config.site_names)
+        needed = min(needed, max(1, len(sites) - len(quarantined)))
     if len(usable) < needed:
         raise RoundFailedError(
-            f"round {server_round}: {len(usable)} of {len(messages)} site(s) returned an update, quorum is "
+            f"round {server_round}: {len(usable)} of {asked} site(s) returned an update, quorum is "
             f"{needed}. {'; '.join(failures) or 'No site replied.'} Fix the failing sites or lower "
             f"strategy.min_sites."
         )
     for failure in failures:
         logger.warning("round %d: dropped %s", server_round, failure)
-    rows = record_metrics(run.run_dir, usable, phase="train", server_round=server_round)
-    aggregated, _ = strategy.aggregate_train(server_round, usable)
-    if aggregated is None:
-        raise RoundFailedError(f"round {server_round}: the strategy produced no aggregate from {len(usable)} updates")
-    record = {
-        **traffic,
-        **({"decode_s": round(decode_seconds, 4)} if config.compression.enabled else {}),
-        "sites_dropped": outcome.dropped,
-        "sites_refused": outcome.refused,
-        **(robust.last_record if robust is not None else {}),
-    }
-    return aggregated, by_site(rows), record
 
 
 def _secure_train_round(

@@ -45,6 +45,12 @@ class GlobalStart:
             return "synthetic pretraining"
         return "weights file" if self.init is not None else "random"
 
+    def release_shared(self) -> None:
+        """Let go of the shared values once the round loop carries them as the global arrays (a model's worth of
+        memory); the final checkpoint puts them back, in their place."""
+        for key in self.keys.shared:
+            self.state[key] = torch.empty(0, dtype=self.state[key].dtype)
+
     def describe(self) -> dict[str, Any]:
         """What the run directory records about its starting point (STARTING_POINT_FILE)."""
         pretraining = None

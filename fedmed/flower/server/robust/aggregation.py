@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
 from fedmed.config import RobustConfig
 from fedmed.core.errors import FedmedError
@@ -26,10 +26,14 @@ from fedmed.flower.records import sender
 from fedmed.flower.wire import ARRAYS, METRICS
 from fedmed.site.session import NUM_EXAMPLES
 
-from ..normalized_averaging import TRAIN_STEPS
+from ..normalized_averaging import TRAIN_STEPS, NormalizedAveraging
 from .diagnostics import Contribution, measure
 from .quarantine import QuarantineBook
 from .rules import RULES, Aggregation, RoundUpdates
+from .updates import HeldUpdates, Updates, floating_keys, weighted_sum
+
+# Strategies whose aggregation starts from the weighted mean of the replies (unless a subclass aggregates its own way).
+MEAN_FIRST = {strategy.aggregate_train for strategy in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad)}
 
 
 class RobustAggregationError(FedmedError):
@@ -54,6 +58,7 @@ class RobustAggregation(Strategy):
         self._sent: dict[str, np.ndarray] = {}
         self.last_record: dict[str, Any] = {}
         self.pending_events: list[dict[str, Any]] = []  # re-admissions on resume, recorded in the next round's row
+        self.spilled: Updates | None = None  # the round's updates, when the round loop wrote them as they arrived
 
     def summary(self) -> None:
         logger.info("robust aggregation (%s) around:", self.settings.rule)
@@ -64,6 +69,11 @@ class RobustAggregation(Strategy):
     ) -> Iterable[Message]:
         self._sent = {key: array.numpy() for key, array in arrays.items()}
         return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    @property
+    def sent(self) -> dict[str, np.ndarray]:
+        """The round's global arrays as configure_train sent them: the updates are measured from them."""
+        return self._sent
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -76,12 +86,14 @@ class RobustAggregation(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = [reply for reply in replies if reply.has_content() and ARRAYS in reply.content]
-        if not replies:
+        """Aggregate the round's updates: those in `spilled` when the round loop wrote them there as they arrived
+        (the replies then carry none), else those the replies carry."""
+        replies = [reply for reply in replies if reply.has_content()]
+        updates = self.spilled or self._held(replies)
+        by_site = {sender(reply): reply for reply in replies if sender(reply) in updates.norms}
+        if not by_site:
             return self.strategy.aggregate_train(server_round, replies)
         started = time.perf_counter()
-        by_site = {sender(reply): reply for reply in replies}
-        updates = {site: self._update(reply) for site, reply in by_site.items()}
         claimed = {site: self._claimed(reply) for site, reply in by_site.items()}
         contributions = measure(updates, settings=self.settings, vouched=self.book.vouched)
         weights = capped_weights(claimed, max_ratio=self.settings.max_case_ratio)
@@ -98,16 +110,10 @@ class RobustAggregation(Strategy):
                 "re-admit a quarantined site (fedmed run --resume RUN --readmit SITE) or check the sites' data"
             )
         aggregation = self.rule(
-            RoundUpdates(
-                sites=kept,
-                updates=[updates[site] for site in kept],
-                weights=[weights[site] for site in kept],
-                settings=self.settings,
-            )
+            RoundUpdates(sites=kept, updates=updates, weights=[weights[site] for site in kept], settings=self.settings)
         )
         if aggregation.scales is not None:
             left_out |= {site: "not selected" for site in kept if site not in aggregation.scales}
-        handed = self._handed(aggregation, by_site=by_site, weights=weights)
         self.last_record = {
             "robust_rule": self.settings.rule,
             "contribution_view": "plaintext",
@@ -121,7 +127,87 @@ class RobustAggregation(Strategy):
         }
         for site, reason in sorted(left_out.items()):
             logger.warning("round %d: site %s left out of the aggregate (%s)", server_round, site, reason)
-        return self.strategy.aggregate_train(server_round, handed)
+        try:
+            return self._hand_on(server_round, aggregation, by_site=by_site, updates=updates, weights=weights)
+        finally:
+            self._sent = {}  # the round's copy of the global model: not needed until the next round's is taken
+
+    def _hand_on(
+        self,
+        server_round: int,
+        aggregation: Aggregation,
+        *,
+        by_site: dict[str, Message],
+        updates: Updates,
+        weights: dict[str, float],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate with the run's strategy what the rule kept.
+
+        A rule's one aggregate (median, trimmed mean) goes as one reply of weight 1 and one step. Kept updates go to a
+        strategy that starts from their weighted mean (Flower's FedAvg family) as that mean, taken here a slice at a
+        time with normalized averaging's factors in it, as one reply: a server optimizer (FedAvgM's momentum, FedAdam)
+        steps from it, and no more than one update is ever held. Any other strategy reads every reply: it gets the
+        kept ones rescaled, with their capped weights, every update in memory at once."""
+        one = {self.weighted_by_key: 1.0, TRAIN_STEPS: 1.0}
+        if aggregation.scales is None:
+            site = sorted(by_site)[0]
+            return self.strategy.aggregate_train(
+                server_round, [self._merged(by_site[site], update=aggregation.update, updates=updates, metrics=one)]
+            )
+        if type(self._averaging()).aggregate_train in MEAN_FIRST:
+            mean = weighted_sum(updates, self._factors(aggregation.scales, by_site=by_site, weights=weights))
+            site = sorted(aggregation.scales)[0]
+            merged = self._merged(by_site[site], update=mean, updates=updates, metrics=one)
+            # Two model-sized arrays the strategy's own copies need not sit beside.
+            del mean
+            self._sent = {}
+            return self._averaging().aggregate_train(server_round, [merged])
+        rescaled = [
+            self._merged(
+                by_site[site],
+                update=scale * updates.row(site),
+                updates=updates,
+                metrics={self.weighted_by_key: weights[site]},
+            )
+            for site, scale in sorted(aggregation.scales.items())
+        ]
+        return self.strategy.aggregate_train(server_round, rescaled)
+
+    def _merged(self, reply: Message, *, update: np.ndarray, updates: Updates, metrics: dict[str, float]) -> Message:
+        """A copy of `reply` carrying global + `update` (flat, over the floating-point arrays in the sent order) and
+        `metrics` over its own; counters (BatchNorm's num_batches_tracked) are not a direction: its site's."""
+        counters = updates.counters[sender(reply)]
+        arrays, offset = {}, 0
+        for key, start in self._sent.items():
+            if key in counters:
+                arrays[key] = counters[key]
+                continue
+            values = update[offset : offset + start.size].reshape(start.shape)
+            arrays[key] = Array(np.asarray(start.astype(np.float64) + values, dtype=start.dtype))
+            offset += start.size
+        content = RecordDict(
+            {**reply.content, ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord({**reply.content[METRICS], **metrics})}
+        )
+        return Message(content, metadata=copy.copy(reply.metadata))
+
+    def _factors(
+        self, scales: dict[str, float], *, by_site: dict[str, Message], weights: dict[str, float]
+    ) -> dict[str, float]:
+        """Each kept update's factor in the round's average: its share of the kept weight times the rule's scale,
+        and with normalized averaging its step factor."""
+        kept = {site: weights[site] for site in scales}
+        total = sum(kept.values())
+        if total <= 0:
+            raise RobustAggregationError(f"the kept sites' weights sum to {total}; the round has nothing to average")
+        steps = dict.fromkeys(kept, 1.0)
+        if isinstance(self.strategy, NormalizedAveraging):
+            steps = self.strategy.step_factors(
+                kept, steps={site: self.strategy.steps_of(by_site[site]) for site in kept}
+            )
+        return {site: weight / total * scales[site] * steps[site] for site, weight in kept.items()}
+
+    def _averaging(self) -> Strategy:
+        return self.strategy.strategy if isinstance(self.strategy, NormalizedAveraging) else self.strategy
 
     def _left_out(self, contributions: dict[str, Contribution]) -> dict[str, str]:
         if not self.acts:
@@ -131,78 +217,27 @@ class RobustAggregation(Strategy):
             out |= {site: "flagged" for site, c in contributions.items() if c.flagged and site not in out}
         return out
 
-    def _update(self, reply: Message) -> np.ndarray:
-        """The reply's update (local - global) over the floating-point arrays, flattened in the sent order."""
-        received = reply.content[ARRAYS]
-        parts = [
-            received[key].numpy().astype(np.float64).ravel() - start.astype(np.float64).ravel()
-            for key, start in self._sent.items()
-            if np.issubdtype(start.dtype, np.floating)
-        ]
-        return np.concatenate(parts) if parts else np.zeros(0)
+    def _held(self, replies: list[Message]) -> HeldUpdates:
+        """The updates (local - global) the replies carry, flattened over the floating-point arrays."""
+        keys = floating_keys(self._sent)
+        updates, counters = {}, {}
+        for reply in replies:
+            if ARRAYS not in reply.content:
+                continue
+            received = reply.content[ARRAYS]
+            parts = [received[key].numpy().astype(np.float64).ravel() - self._sent[key].ravel() for key in keys]
+            updates[sender(reply)] = np.concatenate(parts) if parts else np.zeros(0)
+            counters[sender(reply)] = {key: received[key] for key in self._sent if key not in keys}
+        return HeldUpdates(updates, counters=counters)
 
     def _claimed(self, reply: Message) -> float:
         return float(reply.content[METRICS][self.weighted_by_key])
-
-    def _handed(
-        self, aggregation: Aggregation, *, by_site: dict[str, Message], weights: dict[str, float]
-    ) -> list[Message]:
-        """The replies the inner strategy aggregates: the kept ones rescaled with their capped weights, or one
-        reply carrying the rule's aggregate (weight 1, one step: normalized averaging leaves it as it is)."""
-        if aggregation.scales is not None:
-            return [
-                _rewritten(by_site[site], sent=self._sent, scale=scale, metrics={self.weighted_by_key: weights[site]})
-                for site, scale in sorted(aggregation.scales.items())
-            ]
-        first = by_site[sorted(by_site)[0]]
-        return [
-            _rewritten(
-                first,
-                sent=self._sent,
-                update=aggregation.update,
-                metrics={self.weighted_by_key: 1.0, TRAIN_STEPS: 1.0},
-            )
-        ]
 
 
 def capped_weights(claimed: dict[str, float], *, max_ratio: float) -> dict[str, float]:
     """Each site's weight: its claimed training cases, capped at max_ratio × the median claim."""
     cap = max_ratio * float(np.median(list(claimed.values())))
     return {site: min(value, cap) for site, value in claimed.items()}
-
-
-def _rewritten(
-    reply: Message,
-    *,
-    sent: dict[str, np.ndarray],
-    metrics: dict[str, float],
-    scale: float = 1.0,
-    update: np.ndarray | None = None,
-) -> Message:
-    """A copy of `reply` whose arrays are global + scale × its update, or global + `update` (flat, float arrays
-    in the sent order); the reply itself stays as received."""
-    received = reply.content[ARRAYS]
-    arrays, offset = {}, 0
-    for key, start in sent.items():
-        local = received[key].numpy()
-        if not np.issubdtype(start.dtype, np.floating):
-            arrays[key] = received[key]  # counters are not a direction
-            continue
-        if update is None and scale == 1.0:
-            arrays[key] = received[key]  # as sent: bit for bit what the strategy alone would average
-            offset += start.size
-            continue
-        base = start.astype(np.float64)
-        if update is None:
-            value = base + scale * (local.astype(np.float64) - base)
-        else:
-            value = base + update[offset : offset + start.size].reshape(start.shape)
-        offset += start.size
-        arrays[key] = Array(np.asarray(value, dtype=local.dtype))
-    content = RecordDict(
-        {**reply.content, ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord({**reply.content[METRICS], **metrics})}
-    )
-    return Message(content, metadata=copy.copy(reply.metadata))
 
 
 def _contributions(

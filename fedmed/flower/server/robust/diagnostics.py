@@ -24,12 +24,14 @@ pointing against the others (a negative cosine), is still flagged.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedmed.config import RobustConfig
+
+from .updates import HeldUpdates, Updates
 
 # With two sites the median is their mean: neither can be called the outlier.
 MIN_SITES_TO_FLAG = 3
@@ -56,16 +58,26 @@ class Contribution:
 
 
 def measure(
-    updates: dict[str, np.ndarray], *, settings: RobustConfig, vouched: Collection[str] = ()
+    updates: Updates | Mapping[str, np.ndarray], *, settings: RobustConfig, vouched: Collection[str] = ()
 ) -> dict[str, Contribution]:
     """Every site's contribution; `updates` are the flat update vectors (local - global) by site, `vouched` the
     sites the coordinator re-admitted."""
-    names = sorted(updates)
-    norms = {name: float(np.linalg.norm(updates[name])) for name in names}
+    if isinstance(updates, Mapping):
+        updates = HeldUpdates(updates)
+    names = sorted(updates.norms)
+    norms = updates.norms
     judged = len(names) >= MIN_SITES_TO_FLAG
-    centre = np.median(np.stack([updates[name] for name in names]), axis=0)
     median_norm = float(np.median(list(norms.values())))
-    cosines = {name: _cosine(updates[name], centre) for name in names}
+    # The centre is built a slice at a time; only its products with the updates are kept.
+    products, centre_squared = np.zeros(len(names)), 0.0
+    for _, block in updates.slices(names):
+        centre = np.median(block, axis=0)
+        products += block @ centre
+        centre_squared += float(centre @ centre)
+    centre_norm = float(np.sqrt(centre_squared))
+    cosines = {
+        name: _cosine(float(product), norms[name] * centre_norm) for name, product in zip(names, products, strict=True)
+    }
     median_cosine = float(np.median(list(cosines.values())))
     contributions = {}
     for name in names:
@@ -91,7 +103,6 @@ def _ratio(norm: float, reference: float) -> float:
     return 1.0 if norm == 0 else float("inf")
 
 
-def _cosine(update: np.ndarray, reference: np.ndarray) -> float:
-    denominator = float(np.linalg.norm(update) * np.linalg.norm(reference))
-    # A zero update (a site that took no step) or reference has no direction: it neither agrees nor disagrees.
-    return float(np.dot(update, reference) / denominator) if denominator > 0 else 0.0
+def _cosine(product: float, denominator: float) -> float:
+    # A zero update (a site that took no step) or centre has no direction: it neither agrees nor disagrees.
+    return product / denominator if denominator > 0 else 0.0

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..updates import reduced
 from .registry import RULES, Aggregation, RoundUpdates
 
 
 @RULES.register("median")
 def median(round_updates: RoundUpdates) -> Aggregation:
-    return Aggregation(update=np.median(np.stack(round_updates.updates), axis=0))
+    return Aggregation(
+        update=reduced(round_updates.updates, round_updates.sites, lambda block: np.median(block, axis=0))
+    )

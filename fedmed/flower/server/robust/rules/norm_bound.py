@@ -14,7 +14,7 @@ from .registry import RULES, Aggregation, RoundUpdates
 
 @RULES.register("norm_bound")
 def norm_bound(round_updates: RoundUpdates) -> Aggregation:
-    norms = [float(np.linalg.norm(update)) for update in round_updates.updates]
+    norms = [round_updates.updates.norms[site] for site in round_updates.sites]
     bound = round_updates.settings.norm_bound_multiple * float(np.median(norms))
     scales = {
         site: (min(1.0, bound / norm) if norm > 0 else 1.0)

@@ -3,14 +3,15 @@ averaged, unweighted (Yin et al. 2018); Flower's FedTrimmedAvg computes it the s
 
 from __future__ import annotations
 
-import numpy as np
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
+from ..updates import reduced
 from .registry import RULES, Aggregation, RoundUpdates
 
 
 @RULES.register("trimmed_mean")
 def trimmed_mean(round_updates: RoundUpdates) -> Aggregation:
-    cut = int(round_updates.settings.trim_fraction * len(round_updates.updates))
-    update = trim_mean(np.stack(round_updates.updates), round_updates.settings.trim_fraction)
-    return Aggregation(update=np.asarray(update), record={"trimmed_per_side": cut})
+    fraction = round_updates.settings.trim_fraction
+    cut = int(fraction * len(round_updates.sites))
+    update = reduced(round_updates.updates, round_updates.sites, lambda block: trim_mean(block, fraction))
+    return Aggregation(update=update, record={"trimmed_per_side": cut})
