@@ -72,6 +72,10 @@ def test_updates_come_back_slice_by_slice_as_written(tmp_path: Path, monkeypatch
         np.testing.assert_allclose(spilled.row("b"), expected["b"], rtol=1e-6)
         assert len(list(tmp_path.iterdir())) == 1
     assert list(tmp_path.iterdir()) == [], "the round's update files go with the round"
+    left = SpilledUpdates(start, folder=tmp_path)  # a coordinator killed mid-round
+    left.add("a", replies["a"].content[ARRAYS])
+    SpilledUpdates.remove_stale(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_write_names_the_site_and_the_space_it_needs(tmp_path: Path) -> None:

@@ -140,8 +140,9 @@ def _start_or_resume(config: RunConfig, *, run_dir: RunDirectory) -> _Begun:
             np.random.set_state(checkpoint["numpy_random_state"])
         first_round = int(checkpoint["round"]) + 1
         logger.info("resuming %s from round %d", run_dir.path.name, first_round)
-    # Rows of rounds after the checkpoint were written by the run that died; they are re-run now.
+    # Rows of rounds after the checkpoint were written by the run that died, and its updates; they are re-run now.
     run_dir.drop_rounds_after(first_round - 1)
+    SpilledUpdates.remove_stale(run_dir.path)
     return _Begun(start=start, strategy=strategy, arrays=arrays, first_round=first_round)
 
 

@@ -26,6 +26,7 @@ from fedmed.core.errors import FedmedError
 # sites there are, so the memory it takes does not grow with them.
 SLICE_VALUES = 1 << 21
 STORED = np.float32
+PREFIX = ".round-updates-"  # the round's folder in the run directory
 
 
 class UpdateStoreError(FedmedError):
@@ -86,12 +87,18 @@ class SpilledUpdates:
         self.norms: dict[str, float] = {}
         self.counters: dict[str, dict[str, Array]] = {}
         try:
-            self._folder = Path(tempfile.mkdtemp(prefix=".round-updates-", dir=folder))
+            self._folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=folder))
         except OSError as error:
             raise UpdateStoreError(
                 f"cannot create a folder for the round's updates in {folder}: {error}. The coordinator writes each "
                 "site's update there while the round is aggregated; make the run directory writable"
             ) from error
+
+    @staticmethod
+    def remove_stale(folder: Path) -> None:
+        """Remove what a coordinator killed mid-round left in `folder`: that round runs again from its start."""
+        for stale in folder.glob(f"{PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def __enter__(self) -> SpilledUpdates:
         return self
