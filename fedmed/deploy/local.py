@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -26,10 +27,33 @@ from .server import site_nodes_file
 FEDMED = str(Path(sys.executable).with_name("fedmed"))
 
 
-def free_port() -> int:
+def free_port(count: int = 1) -> int:
+    """A port p with p .. p + count - 1 free on loopback now, below the kernel's range for outgoing connections:
+    a port the kernel hands out (bind to 0) can be taken by any client's connection before the server binds it,
+    which happened to the SuperLink's port (the proxy's + 1) under the test suite's load."""
+    first_ephemeral = _ephemeral_start()
+    randomness = random.SystemRandom()
+    for _ in range(1000):
+        port = randomness.randrange(max(1024, first_ephemeral - 12000), first_ephemeral - count)
+        if all(_bindable(candidate) for candidate in range(port, port + count)):
+            return port
+    raise OSError(f"no {count} consecutive free port(s) on 127.0.0.1 below {first_ephemeral}")
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def descendants(pid: int) -> list[int]:
@@ -72,7 +96,7 @@ class LocalFederation:
         self.federation = federation
         self.site_data = site_data
         self.sites = tuple(site_data)
-        self.port = free_port()
+        self.port = free_port(2)  # the proxy's; the SuperLink takes the next
         self.daemons: dict[str, subprocess.Popen] = {}
         self.workspace = root / "workspace"
         self.server_config = self.workspace / "server" / "server.toml"
