@@ -81,10 +81,24 @@ def test_updates_come_back_slice_by_slice_as_written(tmp_path: Path, monkeypatch
 def test_a_failed_write_names_the_site_and_the_space_it_needs(tmp_path: Path) -> None:
     start = _global(10)
     with SpilledUpdates(start, folder=tmp_path) as spilled:
-        (spilled._path("a")).mkdir()  # where the file should go, something that cannot be written
+        (folder,) = tmp_path.iterdir()
+        (folder / "0.f32").mkdir()  # where the first update goes, something that cannot be written
         with pytest.raises(UpdateStoreError, match=r"writing site a's update to .* failed.* free disk space"):
             spilled.add("a", _reply("a", start, seed=0).content[ARRAYS])
         assert "a" not in spilled.norms
+
+
+def test_a_site_name_cannot_lead_the_update_file_out_of_its_folder(tmp_path: Path) -> None:
+    """The site's name is what its reply says: a hostile one names a path elsewhere on the coordinator's disk."""
+    start = _global(10)
+    hostile = "../../escaped"
+    (tmp_path / "run").mkdir()
+    with SpilledUpdates(start, folder=tmp_path / "run") as spilled:
+        spilled.add(hostile, _reply(hostile, start, seed=0).content[ARRAYS])
+        written = [path for path in tmp_path.rglob("*") if path.is_file()]
+        (folder,) = (tmp_path / "run").iterdir()
+        assert [path.parent for path in written] == [folder]
+        np.testing.assert_allclose(spilled.row(hostile), _flat_update(_reply(hostile, start, seed=0), start), rtol=1e-6)
 
 
 def test_measurements_and_krum_from_slices_equal_those_on_whole_updates(monkeypatch: pytest.MonkeyPatch) -> None:

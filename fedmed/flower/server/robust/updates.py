@@ -2,7 +2,7 @@
 read a slice of coordinates at a time.
 
 The coordinator must not hold every site's update at once: a 54 M-parameter model is 217 MB per update, so twenty
-sites held in memory, as float64 for the arithmetic, came to 9 GB before the median's stacked copy doubled it.
+sites' updates held as float64 for the arithmetic would be 8.7 GB, and the median's stacked copy as much again.
 `SpilledUpdates` writes each update to a file as its reply arrives and the reply's arrays are let go; the robust
 layer then reads a slice of coordinates of every kept site at a time (norms, the median centre, Krum's distances, the
 weighted sum). Files are read with plain reads, not memory maps: mapped pages count towards the process's
@@ -86,6 +86,7 @@ class SpilledUpdates:
         self.size = sum(sent[key].size for key in self._keys)
         self.norms: dict[str, float] = {}
         self.counters: dict[str, dict[str, Array]] = {}
+        self._files: dict[str, Path] = {}
         try:
             self._folder = Path(tempfile.mkdtemp(prefix=PREFIX, dir=folder))
         except OSError as error:
@@ -110,8 +111,9 @@ class SpilledUpdates:
         shutil.rmtree(self._folder, ignore_errors=True)
 
     def add(self, site: str, received: ArrayRecord) -> None:
-        """Write `site`'s update (its arrays minus the round's), one array at a time."""
-        path = self._path(site)
+        """Write `site`'s update (its arrays minus the round's), one array at a time. The file is numbered, not named
+        after the site: the name is what the reply says, and a reply is input from outside."""
+        path = self._files.setdefault(site, self._folder / f"{len(self._files)}.f32")
         squared = 0.0
         try:
             with path.open("wb") as file:
@@ -135,7 +137,7 @@ class SpilledUpdates:
         return reduced(self, [site], lambda block: block[0])
 
     def slices(self, sites: list[str]) -> Iterator[tuple[int, np.ndarray]]:
-        files = [self._path(site).open("rb") for site in sites]
+        files = [self._files[site].open("rb") for site in sites]
         width = _width(sites)
         try:
             for offset in range(0, self.size, width):
@@ -150,9 +152,6 @@ class SpilledUpdates:
         finally:
             for file in files:
                 file.close()
-
-    def _path(self, site: str) -> Path:
-        return self._folder / f"{site}.f32"
 
 
 def _width(sites: list[str]) -> int:
