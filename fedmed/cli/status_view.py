@@ -135,8 +135,10 @@ def run_lines(run: dict[str, Any]) -> list[str]:
         history = [row for row in history[:-1] if row["dropped"] or row["refused"]] + history[-1:]
     for row in history:
         parts = [f"trained {', '.join(row['trained']) or 'none'}"]
-        if row["dropped"]:
-            parts.append(f"dropped {', '.join(row['dropped'])} (no reply)")
+        why = row.get("why_dropped", {})
+        if dropped := [site for site in row["dropped"] if site not in why]:
+            parts.append(f"dropped {', '.join(dropped)} (no reply)")
+        parts += [f"dropped {site}: {reason}" for site, reason in why.items()]
         parts += [f"refused by {site}: {reason}" for site, reason in row["refused"].items()]
         if traffic := round_traffic_line(row):
             parts.append(traffic)

@@ -84,6 +84,11 @@ class ServerConfig(StrictModel):
         """The enrolment list: site -> node id of every site key registered with the SuperLink."""
         return self.superlink.database.parent / "site-nodes.json"
 
+    @property
+    def proxy_dir(self) -> Path:
+        """The front proxy's config, allow-list and access log."""
+        return self.superlink.database.parent / "proxy"
+
     def resolve(self, base: Path) -> ServerConfig:
         resolved = self.model_copy(deep=True)
         resolved.superlink.database = _under(base, self.superlink.database)

@@ -46,6 +46,12 @@ class StrategyConfig(StrictModel):
     min_sites: int | None = Field(None, ge=1, description="quorum per round; default: every site")
     fraction_train: float = Field(1.0, gt=0, le=1)
     round_timeout_s: float = Field(3600.0, gt=0)
+    upload_stall_s: float = Field(
+        120.0,
+        gt=0,
+        description="deployment: after the round timeout, how long a site's upload under way may go without a "
+        "byte reaching the proxy before the site is dropped",
+    )
 
     @model_validator(mode="after")
     def _prox_needs_mu(self) -> StrategyConfig:

@@ -8,10 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,38 +20,11 @@ import tomli_w
 
 from fedmed.config import load_server_config, read_toml
 
+from .ports import free_port
 from .server import site_nodes_file
+from .slow_link import SlowLink
 
 FEDMED = str(Path(sys.executable).with_name("fedmed"))
-
-
-def free_port(count: int = 1) -> int:
-    """A port p with p .. p + count - 1 free on loopback now, below the kernel's range for outgoing connections:
-    a port the kernel hands out (bind to 0) can be taken by any client's connection before the server binds it,
-    which happened to the SuperLink's port (the proxy's + 1) under the test suite's load."""
-    first_ephemeral = _ephemeral_start()
-    randomness = random.SystemRandom()
-    for _ in range(1000):
-        port = randomness.randrange(max(1024, first_ephemeral - 12000), first_ephemeral - count)
-        if all(_bindable(candidate) for candidate in range(port, port + count)):
-            return port
-    raise OSError(f"no {count} consecutive free port(s) on 127.0.0.1 below {first_ephemeral}")
-
-
-def _ephemeral_start() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def descendants(pid: int) -> list[int]:
@@ -98,6 +69,7 @@ class LocalFederation:
         self.sites = tuple(site_data)
         self.port = free_port(2)  # the proxy's; the SuperLink takes the next
         self.daemons: dict[str, subprocess.Popen] = {}
+        self.links: list[SlowLink] = []
         self.workspace = root / "workspace"
         self.server_config = self.workspace / "server" / "server.toml"
 
@@ -128,6 +100,14 @@ class LocalFederation:
 
     def site_log(self, site: str) -> Path:
         return self.workspace / "sites" / site / "logs" / "site.log"
+
+    def slow_link(self, site: str, *, upload_rate: float | None, download_rate: float | None = None) -> SlowLink:
+        """Send `site`'s connections through a SlowLink at these rates (bytes/s; None: unlimited), from its next
+        start on; the link closes with the federation."""
+        link = SlowLink(("127.0.0.1", self.port), upload_rate=upload_rate, download_rate=download_rate).__enter__()
+        self.links.append(link)
+        self.edit_site(site, server={"address": link.address})
+        return link
 
     def edit_site(self, site: str, **changes: Any) -> None:
         _edit_toml(self.site_config(site), changes)
@@ -186,6 +166,8 @@ class LocalFederation:
     def close(self) -> None:
         for name in list(self.daemons):
             self.stop(name)
+        for link in self.links:
+            link.close()
 
     # Coordinator -----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -6,8 +6,9 @@ SuperLink listens on 127.0.0.1 only, and the one public port is nginx's, which l
 only when all of these hold:
 
 - the TLS client certificate is signed by the federation CA (`ssl_verify_client on`);
-- its fingerprint is enrolled (a `map` over `$ssl_client_fingerprint` from a file fedmed writes from
-  `site-certs/`; removing a site rewrites it and reloads nginx, which revokes at once);
+- its fingerprint is enrolled (a `map` over `$ssl_client_fingerprint` to the site's name, from a file fedmed
+  writes from `site-certs/`; removing a site rewrites it and reloads nginx, which revokes at once). The access
+  log names that site on each request: the coordinator counts each site's bytes from it;
 - it is a POST to one of the Fleet endpoints a SuperNode uses. Node registration, the Control API and
   the runtime API are not among them: those stay with the coordinator, on loopback;
 - its body is no larger than Flower's largest message part needs (`max_request_bytes`): nginx answers
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
 
 from fedmed.config import ServerConfig
+from fedmed.config.sites import SITE_NAME_PATTERN
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
 from fedmed.core.log import logger
@@ -59,7 +62,7 @@ class ProxyError(FedmedError):
 
 
 def proxy_dir(server: ServerConfig) -> Path:
-    return server.superlink.database.parent / "proxy"
+    return server.proxy_dir
 
 
 def config_file(server: ServerConfig) -> Path:
@@ -109,6 +112,8 @@ def enrolled_sites(server: ServerConfig) -> dict[str, str]:
     enrolled = {}
     folder = server.site_certificates
     for path in sorted(folder.glob("*.crt")) if folder.is_dir() else []:
+        if not re.fullmatch(SITE_NAME_PATTERN, path.stem):  # the name goes into nginx's config as it is
+            raise ProxyError(f"{path}: '{path.stem}' is not a site name ({SITE_NAME_PATTERN}); rename or remove it")
         certificate = pki.load_certificate(path)
         site_certs.check_issued_by(certificate, certificate_path=path, ca_certificate_path=server.tls.ca_certificate)
         enrolled[path.stem] = site_certs.fingerprint(certificate)
@@ -117,7 +122,7 @@ def enrolled_sites(server: ServerConfig) -> dict[str, str]:
 
 def render_enrolled(server: ServerConfig) -> Path:
     """Write the allow-list of client certificates nginx includes; returns its path."""
-    lines = [f"{fingerprint} 1;  # {site}" for site, fingerprint in enrolled_sites(server).items()]
+    lines = [f'{fingerprint} "{site}";' for site, fingerprint in enrolled_sites(server).items()]
     path = enrolled_file(server)
     write_text_atomic(path, "# written by fedmed from site-certs/; do not edit\n" + "".join(f"{x}\n" for x in lines))
     return path
@@ -138,8 +143,9 @@ events {{
 }}
 http {{
     server_tokens off;
-    log_format fedmed '$time_iso8601 $remote_addr "$ssl_client_s_dn" $ssl_client_fingerprint "$request" $status '
-                      '$request_length $bytes_sent $request_time';
+    # The enrolled site first: the coordinator counts each site's bytes from this log (fedmed.runs.proxy_traffic).
+    log_format fedmed '$time_iso8601 $remote_addr "$fedmed_site" "$ssl_client_s_dn" $ssl_client_fingerprint "$request" '
+                      '$status $request_length $bytes_sent $request_time';
     access_log {prefix}/access.log fedmed;
     client_body_temp_path {prefix}/tmp/body;
     proxy_temp_path {prefix}/tmp/proxy;
@@ -147,9 +153,9 @@ http {{
     uwsgi_temp_path {prefix}/tmp/uwsgi;
     scgi_temp_path {prefix}/tmp/scgi;
 
-    # Enrolled site certificates by fingerprint; anything else maps to 0.
-    map $ssl_client_fingerprint $fedmed_enrolled {{
-        default 0;
+    # Enrolled site certificates by fingerprint, to the site's name; anything else maps to "".
+    map $ssl_client_fingerprint $fedmed_site {{
+        default "";
         include {enrolled_file(server)};
     }}
 
@@ -189,7 +195,7 @@ def _server_block(server: ServerConfig) -> str:
         proxy_request_buffering off;
         proxy_buffering off;
 
-        if ($fedmed_enrolled != 1) {{
+        if ($fedmed_site = "") {{
             return 403;
         }}
 

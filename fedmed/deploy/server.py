@@ -12,10 +12,10 @@ from pathlib import Path
 from fedmed.config import ServerConfig, load_server_config
 from fedmed.core.files import write_text_atomic
 from fedmed.core.log import logger
-from fedmed.flower.runtime import executor
+from fedmed.flower.runtime import executor, superlink
 
 from . import flower_cli, preflight, proxy
-from .processes import executable, flower_environment, shared_secret
+from .processes import flower_environment, shared_secret
 from .supervisor import Child, Supervisor
 
 PRIVATE_UMASK = 0o077
@@ -89,7 +89,9 @@ def wait_until_serving(server: ServerConfig, *, timeout: float = 60.0) -> None:
 
 def superlink_command(server: ServerConfig) -> list[str]:
     return [
-        executable("flower-superlink"),
+        sys.executable,
+        "-m",
+        superlink.__name__,
         "--ssl-ca-certfile",
         str(server.tls.ca_certificate),
         "--ssl-certfile",

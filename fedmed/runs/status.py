@@ -114,9 +114,11 @@ def round_history(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "round": row.get("round"),
             "trained": list(row.get("sites_trained", [])),
             "dropped": list(row.get("sites_dropped", [])),
+            "why_dropped": dict(row.get("why_dropped", {})),
             "refused": dict(row.get("sites_refused", {})),
             "upload_bytes": dict(row.get("upload_bytes", {})),
             "download_bytes": dict(row.get("download_bytes", {})),
+            "proxy_bytes": dict(row.get("proxy_bytes", {})),
         }
         for row in rounds
     ]

@@ -30,13 +30,17 @@ def require_nginx() -> None:
 
 
 @contextmanager
-def running_federation(root: Path, synth: SynthConfig) -> Iterator[LocalFederation]:
+def running_federation(
+    root: Path, synth: SynthConfig, *, slow: dict[str, float] | None = None
+) -> Iterator[LocalFederation]:
     """A coordinator and one site per site of `synth`, provisioned, started and, at the end, stopped with nothing
-    left running."""
+    left running. `slow` sends these sites' uploads through a slow link at that many bytes/s."""
     require_nginx()
     sites = synthesize_federation(synth, root / "data")
     federation = LocalFederation(root, site_data={site.name: site.path for site in sites})
     federation.provision()
+    for site, rate in (slow or {}).items():
+        federation.slow_link(site, upload_rate=rate)
     try:
         federation.start()
         yield federation

@@ -121,6 +121,17 @@ def test_a_certificate_from_another_ca_is_refused(tmp_path: Path, workspace) -> 
         proxy.render_enrolled(server)
 
 
+def test_a_certificate_file_whose_name_is_not_a_site_name_is_refused(workspace) -> None:
+    # The name goes into nginx's config: a quote in it would end the site's name and write config of its own.
+    server = load_server_config(workspace.server_config)
+    before = proxy.enrolled_file(server).read_text() if proxy.enrolled_file(server).exists() else None
+    shutil.copyfile(server.site_certificates / "a.crt", server.site_certificates / 'a"; default 1;.crt')
+    with pytest.raises(proxy.ProxyError, match="is not a site name"):
+        proxy.render_enrolled(server)
+    after = proxy.enrolled_file(server).read_text() if proxy.enrolled_file(server).exists() else None
+    assert after == before
+
+
 def test_a_client_key_that_does_not_match_or_is_readable_is_refused(workspace) -> None:
     kit = workspace.kit("a") / "keys"
     with pytest.raises(pki.CertificateError, match="does not belong to"):
@@ -147,7 +158,10 @@ def test_the_proxy_config_admits_only_the_fleet_api_for_enrolled_certificates(wo
     assert "register-node" not in text.replace("unregister-node", "")  # neither register nor unregister
     assert "unregister-node" not in text
     enrolled = proxy.enrolled_file(server).read_text()
-    assert enrolled.count(" 1;") == 2
+    for site, fingerprint in proxy.enrolled_sites(server).items():
+        assert f'{fingerprint} "{site}";' in enrolled  # the certificate's site: the access log names it
+    assert sum(line.endswith('";') for line in enrolled.splitlines()) == 2
+    assert 'if ($fedmed_site = "") {' in text and 'default "";' in text
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         if os.environ.get("FEDMED_REQUIRE_NGINX") == "1":

@@ -47,7 +47,7 @@ def _site_nodes(federation: LocalFederation) -> dict[str, int]:
 def _superlink_pid(federation: LocalFederation) -> int:
     for pid in descendants(federation.daemons["server"].pid):
         with contextlib.suppress(OSError):
-            if b"flower-superlink" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"fedmed.flower.runtime.superlink" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
     raise LookupError("no flower-superlink below the coordinator")
 

@@ -168,7 +168,7 @@ def test_a_deployed_run_talks_only_to_the_federation(federation: LocalFederation
     commands = {pid: command for pid, (command, _) in watcher.processes.items()}
     joined = {pid: " ".join(command) for pid, command in commands.items()}
     # The watch saw every kind of process a run involves, and their traffic.
-    assert any("flower-superlink" in line for line in joined.values()), joined
+    assert any("fedmed.flower.runtime.superlink" in line for line in joined.values()), joined
     assert any("nginx" in line for line in joined.values()), joined
     assert sum("fedmed.flower.runtime.supernode" in line for line in joined.values()) == 3, joined
     assert any("flwr-serverapp" in line for line in joined.values()), "no ServerApp process was seen"
@@ -193,7 +193,7 @@ def test_a_deployed_run_talks_only_to_the_federation(federation: LocalFederation
     assert len(flower) >= 9, joined  # 4 daemons, SuperLink, 3 SuperNodes, 4 executors, ServerApp, ClientApps
     for pid, env in flower.items():
         assert {key: env.get(key) for key in QUIET_FLOWER} == QUIET_FLOWER, joined[pid]
-    superlink = [command for command in commands.values() if "flower-superlink" in " ".join(command[:2])]
+    superlink = [command for command in commands.values() if "fedmed.flower.runtime.superlink" in " ".join(command[:3])]
     assert superlink and all("--disable-runtime-dependency-installation" in command for command in superlink)
     # Flower's SuperNode has no disable flag; its default is off, and nothing turns it on.
     assert not [line for line in joined.values() if "--allow-runtime-dependency-installation" in line]

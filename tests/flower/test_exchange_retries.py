@@ -25,10 +25,10 @@ class FlakyGrid:
 def test_a_server_error_is_asked_again(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(exchange.time, "sleep", lambda seconds: None)
     grid = FlakyGrid(500)
-    assert exchange._pull(grid, {"id"}) == []
-    assert exchange._pull(grid, {"id"}) == ["reply"]
+    assert exchange._retrying(lambda: grid.pull_messages({"id"})) == []
+    assert exchange._retrying(lambda: grid.pull_messages({"id"})) == ["reply"]
 
 
 def test_a_refusal_is_not() -> None:
     with pytest.raises(httpx.HTTPStatusError):
-        exchange._pull(FlakyGrid(403), {"id"})
+        exchange._retrying(lambda: FlakyGrid(403).pull_messages({"id"}))

@@ -78,9 +78,11 @@ def test_rounds_show_who_trained_dropped_and_refused_with_the_reason(tmp_path: P
         "round": 1,
         "trained": ["a", "b"],
         "dropped": ["c"],
+        "why_dropped": {},
         "refused": {},
         "upload_bytes": {},
         "download_bytes": {},
+        "proxy_bytes": {},
     }
     assert history[1]["refused"] == {"c": "site c refused app 1234: not among its approved apps"}
     assert round_history([{"round": 1, "sites_trained": ["a"]}])[0]["refused"] == {}, "rows of older runs"

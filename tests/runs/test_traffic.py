@@ -25,3 +25,24 @@ def test_status_and_report_read_them() -> None:
     assert "<td>a</td><td>2</td><td>2.0 kB</td><td>4.0 kB</td><td>0.500</td>" in section
     assert "predates byte counts" in traffic_section(ROUNDS[2:])
     assert [format_bytes(n) for n in (999, 1_500, 217_409_816, 3e12)] == ["999 B", "1.5 kB", "217.4 MB", "3000.0 GB"]
+
+
+def test_a_deployed_runs_proxy_counts_are_shown_beside_flowers() -> None:
+    row = {
+        "round": 1,
+        "upload_bytes": {"a": 1_000},
+        "download_bytes": {"a": 4_000},
+        "proxy_bytes": {"a": {"from_site": 1_500, "to_site": 9_000, "replies": 1_100}},
+    }
+    assert round_traffic_line(row) == (
+        "sent 4.0 kB, received 1.0 kB per site (at the proxy, polling included: sent 9.0 kB, received 1.5 kB)"
+    )
+    assert site_totals([row])["a"] == {
+        "upload": 1_000,
+        "download": 4_000,
+        "rounds": 1,
+        "proxy_upload": 1_500,
+        "proxy_download": 9_000,
+    }
+    assert "<td>1.5 kB</td><td>9.0 kB</td></tr>" in traffic_section([row])
+    assert "at the proxy" not in traffic_section(ROUNDS)

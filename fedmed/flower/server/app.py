@@ -9,6 +9,7 @@ from fedmed.core.log import logger
 from fedmed.flower.records import decode_config, decode_site_nodes
 from fedmed.runs import RunDirectory
 from fedmed.runs.outputs import write_outputs
+from fedmed.runs.proxy_traffic import LOG_NAME, ProxyLog
 from fedmed.runs.run_dir import STATUS_FILE
 from fedmed.runs.status import process_identity
 from fedmed.tasks import Task, get_task
@@ -29,11 +30,13 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.write_json(STATUS_FILE, {"state": "running", **process_identity()})
     site_names = decode_site_nodes(context.run_config)
     server = deployed_server()
+    proxy = None
     if server is not None:  # deployment: the enrolment list, not the submitted config, says who takes part
         grid = EnrolledNodes(grid, enrolment=server.site_nodes_file)
         site_names = grid.enrolled()
+        proxy = ProxyLog(server.proxy_dir / LOG_NAME)
     try:
-        run_federation(grid, config=config, task=task, run_dir=run_dir, site_names=site_names)
+        run_federation(grid, config=config, task=task, run_dir=run_dir, site_names=site_names, proxy=proxy)
     except Exception as error:
         # `fedmed status` shows this reason; Flower marks the run failed from the exception.
         run_dir.write_json(STATUS_FILE, {"state": "failed", "reason": str(error)})

@@ -27,6 +27,7 @@ class TrainReplies:
     usable: list[Message] = field(default_factory=list)  # in site order; their updates are in the store, not in them
     refused: dict[str, str] = field(default_factory=dict)  # the reason by site
     upload_bytes: dict[str, int] = field(default_factory=dict)  # each reply as received, before decoding
+    why_dropped: dict[str, str] = field(default_factory=dict)  # deployment: each missing site's, with its bytes
     decode_seconds: float = 0.0
 
 
@@ -41,7 +42,7 @@ def collect_train_replies(
     """Send the round's training messages; every usable reply's update goes to `updates` as it arrives. `arrays` is
     the round's global record and `start` the same arrays unpacked."""
     collected = TrainReplies()
-    for reply in arriving(run, messages, timeout=run.timeout):
+    for reply in arriving(run, messages, timeout=run.timeout, dropped=collected.why_dropped):
         collected.replies.append(reply)
         if reply.has_content():
             collected.upload_bytes[run.site_of(reply.metadata.src_node_id)] = wire_bytes(reply.content)

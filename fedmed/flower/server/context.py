@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 
 from fedmed.config import RunConfig
 from fedmed.runs import RunDirectory
+from fedmed.runs.proxy_traffic import ProxyLog
 from fedmed.tasks import Task
 
 
@@ -23,6 +24,7 @@ class RunContext:
     site_names: dict[int, str]  # node id -> site; replies fill in what deployment did not tell
     settings: dict[str, Any] = field(default_factory=dict)  # the layout digest and, with Nyúl, the landmarks
     held: ArrayRecord | None = None  # frozen and site-local starting values (model.freeze, model.init), packed
+    proxy: ProxyLog | None = None  # deployment: the front proxy's access log, for each site's bytes
 
     @property
     def timeout(self) -> float:

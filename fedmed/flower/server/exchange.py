@@ -4,10 +4,10 @@ strategies one consistent list of the connected sites.
 Replies are collected without Flower's fixed 3 s wait between checks: Flower's deployed Grid
 (HttpGrid) looks for replies every 3 s, so every exchange with the sites costs up to 3 s on top of
 the work; a round under SecAgg+ makes four exchanges. Looking every 0.1 s costs one small local
-request to the SuperLink per waiting site each time. Each reply is pulled by itself and handed on as it
-arrives: the deployed grid inflates every reply one pull returns, so pulling them together held every site's
-update at once (twenty 217 MB updates of a 54 M-parameter model). Ray's grid (Flower's in-memory one) is read
-the same way; the in-process grid delivers each reply as it is read from its `send_and_receive`.
+request to the SuperLink per waiting site each time. Each reply is inflated by itself and handed on before the
+next: inflating every reply a pull returns held every site's update at once (twenty 217 MB updates of a
+54 M-parameter model). Ray's grid (Flower's in-memory one) is pulled one reply id at a time; the in-process grid
+delivers each reply as it is read from its `send_and_receive`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from fedmed.flower.records import sender, wire_bytes
 from fedmed.flower.wire import ARRAYS, HELD, MessageType
 
 from .context import RunContext
-
-REPLY_POLL_INTERVAL_S = 0.1
+from .deployed_replies import REPLY_POLL_INTERVAL_S, UploadWatch, arrived
+from .replies import TTL_SLACK_S
 
 
 class NodesAsOfNow(Grid):
@@ -72,9 +72,13 @@ def send_and_receive(run: RunContext, messages: Iterable[Message], *, timeout: f
     return list(arriving(run, messages, timeout=timeout))
 
 
-def arriving(run: RunContext, messages: Iterable[Message], *, timeout: float) -> Iterator[Message]:
+def arriving(
+    run: RunContext, messages: Iterable[Message], *, timeout: float, dropped: dict[str, str] | None = None
+) -> Iterator[Message]:
     """Push `messages`, then yield their replies one at a time as they arrive, until all arrived or `timeout`
-    seconds passed.
+    seconds passed. In deployment an upload under way at the deadline is waited for while it makes progress
+    (fedmed.flower.server.deployed_replies); `dropped`, when given, receives why each site that did not reply
+    was left out, with the bytes of its reply that had reached the proxy.
 
     A message carrying the global weights also carries the values the coordinator holds for the keys
     those weights leave out (frozen parameters, site-local starting values), when the run has any: a
@@ -86,28 +90,38 @@ def arriving(run: RunContext, messages: Iterable[Message], *, timeout: float) ->
         for message in messages:
             if message.has_content() and ARRAYS in message.content:
                 message.content[HELD] = run.held
-    if not isinstance(getattr(grid, "base", grid), HttpGrid | InMemoryGrid):  # EnrolledNodes wraps the deployed grid
+    base = getattr(grid, "base", grid)  # EnrolledNodes wraps the deployed grid
+    if not isinstance(base, HttpGrid | InMemoryGrid):
         yield from grid.send_and_receive(messages, timeout=timeout)
         return
-    waiting = list(grid.push_messages(messages))
-    del messages  # the global weights are the grid's to send now
     deadline = time.monotonic() + timeout
-    while waiting:
-        for message_id in list(waiting):
-            for reply in _pull(grid, [message_id]):
-                waiting.remove(message_id)
-                yield reply
-        if not waiting or time.monotonic() >= deadline:
-            return
-        time.sleep(REPLY_POLL_INTERVAL_S)
+    watch = UploadWatch(run.proxy, deadline=deadline, timeout=timeout, stall_s=run.config.strategy.upload_stall_s)
+    waiting = dict(zip(grid.push_messages(messages), [m.metadata.dst_node_id for m in messages], strict=True))
+    del messages  # the global weights are the grid's to send now
+    dropped = {} if dropped is None else dropped
+    if isinstance(base, HttpGrid):
+        yield from arrived(
+            base, waiting, deadline=deadline, watch=watch, site_of=run.site_of, dropped=dropped, pull=_retrying
+        )
+    else:
+        while waiting:
+            for message_id in list(waiting):
+                for reply in _retrying(lambda: list(grid.pull_messages([message_id]))):  # noqa: B023 (called here)
+                    del waiting[message_id]
+                    yield reply
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(REPLY_POLL_INTERVAL_S)
+    for node in waiting.values():
+        dropped[run.site_of(node)] = watch.missing(run.site_of(node))
 
 
-def _pull(grid: Grid, waiting: list[str]) -> list[Message]:
-    """The replies that arrived. A SuperLink under load answers 500 now and then ("database is locked": its SQLite
+def _retrying(pull: Callable[[], list]) -> list:
+    """What `pull` returns. A SuperLink under load answers 500 now and then ("database is locked": its SQLite
     state, while sites upload 200 MB updates); nothing was delivered then, so the next poll asks again. Until the
     round's deadline: replies still missing then are the sites' that dropped, as ever."""
     try:
-        return list(grid.pull_messages(waiting))
+        return pull()
     except httpx.HTTPStatusError as error:
         if error.response.status_code < 500:
             raise
@@ -141,7 +155,7 @@ def ask_every_site(
     messages = []
     for node in run.grid.get_node_ids():
         message = Message(content, dst_node_id=node, message_type=str(message_type))
-        message.metadata.ttl = run.timeout
+        message.metadata.ttl = run.timeout + TTL_SLACK_S
         messages.append(message)
     by_site: dict[str, RecordDict] = {}
     for reply in send_and_receive(run, messages, timeout=run.timeout):

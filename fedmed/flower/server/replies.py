@@ -21,11 +21,16 @@ def by_site(rows: list[dict]) -> dict[str, dict[str, float]]:
     return {row["site"]: {k: v for k, v in row.items() if k not in ("round", "site", "phase", "time")} for row in rows}
 
 
+# A reply expires with the message it answers. A few seconds past the coordinator's deadline, so that a reply
+# registered just before the deadline is still there when the coordinator takes it.
+TTL_SLACK_S = 10.0
+
+
 def with_deadline(messages: Iterable[Message], timeout: float) -> list[Message]:
     """Messages expire with the round: a site that comes back late must not train on a stale round."""
     messages = list(messages)
     for message in messages:
-        message.metadata.ttl = timeout
+        message.metadata.ttl = timeout + TTL_SLACK_S
     return messages
 
 
@@ -50,15 +55,18 @@ class Outcome:
 
     refused: dict[str, str] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+    why_dropped: dict[str, str] = field(default_factory=dict)  # deployment: with the bytes that reached the proxy
 
     def describe(self) -> list[str]:
         return [
             reason if reason.startswith(f"site {site}:") else f"{site}: {reason}"
             for site, reason in self.refused.items()
-        ] + [f"{site}: no reply before the round timeout" for site in self.dropped]
+        ] + [f"{site}: {self.why_dropped.get(site, 'no reply before the round timeout')}" for site in self.dropped]
 
 
-def outcome_of(messages: list[Message], replies: list[Message], *, run: RunContext) -> Outcome:
+def outcome_of(
+    messages: list[Message], replies: list[Message], *, run: RunContext, why_dropped: dict[str, str] | None = None
+) -> Outcome:
     answered = {reply.metadata.src_node_id for reply in replies}
     destinations = {message.metadata.dst_node_id for message in messages}
     outcome = Outcome()
@@ -73,6 +81,7 @@ def outcome_of(messages: list[Message], replies: list[Message], *, run: RunConte
         for message in messages
         if message.metadata.dst_node_id not in answered
     )
+    outcome.why_dropped = {site: why for site, why in sorted((why_dropped or {}).items()) if site in outcome.dropped}
     return outcome
 
 

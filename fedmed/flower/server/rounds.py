@@ -26,6 +26,7 @@ from fedmed.flower.records import Layout
 from fedmed.flower.wire import CLIPPING_MODE, LAYOUT_DIGEST, STANDARD_LANDMARKS
 from fedmed.runs import RunDirectory
 from fedmed.runs.progress import RoundProgress
+from fedmed.runs.proxy_traffic import ProxyLog
 from fedmed.runs.tracking import RunTracker
 from fedmed.tasks import Task
 
@@ -64,12 +65,20 @@ def run_federation(
     task: Task,
     run_dir: RunDirectory,
     site_names: dict[int, str] | None = None,
+    proxy: ProxyLog | None = None,
 ) -> None:
-    """Run (or resume, if the run directory holds a checkpoint) the configured federation."""
+    """Run (or resume, if the run directory holds a checkpoint) the configured federation; `proxy`, in
+    deployment, is the front proxy's access log, from which each round's row takes each site's bytes."""
     begun = _start_or_resume(config, run_dir=run_dir)
     start, strategy, arrays = begun.start, begun.strategy, begun.arrays
     run = RunContext(
-        grid=grid, config=config, task=task, run_dir=run_dir, site_names=dict(site_names or {}), held=start.held
+        grid=grid,
+        config=config,
+        task=task,
+        run_dir=run_dir,
+        site_names=dict(site_names or {}),
+        held=start.held,
+        proxy=proxy,
     )
     start_fields = record_start(run_dir, start)
     start.release_shared()
@@ -178,6 +187,7 @@ def _run_round(
     """Train and aggregate, then evaluate and cross-evaluate when due; timed for the round's row."""
     config = run.config
     round_started = time.perf_counter()
+    proxy_offset = run.proxy.end() if run.proxy is not None else 0
     progress.start_round(server_round)
     arrays, trained, aggregation_record = _train_round(run, strategy, arrays, server_round=server_round)
     noise_record = client_dp_round_record(strategy)  # the noise this round's aggregate received
@@ -204,6 +214,7 @@ def _run_round(
         "sites_evaluated": sorted(evaluation),
         **aggregation_record,
         **noise_record,
+        **(run.proxy.record(proxy_offset) if run.proxy is not None else {}),
     }
     return _RoundDone(server_round=server_round, arrays=arrays, trained=trained, evaluation=evaluation, row=row)
 
@@ -254,7 +265,7 @@ def _train_round(
     # time by the robust layer; the files go with the round.
     with SpilledUpdates(robust.sent, folder=run.run_dir.path) as updates:
         collected = collect_train_replies(run, messages, arrays=arrays, start=robust.sent, updates=updates)
-        outcome = outcome_of(messages, collected.replies, run=run)
+        outcome = outcome_of(messages, collected.replies, run=run, why_dropped=collected.why_dropped)
         outcome.refused = dict(sorted({**outcome.refused, **collected.refused}.items()))
         usable = collected.usable
         _check_train_quorum(
@@ -272,6 +283,7 @@ def _train_round(
         **round_traffic(messages, upload=collected.upload_bytes, site_of=run.site_of),
         **({"decode_s": round(collected.decode_seconds, 4)} if config.compression.enabled else {}),
         "sites_dropped": outcome.dropped,
+        **({"why_dropped": outcome.why_dropped} if outcome.why_dropped else {}),
         "sites_refused": outcome.refused,
         **robust.last_record,
     }

@@ -47,6 +47,7 @@ from fedmed.site.session import NUM_EXAMPLES
 from .client_dp import ClientDpStrategy, clipping_config, noise_secure_mean
 from .context import RunContext
 from .exchange import NodesAsOfNow, send_and_receive
+from .replies import TTL_SLACK_S
 
 STAGE_MESSAGE_TYPES = {
     SETUP: SECAGG_SETUP,
@@ -347,7 +348,7 @@ class _Exchange:
         for node, body in outgoing.items():
             content = RecordDict({SECAGG: ConfigRecord(body)}) if wrap else body
             message = Message(content, dst_node_id=node, message_type=str(STAGE_MESSAGE_TYPES[stage]))
-            message.metadata.ttl = timeout
+            message.metadata.ttl = timeout + TTL_SLACK_S
             messages.append(message)
         answered: dict[int, Message] = {}
         replied = set()
