@@ -107,6 +107,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "5",
     ),
     Benchmark("coordinator-memory", ("experiments/bench_coordinator_memory.py",), "25"),
+    Benchmark("large-model-deployed", ("experiments/bench_large_model_deployed.py",), "15"),
     Benchmark(
         "robustness-pneumonia",
         (

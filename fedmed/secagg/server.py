@@ -230,23 +230,51 @@ class SecAggServer(DropoutBookkeeping):
     ) -> dict[int, dict[str, Any]]:
         """Masked vectors in (summed at once, never kept); unmask requests out."""
         self._advance(m.UNMASK)
-        length = self.layout.length
-        vectors = self._collect(
-            replies,
-            stage=m.MASKED_INPUT,
-            parse=lambda nid, reply: read_masked_vector(
-                reply, round_id=self.round_id, length=length, dtype=self.layout.dtype
-            ),
-        )
-        masked = set(vectors)
+        unexpected = set(replies) - self._expected
+        if unexpected:
+            self._next = _FAILED
+            raise SecAggProtocolError(
+                f"SecAgg round {self.round_id}: {m.MASKED_INPUT} replies from nodes {sorted(unexpected)}, which were "
+                "not sent a message at this stage; the transport must pass only this stage's replies"
+            )
+        for nid in sorted(replies):
+            self.add_masked_vector(nid, replies[nid])
+        return self.masked_vectors_done()
+
+    def add_masked_vector(self, nid: int, reply: tuple[np.ndarray, Mapping[str, Any]]) -> None:
+        """One site's masked vector, added to the running sum as it arrives, so the coordinator holds one vector at
+        a time however many sites there are. A malformed one loses its site; `masked_vectors_done` ends the stage."""
+        self._advance(m.UNMASK)
+        if nid not in self._expected or nid in self._masked or nid in self._dropped:
+            self._next = _FAILED
+            raise SecAggProtocolError(
+                f"SecAgg round {self.round_id}: a {m.MASKED_INPUT} reply from node {nid}, which was not sent a message "
+                "at this stage or replied already; the transport must pass each of this stage's replies once"
+            )
+        try:
+            vector = read_masked_vector(
+                reply, round_id=self.round_id, length=self.layout.length, dtype=self.layout.dtype
+            )
+        except SecAggProtocolError as exc:
+            self._lose(nid, m.MASKED_INPUT, f"malformed reply: {exc}")
+            return
+        if self._sum is None:
+            self._sum = np.zeros(self.layout.length, dtype=self.layout.dtype)
+        self._sum += vector  # wraps modulo 2^b by design
+        self._masked.add(nid)
+
+    def masked_vectors_done(self) -> dict[int, dict[str, Any]]:
+        """The stage's end: the sites whose vector did not arrive are lost; unmask requests out."""
+        self._advance(m.UNMASK)
+        for nid in sorted(self._expected - self._masked - set(self._dropped)):
+            self._lose(nid, m.MASKED_INPUT, "no reply")
+        masked = set(self._masked)
         # Every secret (seeds of the masked, mask keys of the dropped) needs threshold live holders.
         self._require_coverage(
             self._shared, owners=masked, stage=m.MASKED_INPUT, what="masked-input survivors holding its shares"
         )
-        total = np.zeros(length, dtype=self.layout.dtype)
-        for vector in vectors.values():
-            total += vector  # wraps modulo 2^b by design
-        self._sum, self._masked = total, masked
+        if self._sum is None:
+            self._sum = np.zeros(self.layout.length, dtype=self.layout.dtype)
         dropped_now = self._shared - masked
         out: dict[int, dict[str, Any]] = {}
         for nid in sorted(masked):

@@ -457,3 +457,26 @@ def test_server_steps_must_run_in_order() -> None:
     server.setup_messages()
     with pytest.raises(SecAggProtocolError, match="not sent a message"):
         server.receive_public_keys({99: {}})
+
+
+def test_masked_vectors_added_one_at_a_time_give_the_round_and_a_repeat_is_refused() -> None:
+    # The coordinator adds each vector to the running sum as its reply arrives and lets the reply go.
+    server, clients, messages = _keys_shared([1, 2, 3, 4, 5], size=30)
+    updates = {nid: [np.full(30, 0.01 * nid, np.float32)] for nid in clients}
+    masked = {n: clients[n].mask(msg, update=updates[n], weight=n) for n, msg in messages.items() if n != 4}
+    masked[5] = (masked[5][0][:-1], masked[5][1])  # a malformed vector loses its site, not the round
+    for nid in (3, 1, 5, 2):
+        server.add_masked_vector(nid, masked[nid])
+    assert np.array_equal(server._sum, masked[1][0] + masked[2][0] + masked[3][0])  # uint32: wraps like the sum
+    messages = server.masked_vectors_done()
+    assert sorted(messages) == [1, 2, 3]
+    result = server.receive_unmask_shares({n: clients[n].unmask(msg) for n, msg in messages.items()})
+    assert result.sites_aggregated == [1, 2, 3] and set(result.sites_dropped) == {4, 5}
+    expected = sum(updates[n][0] * n for n in (1, 2, 3)) / 6
+    assert np.abs(result.mean_update[0] - expected).max() <= result.max_quantization_error
+
+    server, clients, messages = _keys_shared([1, 2, 3], size=30)
+    vector = clients[1].mask(messages[1], update=[np.zeros(30, np.float32)], weight=1)
+    server.add_masked_vector(1, vector)
+    with pytest.raises(SecAggProtocolError, match="replied already"):
+        server.add_masked_vector(1, vector)

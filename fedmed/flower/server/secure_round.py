@@ -25,18 +25,12 @@ from flwr.serverapp.strategy import Strategy
 from fedmed.config import RunConfig
 from fedmed.core.errors import FedmedError
 from fedmed.core.log import logger
-from fedmed.flower.records import sender, wire_bytes
 from fedmed.flower.wire import (
     ARRAYS,
     CONFIG,
     MASKED,
     METRICS,
     SECAGG,
-    SECAGG_MASK,
-    SECAGG_SETUP,
-    SECAGG_SHARE_KEYS,
-    SECAGG_UNMASK,
-    SITE,
     VECTOR,
 )
 from fedmed.secagg import SecAggResult, SecAggRoundError, SecAggServer, SecAggSettings
@@ -46,15 +40,8 @@ from fedmed.site.session import NUM_EXAMPLES
 
 from .client_dp import ClientDpStrategy, clipping_config, noise_secure_mean
 from .context import RunContext
-from .exchange import NodesAsOfNow, send_and_receive
-from .replies import TTL_SLACK_S
-
-STAGE_MESSAGE_TYPES = {
-    SETUP: SECAGG_SETUP,
-    SHARE_KEYS: SECAGG_SHARE_KEYS,
-    MASKED_INPUT: SECAGG_MASK,
-    UNMASK: SECAGG_UNMASK,
-}
+from .exchange import NodesAsOfNow
+from .secure_exchange import StageExchange
 
 
 class SecureRoundError(FedmedError):
@@ -147,7 +134,7 @@ def _attempt(
         settings=secagg_settings(config, sites=len(train_messages)),
         extra_length=1 if isinstance(strategy, ClientDpStrategy) else 0,
     )
-    exchange = _Exchange(run, server_round=server_round, site_errors=site_errors)
+    exchange = StageExchange(run, server_round=server_round, site_errors=site_errors)
     site_of = run.site_of
     stage_started = time.perf_counter()
 
@@ -159,13 +146,15 @@ def _attempt(
     mask_content = _with_training(
         outgoing, train_messages=train_messages, extra_config=clipping_config(strategy, config)
     )
-    masked = exchange.send(MASKED_INPUT, mask_content, timeout=run.timeout, wrap=False)
-    vectors = {
-        node: (np.asarray(reply.content[MASKED][VECTOR].numpy()), dict(reply.content[SECAGG]))
-        for node, reply in masked.items()
-    }
+    masked = exchange.send(
+        MASKED_INPUT,
+        mask_content,
+        timeout=run.timeout,
+        wrap=False,
+        each=lambda node, reply: _summed(server, node, reply),
+    )
     trained_done = time.perf_counter()
-    replies = exchange.send(UNMASK, server.receive_masked_vectors(vectors))
+    replies = exchange.send(UNMASK, server.masked_vectors_done())
     result = server.receive_unmask_shares(_fields(replies))
     unmasked_done = time.perf_counter()
 
@@ -326,69 +315,15 @@ def _warn_about_clipping(result: SecAggResult, *, server_round: int, config: Run
         )
 
 
+def _summed(server: SecAggServer, node: int, reply: Message) -> None:
+    """A masked vector into the round's running sum as it arrives; the reply keeps an empty record in its place
+    (it carried an update), so the coordinator holds one masked vector at a time."""
+    record = reply.content.get(MASKED)
+    vector = np.asarray(record[VECTOR].numpy()) if isinstance(record, ArrayRecord) and VECTOR in record else None
+    header = dict(reply.content[SECAGG]) if SECAGG in reply.content else {}
+    server.add_masked_vector(node, (vector, header))  # a malformed reply loses its site there
+    reply.content[MASKED] = ArrayRecord()
+
+
 def _fields(replies: Mapping[int, Message]) -> dict[int, dict]:
     return {node: dict(reply.content[SECAGG]) for node, reply in replies.items()}
-
-
-class _Exchange:
-    """One protocol stage: a message to each node, the replies of those that answered in time."""
-
-    def __init__(self, run: RunContext, *, server_round: int, site_errors: dict[str, str]) -> None:
-        self.run = run
-        self.site_errors = site_errors  # site -> the reason it gave for failing a stage
-        self.server_round = server_round
-        self.uploaded: dict[int, int] = {}  # by node, over the round's stages
-        self.downloaded: dict[int, int] = {}
-
-    def send(
-        self, stage: str, outgoing: Mapping[int, Any], *, timeout: float | None = None, wrap: bool = True
-    ) -> dict[int, Message]:
-        timeout = timeout or self.run.config.secagg.stage_timeout_s
-        messages = []
-        for node, body in outgoing.items():
-            content = RecordDict({SECAGG: ConfigRecord(body)}) if wrap else body
-            message = Message(content, dst_node_id=node, message_type=str(STAGE_MESSAGE_TYPES[stage]))
-            message.metadata.ttl = timeout + TTL_SLACK_S
-            messages.append(message)
-        answered: dict[int, Message] = {}
-        replied = set()
-        site_of = self.run.site_of
-        replies = send_and_receive(self.run, messages, timeout=timeout)
-        for message in messages:  # as sent: send_and_receive adds the held values to a message with weights
-            node = message.metadata.dst_node_id
-            self.downloaded[node] = self.downloaded.get(node, 0) + wire_bytes(message.content)
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            replied.add(node)
-            if reply.has_error():
-                logger.warning(
-                    "round %d: %s lost at SecAgg %s: %s",
-                    self.server_round,
-                    site_of(node),
-                    stage,
-                    reply.error.reason,
-                )
-                self.site_errors[site_of(node)] = reply.error.reason
-                continue
-            answered[node] = reply
-            if SITE in reply.content:
-                self.run.site_names[node] = sender(reply)
-            self.uploaded[node] = self.uploaded.get(node, 0) + wire_bytes(reply.content)
-        for node in sorted(set(outgoing) - replied):
-            logger.warning(
-                "round %d: %s did not answer SecAgg %s within %.0f s",
-                self.server_round,
-                site_of(node),
-                stage,
-                timeout,
-            )
-        return answered
-
-    def traffic(self) -> dict[str, Any]:
-        """rounds.jsonl's byte counts (as fedmed.flower.server.exchange.round_traffic), summed over the stages."""
-        site_of = self.run.site_of
-        return {
-            "upload_bytes": dict(sorted((site_of(node), count) for node, count in self.uploaded.items())),
-            "download_bytes": dict(sorted((site_of(node), count) for node, count in self.downloaded.items())),
-            "upload_bytes_per_site": max(self.uploaded.values(), default=0),
-        }
