@@ -93,9 +93,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "compression-hippocampus",
         (
             "experiments/bench_compression.py",
-            *("--datasets", "hippocampus", "--seeds", "0", "--out", "runs/bench-compression"),
+            *("--datasets", "hippocampus", "--out", "runs/bench-compression"),
         ),
-        "20",
+        "60",
     ),
     Benchmark(
         "compression-long-run",
