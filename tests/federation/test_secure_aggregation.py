@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedmed.flower.engines.inprocess import FIRST_NODE_ID, InProcessGrid
 from fedmed.flower.server.rounds import RoundFailedError
-from fedmed.flower.server.secure_round import STAGE_MESSAGE_TYPES
+from fedmed.flower.server.secure_exchange import STAGE_MESSAGE_TYPES
 from fedmed.flower.wire import MASKED, VECTOR
 from fedmed.workflows.simulate import simulate
 
