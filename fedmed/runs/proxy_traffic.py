@@ -46,14 +46,20 @@ class ProxyLog:
 
     def since(self, offset: int) -> dict[str, SiteTraffic]:
         """Each enrolled site's traffic in the lines written after `offset` (whole lines only)."""
+        return self.read(offset)[0]
+
+    def read(self, offset: int, *, into: dict[str, SiteTraffic] | None = None) -> tuple[dict[str, SiteTraffic], int]:
+        """The whole lines written after `offset`, added per site to `into` (a new tally by default); and the
+        offset after the last of them, where the next read goes on."""
+        traffic = {} if into is None else into
         try:
             with self.path.open("rb") as log:
                 log.seek(offset)
                 text = log.read()
         except FileNotFoundError:
-            return {}
-        traffic: dict[str, SiteTraffic] = {}
-        for line in text[: text.rfind(b"\n") + 1].decode("utf-8", errors="replace").splitlines():
+            return traffic, offset
+        whole = text[: text.rfind(b"\n") + 1]
+        for line in whole.decode("utf-8", errors="replace").splitlines():
             match = _LINE.match(line)
             if match is None or not match["site"]:  # a refused outsider's request is no site's traffic
                 continue
@@ -63,7 +69,7 @@ class ProxyLog:
             path = match["request"].split(" ")[1] if " " in match["request"] else ""
             if path in _UPLOADS and match["status"].startswith("2"):
                 counts.uploaded += int(match["received"])
-        return traffic
+        return traffic, offset + len(whole)
 
     def record(self, offset: int) -> dict[str, Any]:
         """rounds.jsonl's `proxy_bytes`: per site, what crossed the proxy since `offset`."""

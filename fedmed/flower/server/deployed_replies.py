@@ -39,7 +39,7 @@ from flwr.supercore.inflatable.inflatable_utils import (
 from flwr.superlink.grid import HttpGrid
 
 from fedmed.core.log import logger
-from fedmed.runs.proxy_traffic import ProxyLog
+from fedmed.runs.proxy_traffic import ProxyLog, SiteTraffic
 from fedmed.runs.traffic import format_bytes
 
 REPLY_POLL_INTERVAL_S = 0.1
@@ -174,7 +174,7 @@ class UploadWatch:
         self._stall_s = stall_s
         self._lock = threading.Lock()
         self._read_at = -float("inf")
-        self._uploaded: dict[str, int] = {}
+        self._tally: dict[str, SiteTraffic] = {}  # read on from _offset, so a long round's log is read once
         self._progress: dict[str, tuple[int, float]] = {}  # site -> (bytes, when they last changed)
         self.complete: dict[str, int] = {}  # site -> its whole reply's bytes at the proxy
 
@@ -183,9 +183,9 @@ class UploadWatch:
         with self._lock:
             now = time.monotonic()
             if self._proxy is not None and now - self._read_at >= self.CHECK_EVERY_S:
-                self._uploaded = {name: counts.uploaded for name, counts in self._proxy.since(self._offset).items()}
+                _, self._offset = self._proxy.read(self._offset, into=self._tally)
                 self._read_at = now
-            return self._uploaded.get(site, 0)
+            return self._tally[site].uploaded if site in self._tally else 0
 
     def stalled(self, site: str) -> bool:
         """Past the deadline with no byte of `site`'s upload for stall_s. Never without the proxy's log: then
@@ -216,7 +216,7 @@ class UploadWatch:
             whole, other = max((count, name) for name, count in self.complete.items())
             reason += f", about {format_bytes(max(0, whole - done))} were left (site {other}'s whole reply: "
             reason += f"{format_bytes(whole)})"
-        return reason + f", and none of it arrived for {self._stall_s:.0f} s (strategy.upload_stall_s)"
+        return reason + f", and none of it arrived for {self._stall_s:g} s (strategy.upload_stall_s)"
 
     def missing(self, site: str) -> str:
         """Why a site whose reply never registered was dropped."""
