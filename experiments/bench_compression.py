@@ -193,6 +193,7 @@ def main() -> None:
         and row.get("rounds") == args.rounds
         and row["arm"] in ["float32", *references, *args.arms]
     ]
+    print()  # the progress lines above are no caption of the table
     print(table(wanted))
 
 
