@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from code_version import commit
+
 WIDE_UNET = [80, 160, 320, 640, 1024]
 
 
@@ -90,13 +91,6 @@ def measure(num_sites: int, *, size: int) -> dict:
         if completed.returncode != 0:
             raise RuntimeError(f"the federation of {num_sites} sites failed (exit {completed.returncode})")
         return {"sites": num_sites, **json.loads(completed.stdout.strip().splitlines()[-1])}
-
-
-def commit() -> str:
-    described = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False, cwd=HERE
-    )
-    return described.stdout.strip() or "unknown"
 
 
 def main() -> None:

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import tomli_w
+from code_version import commit
 
 from fedmed.api import SiteDrift, SynthConfig, synthesize_federation
 from fedmed.api.bench import LocalFederation
 
-HERE = Path(__file__).resolve().parent
 WIDE_UNET = [80, 160, 320, 640, 1024]
 SITES = ("a", "b", "c")
 ENCODINGS = {"float32": {}, "8-bit": {"bits": 8}}
@@ -93,13 +92,6 @@ def measure(rate_mb: float, encodings: list[str], scratch: Path) -> list[dict]:
     finally:
         federation.close()
     return rows
-
-
-def commit() -> str:
-    described = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False, cwd=HERE
-    )
-    return described.stdout.strip() or "unknown"
 
 
 def main() -> None:
