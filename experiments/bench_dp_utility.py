@@ -19,7 +19,8 @@ Data sets (`--data`, several at once or `all`; default `demo`):
 
 `--dp KEY=VALUE` sets any [dp_sgd] field on the DP-SGD arms (values parsed as JSON where they parse, then
 validated by the config model, so new fields need no change here); `--client-dp KEY=VALUE` likewise [client_dp].
-`--dp-train KEY=VALUE` sets a [train] field on the DP-SGD arms only (e.g. optimizer=sgd).
+`--dp-train KEY=VALUE` sets a [train] field on the DP-SGD arms only (e.g. optimizer=sgd); `--strategy KEY=VALUE` a
+[strategy] field on every arm (e.g. name=fedavg: plain averaging instead of the default FedAvgM).
 `--pretrain` starts every arm, the non-private one too, from `[pretrain]` (synthetic phantoms of the task).
 
 Each DP-SGD site calibrates one noise multiplier for the whole run from its own ledger; ε, σ and δ in the
@@ -318,6 +319,9 @@ def arm_config(bench: Bench, arm: Arm, *, seed: int, args: argparse.Namespace) -
     config = bench.config.model_copy(deep=True)
     config.seed = seed
     config.pretrain.enabled = args.pretrain  # every arm, non-private included: the same start
+    # The global model is scored: no end-of-run fine-tune (on by default; refused under DP-SGD).
+    config.evaluation = config.evaluation.model_copy(update={"finetune_epochs": 0})
+    config.strategy = config.strategy.model_validate({**config.strategy.model_dump(), **args.strategy})
     if arm.epsilon is not None:
         settings = {
             **config.dp_sgd.model_dump(),
@@ -411,7 +415,8 @@ def print_table(bench: Bench, results: dict[str, list[Outcome]], args: argparse.
         f"({'the largest site' if dp_sgd else 'the number of participants'})"
         + (f"; DP-SGD: {args.accountant.upper()} accountant, clip {args.max_grad_norm:g}" if dp_sgd else "")
         + (f"; --dp {recipe}" if recipe else "")
-        + (f"; DP arms' [train]: {args.dp_train}" if dp_sgd and args.dp_train else ""),
+        + (f"; DP arms' [train]: {args.dp_train}" if dp_sgd and args.dp_train else "")
+        + (f"; every arm's [strategy]: {args.strategy}" if args.strategy else ""),
         *(["every arm starts from [pretrain] (synthetic phantoms, no privacy cost)"] if args.pretrain else []),
         *bench.notes,
     ]
@@ -493,6 +498,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--client-dp", action="append", default=[], metavar="KEY=VALUE", help="[client_dp] field (clientdp50)"
     )
+    parser.add_argument(
+        "--strategy", action="append", default=[], metavar="KEY=VALUE", help="[strategy] field on every arm"
+    )
     parser.add_argument("--train-cases", type=int, help="demo / synthetic64: training cases at every site")
     parser.add_argument("--rounds", type=int, help="rounds (default: per data set)")
     parser.add_argument("--local-epochs", type=int, help="local epochs per round (default: per data set)")
@@ -506,6 +514,7 @@ def parse_args() -> argparse.Namespace:
     args.dp = key_values(args.dp, flag="--dp")
     args.client_dp = key_values(args.client_dp, flag="--client-dp")
     args.dp_train = key_values(args.dp_train, flag="--dp-train")
+    args.strategy = key_values(args.strategy, flag="--strategy")
     # Fail before the first run on a field [dp_sgd] / [client_dp] / [train] does not have or a value it refuses.
     try:
         DpSgdConfig.model_validate(args.dp)
