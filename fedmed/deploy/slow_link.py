@@ -44,7 +44,6 @@ class SlowLink:
         self.target = target
         self.port = free_port()
         self.uploaded = 0  # bytes passed towards the target
-        self.downloaded = 0
         self._up, self._down = _Pace(upload_rate), _Pace(download_rate)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -114,8 +113,6 @@ class SlowLink:
                 await writer.drain()
                 if upload:
                     self.uploaded += len(chunk)
-                else:
-                    self.downloaded += len(chunk)
         finally:  # the other direction may still be sending: half-close only
             with contextlib.suppress(Exception):
                 writer.write_eof()

@@ -6,7 +6,7 @@ one round state; the attributes annotated below are set by SecAggServer.__init__
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn, TypeVar
 
 import numpy as np
@@ -33,14 +33,18 @@ class DropoutBookkeeping:
     _nbrs: dict[int, frozenset[int]]
     _sum: np.ndarray | None
 
-    def _collect(self, replies: Mapping[int, T], *, stage: str, parse: Callable[[int, T], Any]) -> dict[int, Any]:
-        unexpected = set(replies) - self._expected
+    def _refuse_unexpected(self, nodes: Iterable[int], *, stage: str) -> None:
+        """Fail the round on a reply from a node that was not sent this stage's message."""
+        unexpected = set(nodes) - self._expected
         if unexpected:
             self._next = _FAILED
             raise SecAggProtocolError(
                 f"SecAgg round {self.round_id}: {stage} replies from nodes {sorted(unexpected)}, which were not "
                 "sent a message at this stage; the transport must pass only this stage's replies"
             )
+
+    def _collect(self, replies: Mapping[int, T], *, stage: str, parse: Callable[[int, T], Any]) -> dict[int, Any]:
+        self._refuse_unexpected(replies, stage=stage)
         good: dict[int, Any] = {}
         for nid in sorted(self._expected):
             if nid not in replies:

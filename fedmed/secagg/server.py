@@ -230,13 +230,7 @@ class SecAggServer(DropoutBookkeeping):
     ) -> dict[int, dict[str, Any]]:
         """Masked vectors in (summed at once, never kept); unmask requests out."""
         self._advance(m.UNMASK)
-        unexpected = set(replies) - self._expected
-        if unexpected:
-            self._next = _FAILED
-            raise SecAggProtocolError(
-                f"SecAgg round {self.round_id}: {m.MASKED_INPUT} replies from nodes {sorted(unexpected)}, which were "
-                "not sent a message at this stage; the transport must pass only this stage's replies"
-            )
+        self._refuse_unexpected(replies, stage=m.MASKED_INPUT)
         for nid in sorted(replies):
             self.add_masked_vector(nid, replies[nid])
         return self.masked_vectors_done()

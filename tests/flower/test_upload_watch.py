@@ -37,9 +37,19 @@ def test_a_stall_is_declared_after_the_deadline_and_named_with_the_bytes_left(tm
     assert watch.stalled("b")
     assert watch.unfinished("b") == (
         "its reply's upload did not finish after the round timeout (8 s): 500.0 kB had crossed the proxy, about "
-        "1.0 MB were left (site a's whole reply: 1.5 MB), and none of it arrived for 0.2 s (strategy.upload_stall_s)"
+        "1.0 MB were left (site a's reply: 1.5 MB), and none of it arrived for 0.2 s (strategy.upload_stall_s)"
     )
     assert watch.missing("c") == "no reply before the round timeout (8 s); it sent none"
     assert (
         UploadWatch(None, deadline=0, timeout=8, stall_s=0.2).missing("c") == "no reply before the round timeout (8 s)"
     )
+
+
+def test_the_bytes_left_are_told_before_any_other_reply_was_taken(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.touch()
+    watch = UploadWatch(ProxyLog(log), deadline=time.monotonic() - 1, timeout=8, stall_s=0.2)
+    watch.CHECK_EVERY_S = 0.0
+    _push(log, "a", 1_500_000)  # site a's reply has crossed the proxy; the coordinator has not taken it yet
+    _push(log, "b", 500_000)
+    assert "500.0 kB had crossed the proxy, about 1.0 MB were left (site a's reply: 1.5 MB)" in watch.unfinished("b")

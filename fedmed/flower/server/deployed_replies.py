@@ -212,9 +212,12 @@ class UploadWatch:
         if self._proxy is None:
             return reason
         reason += f": {format_bytes(done)} had crossed the proxy"
-        if self.complete:
-            whole, other = max((count, name) for name, count in self.complete.items())
-            reason += f", about {format_bytes(max(0, whole - done))} were left (site {other}'s whole reply: "
+        # A whole reply's size: one the coordinator took, else the most another site has sent (the replies may be
+        # taken in any order, so one stalled upload can be given up before a finished one is taken).
+        others = self.complete or {name: c.uploaded for name, c in self._tally.items() if name != site}
+        whole, other = max(((count, name) for name, count in others.items()), default=(0, ""))
+        if whole:
+            reason += f", about {format_bytes(max(0, whole - done))} were left (site {other}'s reply: "
             reason += f"{format_bytes(whole)})"
         return reason + f", and none of it arrived for {self._stall_s:g} s (strategy.upload_stall_s)"
 
