@@ -7,11 +7,13 @@ process's peak (what a site's machine must hold, ~500 MB of it imports).
 Steps use the models and batch sizes of the run configs: the demo's 2D segmentation UNet, the 3D
 segmentation UNet and the small DenseNet classifier.
 
-    python experiments/bench_dp_sgd.py [--steps 20] [--batch 4 16 32]
+    python experiments/bench_dp_sgd.py [--steps 20] [--batch 4 16 32] [--trainable all adapters head norm]
 
 --batch measures at those batch sizes (the same for both runs) instead of the configs' own; DP-SGD's
 per-sample work is a fixed cost per layer and step, so larger physical batches ([dp_sgd]
-physical_batch_size) amortize it. Targets: time <= 1.5x, training memory <= 1.3x the non-private run.
+physical_batch_size) amortize it. --trainable measures DP-SGD training only that part ([dp_sgd] trainable;
+adapters of rank 4), each against the same plain run, which trains every parameter (what a non-private
+fine-tune does). Targets: time <= 1.5x, training memory <= 1.3x the non-private run.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ CONFIGS = {
 }
 
 
-def measure(config_path: str, *, private: bool, steps: int, batch: int | None) -> dict[str, float]:
+def measure(config_path: str, *, private: bool, steps: int, batch: int | None, trainable: str) -> dict[str, float]:
     # Here, not at the top: the parent process only starts the measurements, each in a child of its own.
     import torch
 
     from fedmed.api import build_model, demo_config, get_task, load_config
-    from fedmed.api.bench import DpSgdStep, check_private_model, select_device, train_local
+    from fedmed.api.bench import DpSgdStep, check_private_model, fixed_by_trainable, select_device, train_local
 
     config = demo_config() if config_path == DEMO else load_config(config_path)
     config.train.augment = False
@@ -59,7 +61,10 @@ def measure(config_path: str, *, private: bool, steps: int, batch: int | None) -
     dp = None
     if private:
         check_private_model(model, model_name=config.model.name)
-        dp = DpSgdStep(noise_multiplier=1.0, max_grad_norm=1.0)
+        fixed = fixed_by_trainable(model, trainable)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name not in fixed)
+        dp = DpSgdStep(noise_multiplier=1.0, max_grad_norm=1.0, adapter_rank=4 if trainable == "adapters" else 0)
     train_local(model, warm, dp=dp, **common)  # warm-up: imports, functorch compilation
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -84,34 +89,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, nargs="+", default=[None], help="batch sizes (default: the configs')")
+    parser.add_argument(
+        "--trainable",
+        nargs="+",
+        default=["all"],
+        choices=["all", "adapters", "head", "norm"],
+        help="what DP-SGD trains",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--private", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one-batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, private=args.private, steps=args.steps, batch=args.one_batch)))
+        measured = measure(
+            args.one, private=args.private, steps=args.steps, batch=args.one_batch, trainable=args.trainable[0]
+        )
+        print(json.dumps(measured))
         return
     print(
-        f"{'model':<30}{'batch':>6}{'plain s/step':>14}{'DP s/step':>12}{'time x':>9}{'train MB plain/DP':>20}{'x':>7}"
-        f"{'process MB plain/DP':>22}{'x':>7}"
+        f"{'model':<30}{'trains':>9}{'batch':>6}{'plain s/step':>14}{'DP s/step':>12}{'time x':>9}"
+        f"{'train MB plain/DP':>20}{'x':>7}{'process MB plain/DP':>22}{'x':>7}"
     )
     for name, path in CONFIGS.items():
         for batch in args.batch:
-            runs = {}
-            for private in (False, True):
-                command = [sys.executable, __file__, "--one", path, "--steps", str(args.steps)]
-                command += (["--private"] if private else []) + (["--one-batch", str(batch)] if batch else [])
-                runs[private] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-            plain, dp = runs[False], runs[True]
-            train_mb = f"{plain['memory_mb']:.0f} / {dp['memory_mb']:.0f}"
-            process_mb = f"{plain['process_mb']:.0f} / {dp['process_mb']:.0f}"
-            print(
-                f"{name:<30}{plain['batch']:>6}{plain['step_s']:>14.3f}{dp['step_s']:>12.3f}"
-                f"{dp['step_s'] / plain['step_s']:>8.2f}x{train_mb:>20}"
-                f"{dp['memory_mb'] / max(plain['memory_mb'], 1.0):>6.2f}x"
-                f"{process_mb:>22}{dp['process_mb'] / plain['process_mb']:>6.2f}x",
-                flush=True,
-            )
+            plain = _child(path, steps=args.steps, batch=batch, private=False, trainable="all")
+            for trainable in args.trainable:
+                dp = _child(path, steps=args.steps, batch=batch, private=True, trainable=trainable)
+                train_mb = f"{plain['memory_mb']:.0f} / {dp['memory_mb']:.0f}"
+                process_mb = f"{plain['process_mb']:.0f} / {dp['process_mb']:.0f}"
+                print(
+                    f"{name:<30}{trainable:>9}{plain['batch']:>6}{plain['step_s']:>14.3f}{dp['step_s']:>12.3f}"
+                    f"{dp['step_s'] / plain['step_s']:>8.2f}x{train_mb:>20}"
+                    f"{dp['memory_mb'] / max(plain['memory_mb'], 1.0):>6.2f}x"
+                    f"{process_mb:>22}{dp['process_mb'] / plain['process_mb']:>6.2f}x",
+                    flush=True,
+                )
+
+
+def _child(path: str, *, steps: int, batch: int | None, private: bool, trainable: str) -> dict[str, float]:
+    """One measurement in a process of its own, so that peak memory is its own."""
+    command = [sys.executable, __file__, "--one", path, "--steps", str(steps), "--trainable", trainable]
+    command += (["--private"] if private else []) + (["--one-batch", str(batch)] if batch else [])
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
 
 if __name__ == "__main__":

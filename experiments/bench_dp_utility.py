@@ -22,6 +22,12 @@ validated by the config model, so new fields need no change here); `--client-dp 
 `--dp-train KEY=VALUE` sets a [train] field on the DP-SGD arms only (e.g. optimizer=sgd); `--strategy KEY=VALUE` a
 [strategy] field on every arm (e.g. name=fedavg: plain averaging instead of the default FedAvgM).
 `--pretrain` starts every arm, the non-private one too, from `[pretrain]` (synthetic phantoms of the task).
+`--public` (pneumoniamnist, hippocampus) holds out a public part no site holds: a third of PneumoniaMNIST, 80 of
+the 200 hippocampus cases (the other 120 make the 3 sites). Every arm but "from scratch" starts from
+`[pretrain] public` (`--public-epochs` epochs on it, no privacy); the arms are the public model alone (one round
+at server learning rate 1e-12, so the global model stays the public one), non-private fine-tuning of every parameter,
+DP-SGD from scratch at the first ε, and DP-SGD fine-tuning with `[dp_sgd] trainable` left at "auto" (adapters
+from a pretrained start) at every ε; `--compare-trainable all head` adds those choices at the first ε.
 
 Each DP-SGD site calibrates one noise multiplier for the whole run from its own ledger; ε, σ and δ in the
 tables come from the run's summary (the sites' ledgers; client-level DP: the server's accountant). A site
@@ -53,6 +59,7 @@ from typing import Any
 
 import numpy as np
 from medmnist_sites import split_npz
+from public_parts import npz_with_public_third
 
 from fedmed.api import (
     ClientDpConfig,
@@ -83,6 +90,9 @@ class Arm:
     label: str
     epsilon: float | None = None  # DP-SGD: the ε each site may spend
     client_noise: float | None = None  # client-level DP: the server's noise multiplier
+    from_public: bool = True  # --public: start from [pretrain] public
+    public_only: bool = False  # --public: the public model alone, not trained further
+    trainable: str | None = None  # [dp_sgd] trainable; None: the default ("auto")
 
 
 @dataclass
@@ -94,6 +104,7 @@ class Bench:
     arms: list[Arm]
     delta_n: int  # δ = min(1e-5, 1/n): DP-SGD, the largest site's training set; client-level DP, the sites
     notes: list[str] = field(default_factory=list)
+    public: Path | None = None  # --public: the part no site holds, for [pretrain] public
 
     @property
     def delta(self) -> float:
@@ -154,20 +165,26 @@ def pneumoniamnist_bench(args: argparse.Namespace, scratch: Path) -> Bench | str
     if not source.is_file():
         return f"{source} not found"
     names = ["hospital-a", "hospital-b", "hospital-c"]
-    sites = split_npz(
-        source, out=scratch / "pneumoniamnist", names=names, seed=0, train_per_site=64 if args.quick else None
-    )
+    public = None
+    if args.public:
+        public, sites = npz_with_public_third(source, out=scratch / "pneumoniamnist", names=names, seed=0)
+    else:
+        sites = split_npz(
+            source, out=scratch / "pneumoniamnist", names=names, seed=0, train_per_site=64 if args.quick else None
+        )
     config = mnist_config(sites, name="dp-pneumoniamnist", scratch=scratch)
     set_schedule(config, args, rounds=2 if args.quick else 10, local_epochs=1)
     sizes = npz_train_sizes(sites)
+    held_out = f", a public third ({npz_train_sizes({'public': public})['public']} images) held out" if public else ""
     return Bench(
         name="pneumoniamnist",
         title=f"pneumoniamnist: chest X-ray classification, 3 sites stratified by class ({describe_sizes(sizes)} "
-        "training images), default network (small DenseNet, group norm), batch 16, Adam 1e-3",
+        f"training images{held_out}), default network (small DenseNet, group norm), batch 16, Adam 1e-3",
         config=config,
         metric="auc",
-        arms=dp_sgd_arms(args.epsilons or [8.0, 3.0, 1.0]),
+        arms=bench_arms(args, default=[8.0, 3.0, 1.0]),
         delta_n=max(sizes.values()),
+        public=public,
     )
 
 
@@ -176,25 +193,18 @@ def hippocampus_bench(args: argparse.Namespace, scratch: Path) -> Bench | str:
     if not (root / "imagesTr").is_dir():
         return f"{root} not found"
     cases = cases_from_folder_pairs(root / "imagesTr", root / "labelsTr")[: 24 if args.quick else None]
+    public = None
+    if args.public:
+        held = 8 if args.quick else 80
+        public = hippocampus_folder(scratch / "hippocampus" / "public", name="public", cases=cases[:held])
+        cases = cases[held:]
     sites, sizes = [], {}
     for index, part in enumerate(np.array_split(np.arange(len(cases)), 3)):
         name = f"hippo-{'abc'[index]}"
         mine = [cases[int(number)] for number in part]
-        n_val = max(1, round(0.2 * len(mine)))
-        folder = scratch / "hippocampus" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        # The manifest points at the shared files (absolute paths): nothing is copied.
-        write_manifest(
-            folder,
-            name=name,
-            labels=HIPPOCAMPUS_LABELS,
-            modality="MRI",
-            training=mine[:-n_val],
-            validation=mine[-n_val:],
-            tensor_image_size="3D",
-        )
+        folder = hippocampus_folder(scratch / "hippocampus" / name, name=name, cases=mine)
         sites.append({"name": name, "path": str(folder)})
-        sizes[name] = len(mine) - n_val
+        sizes[name] = len(mine) - max(1, round(0.2 * len(mine)))
     raw = {
         "name": "dp-hippocampus",
         "output_dir": str(scratch / "runs"),
@@ -209,13 +219,32 @@ def hippocampus_bench(args: argparse.Namespace, scratch: Path) -> Bench | str:
     return Bench(
         name="hippocampus",
         title=f"hippocampus: MSD Task04 3D segmentation, {len(cases)} cases split by index into 3 sites "
-        f"({describe_sizes(sizes)} training), grid geometry 32^3, UNet [16, 32, 64], batch 4, Adam 2e-3",
+        f"({describe_sizes(sizes)} training{', the first 80 cases held out as public' if public else ''}), grid "
+        "geometry 32^3, UNet [16, 32, 64], batch 4, Adam 2e-3",
         config=config,
         metric="dice",
-        arms=dp_sgd_arms(args.epsilons or [8.0]),
+        arms=bench_arms(args, default=[8.0]),
         delta_n=max(sizes.values()),
         notes=["Dice: mean of anterior and posterior on the 32^3 grid (labels resized nearest-neighbour)"],
+        public=public,
     )
+
+
+def hippocampus_folder(folder: Path, *, name: str, cases: list) -> Path:
+    """A site folder of hippocampus cases, its last 20 % for validation; the manifest points at the shared files
+    (absolute paths): nothing is copied."""
+    n_val = max(1, round(0.2 * len(cases)))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(
+        folder,
+        name=name,
+        labels=HIPPOCAMPUS_LABELS,
+        modality="MRI",
+        training=cases[:-n_val],
+        validation=cases[-n_val:],
+        tensor_image_size="3D",
+    )
+    return folder
 
 
 def clientdp50_bench(args: argparse.Namespace, scratch: Path) -> Bench | str:
@@ -281,6 +310,20 @@ def dp_sgd_arms(epsilons: list[float]) -> list[Arm]:
     return [Arm("non-private")] + [Arm(f"ε = {epsilon:g}", epsilon=epsilon) for epsilon in epsilons]
 
 
+def bench_arms(args: argparse.Namespace, *, default: list[float]) -> list[Arm]:
+    epsilons = args.epsilons or default
+    if not args.public:
+        return dp_sgd_arms(epsilons)
+    first = epsilons[0]
+    return [
+        Arm("public model alone", public_only=True),
+        Arm("non-private fine-tuning"),
+        Arm(f"ε = {first:g} from scratch", epsilon=first, from_public=False),
+        *(Arm(f"ε = {epsilon:g}", epsilon=epsilon) for epsilon in epsilons),
+        *(Arm(f"ε = {first:g}, {choice}", epsilon=first, trainable=choice) for choice in args.compare_trainable),
+    ]
+
+
 def set_schedule(config: RunConfig, args: argparse.Namespace, *, rounds: int, local_epochs: int) -> None:
     """Rounds and epochs (the command line wins), one evaluation after the last round, no extras."""
     config.train.rounds = args.rounds or rounds
@@ -319,6 +362,11 @@ def arm_config(bench: Bench, arm: Arm, *, seed: int, args: argparse.Namespace) -
     config = bench.config.model_copy(deep=True)
     config.seed = seed
     config.pretrain.enabled = args.pretrain  # every arm, non-private included: the same start
+    if bench.public is not None and arm.from_public:
+        config.pretrain = config.pretrain.model_validate({"public": bench.public, "epochs": args.public_epochs})
+    if arm.public_only:  # one round whose server step moves nothing: the public model, scored at every site
+        config.train = config.train.model_copy(update={"rounds": 1, "eval_every": 1})
+        config.strategy = config.strategy.model_copy(update={"server_learning_rate": 1e-12})
     # The global model is scored: no end-of-run fine-tune (on by default; refused under DP-SGD).
     config.evaluation = config.evaluation.model_copy(update={"finetune_epochs": 0})
     config.strategy = config.strategy.model_validate({**config.strategy.model_dump(), **args.strategy})
@@ -331,6 +379,7 @@ def arm_config(bench: Bench, arm: Arm, *, seed: int, args: argparse.Namespace) -
             "accountant": args.accountant,
             "max_grad_norm": args.max_grad_norm,
             **args.dp,  # e.g. fields another recipe adds to [dp_sgd]; pydantic coerces the strings
+            **({"trainable": arm.trainable} if arm.trainable else {}),
         }
         config.dp_sgd = config.dp_sgd.model_validate(settings)
         config.train = config.train.model_validate({**config.train.model_dump(), **args.dp_train})
@@ -418,6 +467,11 @@ def print_table(bench: Bench, results: dict[str, list[Outcome]], args: argparse.
         + (f"; DP arms' [train]: {args.dp_train}" if dp_sgd and args.dp_train else "")
         + (f"; every arm's [strategy]: {args.strategy}" if args.strategy else ""),
         *(["every arm starts from [pretrain] (synthetic phantoms, no privacy cost)"] if args.pretrain else []),
+        *(
+            [f"every arm but 'from scratch' starts from [pretrain] public ({args.public_epochs} epochs, no privacy)"]
+            if bench.public is not None
+            else []
+        ),
         *bench.notes,
     ]
     columns = sites if per_site else ["best", "median"]
@@ -507,6 +561,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="run seeds (the data split stays fixed)")
     parser.add_argument(
         "--pretrain", action="store_true", help="every arm starts from [pretrain] (synthetic phantoms, no privacy cost)"
+    )
+    parser.add_argument(
+        "--public", action="store_true", help="hold out a public part and fine-tune privately from it (see above)"
+    )
+    parser.add_argument("--public-epochs", type=int, default=10, help="--public: epochs of [pretrain] public")
+    parser.add_argument(
+        "--compare-trainable",
+        nargs="+",
+        default=[],
+        choices=["all", "norm", "head", "adapters"],
+        help="--public: also DP-SGD training these at the first ε",
     )
     parser.add_argument("--quick", action="store_true", help="every arm tiny (2 rounds, few cases): checks the script")
     args = parser.parse_args()

@@ -7,7 +7,8 @@ checks it) and the packages below stay free to move. Less stable than `fedmed.ap
 internal component it is, and its documentation is that component's own.
 
 Training: `train_local` (one site's local training, plain or DP-SGD), `DpSgdStep`, `check_private_model`,
-`select_device`, `site_seed` (the per-site, per-round seed every engine uses).
+`select_device`, `site_seed` (the per-site, per-round seed every engine uses), `fixed_by_trainable` (what
+dp_sgd.trainable leaves fixed).
 Scans: `open_scan_site` (a site's lazily preprocessed datasets), `scan_preprocessing` (a case's load,
 reorient, resample and normalize), `write_nifti`.
 Inference: `sliding_window_inferer`, `predict_volume`, `to_original_grid`.
@@ -29,6 +30,7 @@ from fedmed.data.scans import preprocessing as scan_preprocessing
 from fedmed.deploy.flower_cli import start_run as start_flower_run
 from fedmed.deploy.local import LocalFederation, wait_for
 from fedmed.flower.runtime.executor import preload as preload_client_app
+from fedmed.models import fixed_by_trainable
 from fedmed.privacy.accounting import calibrate_noise_multiplier
 from fedmed.runs import RunDirectory
 from fedmed.secagg import SecAggClient, SecAggServer, SecAggSettings
@@ -51,6 +53,7 @@ __all__ = [
     "SiteTrainer",
     "calibrate_noise_multiplier",
     "check_private_model",
+    "fixed_by_trainable",
     "mask_stream",
     "open_scan_site",
     "predict_volume",

@@ -126,6 +126,15 @@ def pretrain(
         Path | None,
         typer.Option("--out", help="Weights file to write, or a folder for <name>-pretrained.pt (default: output_dir)"),
     ] = None,
+    public: Annotated[
+        Path | None,
+        typer.Option(
+            "--public",
+            help="Pre-train on this public data set on this machine instead of phantoms: a site folder, an MSD "
+            "dataset.json or an .npz (default: pretrain.public). fedmed never downloads it.",
+            metavar="DATA",
+        ),
+    ] = None,
     cases: Annotated[int | None, typer.Option(help="Training phantoms (default: pretrain.cases, 64).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: pretrain.epochs, 5).")] = None,
     seed: Annotated[
@@ -134,21 +143,31 @@ def pretrain(
     overrides: Overrides = None,
     verbose: Verbose = False,
 ) -> None:
-    """Pre-train the run's network on synthetic phantoms of its task (no DP: they hold no patient) and write
-    weights that [model] init loads; prints the file and its metric on held-out phantoms."""
+    """Pre-train the run's network on synthetic phantoms of its task, or on a public data set (no DP: neither
+    holds a patient of the federation) and write weights that [model] init loads; prints the file and its metric
+    on held-out cases."""
     # Deferred: start-up cost (see demo).
     from fedmed.config import load_run_config
-    from fedmed.tasks.pretrain import pretrain_to_file
+    from fedmed.tasks.start_weights import pretrain_to_file
 
     setup_logging(verbose)
     with user_errors():
         config = load_run_config(config_file, overrides=overrides or [])
-        path, digest, result = pretrain_to_file(config, out, cases=cases, epochs=epochs, seed=seed)
-    typer.echo(
-        f"{result.metric} {result.value:.3f} on {result.val_cases} held-out phantoms (random init "
-        f"{result.random_value:.3f}); {result.cases} phantom cases from {len(result.scanners)} scanner(s), "
-        f"{result.epochs} epoch(s), seed {result.seed}"
-    )
+        path, digest, result = pretrain_to_file(config, out, cases=cases, epochs=epochs, seed=seed, public=public)
+    if result.public is not None:
+        data = result.public
+        typer.echo(
+            f"{result.metric} {result.value:.3f} on {result.val_cases} validation cases (random init "
+            f"{result.random_value:.3f}); public data set {data['data_set']}: {result.cases} training cases, "
+            f"{result.epochs} epoch(s), seed {result.seed}"
+        )
+        typer.echo(f"data: {data['data_path']}  (sha256 {data['data_sha256'][:16]}; validation: {data['validation']})")
+    else:
+        typer.echo(
+            f"{result.metric} {result.value:.3f} on {result.val_cases} held-out phantoms (random init "
+            f"{result.random_value:.3f}); {result.cases} phantom cases from {len(result.scanners)} scanner(s), "
+            f"{result.epochs} epoch(s), seed {result.seed}"
+        )
     typer.echo(f'weights: {path}  (sha256 {digest[:16]}; start a run from them with [model] init = "{path}")')
 
 

@@ -85,6 +85,8 @@ def resolve_paths(config: RunConfig, *, base: Path) -> RunConfig:
             site.path = base / site.path
     if config.model.init is not None and not config.model.init.is_absolute():
         config.model.init = base / config.model.init
+    if config.pretrain.public is not None and not config.pretrain.public.is_absolute():
+        config.pretrain.public = base / config.pretrain.public
     return config
 
 

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from .run import RunConfig
 
 Accountant = Literal["prv", "rdp"]
+# What DP-SGD trains (fedmed.models.trainable): "auto" resolves to "adapters" from a pretrained start, else "all".
+Trainable = Literal["auto", "all", "norm", "head", "adapters"]
 MIN_DEFAULT_BATCH = 16  # σ / 16 stays below the mostly-noise line (0.5) up to σ 8
 
 
@@ -71,6 +73,19 @@ class DpSgdConfig(StrictModel):
         lt=1,
         description="exponential moving average of the weights over a site's DP-SGD steps (with warm-up), sent "
         "instead of the last iterate; 0 switches it off. Post-processing: costs no privacy",
+    )
+
+    trainable: Trainable = Field(
+        "auto",
+        description="what DP-SGD trains, the rest fixed at the starting weights and never sent: 'all'; 'norm' "
+        "(normalization layers' scale and shift); 'head' (the classifier head, or a UNet's decoder); 'adapters' "
+        "(low-rank adapters on every convolution, merged into its weights after each round, so the update and every "
+        "exported model stay plain MONAI); 'auto': 'adapters' when the run starts from pretrained weights "
+        "(model.init or [pretrain]), else 'all'. Fewer trained parameters put less noise on the update: the noise's "
+        "norm grows with the square root of their number while the clipped signal's does not",
+    )
+    adapter_rank: int = Field(
+        4, ge=1, le=256, description="trainable = 'adapters': the rank of each convolution's low-rank update"
     )
 
     max_effective_noise: float = Field(
@@ -193,6 +208,46 @@ def check_privacy(run: RunConfig) -> None:
         raise ValueError(
             "train.local_steps must be unset with dp_sgd: DP-SGD plans each round's steps from the privacy "
             "budget; bound them with dp_sgd.max_epochs_per_round instead"
+        )
+
+
+def dp_trainable(run: RunConfig) -> str:
+    """What trains under the run's DP-SGD (dp_sgd.trainable with 'auto' resolved); 'all' without DP-SGD."""
+    if not run.dp_sgd.enabled:
+        return "all"
+    chosen = run.dp_sgd.trainable
+    if chosen != "auto":
+        return chosen
+    return "adapters" if run.model.init is not None or run.pretrain.enabled else "all"
+
+
+def check_dp_trainable(run: RunConfig) -> None:
+    """dp_sgd.trainable only with DP-SGD, and never with a setting that would leave nothing shared or resume an
+    optimizer over parameters that no longer exist."""
+    chosen = run.dp_sgd.trainable
+    if not run.dp_sgd.enabled:
+        if chosen not in ("auto", "all"):
+            raise ValueError(
+                f"dp_sgd.trainable = '{chosen}' chooses what DP-SGD trains, but dp_sgd.enabled is false; enable "
+                "DP-SGD, or fix parameters without it with model.freeze"
+            )
+        return
+    trainable = dp_trainable(run)
+    if trainable == "norm" and run.strategy.fedbn:
+        raise ValueError(
+            "dp_sgd.trainable = 'norm' with strategy.fedbn: FedBN keeps every normalization layer at its site, so the "
+            "sites would share nothing; choose trainable = 'adapters' or 'head', or set strategy.fedbn = false"
+        )
+    if trainable == "adapters" and run.strategy.proximal_mu > 0:
+        raise ValueError(
+            "dp_sgd.trainable = 'adapters' with strategy.proximal_mu: FedProx pulls the weights a round trains "
+            "towards the global ones, but the adapters start at zero each round and are merged only after it, so "
+            "the pull would do nothing; set strategy.proximal_mu = 0, or dp_sgd.trainable = 'all'"
+        )
+    if trainable == "adapters" and run.train.keep_optimizer_state:
+        raise ValueError(
+            "dp_sgd.trainable = 'adapters' with train.keep_optimizer_state: each round trains fresh adapters, so "
+            "there is no optimizer state to keep; set train.keep_optimizer_state = false"
         )
 
 

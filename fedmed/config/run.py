@@ -22,8 +22,10 @@ from .privacy import (
     DpSgdConfig,
     SecAggConfig,
     check_dp_sgd_patches,
+    check_dp_trainable,
     check_privacy,
     check_secagg_sites,
+    dp_trainable,
 )
 from .robust import RobustConfig, check_robust
 from .scan_geometry import DataConfig, InferenceConfig, check_scan_geometry
@@ -105,6 +107,7 @@ class RunConfig(StrictModel):
         check_compression(self)
         check_scan_geometry(self)
         check_dp_sgd_patches(self)
+        check_dp_trainable(self)
         check_pretrain(self)
         return self
 
@@ -118,8 +121,14 @@ class RunConfig(StrictModel):
     @property
     def sends_held_values(self) -> bool:
         """Whether the coordinator sends the sites the values the shared weights leave out: with model.init,
-        model.freeze or [pretrain] the starting point is the coordinator's (ModelConfig.sends_held_values)."""
-        return self.model.sends_held_values or self.pretrain.enabled
+        model.freeze, [pretrain] or a partial dp_sgd.trainable the starting point is the coordinator's
+        (ModelConfig.sends_held_values)."""
+        return self.model.sends_held_values or self.pretrain.enabled or self.trainable != "all"
+
+    @property
+    def trainable(self) -> str:
+        """What trains at the sites: dp_sgd.trainable resolved ('all' without DP-SGD; fedmed.models.trainable)."""
+        return dp_trainable(self)
 
     @property
     def roi_size(self) -> list[int]:

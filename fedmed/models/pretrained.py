@@ -29,6 +29,7 @@ from fedmed.core.errors import ConfigError
 from .freeze import freeze_parameters
 from .prefixes import check_prefixes, module_paths, under_any
 from .registry import build_model
+from .trainable import fixed_by_trainable
 
 RUN_WEIGHTS = Path("checkpoints") / "final.pt"
 RUN_LATEST = Path("checkpoints") / "latest.pt"
@@ -68,26 +69,39 @@ class StartingModel:
 
 
 def starting_model(
-    task: TaskConfig, config: ModelConfig, *, load_init: bool = True, init: InitialWeights | None = None
+    task: TaskConfig,
+    config: ModelConfig,
+    *,
+    load_init: bool = True,
+    init: InitialWeights | None = None,
+    trainable: str = "all",
+    fedbn: bool = False,
 ) -> StartingModel:
     """Build the configured network (random init from the current torch seed), load model.init into it and
-    freeze model.freeze. Sites pass load_init=False: model.init is a path on the coordinator's disk, and the
-    values a site does not train arrive with every round's message instead. `init`: weights already read (the
-    run's synthetic pretraining, [pretrain]), loaded instead of model.init."""
+    freeze model.freeze and what DP-SGD does not train (`trainable`, RunConfig.trainable). Sites pass
+    load_init=False: model.init is a path on the coordinator's disk, and the values a site does not train
+    arrive with every round's message instead. `init`: weights already read (the run's pretraining,
+    [pretrain]), loaded instead of model.init."""
     network = build_model(task, config)
     if init is None and load_init and config.init is not None:
         init = load_initial_weights(config.init)
     if init is not None:
         apply_initial_weights(network, init, exclude=config.init_exclude)
     frozen = freeze_parameters(network, config.freeze)
+    fixed = [name for name in fixed_by_trainable(network, trainable, fedbn=fedbn) if name not in frozen]
+    for name, parameter in network.named_parameters():
+        if name in fixed:
+            parameter.requires_grad_(False)
+    frozen = [name for name, _ in network.named_parameters() if name in {*frozen, *fixed}]
     return StartingModel(network=network, frozen=frozen, init=init)
 
 
-def check_starting_model(task: TaskConfig, config: ModelConfig) -> None:
-    """model.init readable and fitting the network, model.freeze naming its parameters: checked before a run
-    directory exists (the ServerApp loads them again when the run starts)."""
-    if config.sends_held_values:
-        starting_model(task, config)
+def check_starting_model(task: TaskConfig, config: ModelConfig, *, trainable: str = "all", fedbn: bool = False) -> None:
+    """model.init readable and fitting the network, model.freeze naming its parameters, dp_sgd.trainable
+    leaving something to train: checked before a run directory exists (the ServerApp loads them again when
+    the run starts)."""
+    if config.sends_held_values or trainable != "all":
+        starting_model(task, config, trainable=trainable, fedbn=fedbn)
 
 
 def weights_file(path: Path) -> tuple[Path, str]:

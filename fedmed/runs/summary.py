@@ -213,16 +213,19 @@ def describe_client_privacy(client: dict[str, Any]) -> str:
     )
 
 
-START_KINDS = ("random", "synthetic pretraining", "weights file")
+START_KINDS = ("random", "synthetic pretraining", "public pretraining", "weights file")
+PRETRAINING_KINDS = START_KINDS[1:3]
 
 
 def run_start(starting_point: dict[str, Any] | None) -> dict[str, Any]:
     """The run's starting point for summary.json: {"kind": one of START_KINDS, ...}: the pretraining's cases,
-    epochs, seed and held-out metric with its weights file and sha256, or model.init's file and sha256. A run
-    directory without starting_point.json (made before fedmed recorded random starts) started at random."""
+    epochs, seed and held-out metric with its weights file and sha256 (public pretraining: the data set's name,
+    path and digest too), or model.init's file and sha256. A run directory without starting_point.json (made
+    before fedmed recorded random starts) started at random."""
     starting_point = starting_point or {}
     if pretraining := starting_point.get("pretraining"):
-        return {"kind": "synthetic pretraining", **pretraining}
+        kind = starting_point.get("kind")
+        return {"kind": kind if kind in PRETRAINING_KINDS else "synthetic pretraining", **pretraining}
     if init := starting_point.get("init"):
         return {"kind": "weights file", "path": init.get("path"), "sha256": init.get("sha256")}
     start: dict[str, Any] = {"kind": "random"}
@@ -232,8 +235,8 @@ def run_start(starting_point: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def describe_starting_point(starting_point: dict[str, Any] | None, *, start: dict[str, Any] | None = None) -> str:
-    """One line naming where the run started (random weights, synthetic pretraining with its held-out metric, or
-    model.init's file with its sha256) and what it froze."""
+    """One line naming where the run started (random weights, synthetic or public pretraining with its held-out
+    metric, or model.init's file with its sha256) and what it froze."""
     start = start or run_start(starting_point)
     starting_point = starting_point or {}
     if start["kind"] == "synthetic pretraining":
@@ -241,6 +244,14 @@ def describe_starting_point(starting_point: dict[str, Any] | None, *, start: dic
             f"started from synthetic pretraining: {start.get('cases')} phantom cases × {start.get('epochs')} epoch(s) "
             f"(seed {start.get('seed')}), {start.get('metric')} {_number(start.get('value'))} on "
             f"{start.get('val_cases')} held-out phantoms (random init {_number(start.get('random_value'))}); "
+            f"weights {start.get('file')} (sha256 {str(start.get('sha256'))[:16]})"
+        )
+    elif start["kind"] == "public pretraining":
+        line = (
+            f"started from public pretraining on {start.get('data_set')}: {start.get('cases')} cases × "
+            f"{start.get('epochs')} epoch(s) (seed {start.get('seed')}; data {start.get('data_path')}, sha256 "
+            f"{str(start.get('data_sha256'))[:16]}), {start.get('metric')} {_number(start.get('value'))} on its "
+            f"{start.get('val_cases')} validation cases (random init {_number(start.get('random_value'))}); "
             f"weights {start.get('file')} (sha256 {str(start.get('sha256'))[:16]})"
         )
     elif start["kind"] == "weights file":

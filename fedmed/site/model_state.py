@@ -33,7 +33,13 @@ class SiteModels:
     def build_model(self) -> tuple[nn.Module, KeyPartition]:
         """A fresh model (model.freeze applied) and its keys: shared, site-local, frozen. model.init is not read
         here: it is a path on the coordinator's disk, whose values arrive with the round (use_held)."""
-        start = starting_model(self.config.task, self.config.model, load_init=False)
+        start = starting_model(
+            self.config.task,
+            self.config.model,
+            load_init=False,
+            trainable=self.config.trainable,
+            fedbn=self.config.strategy.fedbn,
+        )
         return start.network, partition_keys(start.network, fedbn=self.config.strategy.fedbn, frozen=start.frozen)
 
     @cached_property

@@ -65,11 +65,18 @@ class DpPlanPreview:
     planned_steps: int
     target_epsilon: float
     delta: float
+    trained_values: int = 0  # the values DP-SGD trains and noises (dp_sgd.trainable; adapters' own)
 
     @property
     def effective_noise(self) -> float:
         """σ / expected batch: the noise std on each step's mean clipped gradient, in units of the clip norm."""
         return self.noise_multiplier / self.expected_batch
+
+    @property
+    def noise_to_signal(self) -> float:
+        """σ·√d / expected batch: the noise's norm on each step's mean clipped gradient over the most the clipped
+        signal's can be (the clip norm), with d the values trained: what training fewer values lowers."""
+        return self.effective_noise * self.trained_values**0.5
 
 
 class SitePrivacy:
@@ -110,6 +117,7 @@ class SitePrivacy:
             steps=steps if dp.steps == "budget" else None,
             augmentation_multiplicity=dp.augmentation_multiplicity,
             ema_decay=dp.ema_decay,
+            adapter_rank=dp.adapter_rank if self.config.trainable == "adapters" else 0,
         )
 
     def preview(self, *, num_examples: int) -> DpPlanPreview:
@@ -275,4 +283,6 @@ def plan_numbers(preview: DpPlanPreview) -> dict[str, float]:
         "target_epsilon": preview.target_epsilon,
         "delta": preview.delta,
         "effective_noise": preview.effective_noise,
+        "trained_values": preview.trained_values,
+        "noise_to_signal": preview.noise_to_signal,
     }

@@ -4,6 +4,7 @@ evaluate, personalize at the end of the run, and score other sites' personalized
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import time
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from fedmed.config import dump_toml
 from fedmed.core.errors import FedmedError
 from fedmed.core.files import write_text_atomic
 from fedmed.data.case_layout import case_ids
+from fedmed.models import trained_values
 from fedmed.runs.summary import DELIVERED_PERSONALIZED
 from fedmed.site.local_layers import DELIVERED_FILE, OPTIMIZER_FILE, PERSONALIZED_FILE, START_FILE, LocalParameterStore
 from fedmed.site.model_state import ModelMismatchError
@@ -88,7 +90,10 @@ class SiteTrainer:
         if not self.private:
             raise FedmedError(f"site {site.spec.name}: the coordinator asks for a DP-SGD plan but [dp_sgd] is off")
         check_private_model(site.models.network, model_name=site.config.model.name)
-        return self.privacy.preview(num_examples=len(site.cases.training_cases))
+        preview = self.privacy.preview(num_examples=len(site.cases.training_cases))
+        config = site.config
+        trained = trained_values(site.models.network, trainable=config.trainable, rank=config.dp_sgd.adapter_rank)
+        return dataclasses.replace(preview, trained_values=trained)
 
     def train(self, global_state: StateDict, *, server_round: int, proximal_mu: float) -> tuple[StateDict, dict]:
         """Train from the global weights; with DP-SGD the ledger is charged before the update is returned. What the

@@ -1,5 +1,6 @@
 """Segmentation, classification and enhancement: one training loop (plain or DP-SGD), evaluation, metrics;
-pre-training on synthetic phantoms (pretrain.py).
+pre-training on synthetic phantoms (pretrain.py) or a public data set (public_pretrain.py), the run's cached
+starting weights (start_weights.py).
 
 Adding a task is one new file here whose Task class registers itself (`@TASKS.register("kind")`) and one
 line below that imports it (importing a file registers its task); a run then selects it with

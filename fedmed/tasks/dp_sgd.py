@@ -42,6 +42,7 @@ class DpSgdStep:
     steps: int | None = None  # logical steps this round; None: train_local's epochs
     augmentation_multiplicity: int = 1
     ema_decay: float = 0.0
+    adapter_rank: int = 0  # dp_sgd.trainable = "adapters": train low-rank adapters of this rank, merged after
 
     def wrap(
         self,

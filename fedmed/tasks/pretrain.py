@@ -24,9 +24,12 @@ nothing, so it is learnt before the federation starts (`[pretrain]`, `fedmed pre
   budget is spent. The validation metric is the task's primary metric on `pretrain.val_cases` held-out
   phantoms (the phantom sites' validation split), beside the same network's random init on them.
 - **Output.** A plain state dict (tensors only) that `[model] init` loads; a run with `[pretrain]` keeps it
-  in its run directory (`pretrain/pretrained.pt`, with `pretrain.json`) and reuses it when resumed.
+  in its run directory (`pretrain/pretrained.pt`, with `pretrain.json`) and reuses it when resumed
+  (fedmed.tasks.start_weights).
 
-Imports fedmed.data, fedmed.models, fedmed.config and fedmed.core only.
+The sites' loading (`open_sites`), the scoring, the kept random states and `save_weights` serve the public data
+set's pretraining too (fedmed.tasks.public_pretrain). Imports fedmed.data, fedmed.models, fedmed.config and
+fedmed.core only.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import random
 import tempfile
 import time
@@ -48,7 +50,7 @@ import torch
 
 from fedmed.config import RunConfig, SiteDrift, SynthConfig, TaskConfig, pretraining_unsupported
 from fedmed.core.errors import ConfigError
-from fedmed.core.files import atomic_path, write_text_atomic
+from fedmed.core.files import atomic_path
 from fedmed.core.log import logger
 from fedmed.data import load_site, synthesize_federation
 from fedmed.data.normalization import (
@@ -60,23 +62,23 @@ from fedmed.data.normalization import (
     normalize_site,
 )
 from fedmed.data.scan_site import open_scan_site, pooled_training_set
-from fedmed.models import InitialWeights, build_model, load_initial_weights
+from fedmed.models import build_model
 
 from .device import select_device
 from .registry import get_task
 from .training import train_local
 
-PRETRAINED_WEIGHTS = "pretrained.pt"  # in the run directory's pretrain/ folder
-PRETRAIN_RECORD = "pretrain.json"  # what produced it: settings, metric, sha256
 REFERENCE_SCANNER = "reference"
 # Generic contrasts for multi-channel phantoms when no [synth] names the modalities.
 DEFAULT_MODALITIES = ("FLAIR", "T1", "T1Gd", "T2")
 KIND = "synthetic pretraining"
+PUBLIC_KIND = "public pretraining"
 
 
 @dataclass
 class PretrainResult:
-    """The pretrained network's weights and how well it does on held-out phantoms."""
+    """The pretrained network's weights and how well it does on held-out phantoms (or the public data set's
+    validation cases)."""
 
     state: dict[str, torch.Tensor]
     metric: str  # the task's primary metric
@@ -87,18 +89,25 @@ class PretrainResult:
     val_cases: int
     epochs: int
     seed: int
-    scanners: list[str]  # "reference", then the [[synth.sites]] whose drift was used
+    scanners: list[str]  # "reference", then the [[synth.sites]] whose drift was used (none: public data)
     seconds: float
+    # Public pretraining: the data set's "data_set" (name), "data_path", "data_sha256" and "validation" (its split).
+    public: dict[str, Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        return PUBLIC_KIND if self.public is not None else KIND
 
     def describe(self) -> dict[str, Any]:
         """What the run directory and summary record about the pretraining."""
+        source = {**self.public} if self.public is not None else {"scanners": list(self.scanners)}
         return {
-            "kind": KIND,
+            "kind": self.kind,
+            **source,
             "cases": self.cases,
             "val_cases": self.val_cases,
             "epochs": self.epochs,
             "seed": self.seed,
-            "scanners": list(self.scanners),
             "metric": self.metric,
             "value": self.value,
             "random_value": self.random_value,
@@ -124,7 +133,7 @@ def pretrain(
     epochs = config.pretrain.epochs if epochs is None else epochs
     seed = config.pretrain_seed if seed is None else seed
     _check(config, cases=cases, val_cases=val_cases, epochs=epochs, seed=seed)
-    with _kept_random_states():
+    with kept_random_states():
         return _pretrain(config, cases=cases, val_cases=val_cases, epochs=epochs, seed=seed)
 
 
@@ -146,7 +155,7 @@ def _check(config: RunConfig, *, cases: int, val_cases: int, epochs: int, seed: 
 
 def _pretrain(config: RunConfig, *, cases: int, val_cases: int, epochs: int, seed: int) -> PretrainResult:
     started = time.perf_counter()
-    run = _with_channels(config)
+    run = with_channels(config)
     synth = phantom_synth(run, cases=cases, val_cases=val_cases, seed=seed)
     scanners = [drift.name for drift in synth.sites]
     variations = [site.name for site in (run.synth.sites if run.synth else [])][: len(scanners) - 1]
@@ -162,10 +171,10 @@ def _pretrain(config: RunConfig, *, cases: int, val_cases: int, epochs: int, see
     task, device = get_task(run.task), select_device(run.train.device)
     with tempfile.TemporaryDirectory(prefix="fedmed-pretrain-") as folder:
         entries = synthesize_federation(synth, Path(folder) / "phantoms")
-        sites = _open_phantom_sites(run, [entry.path for entry in entries], cache=Path(folder) / "preprocessed")
+        sites = open_sites(run, [entry.path for entry in entries], cache=Path(folder) / "preprocessed")
         torch.manual_seed(seed)
         model = build_model(run.task, run.model)
-        random_value = _score(task, model, sites, device=device)
+        random_value = score_sites(task, model, sites, device=device)
         train_local(
             model,
             pooled_training_set([site.train for site in sites]),
@@ -175,7 +184,7 @@ def _pretrain(config: RunConfig, *, cases: int, val_cases: int, epochs: int, see
             seed=seed,
             device=device,
         )
-        value = _score(task, model, sites, device=device)
+        value = score_sites(task, model, sites, device=device)
     state = {key: tensor.detach().to("cpu").clone() for key, tensor in model.state_dict().items()}
     result = PretrainResult(
         state=state,
@@ -201,7 +210,7 @@ def _pretrain(config: RunConfig, *, cases: int, val_cases: int, epochs: int, see
     return result
 
 
-def _with_channels(config: RunConfig) -> RunConfig:
+def with_channels(config: RunConfig) -> RunConfig:
     """The network's input channels as the run resolves them: task.in_channels, else [synth]'s modalities, else 1
     (real multi-modal [[sites]]: set task.in_channels, which a simulation otherwise takes from their data)."""
     if config.task.in_channels is not None or config.synth is None:
@@ -261,8 +270,9 @@ def _deal(total: int, parts: int) -> list[int]:
     return [base + (1 if index < extra else 0) for index in range(parts)]
 
 
-def _open_phantom_sites(config: RunConfig, paths: list[Path], *, cache: Path) -> list[Any]:
-    """The phantom sites as a site's preprocessing presents them (fedmed.site.cases does the same)."""
+def open_sites(config: RunConfig, paths: list[Path], *, cache: Path) -> list[Any]:
+    """The sites at `paths` (phantoms, or the public data set) as a site's preprocessing presents them
+    (fedmed.site.cases does the same)."""
     task, settings = config.task, config.normalization
     if task.scan_geometry:
         scans = [open_scan_site(path, config=config, cache_dir=cache / path.name) for path in paths]
@@ -286,7 +296,7 @@ def _open_phantom_sites(config: RunConfig, paths: list[Path], *, cache: Path) ->
     ]
 
 
-def _score(task: Any, model: torch.nn.Module, sites: list[Any], *, device: torch.device) -> float:
+def score_sites(task: Any, model: torch.nn.Module, sites: list[Any], *, device: torch.device) -> float:
     """The primary metric on the held-out phantoms: over all of them at once (fixed grid), else the case-weighted
     mean of the scanners' scores (whole volumes, scored per phantom site)."""
     if isinstance(sites[0].val, list):
@@ -298,7 +308,7 @@ def _score(task: Any, model: torch.nn.Module, sites: list[Any], *, device: torch
 
 
 @contextlib.contextmanager
-def _kept_random_states() -> Iterator[None]:
+def kept_random_states() -> Iterator[None]:
     """Restore torch's, numpy's and Python's global random states on exit."""
     states = (torch.random.get_rng_state(), np.random.get_state(), random.getstate())
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -321,77 +331,3 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> str:
     with atomic_path(Path(path), private=False) as temporary:
         temporary.write_bytes(data)
     return hashlib.sha256(data).hexdigest()
-
-
-def pretrained_start(config: RunConfig, *, folder: Path) -> tuple[InitialWeights, dict[str, Any]]:
-    """The run's starting weights from synthetic pretraining, kept in `folder` (the run directory's pretrain/):
-    reused when they were made with the same settings (a resumed run), made otherwise. The weights as model.init
-    would read them, and the record (settings, metric, file, sha256)."""
-    folder = Path(folder)
-    weights_file, record_file = folder / PRETRAINED_WEIGHTS, folder / PRETRAIN_RECORD
-    settings = _settings(config)
-    record = _read_record(record_file)
-    if record is not None and record.get("settings") == settings and weights_file.is_file():
-        weights = load_initial_weights(weights_file)
-        if weights.sha256 == record.get("sha256"):
-            logger.info("starting from the run's pretrained weights %s (%s)", weights_file, weights.sha256[:12])
-            return weights, record
-    result = pretrain(config)
-    digest = save_weights(result.state, weights_file)
-    record = {**result.describe(), "file": str(weights_file), "sha256": digest, "settings": settings}
-    write_text_atomic(record_file, json.dumps(record, indent=1), private=False)
-    return load_initial_weights(weights_file), record
-
-
-def _settings(config: RunConfig) -> dict[str, Any]:
-    """Everything the pretrained weights depend on, so a cached file is reused only for the same ones."""
-    pretrain = config.pretrain
-    # As the run resolves it (in_channels from the data); names of channels, classes and regions change no weight.
-    task = _with_channels(config).task.model_dump(mode="json", exclude={"channel_names", "class_names", "regions"})
-    task["in_channels"] = _with_channels(config).task.channels
-    relevant = {
-        "task": task,
-        "model": config.model.model_dump(mode="json", exclude={"freeze"}),
-        "train": config.train.model_dump(mode="json", exclude={"rounds", "local_epochs", "eval_every"}),
-        "synth": config.synth.model_dump(mode="json") if config.synth is not None else None,
-        "normalization": config.normalization.model_dump(mode="json"),
-    }
-    return {
-        "cases": pretrain.cases,
-        "val_cases": pretrain.val_cases,
-        "epochs": pretrain.epochs,
-        "seed": config.pretrain_seed,
-        "variations": pretrain.variations,
-        "config": hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16],
-    }
-
-
-def _read_record(path: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def pretrain_to_file(
-    config: RunConfig,
-    out: Path | None = None,
-    *,
-    cases: int | None = None,
-    epochs: int | None = None,
-    seed: int | None = None,
-) -> tuple[Path, str, PretrainResult]:
-    """`fedmed pretrain`: pre-train and write the weights for model.init. `out`: a file, or a folder to write
-    <name>-pretrained.pt into; default the config's output_dir. The file written, its sha256 and the result."""
-    if out is None:
-        out = config.output_dir
-    out = Path(out)
-    if out.is_dir() or not out.suffix:
-        out = out / f"{config.name}-pretrained.pt"
-    result = pretrain(config, cases=cases, epochs=epochs, seed=seed)
-    try:
-        digest = save_weights(result.state, out)
-    except OSError as error:
-        raise ConfigError(f"cannot write {out} ({error.strerror}); give another --out") from None
-    return out, digest, result

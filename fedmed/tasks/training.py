@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedmed.config import TrainConfig
+from fedmed.models import low_rank_adapters
 
 from .augmentation import AugmentedSamples
 from .base import Sample, Task
@@ -172,34 +173,42 @@ def train_local(
     # Tuples, not dicts: Opacus builds empty Poisson batches from the structure of a sample.
     loader = shuffled_loader(Columns(samples, keys), batch_size=batch_size, seed=seed, workers=workers)
     flips = train.augment and train.augmentation.flips and not task.config.scan_geometry
-    optimizer = make_optimizer(model, train)
-    if optimizer_state is not None:
-        resume_optimizer(optimizer, optimizer_state, learning_rate=train.learning_rate)
-    terms = [term.to(device) for term in loss_terms]
-    piece = _Piece(
-        task=task,
-        keys=keys,
-        generator=torch.Generator(device=device).manual_seed(seed + 1),
-        flips=flips,
-        amp=train.amp and device.type == "cuda" and dp is None,
-    )
-    started = time.perf_counter()
-    if dp is None:
-        wrapped = contextlib.nullcontext(PlainSteps(model, optimizer, loader, loss_terms=terms))
-    else:
-        wrapped = dp.wrap(model, optimizer, loader, seed=seed, device=device, loss_terms=terms, train=train)
-    with wrapped as recipe:
-        budget = dp.steps if dp is not None else steps  # DP-SGD's plan fixes its own step budget
-        taken, loss = _loop(recipe, piece, device=device, epochs=epochs, budget=budget, on_step=on_step)
-        noised = recipe.finish()
-    return TrainResult(
-        loss=loss,
-        num_examples=len(samples),
-        steps=taken,
-        seconds=time.perf_counter() - started,
-        noised=noised,
-        optimizer_state=optimizer.state_dict(),
-    )
+    with _adapters(model, dp):  # merged into the convolutions' weights when the block ends
+        optimizer = make_optimizer(model, train)
+        if optimizer_state is not None:
+            resume_optimizer(optimizer, optimizer_state, learning_rate=train.learning_rate)
+        terms = [term.to(device) for term in loss_terms]
+        piece = _Piece(
+            task=task,
+            keys=keys,
+            generator=torch.Generator(device=device).manual_seed(seed + 1),
+            flips=flips,
+            amp=train.amp and device.type == "cuda" and dp is None,
+        )
+        started = time.perf_counter()
+        if dp is None:
+            wrapped = contextlib.nullcontext(PlainSteps(model, optimizer, loader, loss_terms=terms))
+        else:
+            wrapped = dp.wrap(model, optimizer, loader, seed=seed, device=device, loss_terms=terms, train=train)
+        with wrapped as recipe:
+            budget = dp.steps if dp is not None else steps  # DP-SGD's plan fixes its own step budget
+            taken, loss = _loop(recipe, piece, device=device, epochs=epochs, budget=budget, on_step=on_step)
+            noised = recipe.finish()
+        return TrainResult(
+            loss=loss,
+            num_examples=len(samples),
+            steps=taken,
+            seconds=time.perf_counter() - started,
+            noised=noised,
+            optimizer_state=optimizer.state_dict(),
+        )
+
+
+def _adapters(model: nn.Module, dp: DpSgdStep | None) -> contextlib.AbstractContextManager:
+    """DP-SGD with dp_sgd.trainable = "adapters" trains low-rank adapters (fedmed.models.adapters) this call."""
+    if dp is None or not dp.adapter_rank:
+        return contextlib.nullcontext()
+    return low_rank_adapters(model, rank=dp.adapter_rank)
 
 
 def _loop(

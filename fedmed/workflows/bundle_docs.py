@@ -19,8 +19,8 @@ import torch
 
 import fedmed
 from fedmed.config import RunConfig
-from fedmed.runs.run_dir import FLOWER_RUNS
-from fedmed.runs.summary import privacy_spent
+from fedmed.runs.run_dir import FLOWER_RUNS, STARTING_POINT_FILE
+from fedmed.runs.summary import privacy_spent, run_start
 
 from .trained_model import TrainedModel
 
@@ -181,7 +181,8 @@ def handover_description(trained: TrainedModel) -> str:
 
 
 def provenance(trained: TrainedModel) -> dict[str, Any]:
-    """Who and what made the model: run, rounds, sites (names only), strategy, DP ε per site, app digest."""
+    """Who and what made the model: run, rounds, sites (names only), strategy, DP ε per site, app digest, and
+    where its training started."""
     config = trained.config
     record: dict[str, Any] = {
         "fedmed_version": fedmed.__version__,
@@ -202,9 +203,37 @@ def provenance(trained: TrainedModel) -> dict[str, Any]:
             record["dp_epsilon"] = {site: values.get("epsilon") for site, values in spent.items()}
             record["dp_delta"] = {site: values.get("delta") for site, values in spent.items()}
         record["app_digest"] = _app_digest(trained)
+        record["start"] = starting_point(trained)
         if (fitted := temperature(trained)) is not None:
             record["temperature"] = fitted  # the bundle's softmax(logits / T), from the run's model card
     return record
+
+
+# What a bundle says about the run's starting point: names, counts and digests, never a path.
+_START_KEYS = ("kind", "data_set", "cases", "val_cases", "epochs", "seed", "data_sha256", "metric", "value", "sha256")
+
+
+def starting_point(trained: TrainedModel) -> dict[str, Any] | None:
+    """Where the run started (random, synthetic or public pretraining with its data set's name, cases and digest,
+    or a weights file's sha256), from its run directory."""
+    if trained.run_dir is None:
+        return trained.provenance.get("start")
+    start = run_start(trained.run_dir.read_json(STARTING_POINT_FILE))
+    return {key: start[key] for key in _START_KEYS if key in start}
+
+
+def _start_sentence(trained: TrainedModel) -> str:
+    start = starting_point(trained) or {}
+    if start.get("kind") == "public pretraining":
+        source = f"public pretraining on {start.get('data_set')} ({start.get('cases')} training cases, data sha256 "
+        source += f"{str(start.get('data_sha256'))[:16]})"
+    elif start.get("kind") == "synthetic pretraining":
+        source = f"synthetic pretraining ({start.get('cases')} phantom cases)"
+    elif start.get("kind") == "weights file":
+        source = "a weights file"
+    else:
+        return ""
+    return f"Starting point: {source}; weights sha256 {str(start.get('sha256'))[:16]}.\n"
 
 
 def temperature(trained: TrainedModel) -> float | None:
@@ -224,11 +253,14 @@ def _app_digest(trained: TrainedModel) -> str | None:
 
 
 def handover_config(config: RunConfig) -> RunConfig:
-    """The run config without where the sites keep their data (folder names stay at the coordinator)."""
+    """The run config without where the sites keep their data (folder names stay at the coordinator), nor where
+    its starting weights came from (the provenance's `start` says what they were)."""
     update: dict[str, Any] = {"sites": [], "synth": None, "output_dir": Path("runs")}
     handed = config.model_copy(update=update)
     if getattr(handed.model, "init", None) is not None:
         handed.model = handed.model.model_copy(update={"init": None})
+    if handed.pretrain.public is not None:
+        handed.pretrain = handed.pretrain.model_copy(update={"public": None, "enabled": False})
     return handed
 
 
@@ -263,7 +295,7 @@ def bundle_readme(trained: TrainedModel) -> str:
 {_geometry_sentence(config)}
 Inputs: {use["modality"]} ({channels}). Provenance (run, rounds, sites, strategy, privacy spent) and the intended
 use: `configs/metadata.json`, keys `fedmed`, `intended_use` and `intended_use_details`.
-
+{_start_sentence(trained)}
 ## Run it with MONAI (no fedmed needed)
 
     {runner_install()}

@@ -62,7 +62,7 @@ def check_deployable(config: RunConfig, *, source: str) -> None:
 def launch(server: ServerConfig, config: RunConfig) -> DeployedRun:
     """Start a new run; the quorum defaults to every registered site."""
     check_deployable(config, source="run config")
-    check_starting_model(config.task, config.model)
+    check_starting_model(config.task, config.model, trainable=config.trainable, fedbn=config.strategy.fedbn)
     if config.strategy.min_sites is None:
         sites = registered_sites(server)
         if not sites:

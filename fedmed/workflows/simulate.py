@@ -31,7 +31,7 @@ from fedmed.runs.summary import format_summary
 from fedmed.runs.tracking import check_tracking
 from fedmed.site.session import SiteSession, SiteSpec
 from fedmed.tasks import get_task
-from fedmed.tasks.pretrain import pretrained_start
+from fedmed.tasks.start_weights import pretrained_start
 
 from . import baselines
 
@@ -82,7 +82,7 @@ def simulate(config: RunConfig, *, run_dir: RunDirectory | None = None, source: 
     for name, data in sites.items():
         logger.info("site %s: %d training, %d validation cases", name, data.num_train, data.num_val)
     config = resolve_from_data(config, channels={name: _channels(data) for name, data in sites.items()}, source=source)
-    check_starting_model(config.task, config.model)
+    check_starting_model(config.task, config.model, trainable=config.trainable, fedbn=config.strategy.fedbn)
 
     created = run_dir is None
     run_dir = run_dir or RunDirectory.create(config.output_dir, config.name)

@@ -37,32 +37,45 @@ def scan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return simulate_scan_run(tmp_path_factory.mktemp("scan-run"), name="scan")
 
 
+def _grid_config(root: Path, **changes: object) -> dict:
+    """A one-round 2D fixed-grid segmentation federation; site-c stores half-resolution images."""
+    return {
+        "name": "grid",
+        "seed": 0,
+        "output_dir": str(root / "runs"),
+        "task": {"kind": "segmentation", "spatial_dims": 2, "image_size": [32, 32]},
+        "model": {"channels": [8, 16]},
+        "train": {"rounds": 1, "batch_size": 4},
+        "evaluation": {"finetune_epochs": 1},
+        "synth": {
+            "task": "segmentation",
+            "spatial_dims": 2,
+            "image_size": [32, 32],
+            "train_cases": 4,
+            "val_cases": 2,
+            "seed": 1,
+            "sites": [{"name": "site-a"}, {"name": "site-c", "downsample": 2, "gamma": 1.3}],
+        },
+        **changes,
+    }
+
+
 @pytest.fixture(scope="module")
 def grid_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished one-round 2D fixed-grid segmentation federation; site-c stores half-resolution images."""
     root = tmp_path_factory.mktemp("grid-run")
-    config = run_config_from_dict(
-        {
-            "name": "grid",
-            "seed": 0,
-            "output_dir": str(root / "runs"),
-            "task": {"kind": "segmentation", "spatial_dims": 2, "image_size": [32, 32]},
-            "model": {"channels": [8, 16]},
-            "train": {"rounds": 1, "batch_size": 4},
-            "evaluation": {"finetune_epochs": 1},
-            "synth": {
-                "task": "segmentation",
-                "spatial_dims": 2,
-                "image_size": [32, 32],
-                "train_cases": 4,
-                "val_cases": 2,
-                "seed": 1,
-                "sites": [{"name": "site-a"}, {"name": "site-c", "downsample": 2, "gamma": 1.3}],
-            },
-        },
-        base=root,
+    return simulate(run_config_from_dict(_grid_config(root), base=root)).run_dir.path
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same federation fine-tuned with DP-SGD through low-rank adapters (merged into the weights each round)."""
+    root = tmp_path_factory.mktemp("adapter-run")
+    raw = _grid_config(
+        root,
+        dp_sgd={"enabled": True, "trainable": "adapters", "noise_multiplier": 2.0, "accountant": "rdp"},
+        evaluation={"finetune_epochs": 0},
     )
-    return simulate(config).run_dir.path
+    return simulate(run_config_from_dict(raw, base=root)).run_dir.path
 
 
 def _site_manifest(run_dir: Path, site: str) -> Path:
@@ -280,7 +293,7 @@ def _brats_subjects(run_dir: Path, images: Path) -> list[list[Path]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run_name", ["scan_run", "grid_run"])
+@pytest.mark.parametrize("run_name", ["scan_run", "grid_run", "adapter_run"])
 def test_monai_runs_the_exported_bundle_without_fedmed_and_agrees_with_predict(
     run_name: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

@@ -67,7 +67,8 @@ def test_frozen_parameters_are_never_trained_nor_sent(tiny_config, tmp_path: Pat
         "classification",
         model={"init": str(tmp_path / "pretrained.pt"), "freeze": FREEZE},
         strategy={"fedbn": True},
-        dp_sgd={"enabled": True, "epsilon": 8.0, "accountant": "rdp"},
+        # DP-SGD would train adapters from model.init by default (tests/federation/test_private_finetuning.py).
+        dp_sgd={"enabled": True, "epsilon": 8.0, "accountant": "rdp", "trainable": "all"},
     )
     weights = _pretrained(config, tmp_path / "pretrained.pt")
     run = simulate(config).run_dir

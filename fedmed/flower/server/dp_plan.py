@@ -4,9 +4,11 @@ noise stops the run before any ε is spent.
 Each site fixes its plan for the run in its ledger (its σ, Poisson sampling rate and steps, as its first
 round would) and replies with the numbers only, or with its refusal (budget exhausted, DP-SGD cannot train the
 model, σ past its ceiling). The plan's effective noise, σ / expected batch, is the std of the noise on each
-step's mean clipped gradient in units of the clipping norm: past the threshold
-([dp_sgd] max_effective_noise) the update is mostly noise, and the coordinator is told, with
-what would help, before round 1. The plans go to dp_plan.json in the run directory, whatever the verdict.
+step's mean clipped gradient in units of the clipping norm; over the d values DP-SGD trains
+(dp_sgd.trainable) the noise's norm is that times √d against a clipped signal of norm at most 1 (the
+plan's noise/signal, reported only: what a task tolerates depends on how aligned its gradients are). Past the
+threshold ([dp_sgd] max_effective_noise) the update is mostly noise, and the coordinator is told, with what
+would help, before round 1. The plans go to dp_plan.json in the run directory, whatever the verdict.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def ask_dp_plans(run: RunContext) -> DpPlans:
     for plan in plans.values():
         plan["steps_per_round"] = int(plan["steps_per_round"])
         plan["planned_steps"] = int(plan["planned_steps"])
+        plan["trained_values"] = int(plan.get("trained_values", 0))
     result = DpPlans(
         plans=dict(sorted(plans.items())),
         refused=dict(sorted(refused.items())),
@@ -83,13 +86,14 @@ def format_plans(plans: DpPlans) -> str:
     lines = [
         f"DP-SGD plan per site (the run stops above effective noise {plans.threshold:g}):",
         f"{'site':<16}{'σ':>8}{'rate':>7}{'batch':>8}{'steps/round':>12}{'steps':>7}{'ε target':>10}{'δ':>8}"
-        f"{'noise/step':>12}  verdict",
+        f"{'noise/step':>12}{'trained':>10}{'noise/signal':>14}  verdict",
     ]
     for site, plan in plans.plans.items():
         lines.append(
             f"{site:<16}{plan['noise_multiplier']:>8.3f}{plan['sample_rate']:>7.3f}{plan['expected_batch']:>8.1f}"
             f"{plan['steps_per_round']:>12d}{plan['planned_steps']:>7d}{plan['target_epsilon']:>10.3f}"
-            f"{plan['delta']:>8.0e}{plan['effective_noise']:>12.3f}  {plans.verdict(site)}"
+            f"{plan['delta']:>8.0e}{plan['effective_noise']:>12.3f}{plan['trained_values']:>10d}"
+            f"{plan.get('noise_to_signal', float('nan')):>14.1f}  {plans.verdict(site)}"
         )
     lines += [f"{site:<16}refused: {reason}" for site, reason in plans.refused.items()]
     return "\n".join(lines)

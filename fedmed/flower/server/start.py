@@ -1,5 +1,5 @@
 """The global model at round 0: the configured network from the run's seed, model.init's weights (or, with
-[pretrain], the run's synthetic pretraining) loaded, model.freeze applied; which keys travel, and what the
+[pretrain], the run's synthetic or public pretraining) loaded, model.freeze applied; which keys travel, and what the
 coordinator holds for the rest.
 
 Sites build the same network but cannot read model.init (a path on the coordinator's disk), so the
@@ -22,7 +22,7 @@ from fedmed.flower.records import Layout
 from fedmed.models import InitialWeights, KeyPartition, partition_keys, starting_model
 from fedmed.runs import RunDirectory
 from fedmed.runs.run_dir import PRETRAIN_DIR, STARTING_POINT_FILE
-from fedmed.tasks.pretrain import pretrained_start
+from fedmed.tasks.start_weights import pretrained_start
 
 INIT_DIGEST = "init_sha256"  # in checkpoints/latest.pt: a resumed run must start from the same weights
 
@@ -35,14 +35,16 @@ class GlobalStart:
     held: ArrayRecord | None  # site-local and frozen values, sent down only (None: sites build them alike)
     init: InitialWeights | None  # model.init's weights, or the pretraining's
     freeze: list[str]
-    pretraining: dict[str, Any] | None = None  # [pretrain]: what made `init` (fedmed.tasks.pretrain)
+    pretraining: dict[str, Any] | None = None  # [pretrain]: what made `init` (fedmed.tasks.start_weights)
     seed: int | None = None  # the run's seed (the random init's)
+    trainable: str = "all"  # what DP-SGD trains (dp_sgd.trainable resolved); the rest is in keys.frozen
 
     @property
     def kind(self) -> str:
-        """Where the run starts: "random", "synthetic pretraining" or "weights file" (model.init)."""
+        """Where the run starts: "random", "synthetic pretraining", "public pretraining" or "weights file"
+        (model.init)."""
         if self.pretraining is not None:
-            return "synthetic pretraining"
+            return str(self.pretraining.get("kind", "synthetic pretraining"))
         return "weights file" if self.init is not None else "random"
 
     def release_shared(self) -> None:
@@ -62,6 +64,7 @@ class GlobalStart:
             "init": self.init.describe() if self.init is not None and self.pretraining is None else None,
             "pretraining": pretraining,
             "freeze": list(self.freeze),
+            "trainable": self.trainable,
             "frozen_parameters": len(self.keys.frozen),
             "frozen_values": sum(self.state[key].numel() for key in self.keys.frozen),
             "shared_values": sum(self.state[key].numel() for key in self.keys.shared),
@@ -78,7 +81,9 @@ def global_start(config: RunConfig, *, run_dir: RunDirectory | None = None) -> G
         if run_dir is None:
             raise FedmedError("[pretrain] needs the run directory to keep its weights in; pass run_dir")
         init, pretraining = pretrained_start(config, folder=run_dir.path / PRETRAIN_DIR)
-    start = starting_model(config.task, config.model, init=init)
+    start = starting_model(
+        config.task, config.model, init=init, trainable=config.trainable, fedbn=config.strategy.fedbn
+    )
     state = {key: value.detach().clone() for key, value in start.network.state_dict().items()}
     keys = partition_keys(start.network, fedbn=config.strategy.fedbn, frozen=start.frozen)
     held = None
@@ -93,6 +98,7 @@ def global_start(config: RunConfig, *, run_dir: RunDirectory | None = None) -> G
         freeze=list(config.model.freeze),
         pretraining=pretraining,
         seed=config.seed,
+        trainable=config.trainable,
     )
 
 
@@ -113,7 +119,21 @@ def check_resumed_start(checkpoint: dict[str, Any], start: GlobalStart, *, run_d
     if before != now and (before is not None or now is not None):
         path = start.init.path if start.init is not None else "(none)"
         what = "the run's pretrained weights" if start.pretraining is not None else "model.init"
+        fix = _public_data_change(start, run_dir=run_dir) or "restore the original weights file to resume"
         raise FedmedError(
             f"{run_dir.path.name}: {what} {path} has changed since the run started (sha256 {str(before)[:12]} "
-            f"then, {str(now)[:12]} now); restore the original weights file to resume, or start a new run"
+            f"then, {str(now)[:12]} now); {fix}, or start a new run"
         )
+
+
+def _public_data_change(start: GlobalStart, *, run_dir: RunDirectory) -> str:
+    """For public pretraining, whether its data set changed since the run started (as its starting point says)."""
+    now = start.pretraining or {}
+    then = (run_dir.read_json(STARTING_POINT_FILE) or {}).get("pretraining") or {}
+    if now.get("kind") != "public pretraining" or then.get("data_sha256") in (None, now.get("data_sha256")):
+        return ""
+    return (
+        f"its public data set '{now.get('data_set')}' at {now.get('data_path')} changed since (data sha256 "
+        f"{str(then.get('data_sha256'))[:12]} then, {str(now.get('data_sha256'))[:12]} now) and was trained on "
+        "again: restore the data set as it was to resume (the pretraining is then made from it again)"
+    )
