@@ -106,24 +106,30 @@ def main() -> None:
         )
         print(json.dumps(measured))
         return
+    print()
     print(
-        f"{'model':<30}{'trains':>9}{'batch':>6}{'plain s/step':>14}{'DP s/step':>12}{'time x':>9}"
-        f"{'train MB plain/DP':>20}{'x':>7}{'process MB plain/DP':>22}{'x':>7}"
+        "| model | DP-SGD trains | batch | plain s/step | DP s/step | time | training MB plain / DP | training memory "
+        "| process MB plain / DP | process memory |"
     )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, path in CONFIGS.items():
         for batch in args.batch:
             plain = _child(path, steps=args.steps, batch=batch, private=False, trainable="all")
             for trainable in args.trainable:
                 dp = _child(path, steps=args.steps, batch=batch, private=True, trainable=trainable)
-                train_mb = f"{plain['memory_mb']:.0f} / {dp['memory_mb']:.0f}"
-                process_mb = f"{plain['process_mb']:.0f} / {dp['process_mb']:.0f}"
-                print(
-                    f"{name:<30}{trainable:>9}{plain['batch']:>6}{plain['step_s']:>14.3f}{dp['step_s']:>12.3f}"
-                    f"{dp['step_s'] / plain['step_s']:>8.2f}x{train_mb:>20}"
-                    f"{dp['memory_mb'] / max(plain['memory_mb'], 1.0):>6.2f}x"
-                    f"{process_mb:>22}{dp['process_mb'] / plain['process_mb']:>6.2f}x",
-                    flush=True,
-                )
+                cells = [
+                    name,
+                    trainable,
+                    str(plain["batch"]),
+                    f"{plain['step_s']:.3f}",
+                    f"{dp['step_s']:.3f}",
+                    f"{dp['step_s'] / plain['step_s']:.2f}×",
+                    f"{plain['memory_mb']:.0f} / {dp['memory_mb']:.0f}",
+                    f"{dp['memory_mb'] / max(plain['memory_mb'], 1.0):.2f}×",
+                    f"{plain['process_mb']:.0f} / {dp['process_mb']:.0f}",
+                    f"{dp['process_mb'] / plain['process_mb']:.2f}×",
+                ]
+                print("| " + " | ".join(cells) + " |", flush=True)
 
 
 def _child(path: str, *, steps: int, batch: int | None, private: bool, trainable: str) -> dict[str, float]:

@@ -429,6 +429,8 @@ def refusal(message: str) -> str:
 def run_bench(bench: Bench, args: argparse.Namespace) -> dict[str, list[Outcome]]:
     results: dict[str, list[Outcome]] = {}
     for arm in bench.arms:
+        if args.arms and arm.label not in args.arms:
+            continue
         results[arm.label] = []
         for seed in args.seeds:
             outcome = run_arm(bench, arm, seed=seed, args=args)
@@ -573,6 +575,8 @@ def parse_args() -> argparse.Namespace:
         choices=["all", "norm", "head", "adapters"],
         help="--public: also DP-SGD training these at the first ε",
     )
+    parser.add_argument("--arms", nargs="+", default=[], help="run only the arms with these labels, e.g. 'ε = 8'")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (one per benchmark run side by side)")
     parser.add_argument("--quick", action="store_true", help="every arm tiny (2 rounds, few cases): checks the script")
     args = parser.parse_args()
     args.data = list(DATASETS) if "all" in args.data else list(dict.fromkeys(args.data))
@@ -596,7 +600,7 @@ def main() -> None:
     set_flower_verbosity(False)
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="fedmed-bench-dp-") as scratch_dir:
         for name in args.data:
             scratch = Path(scratch_dir) / name

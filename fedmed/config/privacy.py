@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from .run import RunConfig
 
 Accountant = Literal["prv", "rdp"]
-# What DP-SGD trains (fedmed.models.trainable): "auto" resolves to "adapters" from a pretrained start, else "all".
+# What DP-SGD trains (fedmed.models.trainable): "auto" resolves to "norm" (FedBN: "adapters") from a pretrained
+# start, else "all".
 Trainable = Literal["auto", "all", "norm", "head", "adapters"]
 MIN_DEFAULT_BATCH = 16  # σ / 16 stays below the mostly-noise line (0.5) up to σ 8
 
@@ -80,8 +81,8 @@ class DpSgdConfig(StrictModel):
         description="what DP-SGD trains, the rest fixed at the starting weights and never sent: 'all'; 'norm' "
         "(normalization layers' scale and shift); 'head' (the classifier head, or a UNet's decoder); 'adapters' "
         "(low-rank adapters on every convolution, merged into its weights after each round, so the update and every "
-        "exported model stay plain MONAI); 'auto': 'adapters' when the run starts from pretrained weights "
-        "(model.init or [pretrain]), else 'all'. Fewer trained parameters put less noise on the update: the noise's "
+        "exported model stay plain MONAI); 'auto': from pretrained weights (model.init or [pretrain]) 'norm', or "
+        "'adapters' under FedBN (whose normalization layers stay at the sites), else 'all'. Fewer trained parameters put less noise on the update: the noise's "
         "norm grows with the square root of their number while the clipped signal's does not",
     )
     adapter_rank: int = Field(
@@ -218,7 +219,11 @@ def dp_trainable(run: RunConfig) -> str:
     chosen = run.dp_sgd.trainable
     if chosen != "auto":
         return chosen
-    return "adapters" if run.model.init is not None or run.pretrain.enabled else "all"
+    if run.model.init is None and not run.pretrain.enabled:
+        return "all"
+    # Measured from public starts (docs/benchmarks/dp-utility.md): the normalization layers' few values kept or
+    # improved the public model where adapters and every weight lost AUC; under FedBN they stay at the sites.
+    return "adapters" if run.strategy.fedbn else "norm"
 
 
 def check_dp_trainable(run: RunConfig) -> None:

@@ -40,35 +40,38 @@ def _spent(run_dir, site: str) -> tuple[list, float]:
         return ledger.history(site), ledger.spent(site, delta=1e-5, accountant="rdp")
 
 
-def test_a_dp_trained_head_is_all_that_trains_and_all_that_is_sent(tiny_config, tmp_path: Path) -> None:
+@pytest.mark.parametrize("trainable", ["head", "auto"])
+def test_what_dp_sgd_trains_is_all_that_is_sent(tiny_config, tmp_path: Path, trainable: str) -> None:
+    """The classifier's head, or (auto, from model.init) the normalization layers' scale and shift."""
     config = tiny_config(
-        "classification", model={"init": str(tmp_path / "public.pt")}, dp_sgd={**DP, "trainable": "head"}
+        "classification", model={"init": str(tmp_path / "public.pt")}, dp_sgd={**DP, "trainable": trainable}
     )
+    chosen = "norm" if trainable == "auto" else trainable
     weights = _pretrained(config, tmp_path / "public.pt")
     run = simulate(config).run_dir
     final = _final(run)
-    head = [key for key in weights if key.startswith("class_layers.")]
-    fixed = set(fixed_by_trainable(build_model(config.task, config.model), "head"))
+    fixed = set(fixed_by_trainable(build_model(config.task, config.model), chosen))
+    trained = [key for key in weights if key not in fixed and "running_" not in key and "num_batches" not in key]
     assert fixed and all(torch.equal(final[key], weights[key]) for key in fixed), "bit-identical to model.init"
-    assert any(not torch.equal(final[key], weights[key]) for key in head), "the head trained"
-    head_bytes = sum(weights[key].nbytes for key in weights if key not in fixed and key.startswith("class_layers."))
+    assert any(not torch.equal(final[key], weights[key]) for key in trained), "what trains moved"
     for site in config.site_names:
-        assert _sent_bytes(run, site) == [head_bytes] * 2, "only the head's values leave the site"
+        sent = _sent_bytes(run, site)
+        assert sent == [sum(weights[key].nbytes for key in trained)] * 2, "only what trains leaves the site"
     started = run.read_json(STARTING_POINT_FILE)
-    assert started["trainable"] == "head" and started["frozen_parameters"] == len(fixed)
+    assert started["trainable"] == chosen and started["frozen_parameters"] == len(fixed)
 
 
-def test_adapters_from_a_pretrained_start_by_default_and_the_same_epsilon_as_training_everything(
+def test_adapters_are_merged_each_round_and_charged_the_epsilon_of_training_everything(
     tiny_config, tmp_path: Path
 ) -> None:
-    """A tiny segmentation federation: trainable 'auto' from model.init trains adapters; the same run training
-    every parameter has the same plan, so each site's ledger is charged the same."""
+    """A tiny segmentation federation from model.init training adapters; the same run training every parameter
+    has the same plan, so each site's ledger is charged the same."""
     runs = {}
-    for trainable in ("auto", "all"):
+    for trainable in ("adapters", "all"):
         config = tiny_config(model={"init": str(tmp_path / "public.pt")}, dp_sgd={**DP, "trainable": trainable})
         weights = _pretrained(config, tmp_path / "public.pt")
         runs[trainable] = simulate(config).run_dir
-    adapted, everything = runs["auto"], runs["all"]
+    adapted, everything = runs["adapters"], runs["all"]
     assert adapted.read_json(STARTING_POINT_FILE)["trainable"] == "adapters"
     final = _final(adapted)
     assert list(final) == list(weights), "merged: the plain network's keys, nothing of the adapters"
@@ -79,7 +82,7 @@ def test_adapters_from_a_pretrained_start_by_default_and_the_same_epsilon_as_tra
 
     plans = {name: run.read_json(DP_PLAN_FILE)["sites"] for name, run in runs.items()}
     for site in config.site_names:
-        adapters_plan, all_plan = plans["auto"][site], plans["all"][site]
+        adapters_plan, all_plan = plans["adapters"][site], plans["all"][site]
         assert adapters_plan["noise_multiplier"] == all_plan["noise_multiplier"]
         fewer = adapters_plan["trained_values"] / all_plan["trained_values"]
         assert fewer < 0.5, "even on channels 8-16 the adapters are fewer values than the convolutions"

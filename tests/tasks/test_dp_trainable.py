@@ -192,9 +192,11 @@ def _config(**dp_sgd: object) -> dict:
     }
 
 
-def test_auto_trains_adapters_from_a_pretrained_start_and_everything_from_scratch(tmp_path) -> None:
+def test_auto_trains_the_norm_layers_from_a_pretrained_start_and_everything_from_scratch(tmp_path) -> None:
     assert run_config_from_dict(_config(), base=tmp_path).trainable == "all"
-    assert run_config_from_dict({**_config(), "pretrain": {"enabled": True}}, base=tmp_path).trainable == "adapters"
+    assert run_config_from_dict({**_config(), "pretrain": {"enabled": True}}, base=tmp_path).trainable == "norm"
+    fedbn = {**_config(), "pretrain": {"enabled": True}, "strategy": {"fedbn": True}}
+    assert run_config_from_dict(fedbn, base=tmp_path).trainable == "adapters", "FedBN keeps the norm layers local"
     plain = _config()
     plain["dp_sgd"]["enabled"] = False
     assert run_config_from_dict({**plain, "pretrain": {"enabled": True}}, base=tmp_path).trainable == "all"
