@@ -82,8 +82,9 @@ class DpSgdConfig(StrictModel):
         "(normalization layers' scale and shift); 'head' (the classifier head, or a UNet's decoder); 'adapters' "
         "(low-rank adapters on every convolution, merged into its weights after each round, so the update and every "
         "exported model stay plain MONAI); 'auto': from pretrained weights (model.init or [pretrain]) 'norm', or "
-        "'adapters' under FedBN (whose normalization layers stay at the sites), else 'all'. Fewer trained parameters put less noise on the update: the noise's "
-        "norm grows with the square root of their number while the clipped signal's does not",
+        "'adapters' under FedBN (whose normalization layers stay at the sites), else 'all'. Fewer trained values "
+        "put less noise on the update: the noise's norm grows with the square root of their number, the clipped "
+        "signal's does not",
     )
     adapter_rank: int = Field(
         4, ge=1, le=256, description="trainable = 'adapters': the rank of each convolution's low-rank update"
