@@ -92,7 +92,8 @@ def starting_model(
     for name, parameter in network.named_parameters():
         if name in fixed:
             parameter.requires_grad_(False)
-    frozen = [name for name, _ in network.named_parameters() if name in {*frozen, *fixed}]
+    fixed_or_frozen = {*frozen, *fixed}
+    frozen = [name for name, _ in network.named_parameters() if name in fixed_or_frozen]
     return StartingModel(network=network, frozen=frozen, init=init)
 
 

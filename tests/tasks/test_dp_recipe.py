@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from squares import squares
 from torch import nn
 
 from fedmed.config import ModelConfig, TaskConfig, TrainConfig
@@ -21,23 +22,12 @@ CPU = torch.device("cpu")
 TASK = TaskConfig(kind="segmentation", image_size=[16, 16])
 
 
-def _squares(count: int) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for _ in range(count):
-        label = torch.zeros(1, 16, 16, dtype=torch.long)
-        x, y = torch.randint(1, 9, (2,), generator=generator).tolist()
-        label[0, x : x + 6, y : y + 6] = 1
-        samples.append({"image": label.float() + 0.3 * torch.randn(1, 16, 16, generator=generator), "label": label})
-    return samples
-
-
 def _train(dp: DpSgdStep, *, samples: int = 12, augment: bool = False) -> tuple[dict[str, torch.Tensor], object]:
     torch.manual_seed(0)
     model = build_model(TASK, ModelConfig(channels=[4, 8]))  # a MONAI UNet: its up-sampling is transposed
     result = train_local(
         model,
-        _squares(samples),
+        squares(samples),
         task=get_task(TASK),
         train=TrainConfig(batch_size=4, learning_rate=0.01, augment=augment),
         epochs=1,

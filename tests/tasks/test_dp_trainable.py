@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from squares import squares
 from torch import nn
 
 from fedmed.config import ModelConfig, TaskConfig, TrainConfig, run_config_from_dict
@@ -22,17 +23,6 @@ TASK = TaskConfig(kind="segmentation", image_size=[16, 16])
 def _unet() -> nn.Module:
     torch.manual_seed(0)
     return build_model(TASK, ModelConfig(channels=[4, 8]))  # a MONAI UNet: transposed up-sampling included
-
-
-def _samples(count: int) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for _ in range(count):
-        label = torch.zeros(1, 16, 16, dtype=torch.long)
-        x, y = torch.randint(1, 9, (2,), generator=generator).tolist()
-        label[0, x : x + 6, y : y + 6] = 1
-        samples.append({"image": label.float() + 0.3 * torch.randn(1, 16, 16, generator=generator), "label": label})
-    return samples
 
 
 def _per_sample_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -63,7 +53,7 @@ def _reference_gradients(model: nn.Module, images: torch.Tensor, labels: torch.T
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    samples = _samples(4)
+    samples = squares(4)
     return torch.stack([s["image"] for s in samples]), torch.stack([s["label"] for s in samples])
 
 
@@ -113,13 +103,13 @@ def test_merged_adapters_give_the_adapted_networks_output_with_the_plain_network
 
 def _train(dp: DpSgdStep, *, trainable: str = "all") -> tuple[dict[str, torch.Tensor], dict, object]:
     model = _unet()
-    fixed = fixed_by_trainable(model, trainable if trainable != "all" else "all")
+    fixed = fixed_by_trainable(model, trainable)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name not in fixed)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     result = train_local(
         model,
-        _samples(12),
+        squares(12),
         task=get_task(TASK),
         train=TrainConfig(batch_size=4, learning_rate=0.05),
         epochs=1,
